@@ -1,0 +1,192 @@
+"""The one place that builds an etcd client: endpoints, TLS, auth and gRPC options.
+
+Everything else receives a connected client (or a `Settings` to make one) and never
+looks at URLs, certificates or channel options.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import grpc
+import pyetcd
+
+# What etcd trouble looks like from pyetcd: its own exceptions for the codes it knows,
+# raw gRPC errors for the rest (unauthenticated, lease not found, ...).
+ETCD_ERRORS: tuple[type[BaseException], ...] = (pyetcd.Etcd3Exception, grpc.RpcError)
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+
+# gRPC channel options. A frozen etcd (SIGSTOP, a dead host behind a live route) keeps
+# a TCP connection open forever; HTTP/2 keepalive pings with a timeout notice it. etcd
+# refuses pings closer than 5 s apart (its --grpc-keepalive-min-time), so 10 s it is.
+# Reconnect backoff is capped at 1 s so that a restarted etcd is found again quickly.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A full read of 10,000 manifests is several MiB; gRPC's default cap is 4 MiB.
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+# pyetcd shuns a failed endpoint for `time_retry` seconds (300 by default, long enough
+# for every lease to expire). One second still lets a cluster fail over to the next
+# endpoint, and a lone endpoint is tried again almost at once.
+ENDPOINT_RETRY_SECONDS = 1.0
+
+
+class ConfigError(ValueError):
+    """A connection setting that cannot work; the text names the flag."""
+
+
+@dataclass(frozen=True)
+class Address:
+    secure: bool
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to reach etcd: validated, ready for `connect`."""
+
+    addresses: tuple[Address, ...]
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+    timeout: float = 5.0
+
+    @property
+    def secure(self) -> bool:
+        return self.addresses[0].secure
+
+    def describe(self) -> str:
+        return ",".join(str(a) for a in self.addresses)
+
+
+def parse_endpoints(value: str, *, tls: bool) -> tuple[Address, ...]:
+    """`http://a:2379,https://b:2379,c:2379` -> addresses; bare host:port follows `tls`."""
+    out: list[Address] = []
+    for raw in (value or "").split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        parsed = urlsplit(raw if "://" in raw else f"{'https' if tls else 'http'}://{raw}")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"-etcd: {raw!r} is not an endpoint like http://127.0.0.1:2379")
+        if parsed.path not in ("", "/"):
+            raise ConfigError(f"-etcd: {raw!r} has a path; give scheme://host:port only")
+        try:
+            port = parsed.port or 2379
+        except ValueError:
+            raise ConfigError(f"-etcd: {raw!r} has an invalid port") from None
+        out.append(Address(parsed.scheme == "https", parsed.hostname, port))
+    if not out:
+        raise ConfigError("-etcd: no endpoint given")
+    return tuple(out)
+
+
+def make_settings(
+    etcd: str | None,
+    *,
+    cacert: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    timeout: float = 5.0,
+) -> Settings:
+    """Validate connection flags. A partial TLS or auth setting is an error, never a
+    silent fall back to plain text (the original's weakness)."""
+    if bool(cert) != bool(key):
+        given, missing = ("-cert", "-key") if cert else ("-key", "-cert")
+        raise ConfigError(f"{given} was given without {missing}: a client certificate needs both")
+    for flag, path in (("-cacert", cacert), ("-cert", cert), ("-key", key)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{flag}: file {path!r} does not exist")
+    tls_files = bool(cacert or cert)
+    addresses = parse_endpoints(etcd or DEFAULT_ENDPOINT, tls=tls_files)
+    secure = {a.secure for a in addresses}
+    if len(secure) > 1:
+        raise ConfigError("-etcd: mixes http:// and https:// endpoints; use one scheme")
+    if tls_files and not addresses[0].secure:
+        raise ConfigError(
+            "-etcd: TLS files (-cacert/-cert/-key) were given but the endpoints are http://; "
+            "use https:// endpoints"
+        )
+    if bool(user) != bool(password):
+        given, missing = ("-user", "-password") if user else ("-password", "-user")
+        raise ConfigError(f"{given} was given without {missing}")
+    return Settings(
+        addresses=addresses,
+        cacert=cacert or None,
+        cert=cert or None,
+        key=key or None,
+        user=user or None,
+        password=password or None,
+        timeout=timeout,
+    )
+
+
+def _credentials(settings: Settings) -> grpc.ChannelCredentials:
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(settings.cacert),
+        private_key=read(settings.key),
+        certificate_chain=read(settings.cert),
+    )
+
+
+def connect(settings: Settings) -> pyetcd.MultiEndpointEtcd3Client:
+    """A client over every endpoint, failing over between them.
+
+    Raises one of ETCD_ERRORS when authentication is on and etcd cannot be reached
+    (pyetcd authenticates while it is being built).
+    """
+    creds = _credentials(settings) if settings.secure else None
+    endpoints = [
+        pyetcd.Endpoint(
+            a.host,
+            a.port,
+            secure=a.secure,
+            creds=creds,
+            time_retry=ENDPOINT_RETRY_SECONDS,
+            opts=CHANNEL_OPTIONS,
+        )
+        for a in settings.addresses
+    ]
+    return pyetcd.MultiEndpointEtcd3Client(
+        endpoints=endpoints,
+        timeout=settings.timeout,
+        user=settings.user,
+        password=settings.password,
+        failover=True,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of an etcd error for logs and CLI messages."""
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else ""
+        return f"{getattr(code, 'name', code)}: {details}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

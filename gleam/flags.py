@@ -1,0 +1,157 @@
+"""Command-line flags shared by gleam-agent, gleam-reconcile and gleam-client.
+
+Flags keep the original's single-dash spelling (`-etcd`, `-log_level`); the double-dash
+forms work too. Each flag can also come from the environment (`-log_level` from
+`GLEAM_LOG_LEVEL`) or from a YAML config file (`-config FILE` or `GLEAM_CONFIG`, as the
+original allowed). Precedence: command line, then environment, then config file, then
+the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from gleam import connection, keys
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    help: str
+    default: str | None = None
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "GLEAM_" + self.name.upper()
+
+
+CONNECTION_FLAGS: tuple[Flag, ...] = (
+    Flag("etcd", "etcd endpoints, comma-separated", connection.DEFAULT_ENDPOINT, metavar="URL[,URL]"),
+    Flag("prefix", "key prefix", keys.DEFAULT_PREFIX),
+    Flag("cacert", "CA bundle to verify etcd's TLS certificate", aliases=("ca-file",), metavar="FILE"),
+    Flag("cert", "client certificate for TLS", aliases=("cert-file",), metavar="FILE"),
+    Flag("key", "client private key for TLS", aliases=("key-file",), metavar="FILE"),
+    Flag("user", "etcd user name (etcd auth)"),
+    Flag("password", "etcd password (etcd auth)"),
+    Flag("config", "YAML file with flag values (keys are flag names)", metavar="FILE"),
+)
+
+LOG_FLAGS: tuple[Flag, ...] = (
+    Flag("log", "write the log to this file instead of standard error", metavar="FILE"),
+    Flag("log_level", "debug, info, warning or error", "info", metavar="LEVEL"),
+)
+
+
+class FlagError(ValueError):
+    """A flag value that cannot be used; the text names the flag."""
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    """Register each flag as -name, --name and --name-with-dashes (plus aliases)."""
+    for flag in flags:
+        spellings: list[str] = []
+        for name in (flag.name, *flag.aliases):
+            for form in (f"-{name}", f"--{name}", f"--{name.replace('_', '-')}"):
+                if form not in spellings:
+                    spellings.append(form)
+        default = f" (default {flag.default})" if flag.default else ""
+        parser.add_argument(
+            *spellings,
+            dest=flag.name,
+            default=None,
+            metavar=flag.metavar or flag.name.upper(),
+            help=f"{flag.help}{default}; env {flag.env}",
+        )
+
+
+def _load_config(path: str) -> Mapping[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise FlagError(f"-config: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise FlagError(f"-config: {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FlagError(f"-config: {path!r} must hold a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(
+    args: argparse.Namespace,
+    flags: Sequence[Flag],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str | None]:
+    """Each flag's value by precedence: command line, environment, config file, default."""
+    env = os.environ if environ is None else environ
+    config_path = getattr(args, "config", None) or env.get("GLEAM_CONFIG")
+    config = _load_config(config_path) if config_path else {}
+    values: dict[str, str | None] = {}
+    for flag in flags:
+        value = getattr(args, flag.name, None)
+        if value is None:
+            value = env.get(flag.env)
+        if value is None and flag.name in config:
+            raw = config[flag.name]
+            # A YAML list of endpoints or regions reads naturally; join it.
+            value = ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+        if value is None:
+            value = flag.default
+        values[flag.name] = value
+    return values
+
+
+def connection_settings(values: Mapping[str, str | None]) -> connection.Settings:
+    """Settings from resolved CONNECTION_FLAGS values; raises ConfigError naming a flag."""
+    return connection.make_settings(
+        values.get("etcd"),
+        cacert=values.get("cacert"),
+        cert=values.get("cert"),
+        key=values.get("key"),
+        user=values.get("user"),
+        password=values.get("password"),
+    )
+
+
+def layout(values: Mapping[str, str | None]) -> keys.Layout:
+    try:
+        return keys.Layout(values.get("prefix") or keys.DEFAULT_PREFIX)
+    except keys.InvalidName as exc:
+        raise FlagError(f"-prefix: {exc}") from None
+
+
+def setup_logging(values: Mapping[str, str | None], *, name: str) -> None:
+    """One line per event with time, level and logger; -log file; -log_level filter."""
+    level_name = (values.get("log_level") or "info").upper()
+    if level_name == "WARN":
+        level_name = "WARNING"
+    level = logging.getLevelName(level_name)
+    if not isinstance(level, int):
+        raise FlagError(f"-log_level: {values.get('log_level')!r} is not one of debug, info, warning, error")
+    path = values.get("log")
+    try:
+        handler: logging.Handler = (
+            logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+        )
+    except OSError as exc:
+        raise FlagError(f"-log: cannot open {path!r}: {exc.strerror}") from None
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # gRPC and watchdog are chatty at debug level and say nothing an operator needs.
+    for noisy in ("watchdog", "git", "pyetcd"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))

@@ -1,0 +1,78 @@
+"""Fixtures: a real etcd server for the session, a fresh key prefix per test, and
+agent subprocesses that are always cleaned up."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gleam import keys
+from gleam.embedded import EtcdServer
+from tests.support import EXAMPLE_SCRIPTS, AgentProcess, client_for
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd for the whole session; tests keep apart by using their own prefix."""
+    server = EtcdServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[EtcdServer]:
+    """An etcd of this test's own, for tests that kill, freeze or compact it."""
+    server = EtcdServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def layout() -> keys.Layout:
+    """A key prefix no other test uses."""
+    return keys.Layout(f"/t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def etcd(etcd_server: EtcdServer) -> Iterator[Any]:
+    client = client_for(etcd_server.endpoint)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start gleam-agent subprocesses: start_agent(endpoint, "-id", "web-1", ...).
+    Every agent started is stopped (SIGTERM, then SIGKILL) when the test ends."""
+    agents: list[AgentProcess] = []
+
+    def start(
+        endpoint: str,
+        *args: str,
+        layout: keys.Layout | None = None,
+        script_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> AgentProcess:
+        argv = ["-etcd", endpoint, "-script", str(script_dir or EXAMPLE_SCRIPTS)]
+        if layout is not None:
+            argv += ["-prefix", layout.prefix]
+        argv += list(args)
+        agent = AgentProcess(argv, log_path=tmp_path / f"agent-{len(agents)}.log", env=env)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
