@@ -1,0 +1,96 @@
+"""The wire format: any bytes give a Task or a clear MessageError, never a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gleam import messages
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def test_the_original_message_shape_decodes() -> None:
+    task = messages.decode_task(b'{"Name": "config::sync", "Data": {"path": "/etc/app.conf"}}')
+    assert task == messages.Task("config::sync", {"path": "/etc/app.conf"})
+
+
+def test_missing_data_is_null() -> None:
+    assert messages.decode_task('{"Name":"print"}') == messages.Task("print", None)
+
+
+def test_encoding_is_canonical() -> None:
+    a = messages.Task("print", {"b": 1, "a": [1, {"d": 2, "c": 3}]}).encode()
+    assert a == b'{"Data":{"a":[1,{"c":3,"d":2}],"b":1},"Name":"print"}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"", "empty"),
+        (b"   ", "empty"),
+        (b"not json", "not JSON"),
+        (b"null", "JSON null"),
+        (b"[1,2]", "array"),
+        (b'"print"', "string"),
+        (b"{}", 'no "Name"'),
+        (b'{"Name": 3}', "number, not a string"),
+        (b'{"Name": null}', "null, not a string"),
+        (b'{"Name": "../../etc/passwd"}', "invalid"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"Name":"print","Data":"' + b"x" * messages.MAX_MESSAGE_BYTES + b'"}', "limit"),
+    ],
+)
+def test_bad_messages_give_clear_errors(raw: bytes, error: str) -> None:
+    with pytest.raises(messages.MessageError, match=error):
+        messages.decode_task(raw)
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_give_a_task_or_a_message_error(raw: bytes) -> None:
+    try:
+        task = messages.decode_task(raw)
+    except messages.MessageError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(task.name, str)
+
+
+@given(json_values)
+def test_any_json_value_gives_a_task_or_a_message_error(value: object) -> None:
+    try:
+        messages.decode_task(json.dumps(value))
+    except messages.MessageError:
+        pass
+
+
+@given(json_values)
+def test_encode_then_decode_round_trips(data: object) -> None:
+    task = messages.Task("a::b", data)
+    assert messages.decode_task(task.encode()) == task
+    assert messages.Task("a::b", data).encode() == task.encode()
+
+
+def test_results_and_registrations_round_trip() -> None:
+    result = messages.Result(
+        agent="web-1", key="/gleam/node/web-1", revision=7, name="print", ok=False,
+        result=None, error="boom", started="2026-11-28T22:00:00.000001Z", duration_ms=1.5,
+        skipped=[5, 6],
+    )  # fmt: skip
+    assert messages.decode_result(result.encode()) == result
+    info = messages.AgentInfo("web-1", "host", 42, ["eu", "web"], "0.1.0", "2026-11-28T22:00:00Z", "/s")
+    assert messages.decode_agent_info(info.encode()) == info
+
+
+def test_a_broken_result_record_is_a_message_error() -> None:
+    with pytest.raises(messages.MessageError):
+        messages.decode_result(b'{"agent": "a"}')
