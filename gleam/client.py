@@ -28,8 +28,12 @@ def send_task(etcd: Etcd, layout: keys.Layout, target: keys.Target, task: messag
 def list_agents(etcd: Etcd, layout: keys.Layout) -> list[messages.AgentInfo]:
     """Live agents: those whose lease-bound registration is present, sorted by id.
     A registration that cannot be decoded is skipped rather than failing the listing."""
+    return _decode_agents(value for value, _meta in etcd.get_prefix(layout.info_prefix))
+
+
+def _decode_agents(values: Iterable[bytes]) -> list[messages.AgentInfo]:
     agents = []
-    for value, _meta in etcd.get_prefix(layout.info_prefix):
+    for value in values:
         try:
             agents.append(messages.decode_agent_info(value))
         except messages.MessageError:
@@ -39,10 +43,21 @@ def list_agents(etcd: Etcd, layout: keys.Layout) -> list[messages.AgentInfo]:
 
 def read_results(etcd: Etcd, layout: keys.Layout) -> list[messages.Result]:
     """Every result record under the prefix (including those of departed agents)."""
+    return _decode_results(
+        ((_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix)), layout
+    )
+
+
+def _key(meta: Any) -> str:
+    return str(meta.key.decode("utf-8", "replace"))
+
+
+def _decode_results(
+    items: Iterable[tuple[str, bytes]], layout: keys.Layout
+) -> list[messages.Result]:
     results = []
-    for value, meta in etcd.get_prefix(layout.results_prefix):
-        parsed = layout.parse_result_key(meta.key.decode("utf-8", "replace"))
-        if parsed is None:
+    for key, value in items:
+        if layout.parse_result_key(key) is None:
             continue
         try:
             results.append(messages.decode_result(value))
@@ -128,3 +143,89 @@ def wait_for_results(
         if all(r.outcome is not Outcome.PENDING for r in reports) or clock() >= deadline:
             return reports
         sleep(min(poll_interval, max(0.0, deadline - clock())))
+
+
+# Several targets at once, listings and whole-fleet snapshots ----------------------------
+
+
+def send_tasks(
+    etcd: Etcd, layout: keys.Layout, targets: Iterable[keys.Target], task: messages.Task
+) -> int:
+    """Write `task` to every target's key in ONE etcd transaction: all keys or none.
+
+    Returns the transaction's revision, which is every written key's new mod_revision
+    (what agents put in their results, and what `wait_for_results` waits for)."""
+    value = task.encode()
+    task_keys = sorted({layout.task_key(t) for t in targets})
+    if not task_keys:
+        raise ValueError("send_tasks: no target given")
+    _ok, responses = etcd.transaction(
+        compare=[],
+        success=[etcd.transactions.put(key, value) for key in task_keys],
+        failure=[],
+    )
+    return int(responses[0].response_put.header.revision)
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A task key as stored: its target, its raw value and the revisions etcd gave it."""
+
+    key: str
+    target: keys.Target
+    revision: int  # mod_revision: what agents record having run
+    value: bytes
+
+    def decode(self) -> messages.Task:
+        """The task message; raises MessageError for a value agents would refuse."""
+        return messages.decode_task(self.value)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything under the prefix, read in one request, so at one etcd revision: task
+    keys, live registrations, results (of live and departed agents) and the
+    reconciler's bookkeeping under `<prefix>/meta/` (raw, by key)."""
+
+    revision: int
+    tasks: tuple[TaskEntry, ...]
+    agents: tuple[messages.AgentInfo, ...]
+    results: tuple[messages.Result, ...]
+    meta: Mapping[str, bytes]
+
+
+def _task_entries(items: Iterable[tuple[str, bytes, int]], layout: keys.Layout) -> list[TaskEntry]:
+    entries = []
+    for key, value, revision in items:
+        target = layout.parse_task_key(key)
+        if target is not None:
+            entries.append(TaskEntry(key, target, revision, value))
+    return sorted(entries, key=lambda e: (e.target.kind.value, e.target.name))
+
+
+def list_tasks(etcd: Etcd, layout: keys.Layout, kind: keys.Kind) -> list[TaskEntry]:
+    """The task keys of one kind (`node` or `region`) with their values and revisions."""
+    return _task_entries(
+        (
+            (_key(meta), value, int(meta.mod_revision))
+            for value, meta in etcd.get_prefix(layout.tasks_prefix(kind))
+        ),
+        layout,
+    )
+
+
+def read_snapshot(etcd: Etcd, layout: keys.Layout) -> Snapshot:
+    """One consistent read of the whole prefix (see Snapshot)."""
+    response = etcd.get_prefix_response(layout.prefix + "/")
+    items = [
+        (kv.key.decode("utf-8", "replace"), kv.value, int(kv.mod_revision)) for kv in response.kvs
+    ]
+    return Snapshot(
+        revision=int(response.header.revision),
+        tasks=tuple(_task_entries(items, layout)),
+        agents=tuple(
+            _decode_agents(value for key, value, _ in items if key.startswith(layout.info_prefix))
+        ),
+        results=tuple(_decode_results(((key, value) for key, value, _ in items), layout)),
+        meta={key: value for key, value, _ in items if key.startswith(layout.meta_prefix)},
+    )

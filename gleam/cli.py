@@ -1,0 +1,353 @@
+"""gleam-client: send a task by hand, list what is in etcd, and show the fleet's status.
+
+    gleam-client -etcd URL -target web-1:eu -fn config::sync -data '{"path": "/etc/app.conf"}'
+    gleam-client [flags] info | node | region | status | call <key> <fn> [data]
+
+This module parses flags, talks to etcd through `gleam.client`, and prints what
+`gleam.render` makes of the answers; target resolution and the status model are pure
+code elsewhere. Exit codes: 0 ok, 1 failure (etcd, a task that failed or did not
+answer), 2 usage (bad flags, data, function or target; nothing written); `status` exits
+2 also when a targeted agent is still pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from gleam import client, connection, flags, keys, messages, provenance, render, status, targeting
+from gleam.version import VERSION
+
+PROG = "gleam-client"
+COMMANDS = ("info", "node", "region", "call", "status")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+EPILOG = """\
+commands:
+  (none)                    send -fn with -data to every -target (one etcd transaction)
+  info                      list live agents and their registrations
+  node | region             list node or region task keys and their values
+  call KEY FN [DATA]        send FN with DATA to one task key (/gleam/node/web-1 or node/web-1)
+  status                    live agents, and per task key what each targeted agent made of it
+
+targets (-target, several split by ':' or ','):
+  node/ID, region/NAME      explicit
+  NAME                      the live agent with that id, or the region live agents watch;
+                            a name that is both or neither is refused (write node/ or region/)
+
+exit codes:
+  0 ok; 1 failure (etcd unreachable, a task failed or did not answer within -wait);
+  2 usage error (nothing written); status: 1 something failed, 2 something pending
+"""
+
+
+class UsageError(ValueError):
+    """Something wrong in what was typed; the text names the flag, key or target."""
+
+
+class DataError(UsageError):
+    """`-data` (or call's DATA) is not JSON, or its file cannot be read."""
+
+
+@dataclass(frozen=True)
+class Output:
+    out: TextIO
+    json: bool
+    colour: bool
+
+    def text(self, text: str) -> None:
+        if text:
+            print(text, file=self.out)
+
+    def document(self, doc: Mapping[str, Any]) -> None:
+        print(render.to_json(doc), file=self.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Send Gleam tasks by hand, list agents and task keys, show fleet status.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help=", ".join(COMMANDS))
+    parser.add_argument("args", nargs="*", metavar="ARG", help="call's KEY FN [DATA]")
+    parser.add_argument(
+        "-target",
+        "--target",
+        action="append",
+        default=[],
+        metavar="T[:T]",
+        help="where to send: node/ID, region/NAME or a bare name; several split by ':'",
+    )
+    parser.add_argument("-fn", "--fn", metavar="NAME", help="Lua function, e.g. config::sync")
+    parser.add_argument(
+        "-data",
+        "--data",
+        metavar="JSON",
+        help="the task's data as JSON, or @FILE to read it from a file (default null)",
+    )
+    parser.add_argument(
+        "-wait",
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for the targeted live agents' results; exit 1 if any failed "
+        "or did not answer",
+    )
+    parser.add_argument(
+        "-output",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text for people, json for scripts (default text)",
+    )
+    parser.add_argument("-version", "--version", action="version", version=f"{PROG} {VERSION}")
+    flags.add_flags(parser, flags.CONNECTION_FLAGS)
+    return parser
+
+
+def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
+    """JSON text, or `@path` naming a file of JSON; None means JSON null."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise DataError(f"{flag}: cannot read file {path!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{flag}: file {path!r} is not UTF-8 text") from None
+        source = f"file {path!r}"
+    else:
+        text, source = value, "value"
+    try:
+        return json.loads(text)  # type: ignore[no-any-return]  # json.loads is typed Any
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{flag}: {source} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}); a string needs JSON quotes, e.g. -data '\"text\"'"
+        ) from None
+    except RecursionError:
+        raise DataError(f"{flag}: {source} is nested too deeply") from None
+
+
+def make_task(function: str | None, data: messages.JSON, *, flag: str = "-fn") -> messages.Task:
+    if not function:
+        raise UsageError(f"{flag}: a function name is required (e.g. {flag} config::sync)")
+    try:
+        keys.validate_function(function)
+        task = messages.Task(function, data)
+        task.encode()  # size and serialisability, checked before anything is written
+    except (keys.InvalidName, messages.MessageError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return task
+
+
+def parse_call_key(value: str, layout: keys.Layout) -> keys.Target:
+    """`/gleam/node/web-1` (a full key under the prefix) or `node/web-1`."""
+    if value.startswith("/"):
+        target = layout.parse_task_key(value)
+        if target is None:
+            raise UsageError(
+                f"call: key {value!r} is not a task key under {layout.prefix}: use "
+                f"{layout.prefix}/node/<id> or {layout.prefix}/region/<name>"
+            )
+        return target
+    try:
+        return keys.Target.parse(value)
+    except keys.InvalidName as exc:
+        raise UsageError(f"call: key {value!r}: {exc}") from None
+
+
+# Commands -------------------------------------------------------------------------------
+
+
+def _deliver(
+    etcd: client.Etcd,
+    layout: keys.Layout,
+    targets: Sequence[keys.Target],
+    task: messages.Task,
+    *,
+    wait: float | None,
+    output: Output,
+) -> int:
+    revision = client.send_tasks(etcd, layout, targets, task)
+    task_keys = sorted(layout.task_key(t) for t in targets)
+    if wait is None:
+        if output.json:
+            output.document(render.send_document(task_keys, revision, task))
+        else:
+            output.text(render.sent_text(task_keys, revision))
+        return EXIT_OK
+    reports = client.wait_for_results(
+        etcd, layout, {key: revision for key in task_keys}, timeout=wait
+    )
+    answered = {r.key for r in reports}
+    unwatched = [key for key in task_keys if key not in answered]
+    if output.json:
+        output.document(
+            render.send_document(task_keys, revision, task, reports=reports, unwatched=unwatched)
+        )
+    else:
+        output.text(render.sent_text(task_keys, revision))
+        output.text(
+            render.reports_text(reports, timeout=wait, unwatched=unwatched, colour=output.colour)
+        )
+    all_ok = all(r.outcome is client.Outcome.OK for r in reports)
+    return EXIT_OK if all_ok and not unwatched else EXIT_FAILURE
+
+
+def cmd_send(
+    args: argparse.Namespace, etcd: client.Etcd, layout: keys.Layout, output: Output
+) -> int:
+    specs = targeting.split_specs(args.target)
+    if not specs:
+        raise UsageError("-target: give at least one target (node/ID, region/NAME or a name)")
+    task = make_task(args.fn, parse_data(args.data))
+    agents = client.list_agents(etcd, layout) if targeting.needs_agents(specs) else []
+    try:
+        targets = targeting.resolve(specs, agents)
+    except targeting.TargetError as exc:
+        raise UsageError("\n".join(exc.problems)) from None
+    return _deliver(etcd, layout, targets, task, wait=args.wait, output=output)
+
+
+def cmd_call(
+    args: argparse.Namespace, etcd: client.Etcd, layout: keys.Layout, output: Output
+) -> int:
+    if len(args.args) not in (2, 3):
+        raise UsageError("call: expected KEY FN [DATA], e.g. call /gleam/node/web-1 print '{}'")
+    target = parse_call_key(args.args[0], layout)
+    data = parse_data(args.args[2] if len(args.args) == 3 else None, flag="call DATA")
+    task = make_task(args.args[1], data, flag="call FN")
+    return _deliver(etcd, layout, [target], task, wait=args.wait, output=output)
+
+
+def cmd_info(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+    agents = client.list_agents(etcd, layout)
+    if output.json:
+        output.document(render.agents_document(agents))
+    else:
+        output.text(render.agents_text(agents, layout))
+    return EXIT_OK
+
+
+def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+    entries = client.list_tasks(etcd, layout, kind)
+    if output.json:
+        output.document(render.tasks_document(entries))
+    else:
+        output.text(render.tasks_text(entries))
+    return EXIT_OK
+
+
+def cmd_status(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+    snapshot = client.read_snapshot(etcd, layout)
+    origin = provenance.read(snapshot.meta, layout)
+    fleet = status.build(
+        snapshot,
+        prefix=layout.prefix,
+        now=datetime.now(UTC),
+        provenance=origin.keys,
+        applied_commit=origin.applied_commit,
+    )
+    if output.json:
+        output.document(render.status_document(fleet))
+    else:
+        output.text(render.status_text(fleet, colour=output.colour))
+    return fleet.exit_code
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that the chosen command would silently ignore."""
+    command = args.command
+    if command is None:
+        if args.args:
+            raise UsageError(f"unexpected argument {args.args[0]!r}")
+        if not args.target and not args.fn:
+            raise UsageError(
+                "nothing to do: give -target and -fn to send a task, or a command: "
+                + ", ".join(COMMANDS)
+            )
+        return
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
+        if value:
+            raise UsageError(f"{flag} is for sending without a command, not with {command!r}")
+    if command != "call" and args.args:
+        raise UsageError(f"{command}: unexpected argument {args.args[0]!r}")
+    if command not in ("call",) and args.wait is not None:
+        raise UsageError(f"-wait is for sending a task, not with {command!r}")
+    if args.wait is not None and args.wait < 0:
+        raise UsageError("-wait: SECONDS must not be negative")
+
+
+def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
+    if args.command is None and args.wait is not None and args.wait < 0:
+        raise UsageError("-wait: SECONDS must not be negative")
+    _check_flags(args)
+    try:
+        values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)
+        layout = flags.layout(values)
+        settings = flags.connection_settings(values)
+    except (flags.FlagError, connection.ConfigError) as exc:
+        raise UsageError(str(exc)) from None
+    output = Output(
+        out=out,
+        json=args.output == "json",
+        colour=out.isatty() and "NO_COLOR" not in environ,
+    )
+    try:
+        etcd = connection.connect(settings)
+        try:
+            if args.command is None:
+                return cmd_send(args, etcd, layout, output)
+            if args.command == "call":
+                return cmd_call(args, etcd, layout, output)
+            if args.command == "info":
+                return cmd_info(etcd, layout, output)
+            if args.command == "status":
+                return cmd_status(etcd, layout, output)
+            return cmd_list(keys.Kind(args.command), etcd, layout, output)
+        finally:
+            etcd.close()
+    except connection.ETCD_ERRORS as exc:
+        print(
+            f"{PROG}: etcd at {settings.describe()} failed: {connection.describe_error(exc)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_intermixed_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help)
+        return int(exc.code or 0)
+    try:
+        return run(args, environ=os.environ, out=sys.stdout)
+    except UsageError as exc:
+        for line in str(exc).splitlines():
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The fleet at a glance: live agents, and for each task key what each agent made of it.
+
+`build` turns one `client.Snapshot` (plus where each key came from, and the time) into a
+`FleetStatus`; `gleam.render` turns that into text or JSON. Pure: no etcd, no clock.
+
+Who is "targeted": the live agents that watch a key (`client.watchers`). Each gets a row
+that says whether it ran the key's current revision ok, failed, or has not yet (pending).
+Agents that left a result for a key but are no longer registered get a row marked gone;
+they count for nothing in the exit code (nobody is there to run anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from gleam import client, messages
+
+# The JSON document's schema version (`--output json`); bump on incompatible changes.
+SCHEMA_VERSION = 1
+
+
+class RowState(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    PENDING = "pending"
+    GONE = "gone"  # left a result, no longer registered
+
+
+class TaskState(StrEnum):
+    OK = "ok"  # every live targeted agent ran the current revision ok
+    FAILED = "failed"  # at least one failed
+    PENDING = "pending"  # none failed, at least one has not run it yet
+    UNWATCHED = "unwatched"  # no live agent watches this key
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a task key's value came from, as the reconciler recorded it."""
+
+    commit: str | None = None  # the git commit the reconciler wrote the value from
+    owner: str | None = None  # "reconciler" when it owns the key; None when unknown
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    """One targeted (or departed) agent's state for one task key."""
+
+    agent: str
+    state: RowState
+    # What the agent's last result says about the key's current revision, also for a
+    # departed agent (ok/failed: it ran this revision or a later one; pending: not yet).
+    outcome: client.Outcome
+    result: messages.Result | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state is not RowState.GONE
+
+    @property
+    def error_line(self) -> str | None:
+        """The first non-empty line of the recorded error, when the run failed."""
+        if self.result is None or self.result.ok or not self.result.error:
+            return None
+        return first_line(self.result.error)
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    key: str
+    target: str  # node/<id> or region/<name>
+    revision: int
+    function: str | None  # None when the stored value is not a valid task message
+    invalid: str | None  # why the value is not a valid task message
+    provenance: Provenance
+    rows: tuple[AgentRow, ...]
+
+    @property
+    def state(self) -> TaskState:
+        live = [r for r in self.rows if r.live]
+        if not live:
+            return TaskState.UNWATCHED
+        if any(r.state is RowState.FAILED for r in live):
+            return TaskState.FAILED
+        if any(r.state is RowState.PENDING for r in live):
+            return TaskState.PENDING
+        return TaskState.OK
+
+
+@dataclass(frozen=True)
+class AgentSummary:
+    info: messages.AgentInfo
+    up_seconds: float | None  # None when `started` is not an RFC 3339 time
+
+
+@dataclass(frozen=True)
+class Counts:
+    ok: int
+    failed: int
+    pending: int
+    gone: int
+    unwatched: int  # task keys no live agent watches
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    prefix: str
+    revision: int  # the etcd revision the snapshot was read at
+    agents: tuple[AgentSummary, ...]
+    tasks: tuple[TaskStatus, ...]
+    applied_commit: str | None = None  # the reconciler's last applied commit, if known
+
+    @property
+    def counts(self) -> Counts:
+        rows = [r for t in self.tasks for r in t.rows]
+        return Counts(
+            ok=sum(r.state is RowState.OK for r in rows),
+            failed=sum(r.state is RowState.FAILED for r in rows),
+            pending=sum(r.state is RowState.PENDING for r in rows),
+            gone=sum(r.state is RowState.GONE for r in rows),
+            unwatched=sum(t.state is TaskState.UNWATCHED for t in self.tasks),
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every targeted live agent ran its key's revision ok, 1 when one
+        failed (failure wins over pending: it needs someone), 2 when one is pending."""
+        counts = self.counts
+        if counts.failed:
+            return 1
+        if counts.pending:
+            return 2
+        return 0
+
+
+def first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def parse_time(value: str) -> datetime | None:
+    """An RFC 3339 time (`2026-11-28T22:50:01Z`, offsets, fractions) or None."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _rows(
+    entry: client.TaskEntry,
+    agents: tuple[messages.AgentInfo, ...],
+    results: Mapping[tuple[str, str], messages.Result],
+    departed_ids: list[str],
+) -> tuple[AgentRow, ...]:
+    rows = []
+    for agent_id in client.watchers(entry.target, agents):
+        result = results.get((agent_id, entry.key))
+        outcome = _outcome(result, entry.revision)
+        rows.append(AgentRow(agent_id, RowState(outcome.value), outcome, result))
+    for agent_id in departed_ids:
+        result = results[(agent_id, entry.key)]
+        rows.append(AgentRow(agent_id, RowState.GONE, _outcome(result, entry.revision), result))
+    return tuple(rows)
+
+
+def _outcome(result: messages.Result | None, revision: int) -> client.Outcome:
+    # The same rule as client.judge: a result for a later revision also answers.
+    if result is None or result.revision < revision:
+        return client.Outcome.PENDING
+    return client.Outcome.OK if result.ok else client.Outcome.FAILED
+
+
+def build(
+    snapshot: client.Snapshot,
+    *,
+    prefix: str,
+    now: datetime,
+    provenance: Mapping[str, Provenance] | None = None,
+    applied_commit: str | None = None,
+) -> FleetStatus:
+    """The status of every task key in `snapshot` (see the module docstring).
+
+    `provenance` maps task keys to where they came from (the reconciler's records);
+    keys it does not name show no commit."""
+    known = provenance or {}
+    live_ids = {a.id for a in snapshot.agents}
+    results = {(r.agent, r.key): r for r in snapshot.results}
+    departed: dict[str, list[str]] = {}
+    for agent_id, key in sorted(results):
+        if agent_id not in live_ids:
+            departed.setdefault(key, []).append(agent_id)
+    tasks = []
+    for entry in snapshot.tasks:
+        try:
+            function: str | None = entry.decode().name
+            invalid = None
+        except messages.MessageError as exc:
+            function, invalid = None, str(exc)
+        tasks.append(
+            TaskStatus(
+                key=entry.key,
+                target=entry.target.path,
+                revision=entry.revision,
+                function=function,
+                invalid=invalid,
+                provenance=known.get(entry.key, Provenance()),
+                rows=_rows(entry, snapshot.agents, results, departed.get(entry.key, [])),
+            )
+        )
+    agents = []
+    for info in snapshot.agents:
+        started = parse_time(info.started)
+        up = max(0.0, (now - started).total_seconds()) if started is not None else None
+        agents.append(AgentSummary(info, up))
+    return FleetStatus(
+        prefix=prefix,
+        revision=snapshot.revision,
+        agents=tuple(agents),
+        tasks=tuple(tasks),
+        applied_commit=applied_commit,
+    )
