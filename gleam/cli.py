@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gleam import client, connection, flags, keys, messages, provenance, render, status, targeting
+from gleam import client, connection, flags, keys, messages, render, status, targeting
 from gleam.version import VERSION
 
 PROG = "gleam-client"
@@ -256,14 +256,7 @@ def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Ou
 
 def cmd_status(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
     snapshot = client.read_snapshot(etcd, layout)
-    origin = provenance.read(snapshot.meta, layout)
-    fleet = status.build(
-        snapshot,
-        prefix=layout.prefix,
-        now=datetime.now(UTC),
-        provenance=origin.keys,
-        applied_commit=origin.applied_commit,
-    )
+    fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC))
     if output.json:
         output.document(render.status_document(fleet))
     else:

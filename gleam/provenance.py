@@ -10,12 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gleam import keys, status
+from gleam import keys
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a task key's value came from, as the reconciler recorded it."""
+
+    commit: str | None = None  # the git commit the reconciler wrote the value from
+    owner: str | None = None  # "reconciler" when it owns the key; None when unknown
 
 
 @dataclass(frozen=True)
 class Origin:
-    keys: Mapping[str, status.Provenance] = field(default_factory=dict)
+    keys: Mapping[str, Provenance] = field(default_factory=dict)
     applied_commit: str | None = None  # the commit the reconciler last applied
 
 

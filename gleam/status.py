@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from gleam import client, messages
+from gleam import client, keys, messages, provenance
 
 # The JSON document's schema version (`--output json`); bump on incompatible changes.
 SCHEMA_VERSION = 1
@@ -34,14 +34,6 @@ class TaskState(StrEnum):
     FAILED = "failed"  # at least one failed
     PENDING = "pending"  # none failed, at least one has not run it yet
     UNWATCHED = "unwatched"  # no live agent watches this key
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Where a task key's value came from, as the reconciler recorded it."""
-
-    commit: str | None = None  # the git commit the reconciler wrote the value from
-    owner: str | None = None  # "reconciler" when it owns the key; None when unknown
 
 
 @dataclass(frozen=True)
@@ -74,7 +66,7 @@ class TaskStatus:
     revision: int
     function: str | None  # None when the stored value is not a valid task message
     invalid: str | None  # why the value is not a valid task message
-    provenance: Provenance
+    provenance: provenance.Provenance
     rows: tuple[AgentRow, ...]
 
     @property
@@ -175,19 +167,11 @@ def _outcome(result: messages.Result | None, revision: int) -> client.Outcome:
     return client.Outcome.OK if result.ok else client.Outcome.FAILED
 
 
-def build(
-    snapshot: client.Snapshot,
-    *,
-    prefix: str,
-    now: datetime,
-    provenance: Mapping[str, Provenance] | None = None,
-    applied_commit: str | None = None,
-) -> FleetStatus:
-    """The status of every task key in `snapshot` (see the module docstring).
-
-    `provenance` maps task keys to where they came from (the reconciler's records);
-    keys it does not name show no commit."""
-    known = provenance or {}
+def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> FleetStatus:
+    """The status of every task key in `snapshot` (see the module docstring), with the
+    commit each came from when the reconciler's records in the snapshot say so.
+    `now` (timezone-aware) gives the agents' uptimes."""
+    origin = provenance.read(snapshot.meta, layout)
     live_ids = {a.id for a in snapshot.agents}
     results = {(r.agent, r.key): r for r in snapshot.results}
     departed: dict[str, list[str]] = {}
@@ -208,7 +192,7 @@ def build(
                 revision=entry.revision,
                 function=function,
                 invalid=invalid,
-                provenance=known.get(entry.key, Provenance()),
+                provenance=origin.keys.get(entry.key, provenance.Provenance()),
                 rows=_rows(entry, snapshot.agents, results, departed.get(entry.key, [])),
             )
         )
@@ -218,9 +202,9 @@ def build(
         up = max(0.0, (now - started).total_seconds()) if started is not None else None
         agents.append(AgentSummary(info, up))
     return FleetStatus(
-        prefix=prefix,
+        prefix=layout.prefix,
         revision=snapshot.revision,
         agents=tuple(agents),
         tasks=tuple(tasks),
-        applied_commit=applied_commit,
+        applied_commit=origin.applied_commit,
     )

@@ -1,0 +1,218 @@
+"""The status model and its rendering: pure tests over hand-built snapshots, no etcd."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from gleam import client, keys, messages, render, status
+
+LAYOUT = keys.Layout("/gleam")
+NOW = datetime(2026, 11, 28, 23, 0, 0, tzinfo=UTC)
+
+
+def agent(agent_id: str, *regions: str) -> messages.AgentInfo:
+    return messages.AgentInfo(
+        agent_id, f"host-{agent_id}", 100, list(regions), "0.1.0", "2026-11-28T22:00:00Z", "/s"
+    )
+
+
+def task(target: keys.Target, revision: int, name: str = "job") -> client.TaskEntry:
+    value = messages.Task(name, {"n": revision}).encode()
+    return client.TaskEntry(LAYOUT.task_key(target), target, revision, value)
+
+
+def result(
+    agent_id: str, target: keys.Target, revision: int, *, ok: bool = True, error: str | None = None
+) -> messages.Result:
+    return messages.Result(
+        agent=agent_id,
+        key=LAYOUT.task_key(target),
+        revision=revision,
+        name="job",
+        ok=ok,
+        result={"done": agent_id} if ok else None,
+        error=error,
+    )
+
+
+EU = keys.Target.region("eu")
+
+
+def snapshot(
+    agents: list[messages.AgentInfo],
+    tasks: list[client.TaskEntry],
+    results: list[messages.Result],
+) -> client.Snapshot:
+    return client.Snapshot(
+        revision=99, tasks=tuple(tasks), agents=tuple(agents), results=tuple(results), meta={}
+    )
+
+
+def build(snap: client.Snapshot) -> status.FleetStatus:
+    return status.build(snap, layout=LAYOUT, now=NOW)
+
+
+FLEET = [agent("a-ok", "eu"), agent("b-fail", "eu"), agent("c-wait", "eu")]
+MIXED = snapshot(
+    FLEET,
+    [task(EU, 10)],
+    [
+        result("a-ok", EU, 10),
+        result("b-fail", EU, 10, ok=False, error="\nboom: line 1\nstack traceback: ..."),
+        result("c-wait", EU, 7),  # ran an older revision only
+        result("d-gone", EU, 10),  # not registered any more
+    ],
+)
+
+
+def states(fleet: status.FleetStatus) -> list[tuple[str, str, str]]:
+    return [(t.key, r.agent, r.state.value) for t in fleet.tasks for r in t.rows]
+
+
+def test_rows_say_ok_failed_pending_and_gone() -> None:
+    fleet = build(MIXED)
+    assert states(fleet) == [
+        ("/gleam/region/eu", "a-ok", "ok"),
+        ("/gleam/region/eu", "b-fail", "failed"),
+        ("/gleam/region/eu", "c-wait", "pending"),
+        ("/gleam/region/eu", "d-gone", "gone"),
+    ]
+    rows = {r.agent: r for r in fleet.tasks[0].rows}
+    assert rows["b-fail"].error_line == "boom: line 1"
+    assert rows["d-gone"].outcome is client.Outcome.OK and not rows["d-gone"].live
+    assert fleet.tasks[0].state is status.TaskState.FAILED
+    assert fleet.counts == status.Counts(ok=1, failed=1, pending=1, gone=1, unwatched=0)
+
+
+@pytest.mark.parametrize(
+    ("results", "exit_code"),
+    [
+        ([result("a", EU, 10), result("b", EU, 11)], 0),  # a later revision also answers
+        ([result("a", EU, 10), result("b", EU, 10, ok=False, error="x")], 1),
+        ([result("a", EU, 10)], 2),  # b has not answered
+        ([result("a", EU, 10, ok=False, error="x")], 1),  # failure wins over pending
+        ([result("a", EU, 10), result("b", EU, 9)], 2),  # b ran an older revision only
+        # departed agents count for nothing, even when they failed
+        ([result("a", EU, 10), result("b", EU, 10), result("z", EU, 10, ok=False)], 0),
+    ],
+)
+def test_exit_code(results: list[messages.Result], exit_code: int) -> None:
+    fleet = build(snapshot([agent("a", "eu"), agent("b", "eu")], [task(EU, 10)], results))
+    assert fleet.exit_code == exit_code
+
+
+def test_a_key_no_live_agent_watches_is_unwatched_and_does_not_fail_status() -> None:
+    fleet = build(snapshot([agent("a", "eu")], [task(keys.Target.node("gone-host"), 5)], []))
+    assert fleet.tasks[0].state is status.TaskState.UNWATCHED
+    assert fleet.exit_code == 0
+    assert fleet.counts.unwatched == 1
+
+
+def test_node_keys_target_only_their_agent() -> None:
+    node = keys.Target.node("a")
+    fleet = build(snapshot([agent("a", "eu"), agent("b", "eu")], [task(node, 3)], []))
+    assert states(fleet) == [("/gleam/node/a", "a", "pending")]
+
+
+def test_an_invalid_stored_message_is_shown_not_fatal() -> None:
+    bad = client.TaskEntry("/gleam/node/a", keys.Target.node("a"), 4, b"not json")
+    fleet = build(snapshot([agent("a")], [bad], []))
+    assert fleet.tasks[0].function is None
+    assert "not JSON" in (fleet.tasks[0].invalid or "")
+    assert "(invalid)" in render.status_text(fleet)
+
+
+def test_uptime_comes_from_started_and_now() -> None:
+    fleet = build(snapshot([agent("a")], [], []))
+    assert fleet.agents[0].up_seconds == 3600.0
+    odd = messages.AgentInfo("b", "h", 1, [], "v", "yesterday", "/s")
+    assert build(snapshot([odd], [], [])).agents[0].up_seconds is None
+
+
+def test_status_text_is_aligned_and_names_every_row() -> None:
+    text = render.status_text(build(MIXED))
+    lines = text.splitlines()
+    assert lines[0].startswith("prefix /gleam  etcd revision 99")
+    header = next(line for line in lines if line.startswith("KEY"))
+    rows = [line for line in lines if line.startswith("/gleam/region/eu")]
+    assert len(rows) == 4
+    # columns line up: every row has its STATE cell where the header has STATE
+    column = header.index("STATE")
+    assert [row[column:].split()[0] for row in rows] == ["ok", "failed", "pending", "gone"]
+    assert "boom: line 1" in rows[1] and "stack traceback" not in text
+    assert "last ran rev 7" in rows[2]
+    assert "last: ok at rev 10" in rows[3]
+    agents_header = next(line for line in lines if line.startswith("ID"))
+    assert agents_header.split() == ["ID", "HOST", "REGIONS", "VERSION", "UP", "SINCE"]
+    assert any("host-a-ok" in line and "(1h)" in line for line in lines)
+    assert lines[-1] == "1 ok, 1 failed, 1 pending, 1 gone, 0 unwatched"
+    assert "\033[" not in text
+
+
+def test_status_text_colours_states_only_when_asked() -> None:
+    text = render.status_text(build(MIXED), colour=True)
+    assert "\033[31mfailed" in text and "\033[32mok" in text
+
+
+def test_status_json_has_the_same_content_and_a_version() -> None:
+    fleet = build(MIXED)
+    doc = json.loads(render.to_json(render.status_document(fleet)))
+    assert doc["version"] == status.SCHEMA_VERSION
+    assert doc["exit_code"] == 1
+    assert doc["summary"] == {"ok": 1, "failed": 1, "pending": 1, "gone": 1, "unwatched": 0}
+    assert [a["id"] for a in doc["agents"]] == ["a-ok", "b-fail", "c-wait"]
+    assert doc["agents"][0]["up_seconds"] == 3600.0
+    (eu,) = doc["tasks"]
+    assert eu["key"] == "/gleam/region/eu" and eu["function"] == "job"
+    assert eu["revision"] == 10 and eu["commit"] is None and eu["state"] == "failed"
+    rows = {r["agent"]: r for r in eu["agents"]}
+    assert rows["a-ok"]["result"] == {"done": "a-ok"}
+    assert rows["b-fail"]["error_line"] == "boom: line 1"
+    assert rows["c-wait"]["state"] == "pending" and rows["c-wait"]["result_revision"] == 7
+    assert rows["d-gone"]["live"] is False and rows["d-gone"]["outcome"] == "ok"
+
+
+def test_empty_fleet_renders() -> None:
+    fleet = build(snapshot([], [], []))
+    text = render.status_text(fleet)
+    assert "AGENTS: none live" in text and "TASKS: none" in text
+    assert fleet.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "?"), (0, "0s"), (59.9, "59s"), (61, "1m1s"), (3725, "1h2m"), (90061, "1d1h")],
+)
+def test_age(seconds: float | None, text: str) -> None:
+    assert render.age(seconds) == text
+
+
+def test_table_pads_all_but_the_last_column() -> None:
+    assert render.table(["A", "BB"], [["xxx", "y"], ["z", "long"]]) == [
+        "A    BB",
+        "xxx  y",
+        "z    long",
+    ]
+
+
+def test_wait_reports_text() -> None:
+    reports = [
+        client.Report("a", "/gleam/region/eu", 10, client.Outcome.OK, result("a", EU, 10)),
+        client.Report(
+            "b",
+            "/gleam/region/eu",
+            10,
+            client.Outcome.FAILED,
+            result("b", EU, 10, ok=False, error="boom\nmore"),
+        ),
+        client.Report("c", "/gleam/region/eu", 10, client.Outcome.PENDING, None),
+    ]
+    text = render.reports_text(reports, timeout=2.5, unwatched=["/gleam/node/x"])
+    lines = text.splitlines()
+    assert lines[1].split()[:3] == ["a", "/gleam/region/eu", "ok"] and '{"done":"a"}' in lines[1]
+    assert lines[2].endswith("boom") and "failed" in lines[2]
+    assert "no answer" in lines[3] and "within 2.5s" in lines[3]
+    assert lines[4] == "/gleam/node/x: no live agent watches this key"
