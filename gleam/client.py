@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from gleam import keys, messages
 
@@ -181,17 +181,24 @@ class TaskEntry:
         return messages.decode_task(self.value)
 
 
+class Stored(NamedTuple):
+    """A raw value with its mod_revision."""
+
+    value: bytes
+    revision: int
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything under the prefix, read in one request, so at one etcd revision: task
     keys, live registrations, results (of live and departed agents) and the
-    reconciler's bookkeeping under `<prefix>/meta/` (raw, by key)."""
+    reconciler's bookkeeping under `<prefix>/meta/` (raw values and revisions, by key)."""
 
     revision: int
     tasks: tuple[TaskEntry, ...]
     agents: tuple[messages.AgentInfo, ...]
     results: tuple[messages.Result, ...]
-    meta: Mapping[str, bytes]
+    meta: Mapping[str, Stored]
 
 
 def _task_entries(items: Iterable[tuple[str, bytes, int]], layout: keys.Layout) -> list[TaskEntry]:
@@ -227,5 +234,9 @@ def read_snapshot(etcd: Etcd, layout: keys.Layout) -> Snapshot:
             _decode_agents(value for key, value, _ in items if key.startswith(layout.info_prefix))
         ),
         results=tuple(_decode_results(((key, value) for key, value, _ in items), layout)),
-        meta={key: value for key, value, _ in items if key.startswith(layout.meta_prefix)},
+        meta={
+            key: Stored(value, revision)
+            for key, value, revision in items
+            if key.startswith(layout.meta_prefix)
+        },
     )

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from gleam import client, keys, messages, status
+from gleam import client, keys, messages, provenance, status
 from gleam.version import VERSION
 
 # JSON documents carry this schema version (shared with `status.SCHEMA_VERSION`).
@@ -84,6 +84,14 @@ def short_commit(commit: str | None) -> str:
     return commit[:12] if commit else "-"
 
 
+def commit_cell(origin: provenance.Provenance) -> str:
+    """The commit; `?` for a key the reconciler owns but whose commit is unknown (changed
+    since its last apply); `-` for a key it does not own (sent by hand)."""
+    if origin.commit:
+        return short_commit(origin.commit)
+    return "?" if origin.owner else "-"
+
+
 # Status ---------------------------------------------------------------------------------
 
 
@@ -106,8 +114,9 @@ def _row_detail(row: status.AgentRow, task: status.TaskStatus) -> str:
 
 def status_text(fleet: status.FleetStatus, *, colour: bool = False) -> str:
     head = f"prefix {fleet.prefix}  etcd revision {fleet.revision}"
-    if fleet.applied_commit:
-        head += f"  reconciler commit {short_commit(fleet.applied_commit)}"
+    if fleet.applied_commit or fleet.applied_time:
+        head += f"  reconciler applied {short_commit(fleet.applied_commit)}"
+        head += f" at {fleet.applied_time}" if fleet.applied_time else ""
     lines = [head, ""]
     if fleet.agents:
         lines.append(f"AGENTS ({len(fleet.agents)} live)")
@@ -133,7 +142,7 @@ def status_text(fleet: status.FleetStatus, *, colour: bool = False) -> str:
             task.key,
             task.function or "(invalid)",
             str(task.revision),
-            short_commit(task.provenance.commit),
+            commit_cell(task.provenance),
         ]
         if not task.rows:
             rows.append([*head_cells, "-", "unwatched", "no live agent watches this key"])
@@ -179,6 +188,7 @@ def status_document(fleet: status.FleetStatus) -> dict[str, Any]:
         "prefix": fleet.prefix,
         "revision": fleet.revision,
         "applied_commit": fleet.applied_commit,
+        "applied_time": fleet.applied_time,
         "exit_code": fleet.exit_code,
         "summary": {
             "ok": c.ok,

@@ -103,6 +103,7 @@ class FleetStatus:
     agents: tuple[AgentSummary, ...]
     tasks: tuple[TaskStatus, ...]
     applied_commit: str | None = None  # the reconciler's last applied commit, if known
+    applied_time: str | None = None  # when the reconciler last applied
 
     @property
     def counts(self) -> Counts:
@@ -171,7 +172,7 @@ def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> F
     """The status of every task key in `snapshot` (see the module docstring), with the
     commit each came from when the reconciler's records in the snapshot say so.
     `now` (timezone-aware) gives the agents' uptimes."""
-    origin = provenance.read(snapshot.meta, layout)
+    origin = provenance.read(snapshot.meta, snapshot.tasks, layout)
     live_ids = {a.id for a in snapshot.agents}
     results = {(r.agent, r.key): r for r in snapshot.results}
     departed: dict[str, list[str]] = {}
@@ -207,4 +208,5 @@ def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> F
         agents=tuple(agents),
         tasks=tuple(tasks),
         applied_commit=origin.applied_commit,
+        applied_time=origin.applied_time,
     )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gleam import client, keys, messages, render, status
+from gleam import client, keys, messages, provenance, render, status
 
 LAYOUT = keys.Layout("/gleam")
 NOW = datetime(2026, 11, 28, 23, 0, 0, tzinfo=UTC)
@@ -216,3 +216,105 @@ def test_wait_reports_text() -> None:
     assert lines[2].endswith("boom") and "failed" in lines[2]
     assert "no answer" in lines[3] and "within 2.5s" in lines[3]
     assert lines[4] == "/gleam/node/x: no live agent watches this key"
+
+
+# Provenance: the reconciler's records under <prefix>/meta/ --------------------------------
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OLD_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def applied_record(*history: dict[str, object], commit: str | None = SHA) -> bytes:
+    return json.dumps({"version": 1, "commit": commit, "history": list(history)}).encode()
+
+
+GIT_APPLY = {"source": "commit", "commit": SHA, "time": "2026-11-28T22:30:00Z", "keys": 2}
+TREE_APPLY = {"source": "worktree", "commit": SHA, "time": "2026-11-28T22:40:00Z", "keys": 2}
+NODE_A = keys.Target.node("a")
+
+
+def meta(
+    applied: bytes | None, applied_revision: int, *owned: str, value: bytes = b""
+) -> dict[str, client.Stored]:
+    out = {f"/gleam/meta/owned/{path}": client.Stored(value, 1) for path in owned}
+    if applied is not None:
+        out["/gleam/meta/applied"] = client.Stored(applied, applied_revision)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stored_meta", "key_revision", "expected"),
+    [
+        # owned, unchanged since the last git apply: that apply's commit
+        (
+            meta(applied_record(GIT_APPLY), 20, "node/a"),
+            15,
+            provenance.Provenance(SHA, "reconciler"),
+        ),
+        # owned but changed after the apply record (by hand, or an apply in flight)
+        (
+            meta(applied_record(GIT_APPLY), 20, "node/a"),
+            25,
+            provenance.Provenance(None, "reconciler"),
+        ),
+        # the last apply came from the work tree: no commit to name
+        (
+            meta(applied_record(TREE_APPLY, GIT_APPLY), 20, "node/a"),
+            15,
+            provenance.Provenance(None, "reconciler"),
+        ),
+        # not owned: sent by hand
+        (meta(applied_record(GIT_APPLY), 20), 15, None),
+        # a per-key commit, should the reconciler record one, wins
+        (
+            meta(
+                applied_record(GIT_APPLY),
+                20,
+                "node/a",
+                value=json.dumps({"commit": OLD_SHA}).encode(),
+            ),
+            15,
+            provenance.Provenance(OLD_SHA, "reconciler"),
+        ),
+        # records this reader does not understand are ignored, never fatal
+        (meta(b"not json", 20, "node/a"), 15, provenance.Provenance(None, "reconciler")),
+        (
+            meta(json.dumps({"version": 99}).encode(), 20, "node/a"),
+            15,
+            provenance.Provenance(None, "reconciler"),
+        ),
+        (meta(None, 0, "node/a"), 15, provenance.Provenance(None, "reconciler")),
+    ],
+)
+def test_provenance(
+    stored_meta: dict[str, client.Stored], key_revision: int, expected: provenance.Provenance | None
+) -> None:
+    origin = provenance.read(stored_meta, [task(NODE_A, key_revision)], LAYOUT)
+    assert origin.keys.get("/gleam/node/a") == expected
+
+
+def test_status_shows_commit_owner_and_the_last_apply() -> None:
+    snap = client.Snapshot(
+        revision=30,
+        tasks=(task(NODE_A, 15), task(keys.Target.node("b"), 25), task(keys.Target.node("c"), 5)),
+        agents=(),
+        results=(),
+        meta=meta(applied_record(GIT_APPLY), 20, "node/a", "node/b"),
+    )
+    fleet = build(snap)
+    assert fleet.applied_commit == SHA and fleet.applied_time == "2026-11-28T22:30:00Z"
+    text = render.status_text(fleet)
+    assert f"reconciler applied {SHA[:12]} at 2026-11-28T22:30:00Z" in text.splitlines()[0]
+    commits = {
+        line.split()[0]: line.split()[3]
+        for line in text.splitlines()
+        if line.startswith("/gleam/node/")
+    }
+    assert commits == {"/gleam/node/a": SHA[:12], "/gleam/node/b": "?", "/gleam/node/c": "-"}
+    doc = render.status_document(fleet)
+    assert [(t["commit"], t["owner"]) for t in doc["tasks"]] == [
+        (SHA, "reconciler"),
+        (None, "reconciler"),
+        (None, None),
+    ]
+    assert doc["applied_commit"] == SHA
