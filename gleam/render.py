@@ -128,7 +128,7 @@ def status_text(fleet: status.FleetStatus, *, colour: bool = False) -> str:
                     a.info.hostname or "-",
                     ",".join(a.info.regions) or "-",
                     a.info.version or "-",
-                    f"{a.info.started or '?'} ({age(a.up_seconds)})",
+                    f"{a.info.started or '?'} (up {age(a.up_seconds)})",
                 ]
                 for a in fleet.agents
             ],

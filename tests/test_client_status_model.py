@@ -147,7 +147,7 @@ def test_status_text_is_aligned_and_names_every_row() -> None:
     assert "last: ok at rev 10" in rows[3]
     agents_header = next(line for line in lines if line.startswith("ID"))
     assert agents_header.split() == ["ID", "HOST", "REGIONS", "VERSION", "UP", "SINCE"]
-    assert any("host-a-ok" in line and "(1h)" in line for line in lines)
+    assert any("host-a-ok" in line and "(up 1h)" in line for line in lines)
     assert lines[-1] == "1 ok, 1 failed, 1 pending, 1 gone, 0 unwatched"
     assert "\033[" not in text
 
