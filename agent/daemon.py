@@ -1,0 +1,125 @@
+"""The running agent: four threads around one task queue, and the shutdown order.
+
+    registration ── lease-bound <prefix>/info/<id>, kept alive
+    watch ───────── task keys -> TaskQueue            (never runs Lua)
+    worker ──────── TaskQueue -> Lua runner -> ResultWriter   (one job at a time)
+    results ─────── result records -> etcd, retried through outages
+
+Each loop owns its own Store (its own etcd client), so one loop's reconnect does not
+disturb another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from agent import results, store
+from agent.config import AgentConfig
+from agent.registration import Registrar
+from agent.task_queue import TaskQueue
+from agent.watching import WatchLoop
+from agent.worker import Runner, Worker
+from gleam import connection, messages
+from gleam.version import VERSION
+
+log = logging.getLogger("agent")
+
+# How long shutdown waits for the result writer once the last task finished.
+RESULT_FLUSH_SECONDS = 5.0
+
+
+def agent_info(
+    config: AgentConfig, *, hostname: str, pid: int, started: float
+) -> messages.AgentInfo:
+    return messages.AgentInfo(
+        id=config.agent_id,
+        hostname=hostname,
+        pid=pid,
+        regions=list(config.regions),
+        version=VERSION,
+        started=results.rfc3339(started),
+        script_dir=str(config.script_dir),
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        runner: Runner,
+        *,
+        connector: store.Connector = connection.connect,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+
+        def new_store() -> store.Store:
+            return store.Store(config.settings, connector=connector)
+
+        self.tasks = TaskQueue()
+        self.registrar = Registrar(
+            new_store(),
+            key=config.layout.info_key(config.agent_id),
+            info=agent_info(
+                config, hostname=socket.gethostname(), pid=os.getpid(), started=wall_clock()
+            ),
+            ttl=config.ttl,
+        )
+        self.watch = WatchLoop(
+            new_store(),
+            self.tasks,
+            task_keys=config.task_keys,
+            read_done=lambda etcd: results.read_completions(
+                etcd, layout=config.layout, agent_id=config.agent_id
+            ),
+            check_interval=config.check_interval,
+        )
+        self.writer = results.ResultWriter(new_store())
+        self.worker = Worker(
+            self.tasks, runner, self.writer, agent_id=config.agent_id, layout=config.layout
+        )
+        self._threads: dict[str, threading.Thread] = {}
+
+    def start(self) -> None:
+        """Register first, then read and watch the task keys; the worker and the writer
+        wait for work."""
+        for name, target in (
+            ("registration", self.registrar.run),
+            ("results", self.writer.run),
+            ("worker", self.worker.run),
+            ("watch", self.watch.run),
+        ):
+            thread = threading.Thread(target=target, name=f"gleam-{name}", daemon=True)
+            self._threads[name] = thread
+            thread.start()
+
+    def shutdown(self) -> bool:
+        """Stop taking tasks, let the running one finish (bounded by the task timeout),
+        write the results, revoke the lease. True if everything finished in time."""
+        clean = True
+        self.watch.stop()
+        self.tasks.close()
+        grace = self.config.task_timeout + 5.0
+        if not self._join("worker", grace):
+            log.error("the running task did not finish within %.0fs; exiting anyway", grace)
+            clean = False
+        self._join("watch", 5.0)
+        if self.writer.close(timeout=RESULT_FLUSH_SECONDS):
+            clean = False
+        self._join("results", 2.0)
+        self.registrar.stop()
+        if not self._join("registration", self.config.settings.timeout + 2.0):
+            clean = False
+        return clean
+
+    def _join(self, name: str, timeout: float) -> bool:
+        thread = self._threads.get(name)
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()

@@ -1,0 +1,116 @@
+"""The agent's registration at `<prefix>/info/<id>`, bound to a lease it keeps alive.
+
+A dead agent's lease expires and its record disappears. If the lease is lost while the
+agent lives (etcd lost it, or the agent was cut off for longer than the TTL), the loop
+grants a new lease and registers again. A clean shutdown revokes the lease, so the
+record goes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from agent import store
+from agent.backoff import Backoff
+from gleam import messages
+
+log = logging.getLogger("agent.registration")
+
+
+def refresh_interval(granted_ttl: int) -> float:
+    """Refresh three times per TTL, so that two lost refreshes in a row are survived."""
+    return max(0.5, granted_ttl / 3)
+
+
+class Registrar:
+    def __init__(
+        self,
+        etcd: store.Store,
+        *,
+        key: str,
+        info: messages.AgentInfo,
+        ttl: int,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._etcd = etcd
+        self._key = key
+        self._info = info
+        self._ttl = ttl
+        self._backoff = backoff or Backoff()
+        self._stop = threading.Event()
+        self.lease_id: int | None = None
+        self.registered = threading.Event()
+        self.registrations = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Register and keep the lease alive until `stop()`; then revoke it."""
+        interval = refresh_interval(self._ttl)
+        while not self._stop.is_set():
+            try:
+                lease_id = self.lease_id
+                if lease_id is None:
+                    lease_id, interval = self._register()
+                if self._stop.wait(interval):
+                    break
+                remaining = self._etcd.keep_alive(lease_id)
+                if remaining <= 0:
+                    log.warning("lease %x is gone; registering again", lease_id)
+                    self.lease_id = None
+                    self.registered.clear()
+                self._backoff.reset()
+            except store.StoreError as exc:
+                # The lease may well outlive a short outage: keep it and refresh it when
+                # etcd answers again; if it expired meanwhile, the refresh says so.
+                delay = min(self._backoff.next_delay(), interval)
+                log.warning("registration: %s; retrying in %.1fs", exc, delay)
+                self._etcd.reset()
+                self._stop.wait(delay)
+        self._revoke()
+
+    def _register(self) -> tuple[int, float]:
+        previous = self._etcd.get(self._key)
+        if previous is not None:
+            self._warn_if_taken(previous)
+        lease_id, granted = self._etcd.grant_lease(self._ttl)
+        self._etcd.put(self._key, self._info.encode(), lease=lease_id)
+        self.lease_id = lease_id
+        self.registrations += 1
+        self.registered.set()
+        log.info("registered %s with lease %x (TTL %ds)", self._key, lease_id, granted)
+        return lease_id, refresh_interval(granted)
+
+    def _warn_if_taken(self, raw: bytes) -> None:
+        try:
+            other = messages.decode_agent_info(raw)
+        except messages.MessageError:
+            return
+        if (other.hostname, other.pid) != (self._info.hostname, self._info.pid):
+            log.warning(
+                "%s is already registered by pid %d on %s: another agent with this id "
+                "(two agents with one id share one node key and one set of results), or "
+                "this agent's previous run whose lease has not expired yet",
+                self._key,
+                other.pid,
+                other.hostname,
+            )
+
+    def _revoke(self) -> None:
+        if self.lease_id is None:
+            return
+        try:
+            self._etcd.revoke_lease(self.lease_id)
+            log.info("revoked lease %x; %s removed", self.lease_id, self._key)
+        except store.StoreError as exc:
+            log.warning(
+                "could not revoke lease %x (%s); %s goes when the lease expires",
+                self.lease_id,
+                exc,
+                self._key,
+            )
+        self.lease_id = None
+        self.registered.clear()
+        self._etcd.reset()

@@ -1,0 +1,265 @@
+"""The agent's one seam to etcd: every etcd call the agent makes is in this file.
+
+Each of the agent's loops (watch, registration, result writer) owns a Store, and so its
+own client and gRPC channels: a loop that resets its connection after a failure does not
+disturb the others. Errors come out as two typed exceptions, never as pyetcd's or gRPC's:
+`Unavailable` (worth retrying after `reset()`) and `Rejected` (etcd refused the request
+itself; retrying cannot help). A compacted watch start gives `Compacted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from pyetcd import events as etcd_events
+from pyetcd import exceptions as etcd_exceptions
+
+from agent.pending import Observed
+from gleam import connection
+
+log = logging.getLogger("agent.store")
+
+Client = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
+Connector = Callable[[connection.Settings], Client]
+
+
+class StoreError(Exception):
+    """etcd trouble, described in one line."""
+
+
+class Unavailable(StoreError):
+    """etcd could not be reached or did not answer in time; retry later."""
+
+
+class Rejected(StoreError):
+    """etcd answered and refused the request (too large, not permitted); do not retry."""
+
+
+class Compacted(StoreError):
+    """A watch asked for a revision etcd has already compacted away."""
+
+    def __init__(self, compacted_revision: int) -> None:
+        super().__init__(f"revision compacted (etcd keeps revisions from {compacted_revision})")
+        self.compacted_revision = compacted_revision
+
+
+# gRPC codes that mean the request itself is at fault, so a retry would fail the same way.
+_REJECTED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+def translate(exc: BaseException) -> StoreError:
+    """pyetcd/gRPC errors -> Compacted, Rejected or Unavailable."""
+    if isinstance(exc, etcd_exceptions.RevisionCompactedError):
+        return Compacted(int(exc.compacted_revision))
+    text = connection.describe_error(exc)
+    if isinstance(exc, grpc.RpcError) and getattr(exc, "code", None) is not None:
+        try:
+            code = exc.code()
+        except Exception:  # noqa: BLE001 - a malformed error is still an error
+            code = None
+        if code in _REJECTED_CODES:
+            return Rejected(text)
+    return Unavailable(text)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Task keys read at one revision: each key's state (value None when absent)."""
+
+    revision: int
+    keys: tuple[Observed, ...]
+
+    def current(self) -> dict[str, int | None]:
+        """key -> mod_revision, None when absent."""
+        return {o.key: (o.revision if o.value is not None else None) for o in self.keys}
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """Changes a watch delivered for one key; no changes for a progress notification."""
+
+    generation: int
+    key: str
+    changes: tuple[Observed, ...]
+    header_revision: int
+
+
+@dataclass(frozen=True)
+class WatchBroken:
+    """A watch ended: the connection broke, or etcd cancelled it."""
+
+    generation: int
+    key: str
+    error: StoreError
+
+
+WatchMessage = WatchBatch | WatchBroken
+
+
+class Store:
+    def __init__(
+        self, settings: connection.Settings, *, connector: Connector = connection.connect
+    ) -> None:
+        self._settings = settings
+        self._connector = connector
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+
+    # Connection --------------------------------------------------------------
+    def _get(self) -> Client:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = self._connector(self._settings)
+                except connection.ETCD_ERRORS as exc:
+                    raise translate(exc) from None
+            return self._client
+
+    def reset(self) -> None:
+        """Drop the client (and every watch on it); the next call connects afresh,
+        trying every endpoint."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception as exc:  # noqa: BLE001 - closing a broken client may fail
+                log.debug("closing etcd client: %s", exc)
+
+    close = reset
+
+    def _call(self, what: Callable[[Client], Any]) -> Any:
+        client = self._get()
+        try:
+            return what(client)
+        except connection.ETCD_ERRORS as exc:
+            raise translate(exc) from None
+
+    # Key-value ---------------------------------------------------------------
+    def read_keys(self, keys: Sequence[str]) -> Snapshot:
+        """Read `keys` at one revision (the first read's), so that together they are a
+        consistent picture that a watch from `revision + 1` continues exactly."""
+
+        def read(client: Client) -> Snapshot:
+            revision = 0
+            seen: list[Observed] = []
+            for key in keys:
+                kwargs = {"revision": revision} if revision else {}
+                response = client.get_response(key, **kwargs)
+                if not revision:
+                    revision = int(response.header.revision)
+                if response.kvs:
+                    kv = response.kvs[0]
+                    seen.append(Observed(key, int(kv.mod_revision), bytes(kv.value)))
+                else:
+                    seen.append(Observed(key, revision, None))
+            return Snapshot(revision, tuple(seen))
+
+        result: Snapshot = self._call(read)
+        return result
+
+    def read_prefix(self, prefix: str) -> dict[str, bytes]:
+        def read(client: Client) -> dict[str, bytes]:
+            return {
+                meta.key.decode("utf-8", "replace"): bytes(value)
+                for value, meta in client.get_prefix(prefix)
+            }
+
+        result: dict[str, bytes] = self._call(read)
+        return result
+
+    def get(self, key: str) -> bytes | None:
+        value, _meta = self._call(lambda c: c.get(key))
+        return None if value is None else bytes(value)
+
+    def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
+        """Write `key`; returns the write's revision."""
+        response = self._call(lambda c: c.put(key, value, lease=lease))
+        return int(response.header.revision)
+
+    # Leases ------------------------------------------------------------------
+    def grant_lease(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (id, granted TTL)."""
+        lease = self._call(lambda c: c.lease(ttl))
+        return int(lease.id), int(lease.ttl)
+
+    def keep_alive(self, lease_id: int) -> int:
+        """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
+
+        def refresh(client: Client) -> int:
+            responses = list(client.refresh_lease(lease_id))
+            return int(responses[-1].TTL) if responses else 0
+
+        try:
+            result: int = self._call(refresh)
+        except Rejected:
+            return 0
+        except Unavailable as exc:
+            # etcd answers a refresh of an unknown lease with NOT_FOUND on some versions.
+            if "NOT_FOUND" in str(exc) or "lease not found" in str(exc):
+                return 0
+            raise
+        return result
+
+    def revoke_lease(self, lease_id: int) -> None:
+        self._call(lambda c: c.revoke_lease(lease_id))
+
+    # Watches -----------------------------------------------------------------
+    def watch(
+        self,
+        key: str,
+        *,
+        start_revision: int,
+        generation: int,
+        deliver: Callable[[WatchMessage], None],
+    ) -> None:
+        """Watch one key from `start_revision`; every response goes to `deliver` (called
+        on pyetcd's thread, so it should only hand the message over). Raises Compacted
+        when `start_revision` is gone, Unavailable when the watch cannot be created."""
+
+        def callback(response: Any) -> None:
+            if response is None:
+                deliver(WatchBroken(generation, key, Unavailable("watch stream ended")))
+            elif isinstance(response, BaseException):
+                deliver(WatchBroken(generation, key, translate(response)))
+            else:
+                changes = tuple(
+                    Observed(
+                        key,
+                        int(event.mod_revision),
+                        None if isinstance(event, etcd_events.DeleteEvent) else bytes(event.value),
+                    )
+                    for event in response.events
+                )
+                deliver(WatchBatch(generation, key, changes, int(response.header.revision)))
+
+        self._call(
+            lambda c: c.add_watch_callback(
+                key, callback, start_revision=start_revision, progress_notify=True
+            )
+        )
+
+
+class LazyClient:
+    """A pyetcd client made on first use, for the Lua scripts' etcd calls (through
+    `agent.lua_exec.EtcdKV`): with etcd auth, making a client needs etcd up, and the
+    agent must start even when it is not. Scripts' calls go through pyetcd's own
+    endpoint failover; an error reaches the script as an error string."""
+
+    def __init__(self, settings: connection.Settings) -> None:
+        self._store = Store(settings)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store._get(), name)

@@ -1,0 +1,176 @@
+"""The watch loop: keep the task queue fed with every change to this agent's task keys,
+whatever etcd does.
+
+- Start-up: read this agent's result records (what it has already done), then read every
+  watched key at one revision H and hand the values to the queue; then watch each key
+  from H + 1, so nothing written in between is missed.
+- A broken connection: reset the client (the next one tries every endpoint), wait a
+  jittered backoff, and resume each key's watch from the last revision it delivered + 1.
+- A compacted revision: re-read the keys and watch from the new read's revision + 1;
+  whatever changed is queued (the queue drops what was already seen or done).
+- A silent stall: every `check_interval` seconds the keys' current mod_revisions are read;
+  a change the watch has still not delivered one interval later means the watch is stuck,
+  and it is restarted from the last revision it delivered + 1.
+
+The loop never runs Lua: it only hands changes to the queue. Watch responses arrive on
+pyetcd's thread and are passed here through an inbox, so all decisions happen on one
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from agent import pending, store
+from agent.backoff import Backoff
+from agent.task_queue import TaskQueue
+
+log = logging.getLogger("agent.watch")
+
+
+# A change a read showed and the watch had not delivered: (mod_revision or None when the
+# key was absent, the read's revision).
+Suspect = tuple[int | None, int]
+
+
+class Stalled(Exception):
+    """The watch did not deliver changes that a read shows."""
+
+
+class WatchLoop:
+    def __init__(
+        self,
+        etcd: store.Store,
+        tasks: TaskQueue,
+        *,
+        task_keys: Sequence[str],
+        read_done: Callable[[store.Store], Mapping[str, pending.Completed]],
+        check_interval: float = 5.0,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._etcd = etcd
+        self._tasks = tasks
+        self._keys = tuple(task_keys)
+        self._read_done = read_done
+        self._check_interval = check_interval
+        self._backoff = backoff or Backoff()
+        self._clock = clock
+        self._stop = threading.Event()
+        self._inbox: queue.Queue[store.WatchMessage | None] = queue.Queue()
+        self._generation = 0
+        # Set once the start-up read has been handed to the queue (tests and logs).
+        self.synced = threading.Event()
+        self.restarts = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+
+    def run(self) -> None:
+        """The loop; returns when `stop()` is called."""
+        done_loaded = False
+        resume: dict[str, int] | None = None  # None: (re-)read every key first
+        while not self._stop.is_set():
+            try:
+                if not done_loaded:
+                    self._tasks.load_done(self._read_done(self._etcd))
+                    done_loaded = True
+                if resume is None:
+                    resume = self._read_all()
+                self._start_watches(resume)
+                self._backoff.reset()
+                self._serve(resume)
+            except store.Compacted as exc:
+                log.warning("watch: %s; re-reading the task keys", exc)
+                resume = None
+                self._restart()
+            except Stalled as exc:
+                log.warning("watch: %s; restarting it", exc)
+                self._restart()
+            except store.StoreError as exc:
+                delay = self._backoff.next_delay()
+                log.warning("etcd: %s; reconnecting in %.1fs", exc, delay)
+                self._restart()
+                self._stop.wait(delay)
+        self._etcd.reset()
+        log.info("watch stopped")
+
+    # Steps ------------------------------------------------------------------------
+    def _read_all(self) -> dict[str, int]:
+        snapshot = self._etcd.read_keys(self._keys)
+        log.info("read %d task key(s) at revision %d", len(self._keys), snapshot.revision)
+        self._tasks.observe(snapshot.keys)
+        self.synced.set()
+        return {key: snapshot.revision + 1 for key in self._keys}
+
+    def _start_watches(self, resume: Mapping[str, int]) -> None:
+        self._generation += 1
+        for key in self._keys:
+            self._etcd.watch(
+                key,
+                start_revision=resume[key],
+                generation=self._generation,
+                deliver=self._inbox.put,
+            )
+        log.info(
+            "watching %s",
+            ", ".join(f"{key} from revision {resume[key]}" for key in self._keys),
+        )
+
+    def _restart(self) -> None:
+        """Drop the client and its watches; responses of the old ones are ignored."""
+        self.restarts += 1
+        self._generation += 1
+        self._etcd.reset()
+
+    def _serve(self, resume: dict[str, int]) -> None:
+        """Hand watch responses to the queue until stop; raises when the watch breaks,
+        is compacted or stalls."""
+        next_check = self._clock() + self._check_interval
+        suspects: dict[str, Suspect] = {}
+        while not self._stop.is_set():
+            try:
+                message = self._inbox.get(timeout=max(0.0, next_check - self._clock()))
+            except queue.Empty:
+                message = None
+            if message is not None:
+                if message.generation != self._generation:
+                    continue  # from a watch already replaced
+                if isinstance(message, store.WatchBroken):
+                    raise message.error
+                self._tasks.observe(message.changes)
+                resume[message.key] = next_resume(resume[message.key], message)
+            if self._clock() >= next_check:
+                suspects = self._check(suspects)
+                next_check = self._clock() + self._check_interval
+
+    def _check(
+        self, suspects: Mapping[str, tuple[int | None, int]]
+    ) -> dict[str, tuple[int | None, int]]:
+        """Compare a fresh read with what the watch delivered. Changes missing now are
+        suspects; suspects from the previous check still missing mean a stall."""
+        snapshot = self._etcd.read_keys(self._keys)
+        overdue = [
+            f"{key} at revision {revision if revision is not None else f'{read_at} (deleted)'}"
+            for key, (revision, read_at) in suspects.items()
+            if not self._tasks.delivered(key, revision, read_at=read_at)
+        ]
+        if overdue:
+            raise Stalled(
+                f"the watch has not delivered {', '.join(overdue)} within {self._check_interval:g}s"
+            )
+        missing = self._tasks.undelivered(snapshot.current(), read_at=snapshot.revision)
+        return {key: (revision, snapshot.revision) for key, revision in missing.items()}
+
+
+def next_resume(current: int, batch: store.WatchBatch) -> int:
+    """The revision to resume a key's watch from after `batch`: past its last change, or
+    past the header of a progress notification (which promises nothing older is due)."""
+    if batch.changes:
+        return max(current, max(c.revision for c in batch.changes) + 1)
+    return max(current, batch.header_revision + 1)

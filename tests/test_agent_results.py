@@ -1,0 +1,160 @@
+"""Result records (agent.results, agent.worker): building them, reading what an agent has
+done from them, and failed results for bad input. Pure: a stand-in runner, no etcd."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import pending, results
+from agent.task_queue import TaskQueue
+from agent.worker import Worker, raw_name
+from gleam import keys, messages
+
+LAYOUT = keys.Layout("/g")
+KEY = LAYOUT.node_key("web-1")
+
+
+@dataclass(frozen=True)
+class FakeOutcome:
+    ok: bool
+    result: Any
+    error: str | None
+    duration_ms: float
+
+
+class FakeRunner:
+    def __init__(self, outcome: FakeOutcome | Exception) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, Any]] = []
+
+    def run(self, name: str, data: messages.JSON) -> FakeOutcome:
+        self.calls.append((name, data))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: dict[str, messages.Result] = {}
+
+    def submit(self, key: str, result: messages.Result) -> None:
+        self.records[key] = result
+
+
+def worker(runner: FakeRunner) -> Worker:
+    return Worker(
+        TaskQueue(), runner, Sink(), agent_id="web-1", layout=LAYOUT,
+        wall_clock=lambda: 1_764_370_201.5, clock=lambda: 0.0,
+    )  # fmt: skip
+
+
+def job(value: bytes, revision: int = 9, skipped: tuple[int, ...] = ()) -> pending.Job:
+    return pending.Job(KEY, revision, value, skipped)
+
+
+def test_rfc3339_is_utc_with_milliseconds() -> None:
+    assert results.rfc3339(0) == "1970-01-01T00:00:00.000Z"
+    assert results.rfc3339(1_764_370_201.5) == "2025-11-28T22:50:01.500Z"
+
+
+def test_a_successful_run_records_everything_the_contract_names() -> None:
+    runner = FakeRunner(FakeOutcome(True, {"n": 1}, None, 12.5))
+    record = worker(runner).execute(job(b'{"Name":"a::b","Data":[1,2]}', skipped=(7, 8)))
+    assert runner.calls == [("a::b", [1, 2])]
+    assert record == messages.Result(
+        agent="web-1", key=KEY, revision=9, name="a::b", ok=True, result={"n": 1},
+        error=None, started="2025-11-28T22:50:01.500Z", duration_ms=12.5, skipped=[7, 8],
+    )  # fmt: skip
+    assert messages.decode_result(record.encode()) == record
+
+
+def test_a_failed_script_records_its_error() -> None:
+    runner = FakeRunner(FakeOutcome(False, None, "boom at line 3", 1.0))
+    record = worker(runner).execute(job(b'{"Name":"x"}'))
+    assert (record.ok, record.error, record.name) == (False, "boom at line 3", "x")
+
+
+@pytest.mark.parametrize(
+    ("value", "name", "error"),
+    [
+        (b"not json", None, "not JSON"),
+        (b"null", None, "null"),
+        (b"[1,2]", None, "array"),
+        (b'"text"', None, "string"),
+        (b"{}", None, 'no "Name"'),
+        (b'{"Name": 5}', None, "number"),
+        (b'{"Name": "../etc/passwd"}', "../etc/passwd", "invalid"),
+        (b"", None, "empty"),
+        (b"\xff\xfe", None, "UTF-8"),
+        (b'{"Name":"x","Data":"' + b"a" * (messages.MAX_MESSAGE_BYTES + 1) + b'"}', "x", "limit"),
+    ],
+)
+def test_bad_messages_give_failed_results_and_never_reach_the_runner(
+    value: bytes, name: str | None, error: str
+) -> None:
+    runner = FakeRunner(FakeOutcome(True, None, None, 0.0))
+    record = worker(runner).execute(job(value))
+    assert runner.calls == []
+    assert record.ok is False
+    assert record.name == name
+    assert record.error is not None and error in record.error
+    assert record.revision == 9
+
+
+def test_a_runner_that_raises_still_gives_a_failed_result() -> None:
+    record = worker(FakeRunner(RuntimeError("bug"))).execute(job(b'{"Name":"x"}'))
+    assert record.ok is False and "bug" in (record.error or "")
+
+
+def test_a_result_too_large_for_etcd_is_replaced_by_an_error() -> None:
+    huge = "x" * (messages.MAX_MESSAGE_BYTES + 10)
+    record = worker(FakeRunner(FakeOutcome(True, huge, None, 1.0))).execute(job(b'{"Name":"x"}'))
+    assert record.ok is False and record.result is None
+    assert "over the" in (record.error or "")
+
+
+def test_long_errors_are_clipped() -> None:
+    outcome = FakeOutcome(False, None, "e" * 100_000, 1.0)
+    record = worker(FakeRunner(outcome)).execute(job(b'{"Name":"x"}'))
+    assert record.error is not None and len(record.error) < results.MAX_ERROR_CHARS + 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=100).map(str.encode))
+def test_any_bytes_give_a_result_record(value: bytes) -> None:
+    record = worker(FakeRunner(FakeOutcome(True, None, None, 0.0))).execute(job(value))
+    assert messages.decode_result(record.encode()).revision == 9
+
+
+def test_raw_name_recovers_a_string_name_only() -> None:
+    assert raw_name(b'{"Name": "a/../b"}') == "a/../b"
+    assert raw_name(b'{"Name": 1}') is None
+    assert raw_name(b"[") is None
+
+
+def test_completions_read_this_agents_records_only() -> None:
+    def record(agent: str, target: keys.Target, revision: int, skipped: list[int]) -> bytes:
+        return messages.Result(
+            agent=agent, key=LAYOUT.task_key(target), revision=revision, name="x", ok=True,
+            skipped=skipped,
+        ).encode()  # fmt: skip
+
+    node, region = keys.Target.node("web-1"), keys.Target.region("eu")
+    records = {
+        LAYOUT.result_key("web-1", node): record("web-1", node, 5, [3]),
+        LAYOUT.result_key("web-1", region): record("web-1", region, 8, []),
+        LAYOUT.result_key("web-2", region): record("web-2", region, 99, []),
+        LAYOUT.results_prefix + "web-1/node/broken": b"not json",
+        LAYOUT.result_key("web-1", keys.Target.region("us")): json.dumps({"x": 1}).encode(),
+    }
+    assert results.completions(records, layout=LAYOUT, agent_id="web-1") == {
+        LAYOUT.node_key("web-1"): pending.Completed(5, frozenset({3})),
+        LAYOUT.region_key("eu"): pending.Completed(8),
+    }
