@@ -267,6 +267,8 @@ def cmd_status(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen command would silently ignore."""
     command = args.command
+    if args.wait is not None and args.wait < 0:
+        raise UsageError("-wait: SECONDS must not be negative")
     if command is None:
         if args.args:
             raise UsageError(f"unexpected argument {args.args[0]!r}")
@@ -283,15 +285,11 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} is for sending without a command, not with {command!r}")
     if command != "call" and args.args:
         raise UsageError(f"{command}: unexpected argument {args.args[0]!r}")
-    if command not in ("call",) and args.wait is not None:
+    if command != "call" and args.wait is not None:
         raise UsageError(f"-wait is for sending a task, not with {command!r}")
-    if args.wait is not None and args.wait < 0:
-        raise UsageError("-wait: SECONDS must not be negative")
 
 
 def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
-    if args.command is None and args.wait is not None and args.wait < 0:
-        raise UsageError("-wait: SECONDS must not be negative")
     _check_flags(args)
     try:
         values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)

@@ -415,3 +415,23 @@ def test_gleam_client_runs_as_a_process(etcd_server: EtcdServer, layout: keys.La
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "'x' is neither" in bad.stderr
+
+
+def test_help_exits_0_and_documents_targets_and_exit_codes(run: Cli) -> None:
+    code, out, _ = run("--help", connect=False)
+    assert code == 0
+    for text in ("-target", "node/ID, region/NAME", "exit codes:", "status", "call KEY FN [DATA]"):
+        assert text in out
+
+
+def test_wait_json_output_has_reports_and_unwatched_keys(
+    run: Cli, etcd: Any, layout: keys.Layout
+) -> None:
+    register(etcd, layout, "mute", "eu")
+    code, doc = run.json("-target", "eu:node/nobody", "-fn", "print", "-wait", "0.2")
+    assert code == 1
+    assert [(r["agent"], r["key"], r["outcome"]) for r in doc["reports"]] == [
+        ("mute", layout.region_key("eu"), "pending")
+    ]
+    assert doc["unwatched"] == [layout.node_key("nobody")]
+    assert doc["reports"][0]["revision"] == doc["revision"]

@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gleam import client, keys, messages, provenance, render, status
 
@@ -318,3 +320,37 @@ def test_status_shows_commit_owner_and_the_last_apply() -> None:
         (None, None),
     ]
     assert doc["applied_commit"] == SHA
+
+
+agent_ids = st.sampled_from(["a", "b", "c", "d"])
+results_strategy = st.lists(
+    st.builds(
+        lambda agent_id, revision, ok: result(
+            agent_id, EU, revision, ok=ok, error=None if ok else "x"
+        ),
+        agent_ids,
+        st.integers(min_value=1, max_value=20),
+        st.booleans(),
+    ),
+    max_size=6,
+)
+
+
+@given(live=st.sets(agent_ids), results=results_strategy, revision=st.integers(1, 20))
+def test_status_agrees_with_judge_for_live_agents(
+    live: set[str], results: list[messages.Result], revision: int
+) -> None:
+    agents = [agent(a, "eu") for a in sorted(live)]
+    fleet = build(snapshot(agents, [task(EU, revision)], results))
+    reports = client.judge({LAYOUT.task_key(EU): revision}, agents, results, LAYOUT)
+    live_rows = [(r.agent, r.state.value) for r in fleet.tasks[0].rows if r.live]
+    assert live_rows == [(r.agent, r.outcome.value) for r in reports]
+    outcomes = {r.outcome for r in reports}
+    expected = (
+        1 if client.Outcome.FAILED in outcomes else 2 if client.Outcome.PENDING in outcomes else 0
+    )
+    assert fleet.exit_code == expected
+    gone = {r.agent for r in fleet.tasks[0].rows if not r.live}
+    assert gone == {r.agent for r in results} - live
+    # rendering never fails and shows one row per agent
+    assert len(render.status_text(fleet).splitlines()) >= len(fleet.tasks[0].rows)
