@@ -64,9 +64,13 @@ class Output:
     json: bool
     colour: bool
 
-    def text(self, text: str) -> None:
+    def text(self, text: str, *, empty: str = "") -> None:
+        """Print `text`; when there is none, say `empty` on standard error (so that a
+        script reading standard output still sees nothing)."""
         if text:
             print(text, file=self.out)
+        elif empty:
+            print(f"{PROG}: {empty}", file=sys.stderr)
 
     def document(self, doc: Mapping[str, Any]) -> None:
         print(render.to_json(doc), file=self.out)
@@ -95,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-data",
         "--data",
         metavar="JSON",
-        help="the task's data as JSON, or @FILE to read it from a file (default null)",
+        help="the task's data as JSON, @FILE to read it from a file, @- from standard input "
+        "(default null)",
     )
     parser.add_argument(
         "-wait",
@@ -118,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
-    """JSON text, or `@path` naming a file of JSON; None means JSON null."""
+    """JSON text, `@path` naming a file of JSON, or `@-` for standard input; None means
+    JSON null."""
     if value is None:
         return None
-    if value.startswith("@"):
+    if value == "@-":
+        text, source = sys.stdin.read(), "standard input"
+    elif value.startswith("@"):
         path = value[1:]
         try:
             with open(path, encoding="utf-8") as fh:
@@ -241,7 +249,9 @@ def cmd_info(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
     if output.json:
         output.document(render.agents_document(agents))
     else:
-        output.text(render.agents_text(agents, layout))
+        output.text(
+            render.agents_text(agents, layout), empty=f"no live agent under {layout.info_prefix}"
+        )
     return EXIT_OK
 
 
@@ -250,7 +260,9 @@ def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Ou
     if output.json:
         output.document(render.tasks_document(entries))
     else:
-        output.text(render.tasks_text(entries))
+        output.text(
+            render.tasks_text(entries), empty=f"no task key under {layout.tasks_prefix(kind)}"
+        )
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@ hand (the end-to-end tests with real agents are in test_client_agents.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -435,3 +436,27 @@ def test_wait_json_output_has_reports_and_unwatched_keys(
     ]
     assert doc["unwatched"] == [layout.node_key("nobody")]
     assert doc["reports"][0]["revision"] == doc["revision"]
+
+
+def test_data_from_standard_input(
+    run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"from": "stdin"}'))
+    assert run("-target", "node/a", "-fn", "print", "-data", "@-")[0] == 0
+    value, _ = task_values(etcd, layout)[layout.node_key("a")]
+    assert messages.decode_task(value).data == {"from": "stdin"}
+    monkeypatch.setattr("sys.stdin", io.StringIO("nope"))
+    code, _, err = run("-target", "node/b", "-fn", "print", "-data", "@-")
+    assert code == 2 and "-data: standard input is not valid JSON" in err
+
+
+def test_empty_listings_print_nothing_and_say_so_on_stderr(run: Cli, layout: keys.Layout) -> None:
+    for command, where in (("info", "info/"), ("node", "node/"), ("region", "region/")):
+        code, out, err = run(command)
+        assert (code, out) == (0, "")
+        assert (
+            f"no {'live agent' if command == 'info' else 'task key'} under {layout.prefix}/{where}"
+            in err
+        )
+    code, doc = run.json("info")
+    assert doc == {"version": 1, "agents": []}
