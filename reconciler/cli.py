@@ -1,0 +1,259 @@
+"""gleam-reconcile: flags, output and exit codes around one pass (`--once`) or the daemon.
+
+Exit codes: 0 done or nothing to do; 1 error (invalid manifests, refused, etcd trouble,
+an agent that failed or did not answer `--wait`); 2 only with `--dry-run
+--detailed-exitcode`, when changes are pending (terraform's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gleam import client, connection, flags
+from reconciler import gitsource, manifests, reconcile, render, state, sync
+
+log = logging.getLogger("gleam.reconcile")
+
+EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
+
+RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
+    flags.Flag("repo", "the git checkout holding tasks/", ".", metavar="PATH"),
+    flags.Flag("output", "text or json", "text", metavar="FORMAT"),
+    flags.Flag(
+        "wait",
+        "after applying, wait up to SECONDS for every live agent watching a changed key; "
+        "exit 1 if one failed or did not answer",
+        metavar="SECONDS",
+    ),
+    flags.Flag(
+        "interval",
+        "daemon: seconds between passes (also puts back drift)",
+        "300",
+        metavar="SECONDS",
+    ),
+    flags.Flag("full_every", "daemon: every N-th pass re-reads every manifest", "12", metavar="N"),
+    flags.Flag(
+        "debounce", "daemon: seconds of quiet after a checkout change", "0.5", metavar="SECONDS"
+    ),
+    flags.Flag(
+        "lock_timeout",
+        "seconds to wait for another reconciler's apply lock",
+        "60",
+        metavar="SECONDS",
+    ),
+)
+
+SWITCHES: tuple[tuple[str, str], ...] = (
+    ("once", "one pass, then exit (for CI); without it gleam-reconcile runs as a daemon"),
+    ("worktree", "read tasks/ as it is on disk instead of HEAD's commit (trying things out)"),
+    ("prune", "delete owned keys whose manifest is gone"),
+    ("allow_empty", "let --prune delete every owned key (an empty tasks tree)"),
+    ("force", "apply even if HEAD does not descend from the last applied commit"),
+    ("dry_run", "show the plan, write nothing (implies --once)"),
+    ("detailed_exitcode", "with --dry-run: exit 2 when changes are pending"),
+    ("full", "read and compare every manifest, not only those changed since the last apply"),
+    ("pull", "daemon: git fetch and fast-forward before each interval pass"),
+)
+
+ALL_FLAGS = (*flags.CONNECTION_FLAGS, *flags.LOG_FLAGS, *RECONCILE_FLAGS)
+
+
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 on a usage error, which would read as "changes pending".
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gleam-reconcile",
+        description="Keep etcd's Gleam task keys equal to the YAML manifests in a git checkout.",
+        allow_abbrev=False,
+    )
+    flags.add_flags(parser, ALL_FLAGS)
+    for name, help_text in SWITCHES:
+        spellings = list(
+            dict.fromkeys(
+                [
+                    f"-{name}",
+                    f"--{name}",
+                    f"--{name.replace('_', '-')}",
+                    f"-{name.replace('_', '-')}",
+                ]
+            )
+        )
+        parser.add_argument(*spellings, dest=name, action="store_true", help=help_text)
+    return parser
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the command line decided, validated."""
+
+    options: reconcile.Options
+    settings: connection.Settings
+    layout: Any
+    once: bool
+    output: str
+    wait: float | None
+    detailed_exitcode: bool
+    interval: float
+    full_every: int
+    debounce: float
+    pull: bool
+
+
+def _number(values: dict[str, str | None], name: str, *, integer: bool = False) -> float:
+    raw = values.get(name)
+    try:
+        value = int(raw or "") if integer else float(raw or "")
+    except ValueError:
+        raise flags.FlagError(f"-{name}: {raw!r} is not a number") from None
+    if value < 0 or (integer and value < 1):
+        raise flags.FlagError(f"-{name}: {raw!r} is out of range")
+    return value
+
+
+def parse(argv: Sequence[str] | None) -> Config:
+    args = build_parser().parse_args(argv)
+    values = flags.resolve(args, ALL_FLAGS)
+    output = (values.get("output") or "text").lower()
+    if output not in ("text", "json"):
+        raise flags.FlagError(f"-output: {output!r} is not text or json")
+    if args.detailed_exitcode and not args.dry_run:
+        raise flags.FlagError("--detailed-exitcode goes with --dry-run")
+    options = reconcile.Options(
+        repo=Path(values.get("repo") or "."),
+        prune=args.prune,
+        allow_empty=args.allow_empty,
+        force=args.force,
+        dry_run=args.dry_run,
+        full=args.full,
+        worktree=args.worktree,
+        lock_timeout=_number(values, "lock_timeout"),
+    )
+    flags.setup_logging(values, name="gleam-reconcile")
+    return Config(
+        options=options,
+        settings=flags.connection_settings(values),
+        layout=flags.layout(values),
+        once=args.once or args.dry_run,
+        output=output,
+        wait=_number(values, "wait") if values.get("wait") else None,
+        detailed_exitcode=args.detailed_exitcode,
+        interval=_number(values, "interval"),
+        full_every=int(_number(values, "full_every", integer=True)),
+        debounce=_number(values, "debounce"),
+        pull=args.pull,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse(argv)
+    except (UsageError, flags.FlagError, connection.ConfigError) as exc:
+        print(f"gleam-reconcile: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if config.once:
+        return run_once(config)
+    from reconciler import daemon  # watchdog and the loop are not needed for --once
+
+    return daemon.main(config)
+
+
+def _fail(config: Config, message: str) -> int:
+    if config.output == "json":
+        print(render.dumps(render.failure_json(message)))
+    else:
+        print(f"gleam-reconcile: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# The errors one pass can end with, turned into messages here and nowhere else.
+PASS_ERRORS: tuple[type[BaseException], ...] = (
+    reconcile.ReconcileError,
+    gitsource.GitError,
+    state.StateError,
+    sync.SyncError,
+)
+
+
+def run_once(config: Config) -> int:
+    try:
+        etcd = connection.connect(config.settings)
+    except connection.ETCD_ERRORS as exc:
+        return _fail(
+            config,
+            f"cannot connect to etcd at {config.settings.describe()}: "
+            f"{connection.describe_error(exc)}",
+        )
+    try:
+        return _pass(config, etcd)
+    finally:
+        etcd.close()
+
+
+def _pass(config: Config, etcd: Any) -> int:
+    try:
+        result = reconcile.run(etcd, config.layout, config.options)
+    except manifests.InvalidManifests as exc:
+        if config.output == "json":
+            print(render.dumps(render.errors_json(exc.errors)))
+        else:
+            for error in exc.errors:
+                print(str(error), file=sys.stderr)
+            print(
+                f"gleam-reconcile: {len(exc.errors)} error(s) in the manifests; nothing "
+                "was written.",
+                file=sys.stderr,
+            )
+        return EXIT_ERROR
+    except PASS_ERRORS as exc:
+        return _fail(config, str(exc))
+    except connection.ETCD_ERRORS as exc:
+        return _fail(
+            config, f"etcd at {config.settings.describe()}: {connection.describe_error(exc)}"
+        )
+
+    reports = None
+    status = EXIT_OK
+    if config.wait is not None and not result.dry_run:
+        if config.output == "text":
+            print(render.text(result), flush=True)
+        try:
+            reports = client.wait_for_results(
+                etcd, config.layout, result.revisions, timeout=config.wait
+            )
+        except connection.ETCD_ERRORS as exc:
+            return _fail(config, f"--wait: etcd: {connection.describe_error(exc)}")
+        if any(r.outcome is not client.Outcome.OK for r in reports):
+            status = EXIT_ERROR
+        if config.output == "text":
+            print("\n".join(render.report_lines(reports, timeout=config.wait)))
+        else:
+            print(render.dumps(render.as_json(result, reports=reports, ok=status == EXIT_OK)))
+        return status
+
+    if config.output == "json":
+        print(render.dumps(render.as_json(result)))
+    else:
+        print(render.text(result))
+    if result.dry_run and config.detailed_exitcode and result.plan.changes:
+        return EXIT_PENDING
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""One reconcile pass: read the desired state (git HEAD or the work tree), check the
+commit guard, read etcd, plan, apply in guarded transactions (planning again for keys
+someone changed meanwhile), and record what was applied.
+
+This module only sequences the steps; git is behind gitsource, etcd behind sync, and the
+decisions are the pure functions of manifests, diff and state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gleam import keys
+from reconciler import diff, gitsource, manifests, state, sync
+
+log = logging.getLogger("gleam.reconcile")
+
+MAX_ATTEMPTS = 5
+
+
+class ReconcileError(Exception):
+    """A pass that stopped before writing anything it should not; the text says why."""
+
+
+class GuardRefused(ReconcileError):
+    """HEAD does not descend from the recorded commit (or that cannot be checked)."""
+
+
+class PruneRefused(ReconcileError):
+    """--prune would delete every owned key."""
+
+
+class Conflict(ReconcileError):
+    """Keys kept changing under us; gave up after MAX_ATTEMPTS plans."""
+
+
+@dataclass(frozen=True)
+class Options:
+    repo: Path
+    prune: bool = False
+    allow_empty: bool = False
+    force: bool = False
+    dry_run: bool = False
+    full: bool = False
+    worktree: bool = False
+    lock_timeout: float = 60.0
+    lock_ttl: int = 30
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The desired state for the keys in scope (all keys when `scope` is None)."""
+
+    entries: dict[str, manifests.Manifest]
+    scope: frozenset[str] | None
+    source: str  # "commit" or "worktree"
+    commit: str | None
+    digest: str
+    total: int  # manifests in the whole tree
+    mode: str  # "full" or "incremental"
+
+    @property
+    def values(self) -> dict[str, bytes]:
+        return {key: m.value for key, m in self.entries.items()}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a pass saw and did, for rendering and exit codes."""
+
+    desired: Desired
+    previous: state.Record | None
+    plan: diff.Plan  # the first plan (what --dry-run shows)
+    applied: tuple[diff.Change, ...] = ()
+    revisions: dict[str, int] = field(default_factory=dict)
+    replans: int = 0
+    recorded: bool = False
+    dry_run: bool = False
+
+    @property
+    def changes(self) -> tuple[diff.Change, ...]:
+        """The changes to show: planned for a dry run, applied otherwise."""
+        return self.plan.changes if self.dry_run else self.applied
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {key: m.task.name for key, m in self.desired.entries.items()}
+
+
+# Desired state -------------------------------------------------------------------------
+
+
+def worktree_digest(values: Mapping[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(values):
+        h.update(key.encode("utf-8") + b"\0" + values[key] + b"\n")
+    return f"sha256:{h.hexdigest()}"
+
+
+def _entries(layout: keys.Layout, files: Any) -> dict[str, manifests.Manifest]:
+    loaded = manifests.load(files)
+    return {layout.task_key(target): m for target, m in loaded.items()}
+
+
+def read_desired(
+    layout: keys.Layout,
+    options: Options,
+    record: state.Record | None,
+    *,
+    source: gitsource.Source | None,
+) -> Desired:
+    """Desired state plus the commit guard. Raises manifests.InvalidManifests,
+    GuardRefused or gitsource.GitError before anything is written."""
+    if options.worktree:
+        snapshot = gitsource.read_worktree(options.repo)
+        entries = _entries(layout, snapshot.files)
+        head = None
+        if source is not None:
+            try:
+                head = source.head()
+            except gitsource.GitError:
+                head = None
+        return Desired(
+            entries=entries,
+            scope=None,
+            source="worktree",
+            commit=head,
+            digest=worktree_digest({k: m.value for k, m in entries.items()}),
+            total=len(entries),
+            mode="full",
+        )
+    assert source is not None
+    head = source.head()
+    recorded = record.commit if record is not None else None
+    incremental = False
+    if recorded is not None and not options.force:
+        try:
+            descends = recorded == head or source.is_ancestor(recorded, head)
+        except gitsource.GitError as exc:
+            raise GuardRefused(
+                f"cannot check that HEAD {source.describe(head)} descends from the recorded "
+                f"commit {recorded[:12]}: {exc}; use --force to apply anyway"
+            ) from None
+        if not descends:
+            raise GuardRefused(
+                f"HEAD {source.describe(head)} does not descend from the last applied commit "
+                f"{source.describe(recorded)}: refusing to go back (an older job finishing "
+                "after a newer one?); use --force to apply it anyway"
+            )
+        last = record.last if record is not None else None
+        incremental = (
+            not options.full
+            and last is not None
+            and last.from_git
+            and (last.pruned or not options.prune)
+        )
+    if not incremental or recorded is None or record is None or record.last is None:
+        snapshot = source.read_all(head)
+        entries = _entries(layout, snapshot.files)
+        return Desired(
+            entries=entries,
+            scope=None,
+            source="commit",
+            commit=head,
+            digest=f"git-tree:{snapshot.tree or 'none'}",
+            total=len(entries),
+            mode="full",
+        )
+    # Incremental: only the manifests that changed since the recorded commit. For each
+    # target touched, both spellings (.yaml, .yml) are read from HEAD, so a rename between
+    # them, or a duplicate, is seen whole.
+    changed = source.changed(recorded, head)
+    targets: dict[keys.Target, None] = {}
+    delta = 0
+    for entry in changed:
+        target = manifests.classify(entry.path)
+        if isinstance(target, keys.Target):
+            targets[target] = None
+            delta += {"A": 1, "D": -1}.get(entry.status, 0)
+        elif isinstance(target, manifests.ManifestError) and entry.status != "D":
+            raise manifests.InvalidManifests([target])
+    paths = [
+        f"{manifests.TASKS_DIR}/{dirname}/{t.name}{ext}"
+        for t in targets
+        for dirname, kind in manifests.KIND_DIRS.items()
+        if kind is t.kind
+        for ext in manifests.EXTENSIONS
+    ]
+    snapshot = source.read_paths(head, paths)
+    entries = _entries(layout, snapshot.files)
+    return Desired(
+        entries=entries,
+        scope=frozenset(layout.task_key(t) for t in targets),
+        source="commit",
+        commit=head,
+        digest=f"git-tree:{snapshot.tree or 'none'}",
+        total=record.last.keys + delta,
+        mode="incremental",
+    )
+
+
+# The pass ---------------------------------------------------------------------------------
+
+
+def _observe(etcd: Any, layout: keys.Layout, scope: frozenset[str] | None) -> sync.Observed:
+    return sync.read_all(etcd, layout) if scope is None else sync.read_keys(etcd, layout, scope)
+
+
+def _check_prune(
+    etcd: Any,
+    layout: keys.Layout,
+    plan: diff.Plan,
+    observed: sync.Observed,
+    options: Options,
+    *,
+    full: bool,
+) -> None:
+    removing = plan.count(diff.Action.DELETE) + plan.count(diff.Action.FORGET)
+    if not removing or options.allow_empty:
+        return
+    owned_total = len(observed.owned) if full else sync.count_owned(etcd, layout)
+    gaining = sum(
+        1
+        for c in plan.changes
+        if c.action is diff.Action.ADOPT or (c.action in diff.WRITES and not c.owned)
+    )
+    if owned_total - removing + gaining <= 0:
+        raise PruneRefused(
+            f"--prune would delete every key this reconciler owns ({removing}): the tasks "
+            "tree is empty or missing. Pass --allow-empty if that is really what you want"
+        )
+
+
+def run(
+    etcd: Any,
+    layout: keys.Layout,
+    options: Options,
+    *,
+    source: gitsource.Source | None = None,
+    desired: Desired | None = None,
+    before_apply: Callable[[diff.Plan], None] | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Result:
+    """One pass. `source` is the git checkout (None: opened from options.repo, or none
+    for a --worktree directory that is not a repository). `desired` may be passed by a
+    caller that already read it (the daemon's cache); `before_apply` is a test seam
+    called between the first plan and its apply."""
+    if source is None and not options.worktree:
+        source = gitsource.Source(options.repo)
+    elif source is None:
+        try:
+            source = gitsource.Source(options.repo)
+        except gitsource.GitError:
+            source = None
+    lock = None
+    if not options.dry_run:
+        lock = sync.Lock(etcd, layout, ttl=options.lock_ttl)
+        lock.acquire(timeout=options.lock_timeout)
+    try:
+        return _run_locked(
+            etcd,
+            layout,
+            options,
+            source=source,
+            desired=desired,
+            lock=lock,
+            before_apply=before_apply,
+            clock=clock,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    etcd: Any,
+    layout: keys.Layout,
+    options: Options,
+    *,
+    source: gitsource.Source | None,
+    desired: Desired | None,
+    lock: sync.Lock | None,
+    before_apply: Callable[[diff.Plan], None] | None,
+    clock: Callable[[], datetime],
+) -> Result:
+    record, record_revision = sync.read_record(etcd, layout)
+    if desired is None:
+        desired = read_desired(layout, options, record, source=source)
+    values = desired.values
+    scope = desired.scope
+    observed = _observe(etcd, layout, scope)
+    first = diff.plan(values, observed.actual, observed.owned, prune=options.prune)
+    _check_prune(etcd, layout, first, observed, options, full=scope is None)
+    if before_apply is not None:
+        before_apply(first)
+    if options.dry_run:
+        return Result(desired=desired, previous=record, plan=first, dry_run=True)
+
+    applied: list[diff.Change] = []
+    revisions: dict[str, int] = {}
+    current = first
+    replans = 0
+    while True:
+        if lock is not None and current:
+            lock.refresh()
+        written = sync.apply_changes(etcd, layout, current.changes, fence=lock)
+        applied += written.done
+        revisions.update(written.revisions)
+        if not written.conflicts:
+            break
+        replans += 1
+        if replans >= MAX_ATTEMPTS:
+            raise Conflict(
+                f"{len(written.conflicts)} key(s) kept changing while applying (e.g. "
+                f"{written.conflicts[0].key}); gave up after {MAX_ATTEMPTS} plans. "
+                f"{len(applied)} change(s) were applied"
+            )
+        conflict_keys = frozenset(c.key for c in written.conflicts)
+        log.info(
+            "%d key(s) changed since planning (e.g. %s): reading them again and re-planning",
+            len(conflict_keys),
+            min(conflict_keys),
+        )
+        observed = sync.read_keys(etcd, layout, conflict_keys)
+        current = diff.plan(
+            {k: v for k, v in values.items() if k in conflict_keys},
+            observed.actual,
+            observed.owned,
+            prune=options.prune,
+        )
+
+    recorded = False
+    last = record.last if record is not None else None
+    changed_state = (
+        bool(applied)
+        or last is None
+        or (last.source, last.commit, last.digest, last.pruned or not options.prune)
+        != (desired.source, desired.commit, desired.digest, True)
+    )
+    if changed_state:
+        entry = state.Apply(
+            source=desired.source,
+            commit=desired.commit,
+            time=clock().isoformat(timespec="seconds"),
+            keys=desired.total,
+            digest=desired.digest,
+            mode=desired.mode,
+            pruned=options.prune,
+        )
+        if not sync.write_record(
+            etcd, layout, state.after(record, entry), seen_revision=record_revision, fence=lock
+        ):
+            raise ReconcileError(
+                f"{state.applied_key(layout)} was changed by someone else during this apply "
+                "(another reconciler without the lock?); the keys are written, the record is not"
+            )
+        recorded = True
+    return Result(
+        desired=desired,
+        previous=record,
+        plan=first,
+        applied=tuple(applied),
+        revisions=revisions,
+        replans=replans,
+        recorded=recorded,
+    )

@@ -1,0 +1,137 @@
+"""The reconciler's own records under `<prefix>/meta/`: which task keys it owns, what
+it applied last, and the apply lock's key. Pure: key names and record codecs only (the
+etcd calls are in sync.py).
+
+- `<prefix>/meta/owned/node/<id>`, `<prefix>/meta/owned/region/<name>`: one small key
+  per owned task key (empty value). A key per key keeps every ownership change inside
+  the same transaction as the task write it describes, costs one keys-only range to read
+  10,000 of them (well under 1 MiB), and never grows one record past etcd's value limit.
+- `<prefix>/meta/applied`: a JSON record of the last apply and the nine before it.
+- `<prefix>/meta/lock`: held (bound to a lease) while a reconciler applies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gleam import keys, messages
+
+RECORD_VERSION = 1
+HISTORY = 10
+
+
+class StateError(ValueError):
+    """A meta record that cannot be read; the text says which and why."""
+
+
+def owned_prefix(layout: keys.Layout) -> str:
+    return f"{layout.meta_prefix}owned/"
+
+
+def owned_key(layout: keys.Layout, task_key: str) -> str:
+    """`/gleam/node/web-1` -> `/gleam/meta/owned/node/web-1`."""
+    return owned_prefix(layout) + task_key[len(layout.prefix) + 1 :]
+
+
+def task_key_of(layout: keys.Layout, owned: str) -> str | None:
+    """The task key an ownership record stands for, or None for a stray key."""
+    head = owned_prefix(layout)
+    if not owned.startswith(head):
+        return None
+    key = f"{layout.prefix}/{owned[len(head) :]}"
+    return key if layout.parse_task_key(key) is not None else None
+
+
+def applied_key(layout: keys.Layout) -> str:
+    return f"{layout.meta_prefix}applied"
+
+
+def lock_key(layout: keys.Layout) -> str:
+    return f"{layout.meta_prefix}lock"
+
+
+@dataclass(frozen=True)
+class Apply:
+    """One apply: where the desired state came from and what it held.
+
+    source is "commit" (git HEAD) or "worktree" (files as they were on disk; `commit` is
+    then the HEAD the work tree sat on, for information only). digest is `git-tree:<id>`
+    (the tree of tasks/ at that commit) or `sha256:<hex>` over the desired keys and
+    values for a work-tree apply. keys is the number of manifests."""
+
+    source: str
+    commit: str | None
+    time: str
+    keys: int
+    digest: str
+    mode: str = "full"  # full or incremental
+    # Whether this apply ran with --prune: after one that did not, owned keys may lack a
+    # manifest, and the next --prune run must look at every key (a full pass) to find them.
+    pruned: bool = False
+
+    @property
+    def from_git(self) -> bool:
+        return self.source == "commit"
+
+
+@dataclass(frozen=True)
+class Record:
+    """`<prefix>/meta/applied`. `commit` is the last commit applied from git: the commit
+    guard's reference, kept across work-tree applies. history[0] is the last apply."""
+
+    commit: str | None
+    history: tuple[Apply, ...]
+
+    @property
+    def last(self) -> Apply | None:
+        return self.history[0] if self.history else None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "version": RECORD_VERSION,
+            "commit": self.commit,
+            "history": [asdict(a) for a in self.history],
+        }
+        return messages.canonical_json(body).encode("utf-8")
+
+
+def after(previous: Record | None, applied: Apply) -> Record:
+    """The record once `applied` is done: newest first, at most HISTORY entries."""
+    history = (applied, *(previous.history if previous else ()))[:HISTORY]
+    commit = applied.commit if applied.from_git else (previous.commit if previous else None)
+    return Record(commit=commit, history=history)
+
+
+def decode(raw: bytes) -> Record:
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise TypeError("not a JSON object")
+        version = body.get("version")
+        if version != RECORD_VERSION:
+            raise StateError(
+                f"meta/applied has record version {version!r}; this gleam-reconcile "
+                f"reads version {RECORD_VERSION} (upgrade it, or --force)"
+            )
+        history = tuple(
+            Apply(
+                source=str(h["source"]),
+                commit=h.get("commit"),
+                time=str(h["time"]),
+                keys=int(h["keys"]),
+                digest=str(h["digest"]),
+                mode=str(h.get("mode", "full")),
+                pruned=bool(h.get("pruned", False)),
+            )
+            for h in body.get("history") or []
+        )
+        commit = body.get("commit")
+        if commit is not None and not isinstance(commit, str):
+            raise TypeError("commit is not a string")
+        return Record(commit=commit, history=history)
+    except StateError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StateError(f"meta/applied is not a valid record: {exc}") from None

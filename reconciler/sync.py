@@ -1,0 +1,349 @@
+"""Every etcd call the reconciler makes: reading what etcd holds, applying a plan in
+guarded transactions, the applied record, and the apply lock.
+
+Writes go in transactions of at most 128 operations and well under etcd's 1.5 MiB
+request limit. Every key a transaction touches is guarded by comparing its mod_revision
+with the one seen when planning (0 for a key that must not exist yet), and, while the
+apply lock is held, the lock key's create_revision too, so a reconciler that lost its
+lock cannot write. A failed guard writes nothing: the caller re-reads those keys and
+plans again. Batches are independent, so they are sent a few at a time in parallel (etcd
+commits concurrent proposals together, which saves most of the disk syncs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from gleam import keys
+from reconciler import diff, state
+
+log = logging.getLogger("gleam.reconcile")
+
+Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+MAX_TXN_BYTES = 1024 * 1024 + 256 * 1024  # below etcd's 1.5 MiB --max-request-bytes
+OP_OVERHEAD = 64  # protobuf framing per operation and compare, generously
+PARALLEL_TXNS = 4
+
+
+class SyncError(Exception):
+    """etcd refused or could not do what the reconciler needed; the text says what."""
+
+
+class LockTimeout(SyncError):
+    pass
+
+
+class LockLost(SyncError):
+    pass
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What etcd holds for the keys in scope."""
+
+    actual: dict[str, diff.Actual]
+    owned: dict[str, int]
+
+
+def _range_end(prefix: str) -> bytes:
+    raw = bytearray(prefix.encode("utf-8"))
+    raw[-1] += 1  # prefixes here end in "/", never 0xff
+    return bytes(raw)
+
+
+# Reading ----------------------------------------------------------------------------
+
+
+def read_record(etcd: Etcd, layout: keys.Layout) -> tuple[state.Record | None, int]:
+    """The applied record and its mod_revision (None, 0 when there is none)."""
+    value, meta = etcd.get(state.applied_key(layout))
+    if value is None:
+        return None, 0
+    return state.decode(value), int(meta.mod_revision)
+
+
+def read_all(etcd: Etcd, layout: keys.Layout) -> Observed:
+    """Every task key and ownership record under the prefix, at one revision."""
+    t = etcd.transactions
+    ranges = [
+        layout.tasks_prefix(keys.Kind.NODE),
+        layout.tasks_prefix(keys.Kind.REGION),
+        state.owned_prefix(layout),
+    ]
+    ok, responses = etcd.transaction(
+        compare=[], success=[t.get(p, _range_end(p)) for p in ranges], failure=[]
+    )
+    actual: dict[str, diff.Actual] = {}
+    for kvs in responses[:2]:
+        for value, meta in kvs:
+            key = meta.key.decode("utf-8", "surrogateescape")
+            if layout.parse_task_key(key) is not None:
+                actual[key] = diff.Actual(value, int(meta.mod_revision))
+    owned: dict[str, int] = {}
+    for _value, meta in responses[2]:
+        task_key = state.task_key_of(layout, meta.key.decode("utf-8", "surrogateescape"))
+        if task_key is not None:
+            owned[task_key] = int(meta.mod_revision)
+    return Observed(actual=actual, owned=owned)
+
+
+def read_keys(etcd: Etcd, layout: keys.Layout, task_keys: Iterable[str]) -> Observed:
+    """The named task keys and their ownership records (a few transactions of gets)."""
+    t = etcd.transactions
+    wanted = sorted(set(task_keys))
+    actual: dict[str, diff.Actual] = {}
+    owned: dict[str, int] = {}
+    step = MAX_TXN_OPS // 2
+    for start in range(0, len(wanted), step):
+        chunk = wanted[start : start + step]
+        ops = []
+        for key in chunk:
+            ops += [t.get(key), t.get(state.owned_key(layout, key))]
+        _ok, responses = etcd.transaction(compare=[], success=ops, failure=[])
+        for index, key in enumerate(chunk):
+            for value, meta in responses[2 * index]:
+                actual[key] = diff.Actual(value, int(meta.mod_revision))
+            for _value, meta in responses[2 * index + 1]:
+                owned[key] = int(meta.mod_revision)
+    return Observed(actual=actual, owned=owned)
+
+
+def count_owned(etcd: Etcd, layout: keys.Layout) -> int:
+    response = etcd.get_prefix_response(state.owned_prefix(layout), count_only=True)
+    return int(response.count)
+
+
+# Writing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Written:
+    """The outcome of sending a plan's changes: those committed, the revision each
+    written task key got, and those whose guard failed (nothing of theirs written)."""
+
+    done: tuple[diff.Change, ...]
+    revisions: dict[str, int]
+    conflicts: tuple[diff.Change, ...]
+
+
+def _cost(change: diff.Change) -> tuple[int, int]:
+    """(operations, bytes) a change adds to a transaction; two compares each."""
+    ops = {
+        diff.Action.CREATE: 1 if change.owned else 2,
+        diff.Action.UPDATE: 1 if change.owned else 2,
+        diff.Action.ADOPT: 1,
+        diff.Action.DELETE: 2,
+        diff.Action.FORGET: 1,
+    }[change.action]
+    size = 2 * (2 * len(change.key) + 20 + OP_OVERHEAD) + len(change.new or b"")
+    return ops, size
+
+
+def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[diff.Change]]:
+    """Split changes into transactions of at most MAX_TXN_OPS operations and compares
+    (keeping `reserved` of each for the lock and the record) and MAX_TXN_BYTES."""
+    out: list[list[diff.Change]] = []
+    current: list[diff.Change] = []
+    ops = compares = size = 0
+    limit = MAX_TXN_OPS - reserved
+    for change in changes:
+        c_ops, c_size = _cost(change)
+        if current and (
+            ops + c_ops > limit or compares + 2 > limit or size + c_size > MAX_TXN_BYTES - 4096
+        ):
+            out.append(current)
+            current, ops, compares, size = [], 0, 0, 0
+        current.append(change)
+        ops += c_ops
+        compares += 2
+        size += c_size
+    if current:
+        out.append(current)
+    return out
+
+
+def _txn_parts(etcd: Etcd, layout: keys.Layout, change: diff.Change) -> tuple[list[Any], list[Any]]:
+    t = etcd.transactions
+    owned = state.owned_key(layout, change.key)
+    compares = [t.mod(change.key) == change.mod_revision, t.mod(owned) == change.owned_revision]
+    ops: list[Any] = []
+    action = change.action
+    if action in diff.WRITES:
+        ops.append(t.put(change.key, change.new))
+        if not change.owned:
+            ops.append(t.put(owned, b""))
+    elif action is diff.Action.ADOPT:
+        ops.append(t.put(owned, b""))
+    elif action is diff.Action.DELETE:
+        ops += [t.delete(change.key), t.delete(owned)]
+    else:  # FORGET
+        ops.append(t.delete(owned))
+    return compares, ops
+
+
+def apply_changes(
+    etcd: Etcd,
+    layout: keys.Layout,
+    changes: Sequence[diff.Change],
+    *,
+    fence: Lock | None = None,
+    parallel: int = PARALLEL_TXNS,
+) -> Written:
+    """Send the changes in guarded transactions; see the module docstring."""
+
+    def send(batch: list[diff.Change]) -> tuple[list[diff.Change], bool, int]:
+        compares: list[Any] = [fence.compare()] if fence is not None else []
+        ops: list[Any] = []
+        for change in batch:
+            c, o = _txn_parts(etcd, layout, change)
+            compares += c
+            ops += o
+        ok, responses = etcd.transaction(compare=compares, success=ops, failure=[])
+        revision = 0
+        if ok:
+            for response in responses:
+                if response.HasField("response_put"):
+                    revision = int(response.response_put.header.revision)
+                    break
+                if response.HasField("response_delete_range"):
+                    revision = int(response.response_delete_range.header.revision)
+                    break
+        return batch, bool(ok), revision
+
+    done: list[diff.Change] = []
+    conflicts: list[diff.Change] = []
+    revisions: dict[str, int] = {}
+    groups = batches(changes)
+    if len(groups) <= 1 or parallel <= 1:
+        results = [send(g) for g in groups]
+    else:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
+            results = list(pool.map(send, groups))
+    for batch, ok, revision in results:
+        if ok:
+            done += batch
+            for change in batch:
+                if change.action in diff.WRITES:
+                    revisions[change.key] = revision
+        else:
+            conflicts += batch
+    if conflicts and fence is not None and not fence.held():
+        raise LockLost(
+            f"lost the apply lock {fence.key} (lease expired?); "
+            f"{len(done)} change(s) were applied before that"
+        )
+    return Written(done=tuple(done), revisions=revisions, conflicts=tuple(conflicts))
+
+
+def write_record(
+    etcd: Etcd,
+    layout: keys.Layout,
+    record: state.Record,
+    *,
+    seen_revision: int,
+    fence: Lock | None = None,
+) -> bool:
+    """Write the applied record if nobody else wrote it since we read it."""
+    t = etcd.transactions
+    key = state.applied_key(layout)
+    compares = [t.mod(key) == seen_revision]
+    if fence is not None:
+        compares.append(fence.compare())
+    ok, _ = etcd.transaction(compare=compares, success=[t.put(key, record.encode())], failure=[])
+    return bool(ok)
+
+
+# The apply lock -------------------------------------------------------------------------
+
+
+class Lock:
+    """`<prefix>/meta/lock`, held by one reconciler (CI job or daemon) while it plans
+    and applies, bound to a lease so a crashed holder frees it after `ttl` seconds.
+    Created with a compare on create_revision == 0: at most one holder at a time."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        layout: keys.Layout,
+        *,
+        ttl: int = 30,
+        holder: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.etcd = etcd
+        self.key = state.lock_key(layout)
+        self.ttl = ttl
+        self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
+        self.revision = 0
+        self._lease: Any = None
+        self._clock = clock
+        self._sleep = sleep
+
+    def acquire(self, *, timeout: float, poll: float = 0.1) -> None:
+        """Take the lock, waiting up to `timeout` seconds; LockTimeout names the holder."""
+        t = self.etcd.transactions
+        deadline = self._clock() + timeout
+        self._lease = self.etcd.lease(self.ttl)
+        holder = b""
+        while True:
+            ok, responses = self.etcd.transaction(
+                compare=[t.create(self.key) == 0],
+                success=[t.put(self.key, self.holder.encode("utf-8"), lease=self._lease)],
+                failure=[t.get(self.key)],
+            )
+            if ok:
+                self.revision = int(responses[0].response_put.header.revision)
+                return
+            if responses and responses[0]:
+                holder = responses[0][0][0]
+            if self._clock() >= deadline:
+                self._revoke()
+                raise LockTimeout(
+                    f"{self.key} is held by {holder.decode('utf-8', 'replace') or 'someone'}; "
+                    f"gave up after {timeout:g}s"
+                )
+            self._sleep(poll)
+
+    def compare(self) -> Any:
+        """A transaction compare that holds only while this lock is ours."""
+        return self.etcd.transactions.create(self.key) == self.revision
+
+    def held(self) -> bool:
+        _value, meta = self.etcd.get(self.key)
+        return meta is not None and int(meta.create_revision) == self.revision
+
+    def refresh(self) -> None:
+        if self._lease is not None:
+            for _ in self.etcd.refresh_lease(self._lease.id):
+                break
+
+    def release(self) -> None:
+        """Delete the key if it is still ours, and revoke the lease (best effort: the
+        lease's expiry frees the lock anyway)."""
+        if self.revision:
+            t = self.etcd.transactions
+            self.etcd.transaction(
+                compare=[t.create(self.key) == self.revision],
+                success=[t.delete(self.key)],
+                failure=[],
+            )
+            self.revision = 0
+        self._revoke()
+
+    def _revoke(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            try:
+                self.etcd.revoke_lease(lease.id)
+            except Exception as exc:  # noqa: BLE001 - best effort; the TTL frees it
+                log.debug("could not revoke lock lease: %s", exc)

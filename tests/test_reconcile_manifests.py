@@ -1,0 +1,126 @@
+"""Manifests: paths to targets, YAML to canonical messages, every error with file and line."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gleam import keys
+from reconciler import manifests
+
+
+def load(files: dict[str, str]) -> dict[keys.Target, manifests.Manifest]:
+    return manifests.load((p, t.encode()) for p, t in files.items())
+
+
+def errors_of(files: dict[str, str]) -> list[str]:
+    with pytest.raises(manifests.InvalidManifests) as info:
+        load(files)
+    return [str(e) for e in info.value.errors]
+
+
+def test_paths_map_to_targets() -> None:
+    assert manifests.classify("tasks/nodes/web-1.yaml") == keys.Target.node("web-1")
+    assert manifests.classify("tasks/regions/eu.yml") == keys.Target.region("eu")
+    assert manifests.classify("tasks/README.md") is None
+    assert manifests.classify("docs/x.yaml") is None
+    nested = manifests.classify("tasks/nodes/eu/web-1.yaml")
+    assert isinstance(nested, manifests.ManifestError)
+    bad = manifests.classify("tasks/nodes/.hidden.yaml")
+    assert isinstance(bad, manifests.ManifestError) and "file name" in bad.message
+
+
+def test_a_manifest_becomes_the_canonical_message() -> None:
+    loaded = load({"tasks/nodes/web-1.yaml": "name: config::sync\ndata:\n  path: /etc/a\n  n: 2\n"})
+    m = loaded[keys.Target.node("web-1")]
+    assert m.value == b'{"Data":{"n":2,"path":"/etc/a"},"Name":"config::sync"}'
+    # Key order and layout in the YAML do not change the bytes.
+    again = load({"tasks/nodes/web-1.yaml": "data: {n: 2, path: /etc/a}\nname: config::sync\n"})
+    assert again[keys.Target.node("web-1")].value == m.value
+
+
+def test_data_is_optional_and_dates_stay_strings() -> None:
+    loaded = load(
+        {
+            "tasks/regions/eu.yaml": "name: print\n",
+            "tasks/nodes/a.yaml": "name: print\ndata: 2024-05-01\n",
+        }
+    )
+    assert loaded[keys.Target.region("eu")].value == b'{"Data":null,"Name":"print"}'
+    assert loaded[keys.Target.node("a")].task.data == "2024-05-01"
+
+
+def test_every_error_of_every_file_is_reported_with_file_and_line() -> None:
+    errors = errors_of(
+        {
+            "tasks/nodes/a.yaml": "name: print\ndata:\n  x: 1\nnmae: typo\n",
+            "tasks/nodes/b.yaml": "data: 1\n",
+            "tasks/nodes/c.yaml": "name: print\ndata: [1, 2\n",
+            "tasks/nodes/d.yaml": "name: ../evil\n",
+            "tasks/nodes/e.yaml": "",
+            "tasks/regions/ok.yaml": "name: print\n",
+            "tasks/regions/f.yaml": "- name: print\n",
+            "tasks/regions/g.yaml": "name: 3\n",
+        }
+    )
+    assert (
+        errors[0]
+        == "tasks/nodes/a.yaml:4: unknown key 'nmae' (a manifest has `name` and `data` only)"
+    )
+    assert errors[1].startswith("tasks/nodes/b.yaml:1: `name:` is missing")
+    assert errors[2].startswith("tasks/nodes/c.yaml:3: not valid YAML")
+    assert errors[3].startswith("tasks/nodes/d.yaml:1: function name '../evil' is invalid")
+    assert errors[4].startswith("tasks/nodes/e.yaml: manifest is empty")
+    assert errors[5].startswith("tasks/regions/f.yaml:1: a manifest is a mapping")
+    assert errors[6].startswith("tasks/regions/g.yaml:1: name: 3 is not of type 'string'")
+    assert len(errors) == 7
+
+
+def test_two_files_for_one_target_and_non_json_data_are_errors() -> None:
+    errors = errors_of(
+        {
+            "tasks/nodes/a.yaml": "name: print\n",
+            "tasks/nodes/a.yml": "name: print\n",
+            "tasks/nodes/b.yaml": "name: print\ndata: .nan\n",
+            "tasks/nodes/c.yaml": "name: print\ndata: !!binary aGVsbG8=\n",
+        }
+    )
+    assert "tasks/nodes/a.yaml already defines node/a" in errors[0]
+    assert errors[1].startswith("tasks/nodes/b.yaml:2:") and ".nan" in errors[1]
+    assert errors[2].startswith("tasks/nodes/c.yaml:2:") and "JSON" in errors[2]
+
+
+# The quick shape check accepts exactly what the JSON Schema accepts. ---------------------
+
+scalar = st.none() | st.booleans() | st.integers() | st.text(max_size=6)
+name_st = st.sampled_from(
+    ["print", "config::sync", "a_b-c::d", "", "::", "a::", "a b", "a.b", "../x", "é"]
+) | st.text(max_size=8)
+doc_st = st.one_of(
+    scalar,
+    st.lists(scalar, max_size=2),
+    st.dictionaries(
+        st.sampled_from(["name", "data", "nmae", "Name", "extra"]),
+        name_st | scalar | st.lists(scalar, max_size=2),
+        max_size=3,
+    ),
+)
+
+
+@given(doc_st)
+def test_quick_check_agrees_with_the_schema(doc: object) -> None:
+    schema_ok = manifests.validator().is_valid(doc)
+    quick_ok = manifests._quick_valid(doc)
+    if quick_ok:
+        assert schema_ok
+    elif schema_ok:
+        # The only difference allowed: Python's `$` in the schema's pattern lets a name
+        # end in "\n", which the shared key rules refuse (and the error says so).
+        assert isinstance(doc, dict) and doc["name"].endswith("\n")
+
+
+def test_schema_file_is_a_valid_schema_that_rejects_unknown_keys() -> None:
+    v = manifests.validator()
+    assert v.is_valid({"name": "print", "data": {"any": ["json"]}})
+    assert not v.is_valid({"name": "print", "extra": 1})

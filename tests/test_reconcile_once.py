@@ -1,0 +1,300 @@
+"""gleam-reconcile --once against a real etcd and real git repositories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gleam import keys
+from gleam.embedded import EtcdServer
+from reconciler import diff, reconcile, state, sync
+from tests.reconcile_support import OpsRepo, revisions, run_cli, values
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> OpsRepo:
+    r = OpsRepo(tmp_path / "ops")
+    r.node("web-1", "print", "data:\n  msg: hello\n")
+    r.region("eu", "config::sync", "data:\n  path: /etc/app.conf\n")
+    r.commit("first")
+    return r
+
+
+def test_first_apply_writes_canonical_messages_ownership_and_the_record(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0, err
+    assert f"+ {layout.prefix}/node/web-1  print" in out
+    assert f"+ {layout.prefix}/region/eu  config::sync" in out
+    assert "2 created, 0 updated, 0 deleted" in out
+    got = values(etcd, layout.prefix + "/")
+    assert got[layout.node_key("web-1")] == b'{"Data":{"msg":"hello"},"Name":"print"}'
+    assert (
+        got[layout.region_key("eu")] == b'{"Data":{"path":"/etc/app.conf"},"Name":"config::sync"}'
+    )
+    assert set(values(etcd, state.owned_prefix(layout))) == {
+        f"{layout.prefix}/meta/owned/node/web-1",
+        f"{layout.prefix}/meta/owned/region/eu",
+    }
+    record = state.decode(got[state.applied_key(layout)])
+    assert record.commit == repo.head()
+    assert record.last is not None and record.last.keys == 2
+    assert record.last.digest == "git-tree:" + repo.git("rev-parse", "HEAD:tasks")
+    # The lock was released.
+    assert state.lock_key(layout) not in got
+
+
+def test_update_writes_only_what_changed_and_says_what_changed_in_the_data(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    before = revisions(etcd, layout.prefix + "/")
+    repo.region("eu", "config::sync", "data:\n  path: /etc/other.conf\n")
+    repo.commit("move the file")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0, err
+    assert f"~ {layout.prefix}/region/eu  config::sync" in out
+    assert 'data.path: "/etc/app.conf" -> "/etc/other.conf"' in out
+    assert "incremental pass" in out
+    after = revisions(etcd, layout.prefix + "/")
+    assert after[layout.node_key("web-1")] == before[layout.node_key("web-1")]
+    assert after[layout.region_key("eu")] > before[layout.region_key("eu")]
+    # A second run has nothing to do and writes nothing at all.
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0 and "No changes" in out
+    assert revisions(etcd, layout.prefix + "/") == after
+
+
+def test_prune_deletes_only_owned_keys_and_never_hand_written_ones(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    etcd.put(layout.node_key("by-hand"), b'{"Name":"print","Data":1}')
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    repo.remove("tasks/nodes/web-1.yaml")
+    repo.commit("retire web-1")
+
+    # Without --prune the key stays, and the output says so.
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0
+    assert "1 owned key(s) have no manifest" in out and layout.node_key("web-1") in out
+    assert layout.node_key("web-1") in values(etcd, layout.prefix + "/node/")
+
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune")
+    assert code == 0, err
+    assert f"- {layout.prefix}/node/web-1  print" in out
+    left = values(etcd, layout.prefix + "/")
+    assert layout.node_key("web-1") not in left
+    assert f"{layout.prefix}/meta/owned/node/web-1" not in left
+    assert left[layout.node_key("by-hand")] == b'{"Name":"print","Data":1}'
+    assert layout.region_key("eu") in left
+
+
+def test_pruning_every_owned_key_is_refused_unless_allow_empty(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    repo.git("rm", "-q", "-r", "tasks")
+    repo.commit("oops, everything gone")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune")
+    assert code == 1
+    assert "--allow-empty" in err
+    assert len(values(etcd, layout.prefix + "/node/")) == 1  # nothing deleted
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune", "--allow-empty")
+    assert code == 0, err
+    assert values(etcd, layout.prefix + "/node/") == {}
+    assert values(etcd, layout.prefix + "/region/") == {}
+    assert values(etcd, state.owned_prefix(layout)) == {}
+
+
+def test_invalid_manifests_write_nothing_and_every_error_is_printed(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    repo.write("tasks/nodes/web-2.yaml", "name: print\ndata: 1\nextra: no\n")
+    repo.write("tasks/regions/us.yaml", "name: [not, a, name]\n")
+    repo.commit("two bad files")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 1
+    assert "tasks/nodes/web-2.yaml:3: unknown key 'extra'" in err
+    assert "tasks/regions/us.yaml:1: name: ['not', 'a', 'name'] is not of type 'string'" in err
+    assert "nothing was written" in err
+    assert values(etcd, layout.prefix + "/") == {}
+
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--output", "json")
+    body = json.loads(out)
+    assert code == 1 and body["version"] == 1 and body["ok"] is False
+    assert {(e["file"], e["line"]) for e in body["errors"]} == {
+        ("tasks/nodes/web-2.yaml", 3),
+        ("tasks/regions/us.yaml", 1),
+    }
+
+
+def test_commit_guard_refuses_a_commit_that_does_not_descend_from_the_applied_one(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    base = repo.head()
+    repo.git("checkout", "-q", "-b", "newer")
+    repo.node("web-1", "print", "data:\n  msg: newer\n")
+    newer = repo.commit("newer change")
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+
+    # An older job, on a branch that does not contain the applied commit, finishes late.
+    repo.git("checkout", "-q", "-b", "older", base)
+    repo.node("web-1", "print", "data:\n  msg: older\n")
+    older = repo.commit("older change")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 1
+    assert older[:12] in err and newer[:12] in err and "--force" in err
+    assert b"newer" in values(etcd, layout.node_key("web-1"))[layout.node_key("web-1")]
+
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--force")
+    assert code == 0, err
+    assert b"older" in values(etcd, layout.node_key("web-1"))[layout.node_key("web-1")]
+    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    assert [h.commit for h in record.history] == [older, newer]
+
+
+def test_a_writer_between_plan_and_apply_makes_the_reconciler_plan_again(
+    etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    repo.node("web-2", "print")
+    repo.commit("add web-2")
+    web1, web2 = layout.node_key("web-1"), layout.node_key("web-2")
+    etcd.put(web1, b"old")
+
+    def meddle(plan: diff.Plan) -> None:
+        assert {c.key for c in plan.changes} >= {web1, web2}
+        etcd.put(web1, b'{"Name":"print","Data":"meddled"}')  # changed after planning
+        etcd.put(web2, b'{"Data":null,"Name":"print"}')  # created, already as wanted
+
+    result = reconcile.run(etcd, layout, reconcile.Options(repo=repo.path), before_apply=meddle)
+    assert result.replans == 1
+    got = values(etcd, layout.prefix + "/node/")
+    assert got[web1] == b'{"Data":{"msg":"hello"},"Name":"print"}'
+    assert got[web2] == b'{"Data":null,"Name":"print"}'
+    actions = {c.key: c.action for c in result.applied}
+    assert actions[web1] is diff.Action.UPDATE
+    assert actions[web2] is diff.Action.ADOPT  # re-planned: nothing to write but ownership
+    owned = values(etcd, state.owned_prefix(layout))
+    assert f"{layout.prefix}/meta/owned/node/web-2" in owned
+
+
+def test_more_than_128_changes_go_in_several_guarded_transactions(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, tmp_path: Path
+) -> None:
+    repo = OpsRepo(tmp_path / "big")
+    for i in range(300):
+        repo.node(f"n{i:03d}", "print", f"data:\n  i: {i}\n")
+    repo.commit("300 nodes")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0, err
+    assert "300 created" in out
+    revs = revisions(etcd, layout.prefix + "/node/")
+    assert len(revs) == 300
+    assert len(set(revs.values())) >= 300 * 2 // sync.MAX_TXN_OPS  # one revision per txn
+    for batch in sync.batches([diff.Change(diff.Action.CREATE, k, new=b"x" * 10) for k in revs]):
+        assert 2 * len(batch) <= sync.MAX_TXN_OPS - 1
+
+
+def test_batches_respect_the_request_size_limit() -> None:
+    big = b"x" * (300 * 1024)
+    changes = [diff.Change(diff.Action.CREATE, f"/g/node/n{i}", new=big) for i in range(10)]
+    groups = sync.batches(changes)
+    assert sum(len(g) for g in groups) == 10
+    for group in groups:
+        assert sum(len(c.new or b"") for c in group) < sync.MAX_TXN_BYTES
+
+
+def test_dry_run_writes_nothing_and_detailed_exitcode_says_changes_are_pending(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    args = ("--dry-run", "--detailed-exitcode")
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, *args)
+    assert code == 2 and "2 to create" in out and "Dry run: nothing written" in out
+    assert values(etcd, layout.prefix + "/") == {}
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--dry-run")
+    assert code == 0
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, *args)
+    assert code == 0 and "Nothing to do" in out
+
+
+def test_json_output_is_versioned_and_lists_the_changes(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "-output", "json")
+    body = json.loads(out)
+    assert code == 0 and body["version"] == 1 and body["ok"] is True
+    assert body["commit"] == repo.head() and body["mode"] == "full"
+    assert body["summary"]["create"] == 2
+    created = {c["key"]: c for c in body["changes"]}
+    written = revisions(etcd, layout.prefix + "/node/")
+    assert created[layout.node_key("web-1")]["revision"] == written[layout.node_key("web-1")]
+
+
+def test_an_unowned_key_already_as_wanted_is_adopted_and_then_prunable(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    etcd.put(layout.node_key("web-1"), b'{"Data":{"msg":"hello"},"Name":"print"}')
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0 and "now owned" in out and "1 adopted" in out
+    repo.remove("tasks/nodes/web-1.yaml")
+    repo.commit("gone")
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune")[0] == 0
+    assert layout.node_key("web-1") not in values(etcd, layout.prefix + "/node/")
+
+
+def test_incremental_pass_skips_unchanged_manifests_and_full_puts_back_drift(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    etcd.put(layout.region_key("eu"), b'{"Name":"print","Data":"drift"}')
+    repo.node("web-1", "print", "data:\n  msg: bye\n")
+    repo.commit("change web-1 only")
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0 and "incremental pass" in out and "1 updated" in out
+    assert b"drift" in values(etcd, layout.region_key("eu"))[layout.region_key("eu")]
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--full")
+    assert code == 0 and "full pass" in out and f"~ {layout.region_key('eu')}" in out
+    assert b"drift" not in values(etcd, layout.region_key("eu"))[layout.region_key("eu")]
+
+
+def test_renaming_yaml_to_yml_in_an_incremental_pass_keeps_the_key(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    repo.git("mv", "tasks/nodes/web-1.yaml", "tasks/nodes/web-1.yml")
+    repo.commit("rename")
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune")
+    assert code == 0 and "No changes" in out
+    assert layout.node_key("web-1") in values(etcd, layout.prefix + "/node/")
+
+
+def test_worktree_reads_uncommitted_files_and_the_next_commit_run_is_full(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    repo.node("web-1", "print", "data:\n  msg: trying\n")  # not committed
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--worktree")
+    assert code == 0 and "the work tree" in out and "1 updated" in out
+    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    assert record.last is not None and record.last.source == "worktree"
+    assert record.commit == repo.head()  # the guard's reference is still the last commit
+    # Back to git: HEAD is the truth again, read in full because etcd held the work tree.
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0 and "full pass" in out and "1 updated" in out
+    assert b"hello" in values(etcd, layout.node_key("web-1"))[layout.node_key("web-1")]
+
+
+def test_bad_flags_and_unreachable_etcd_exit_1(
+    capsys: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    code, _, err = run_cli(capsys, "http://127.0.0.1:1", layout, repo, "--output", "yaml")
+    assert code == 1 and "-output" in err
+    code, _, err = run_cli(capsys, "http://127.0.0.1:1", layout, repo, "--bogus")
+    assert code == 1
+    code, _, err = run_cli(capsys, "http://127.0.0.1:1", layout, repo, "-lock_timeout", "1")
+    assert code == 1 and "etcd" in err
