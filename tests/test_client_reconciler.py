@@ -1,0 +1,98 @@
+"""gleam-client status shows where task keys came from: a real gleam-reconcile run
+(subprocess) on a real git repository, against a real etcd."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gleam import cli, keys
+from gleam.embedded import EtcdServer
+from tests.support import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.strip()
+
+
+def make_repo(root: Path) -> tuple[Path, str]:
+    repo = root / "ops"
+    (repo / "tasks" / "nodes").mkdir(parents=True)
+    (repo / "tasks" / "regions").mkdir(parents=True)
+    (repo / "tasks" / "nodes" / "web-1.yaml").write_text(
+        "name: print\ndata:\n  x: 1\n", encoding="utf-8"
+    )
+    (repo / "tasks" / "regions" / "eu.yaml").write_text("name: print\n", encoding="utf-8")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "ops")
+    return repo, git(repo, "rev-parse", "HEAD")
+
+
+def test_status_shows_the_commit_the_reconciler_applied_and_hand_written_keys(
+    etcd_server: EtcdServer,
+    layout: keys.Layout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("ETCD", "PREFIX", "CONFIG"):
+        monkeypatch.delenv(f"GLEAM_{name}", raising=False)
+    repo, sha = make_repo(tmp_path)
+    connect = ["-etcd", etcd_server.endpoint, "-prefix", layout.prefix]
+    applied = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", *connect, "-repo", str(repo), "-once"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+
+    def client(*argv: str) -> tuple[int, Any]:
+        capsys.readouterr()
+        code = cli.main([*connect, *argv])
+        out, _ = capsys.readouterr()
+        return code, out
+
+    assert client("call", "node/by-hand", "print")[0] == 0
+    code, out = client("status", "--output", "json")
+    doc = json.loads(out)
+    assert code == 0  # no live agent: nothing targeted, nothing failed or pending
+    assert doc["applied_commit"] == sha
+    origin = {t["key"]: (t["commit"], t["owner"]) for t in doc["tasks"]}
+    assert origin == {
+        layout.node_key("by-hand"): (None, None),
+        layout.node_key("web-1"): (sha, "reconciler"),
+        layout.region_key("eu"): (sha, "reconciler"),
+    }
+    _, text = client("status")
+    commits = {
+        line.split()[0]: line.split()[3]
+        for line in text.splitlines()
+        if line.startswith(layout.prefix)
+    }
+    assert commits[layout.node_key("web-1")] == sha[:12]
+    assert commits[layout.node_key("by-hand")] == "-"
+    assert f"reconciler applied {sha[:12]}" in text.splitlines()[0]
+
+    # a key the reconciler owns, changed by hand since: its commit is no longer known
+    assert client("call", "node/web-1", "print", '{"x": 2}')[0] == 0
+    _, text = client("status")
+    commits = {
+        line.split()[0]: line.split()[3]
+        for line in text.splitlines()
+        if line.startswith(layout.prefix)
+    }
+    assert commits[layout.node_key("web-1")] == "?"
+    assert commits[layout.region_key("eu")] == sha[:12]
