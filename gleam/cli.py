@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import pyetcd.exceptions
+
 from gleam import client, connection, flags, keys, messages, render, status, targeting
 from gleam.version import VERSION
 
@@ -329,11 +331,25 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         finally:
             etcd.close()
     except connection.ETCD_ERRORS as exc:
-        print(
-            f"{PROG}: etcd at {settings.describe()} failed: {connection.describe_error(exc)}",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: {etcd_failure(settings, exc)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+# What pyetcd raises when no endpoint answers (its own classes, or gRPC's UNAVAILABLE).
+_UNREACHABLE = (
+    pyetcd.exceptions.ConnectionFailedError,
+    pyetcd.exceptions.ConnectionTimeoutError,
+    pyetcd.exceptions.NoServerAvailableError,
+)
+
+
+def etcd_failure(settings: connection.Settings, exc: BaseException) -> str:
+    """One line naming the endpoints: unreachable, or what etcd answered."""
+    code = getattr(exc, "code", None)
+    unavailable = callable(code) and getattr(code(), "name", "") == "UNAVAILABLE"
+    if isinstance(exc, _UNREACHABLE) or unavailable:
+        return f"cannot reach etcd at {settings.describe()} ({connection.describe_error(exc)})"
+    return f"etcd at {settings.describe()} failed: {connection.describe_error(exc)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -225,7 +225,7 @@ def test_etcd_unreachable_is_one_line_naming_the_endpoint(run: Cli, layout: keys
     for argv in (["status"], ["info"], ["-target", "node/a", "-fn", "print"]):
         code, out, err = run("-etcd", endpoint, "-prefix", layout.prefix, *argv, connect=False)
         assert code == 1 and out == ""
-        assert err.startswith(f"gleam-client: etcd at {endpoint} failed:")
+        assert err.startswith(f"gleam-client: cannot reach etcd at {endpoint} (")
         assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
