@@ -1,0 +1,108 @@
+"""What every workload shares: the sizes of a run, the run's context (etcd, work
+directory, scripts), and waiting for agents to register."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.processes import BenchError, Daemon, MarkerLines
+from gleam import keys
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+NOOP = "bench::noop"
+MARK = "bench::mark"
+ECHO = "bench::echo"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is. FULL is what the issue's targets are stated for."""
+
+    name: str
+    reconcile: tuple[int, ...]
+    reconcile_baseline: int
+    dispatch_tasks: int
+    fanout_agents: int
+    throughput_tasks: int
+    commits: int
+    commit_repo: int
+    reps: int
+
+
+FULL = Sizes("full", (1000, 10000), 1000, 500, 100, 1000, 15, 1000, reps=5)
+QUICK = Sizes("quick", (200, 1000), 100, 100, 20, 300, 5, 200, reps=3)
+# For the smoke test: every code path, tiny sizes, seconds per workload.
+SMOKE = Sizes("smoke", (20,), 10, 5, 3, 20, 2, 10, reps=1)
+PROFILES = {s.name: s for s in (FULL, QUICK, SMOKE)}
+
+
+@dataclass
+class Context:
+    """One benchmark run: an etcd, a connected client, a work directory."""
+
+    endpoint: str
+    etcd: Any  # pyetcd client
+    workdir: Path
+    sizes: Sizes
+    reps: int
+    script_dir: Path = SCRIPTS
+    _counter: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def log_dir(self) -> Path:
+        path = self.workdir / "logs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def dir(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def layout(self, name: str) -> keys.Layout:
+        """A key prefix no other measurement of this run uses (an empty etcd, as far as
+        any Gleam process on that prefix can tell)."""
+        return keys.Layout(f"/bench-{name}-{next(self._counter)}")
+
+
+def count_keys(etcd: Any, prefix: str) -> int:
+    return int(etcd.get_prefix_response(prefix, count_only=True).count)
+
+
+def wait_registered(
+    ctx: Context, layout: keys.Layout, daemons: list[Daemon], *, timeout: float
+) -> None:
+    """Wait until every agent's registration is in etcd (it is watching by then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        present = count_keys(ctx.etcd, layout.info_prefix)
+        if present >= len(daemons):
+            return
+        for daemon in daemons:
+            daemon.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"only {present}/{len(daemons)} agents registered within {timeout}s; "
+                f"logs in {ctx.log_dir}"
+            )
+        time.sleep(0.1)
+
+
+def warm_up_etcdctl(ctx: Context, lines: MarkerLines, key: str, *, count: int = 1) -> None:
+    """Write to `key` until each of `count` `etcdctl watch` processes has run its command
+    once: etcdctl prints nothing when its watch is in place, so this is how to know."""
+    deadline = time.monotonic() + 60 + count
+    while time.monotonic() < deadline:
+        lines.drain()
+        ctx.etcd.put(key, b"warm-up")
+        try:
+            for _ in range(count):
+                lines.next_mark(timeout=2.0)
+            return
+        except BenchError:
+            continue
+    raise BenchError(f"not all {count} etcdctl watch processes ran their command")
