@@ -59,6 +59,7 @@ SWITCHES: tuple[tuple[str, str], ...] = (
     ("detailed_exitcode", "with --dry-run: exit 2 when changes are pending"),
     ("full", "read and compare every manifest, not only those changed since the last apply"),
     ("pull", "daemon: git fetch and fast-forward before each interval pass"),
+    ("no_cache", "parse every manifest again instead of using the parse cache in .git"),
 )
 
 ALL_FLAGS = (*flags.CONNECTION_FLAGS, *flags.LOG_FLAGS, *RECONCILE_FLAGS)
@@ -141,6 +142,7 @@ def parse(argv: Sequence[str] | None) -> Config:
         full=args.full,
         worktree=args.worktree,
         lock_timeout=_number(values, "lock_timeout"),
+        cache=not args.no_cache,
     )
     flags.setup_logging(values, name="gleam-reconcile")
     return Config(

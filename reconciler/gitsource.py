@@ -97,8 +97,9 @@ class Source:
         return bool(self.repo.is_ancestor(ancestor, commit))
 
     # Reading ---------------------------------------------------------------------------
-    def read_all(self, commit: str) -> Snapshot:
-        """Every file under tasks/ at `commit`, in one ls-tree and one cat-file."""
+    def list_tree(self, commit: str) -> tuple[str | None, list[tuple[str, str]]]:
+        """(tree id of tasks/, [(path, blob id)] of its manifest files) at `commit`, from
+        one `git ls-tree`."""
         listing = self._run("ls-tree", "-r", "-t", "-z", commit, "--", f"{TASKS}/")
         tree: str | None = None
         blobs: list[tuple[str, str]] = []
@@ -112,9 +113,21 @@ class Source:
                 tree = sha
             elif kind == "blob" and manifests.classify(path) is not None:
                 blobs.append((path, sha))
-        contents = self._cat_batch(sha for _, sha in blobs)
-        files = tuple((path, contents[sha][1]) for path, sha in blobs)
-        return Snapshot(commit=commit, tree=tree, files=files)
+        return tree, blobs
+
+    def read_blobs(self, blob_ids: Iterable[str]) -> dict[str, bytes]:
+        """Contents by blob id, from one `git cat-file --batch`."""
+        return {spec: entry[1] for spec, entry in self._cat_batch(blob_ids).items()}
+
+    def read_all(self, commit: str) -> Snapshot:
+        """Every manifest file under tasks/ at `commit`, in one ls-tree and one cat-file."""
+        tree, blobs = self.list_tree(commit)
+        contents = self.read_blobs(sha for _, sha in blobs)
+        return Snapshot(commit=commit, tree=tree, files=tuple((p, contents[s]) for p, s in blobs))
+
+    @property
+    def git_dir(self) -> Path:
+        return Path(self.repo.git_dir)
 
     def read_paths(self, commit: str, paths: Iterable[str]) -> Snapshot:
         """Those of the named files that exist at `commit`, plus the tasks/ tree id."""

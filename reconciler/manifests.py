@@ -15,6 +15,7 @@ that failed the quick check.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -72,8 +73,11 @@ class Manifest:
 
     path: str
     target: keys.Target
-    task: messages.Task
     value: bytes
+
+    @functools.cached_property
+    def task(self) -> messages.Task:
+        return messages.decode_task(self.value)
 
 
 def classify(path: str) -> keys.Target | ManifestError | None:
@@ -122,22 +126,28 @@ def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[Manifes
         return [ManifestError(path, _line_of(raw, ("data",)), str(exc))]
     except ValueError:
         return [ManifestError(path, _line_of(raw, ("data",)), "data holds .nan or .inf: not JSON")]
-    return Manifest(path=path, target=target, task=task, value=value)
+    return Manifest(path=path, target=target, value=value)
 
 
-def load(files: Iterable[tuple[str, bytes]]) -> dict[keys.Target, Manifest]:
-    """Every manifest among (path, bytes) pairs by target; non-manifest files are skipped.
-    Raises InvalidManifests with every error of every file if any is invalid."""
+def load(
+    files: Iterable[tuple[str, bytes]], *, known: Iterable[tuple[str, bytes]] = ()
+) -> dict[keys.Target, Manifest]:
+    """Every manifest among (path, file bytes) pairs by target; non-manifest files are
+    skipped. `known` holds (path, message bytes) of files already parsed and valid (the
+    parse cache). Raises InvalidManifests with every error of every file if any is
+    invalid."""
     errors: list[ManifestError] = []
     out: dict[keys.Target, Manifest] = {}
-    for path, raw in files:
+    parsed = ((path, raw, False) for path, raw in files)
+    cached = ((path, value, True) for path, value in known)
+    for path, raw, is_value in itertools.chain(cached, parsed):
         target = classify(path)
         if target is None:
             continue
         if isinstance(target, ManifestError):
             errors.append(target)
             continue
-        result = parse(path, raw, target)
+        result = Manifest(path, target, raw) if is_value else parse(path, raw, target)
         if isinstance(result, list):
             errors.extend(result)
             continue

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gleam import keys
-from reconciler import diff, gitsource, manifests, state, sync
+from reconciler import diff, gitsource, manifests, parsecache, state, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -51,6 +51,7 @@ class Options:
     worktree: bool = False
     lock_timeout: float = 60.0
     lock_ttl: int = 30
+    cache: bool = True  # the parse cache (parsecache.py); off only to measure without it
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,6 @@ class Result:
     def changes(self) -> tuple[diff.Change, ...]:
         """The changes to show: planned for a dry run, applied otherwise."""
         return self.plan.changes if self.dry_run else self.applied
-
-    @property
-    def names(self) -> dict[str, str]:
-        return {key: m.task.name for key, m in self.desired.entries.items()}
 
 
 # Desired state -------------------------------------------------------------------------
@@ -161,17 +158,7 @@ def read_desired(
             and (last.pruned or not options.prune)
         )
     if not incremental or recorded is None or record is None or record.last is None:
-        snapshot = source.read_all(head)
-        entries = _entries(layout, snapshot.files)
-        return Desired(
-            entries=entries,
-            scope=None,
-            source="commit",
-            commit=head,
-            digest=f"git-tree:{snapshot.tree or 'none'}",
-            total=len(entries),
-            mode="full",
-        )
+        return read_full(layout, source, head, cache=options.cache)
     # Incremental: only the manifests that changed since the recorded commit. For each
     # target touched, both spellings (.yaml, .yml) are read from HEAD, so a rename between
     # them, or a duplicate, is seen whole.
@@ -202,6 +189,40 @@ def read_desired(
         digest=f"git-tree:{snapshot.tree or 'none'}",
         total=record.last.keys + delta,
         mode="incremental",
+    )
+
+
+def read_full(
+    layout: keys.Layout, source: gitsource.Source, commit: str, *, cache: bool = True
+) -> Desired:
+    """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
+    the others are read from git and parsed."""
+    tree, blobs = source.list_tree(commit)
+    cache_path = parsecache.path_for(source.git_dir)
+    cached = parsecache.load(cache_path) if cache else {}
+    known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
+    missing = [(path, sha) for path, sha in blobs if sha not in cached]
+    contents = source.read_blobs(sha for _, sha in missing)
+    loaded = manifests.load(((path, contents[sha]) for path, sha in missing), known=known)
+    entries = {layout.task_key(target): m for target, m in loaded.items()}
+    if cache and missing:
+        by_path = {m.path: m.value for m in loaded.values()}
+        parsecache.save(cache_path, {sha: by_path[path] for path, sha in blobs if path in by_path})
+    log.debug(
+        "read %d manifests at %s (%d parsed, %d cached)",
+        len(entries),
+        commit[:12],
+        len(missing),
+        len(known),
+    )
+    return Desired(
+        entries=entries,
+        scope=None,
+        source="commit",
+        commit=commit,
+        digest=f"git-tree:{tree or 'none'}",
+        total=len(entries),
+        mode="full",
     )
 
 
