@@ -32,18 +32,15 @@ class TaskQueue:
         return notes
 
     def take(self, *, timeout: float | None = None) -> pending.Job | None:
-        """Wait for the next job; None when closed or after `timeout` seconds."""
+        """Wait for the next job; None once closed (even if jobs wait: a stopping agent
+        takes no new task) or after `timeout` seconds."""
         with self._cond:
-            job = self._state.take()
-            if job is None and not self._closed:
-                self._cond.wait_for(
-                    lambda: (
-                        self._closed or (self._state.running is None and bool(self._state.waiting))
-                    ),
-                    timeout=timeout,
-                )
-                job = None if self._closed else self._state.take()
-            return job
+            self._cond.wait_for(
+                lambda: self._closed
+                or (self._state.running is None and bool(self._state.waiting)),
+                timeout=timeout,
+            )
+            return None if self._closed else self._state.take()
 
     def complete(self, job: pending.Job) -> None:
         with self._cond:

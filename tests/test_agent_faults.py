@@ -1,0 +1,204 @@
+"""gleam-agent under etcd trouble: killed, frozen, compacted, leases lost. Each test has
+an etcd of its own (private_etcd) and real agent subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gleam import keys, messages
+from gleam.embedded import EtcdServer
+from tests.agent_support import (
+    info,
+    result,
+    send,
+    wait_log,
+    wait_registered,
+    wait_result,
+    write_scripts,
+)
+from tests.support import AgentProcess, client_for, wait_until
+
+pytestmark = pytest.mark.slow
+
+StartAgent = Callable[..., AgentProcess]
+LAYOUT = keys.Layout("/gleam")
+
+
+@pytest.fixture(autouse=True)
+def _no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("GLEAM_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def lua_dir(tmp_path: Path) -> Path:
+    return write_scripts(tmp_path / "scripts")
+
+
+@pytest.fixture
+def etcd(private_etcd: EtcdServer) -> Iterator[Any]:
+    client = client_for(private_etcd.endpoint)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def node(agent_id: str) -> keys.Target:
+    return keys.Target.node(agent_id)
+
+
+def test_etcd_killed_and_restarted_under_a_running_agent(
+    private_etcd: EtcdServer, etcd: Any, start_agent: StartAgent, lua_dir: Path
+) -> None:
+    agent = start_agent(
+        private_etcd.endpoint, "-id", "k", "-ttl", "5", "-check_interval", "1",
+        layout=LAYOUT, script_dir=lua_dir,
+    )  # fmt: skip
+    _info, lease_before = wait_registered(etcd, LAYOUT, "k")
+    revision = send(etcd, LAYOUT, node("k"), "echo", "before")
+    wait_result(etcd, LAYOUT, "k", node("k"), revision)
+
+    private_etcd.kill()
+    wait_log(agent, "etcd: ")  # the watch loop noticed
+    private_etcd.start()
+    assert agent.proc.poll() is None
+    revision = send(etcd, LAYOUT, node("k"), "echo", "after")
+    got = wait_result(etcd, LAYOUT, "k", node("k"), revision)
+    assert (got.ok, got.result) == (True, "after")
+    # The registration is there and its lease is alive and kept alive.
+    _info, lease_after = wait_registered(etcd, LAYOUT, "k")
+    wait_until(lambda: etcd.get_lease_info(lease_after).TTL > 0, what="a live lease")
+    assert lease_before and lease_after
+
+
+def test_a_result_finished_while_etcd_is_down_is_written_when_it_returns(
+    private_etcd: EtcdServer,
+    etcd: Any,
+    start_agent: StartAgent,
+    lua_dir: Path,
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "gate"
+    agent = start_agent(private_etcd.endpoint, "-id", "w", layout=LAYOUT, script_dir=lua_dir)
+    revision = send(etcd, LAYOUT, node("w"), "gate", {"gate": str(gate), "n": 5})
+    wait_log(agent, "waiting at the gate")
+    private_etcd.kill()
+    gate.touch()
+    wait_log(agent, "cannot write result")
+    private_etcd.start()
+    got = wait_result(etcd, LAYOUT, "w", node("w"), revision)
+    assert (got.ok, got.result) == (True, 5)
+
+
+def test_a_frozen_etcd_is_noticed_and_the_agent_recovers(
+    private_etcd: EtcdServer, etcd: Any, start_agent: StartAgent, lua_dir: Path
+) -> None:
+    agent = start_agent(
+        private_etcd.endpoint, "-id", "f", "-check_interval", "1",
+        layout=LAYOUT, script_dir=lua_dir,
+    )  # fmt: skip
+    wait_registered(etcd, LAYOUT, "f")
+    revision = send(etcd, LAYOUT, node("f"), "echo", "before")
+    wait_result(etcd, LAYOUT, "f", node("f"), revision)
+    private_etcd.pause()
+    try:
+        # A read times out, or keepalive pings go unanswered: either way it is noticed.
+        wait_log(agent, "etcd: ", timeout=40)
+    finally:
+        private_etcd.resume()
+    revision = send(etcd, LAYOUT, node("f"), "echo", "after")
+    got = wait_result(etcd, LAYOUT, "f", node("f"), revision, timeout=40)
+    assert (got.ok, got.result) == (True, "after")
+    wait_registered(etcd, LAYOUT, "f")
+    assert agent.proc.poll() is None
+
+
+def compact(etcd: Any) -> int:
+    revision = int(etcd.put("/compaction-marker", b"x").header.revision)
+    etcd.compact(revision, physical=True)
+    return revision
+
+
+def test_compaction_while_the_agent_was_stopped(
+    private_etcd: EtcdServer,
+    etcd: Any,
+    start_agent: StartAgent,
+    lua_dir: Path,
+    tmp_path: Path,
+) -> None:
+    counter = tmp_path / "count.txt"
+    args = ("-id", "c1")
+    first = start_agent(private_etcd.endpoint, *args, layout=LAYOUT, script_dir=lua_dir)
+    done = send(etcd, LAYOUT, node("c1"), "count", {"file": str(counter), "n": 1})
+    wait_result(etcd, LAYOUT, "c1", node("c1"), done)
+    assert first.stop() == 0
+    for n in (2, 3):
+        newest = send(etcd, LAYOUT, node("c1"), "count", {"file": str(counter), "n": n})
+    compact(etcd)
+    start_agent(private_etcd.endpoint, *args, layout=LAYOUT, script_dir=lua_dir)
+    got = wait_result(etcd, LAYOUT, "c1", node("c1"), newest)
+    assert (got.revision, got.result) == (newest, 3)
+    assert counter.read_text().splitlines() == ["1", "3"]
+
+
+def test_compaction_while_the_watch_was_down_rereads_and_runs_what_changed(
+    private_etcd: EtcdServer,
+    etcd: Any,
+    start_agent: StartAgent,
+    lua_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The agent is frozen while etcd restarts (its watch is now dead), the key changes
+    twice and etcd compacts past the agent's last revision. When the agent thaws, its
+    resumed watch finds the revision compacted; it re-reads and runs the newest value."""
+    counter = tmp_path / "count.txt"
+    agent = start_agent(
+        private_etcd.endpoint, "-id", "c2", "-ttl", "30", layout=LAYOUT, script_dir=lua_dir
+    )
+    done = send(etcd, LAYOUT, node("c2"), "count", {"file": str(counter), "n": 1})
+    wait_result(etcd, LAYOUT, "c2", node("c2"), done)
+    agent.signal(signal.SIGSTOP)
+    try:
+        private_etcd.kill()
+        private_etcd.start()
+        for n in (2, 3):
+            newest = send(etcd, LAYOUT, node("c2"), "count", {"file": str(counter), "n": n})
+        compact(etcd)
+    finally:
+        agent.signal(signal.SIGCONT)
+    got = wait_result(etcd, LAYOUT, "c2", node("c2"), newest, timeout=40)
+    assert (got.revision, got.result) == (newest, 3)
+    assert counter.read_text().splitlines() == ["1", "3"]
+    assert "compacted" in agent.log()
+
+
+def test_a_lost_lease_is_replaced_and_the_agent_registers_again(
+    private_etcd: EtcdServer, etcd: Any, start_agent: StartAgent, lua_dir: Path
+) -> None:
+    agent = start_agent(
+        private_etcd.endpoint, "-id", "l", "-ttl", "3", layout=LAYOUT, script_dir=lua_dir
+    )
+    _info, lease = wait_registered(etcd, LAYOUT, "l")
+    etcd.revoke_lease(lease)
+
+    def registered_anew() -> tuple[messages.AgentInfo, int] | None:
+        found = info(etcd, LAYOUT, "l")
+        return found if found is not None and found[1] != lease else None
+
+    found = wait_until(registered_anew, what="a registration with a new lease")
+    assert found is not None
+    record, new_lease = found
+    assert record.pid == agent.pid
+    wait_log(agent, "registering again")
+    revision = send(etcd, LAYOUT, node("l"), "echo", "ok")
+    assert wait_result(etcd, LAYOUT, "l", node("l"), revision).ok
+    assert result(etcd, LAYOUT, "l", node("l")) is not None
+    assert new_lease != lease
