@@ -1,5 +1,7 @@
 """gleam-agent end to end: real etcd, real agent subprocesses running Lua."""
 
+# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
+
 from __future__ import annotations
 
 import json
@@ -7,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +16,23 @@ import pytest
 
 from gleam import keys, messages
 from gleam.embedded import EtcdServer
-from tests.agent_support import (
+from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+    StartAgent,
     info,
+    lua_dir,
+    no_gleam_environment,
+    node,
     put_raw,
+    region,
     result,
     send,
     wait_log,
     wait_registered,
     wait_result,
-    write_scripts,
 )
-from tests.support import EXAMPLE_SCRIPTS, ROOT, AgentProcess, wait_until
+from tests.support import EXAMPLE_SCRIPTS, ROOT, wait_until
 
 pytestmark = pytest.mark.slow
-
-StartAgent = Callable[..., AgentProcess]
-
-
-@pytest.fixture(autouse=True)
-def _no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("GLEAM_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def lua_dir(tmp_path: Path) -> Path:
-    return write_scripts(tmp_path / "scripts")
-
-
-def node(agent_id: str) -> keys.Target:
-    return keys.Target.node(agent_id)
-
-
-def region(name: str) -> keys.Target:
-    return keys.Target.region(name)
 
 
 def lines(path: Path) -> list[str]:

@@ -1,11 +1,12 @@
 """gleam-agent under etcd trouble: killed, frozen, compacted, leases lost. Each test has
 an etcd of its own (private_etcd) and real agent subprocesses."""
 
+# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
+
 from __future__ import annotations
 
-import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,33 +14,23 @@ import pytest
 
 from gleam import keys, messages
 from gleam.embedded import EtcdServer
-from tests.agent_support import (
+from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+    StartAgent,
     info,
+    lua_dir,
+    no_gleam_environment,
+    node,
     result,
     send,
     wait_log,
     wait_registered,
     wait_result,
-    write_scripts,
 )
-from tests.support import AgentProcess, client_for, wait_until
+from tests.support import client_for, wait_until
 
 pytestmark = pytest.mark.slow
 
-StartAgent = Callable[..., AgentProcess]
 LAYOUT = keys.Layout("/gleam")
-
-
-@pytest.fixture(autouse=True)
-def _no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("GLEAM_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def lua_dir(tmp_path: Path) -> Path:
-    return write_scripts(tmp_path / "scripts")
 
 
 @pytest.fixture
@@ -49,10 +40,6 @@ def etcd(private_etcd: EtcdServer) -> Iterator[Any]:
         yield client
     finally:
         client.close()
-
-
-def node(agent_id: str) -> keys.Target:
-    return keys.Target.node(agent_id)
 
 
 def test_etcd_killed_and_restarted_under_a_running_agent(
