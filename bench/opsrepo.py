@@ -184,6 +184,17 @@ def generate(path: Path, *, size: int, seed: int = 0) -> OpsRepo:
     return OpsRepo(path=path, manifests=tuple(manifests))
 
 
+def clone(source: Path, destination: Path) -> None:
+    """A fresh local clone (a CI job's checkout) of `source` at `destination`."""
+    done = subprocess.run(
+        ["git", "clone", "--quiet", str(source), str(destination)],
+        env={**os.environ, **GIT_ENV}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"git clone {source} failed: {done.stderr.strip()}")
+    git(destination, "config", "commit.gpgsign", "false")
+
+
 def commit_change(
     repo: Path, path: str, *, name: str, data: Any, message: str = "bench: change one manifest"
 ) -> str:

@@ -88,6 +88,9 @@ class Daemon:
     def rss_mib(self) -> float:
         return rss_mib(self.pid)
 
+    def uss_mib(self) -> float:
+        return uss_mib(self.pid)
+
     def terminate(self) -> None:
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
@@ -122,6 +125,16 @@ def rss_mib(pid: int) -> float:
     if not found:
         raise BenchError(f"no VmRSS for pid {pid}")
     return int(found.group(1)) / 1024
+
+
+def uss_mib(pid: int) -> float:
+    """Memory only this process holds (private pages, from /proc/<pid>/smaps_rollup), in
+    MiB: what each more agent on a host costs, shared libraries counted once."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    private = re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+)\s+kB", rollup, re.MULTILINE)
+    if not private:
+        raise BenchError(f"no private memory figures for pid {pid}")
+    return sum(int(kib) for kib in private) / 1024
 
 
 def start_agent(

@@ -127,7 +127,7 @@ def number(value: float) -> str:
         return f"{value:.2f}"
     if magnitude == 0:
         return "0"
-    return f"{value:.3g}"
+    return f"{value:#.3g}"
 
 
 def cell(series: Series | None) -> str:
