@@ -172,7 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_once(config)
     from reconciler import daemon  # watchdog and the loop are not needed for --once
 
-    return daemon.main(config)
+    settings = daemon.Settings(
+        interval=config.interval,
+        full_every=config.full_every,
+        debounce=config.debounce,
+        pull=config.pull,
+    )
+    return daemon.main(config.settings, config.layout, config.options, settings)
 
 
 def _fail(config: Config, message: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,6 +106,30 @@ def _entries(layout: keys.Layout, files: Any) -> dict[str, manifests.Manifest]:
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
+def check_guard(
+    source: gitsource.Source | None, record: state.Record | None, head: str | None, *, force: bool
+) -> None:
+    """Refuse a commit that does not descend from the last commit applied from git (an
+    older CI job finishing after a newer one), unless forced. Work-tree applies (head
+    None) are not guarded: they are for trying things out."""
+    recorded = record.commit if record is not None else None
+    if force or recorded is None or head is None or recorded == head or source is None:
+        return
+    try:
+        descends = source.is_ancestor(recorded, head)
+    except gitsource.GitError as exc:
+        raise GuardRefused(
+            f"cannot check that HEAD {source.describe(head)} descends from the recorded "
+            f"commit {recorded[:12]}: {exc}; use --force to apply anyway"
+        ) from None
+    if not descends:
+        raise GuardRefused(
+            f"HEAD {source.describe(head)} does not descend from the last applied commit "
+            f"{source.describe(recorded)}: refusing to go back (an older job finishing "
+            "after a newer one?); use --force to apply it anyway"
+        )
+
+
 def read_desired(
     layout: keys.Layout,
     options: Options,
@@ -136,20 +161,8 @@ def read_desired(
     head = source.head()
     recorded = record.commit if record is not None else None
     incremental = False
+    check_guard(source, record, head, force=options.force)
     if recorded is not None and not options.force:
-        try:
-            descends = recorded == head or source.is_ancestor(recorded, head)
-        except gitsource.GitError as exc:
-            raise GuardRefused(
-                f"cannot check that HEAD {source.describe(head)} descends from the recorded "
-                f"commit {recorded[:12]}: {exc}; use --force to apply anyway"
-            ) from None
-        if not descends:
-            raise GuardRefused(
-                f"HEAD {source.describe(head)} does not descend from the last applied commit "
-                f"{source.describe(recorded)}: refusing to go back (an older job finishing "
-                "after a newer one?); use --force to apply it anyway"
-            )
         last = record.last if record is not None else None
         incremental = (
             not options.full
@@ -267,6 +280,7 @@ def run(
     desired: Desired | None = None,
     before_apply: Callable[[diff.Plan], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    cancel: threading.Event | None = None,
 ) -> Result:
     """One pass. `source` is the git checkout (None: opened from options.repo, or none
     for a --worktree directory that is not a repository). `desired` may be passed by a
@@ -282,7 +296,7 @@ def run(
     lock = None
     if not options.dry_run:
         lock = sync.Lock(etcd, layout, ttl=options.lock_ttl)
-        lock.acquire(timeout=options.lock_timeout)
+        lock.acquire(timeout=options.lock_timeout, cancel=cancel)
     try:
         return _run_locked(
             etcd,
@@ -313,6 +327,8 @@ def _run_locked(
     record, record_revision = sync.read_record(etcd, layout)
     if desired is None:
         desired = read_desired(layout, options, record, source=source)
+    elif desired.source == "commit":
+        check_guard(source, record, desired.commit, force=options.force)
     values = desired.values
     scope = desired.scope
     observed = _observe(etcd, layout, scope)

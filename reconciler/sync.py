@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -289,12 +290,16 @@ class Lock:
         self._clock = clock
         self._sleep = sleep
 
-    def acquire(self, *, timeout: float, poll: float = 0.1) -> None:
-        """Take the lock, waiting up to `timeout` seconds; LockTimeout names the holder."""
+    def acquire(
+        self, *, timeout: float, poll: float = 0.1, cancel: threading.Event | None = None
+    ) -> None:
+        """Take the lock, waiting up to `timeout` seconds (or until `cancel` is set);
+        LockTimeout names the holder."""
         t = self.etcd.transactions
         deadline = self._clock() + timeout
         self._lease = self.etcd.lease(self.ttl)
         holder = b""
+        waiting_logged = False
         while True:
             ok, responses = self.etcd.transaction(
                 compare=[t.create(self.key) == 0],
@@ -306,13 +311,22 @@ class Lock:
                 return
             if responses and responses[0]:
                 holder = responses[0][0][0]
-            if self._clock() >= deadline:
+            who = holder.decode("utf-8", "replace") or "someone"
+            if not waiting_logged:
+                log.info("apply lock %s is held by %s; waiting up to %gs", self.key, who, timeout)
+                waiting_logged = True
+            if self._clock() >= deadline or (cancel is not None and cancel.is_set()):
                 self._revoke()
-                raise LockTimeout(
-                    f"{self.key} is held by {holder.decode('utf-8', 'replace') or 'someone'}; "
-                    f"gave up after {timeout:g}s"
+                reason = (
+                    "stopping"
+                    if cancel is not None and cancel.is_set()
+                    else (f"gave up after {timeout:g}s")
                 )
-            self._sleep(poll)
+                raise LockTimeout(f"{self.key} is held by {who}; {reason}")
+            if cancel is not None:
+                cancel.wait(poll)
+            else:
+                self._sleep(poll)
 
     def compare(self) -> Any:
         """A transaction compare that holds only while this lock is ours."""

@@ -1,0 +1,323 @@
+"""gleam-reconcile without --once: a thin loop around reconcile.run.
+
+A pass runs at start, when the checkout changes (watchdog on .git's refs, and on tasks/
+with --worktree; debounced), and every --interval seconds. The loop keeps the last full
+desired state in memory, so an interval pass with HEAD unchanged reads no git at all:
+it compares every key in etcd with that state and puts back what someone changed by
+hand (drift), logging it. HEAD moving gives an incremental pass, merged into the cached
+state; every --full-every'th pass reads every manifest again (cheap with the parse
+cache). --pull fetches and fast-forwards before each interval pass.
+
+Each pass holds the apply lock (`<prefix>/meta/lock`), so two daemons on one prefix, or a
+daemon and a CI job, never apply at the same time. SIGTERM/SIGINT stop the loop cleanly,
+also while it waits for the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from gleam import connection, keys
+from reconciler import diff, gitsource, manifests, reconcile, render, state, sync
+
+log = logging.getLogger("gleam.reconcile")
+
+WRITE_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
+RETRY_SECONDS = 10.0  # after a failed pass, try again this soon (or at the interval)
+
+
+class Reason(StrEnum):
+    START = "start"
+    CHANGE = "checkout changed"
+    INTERVAL = "interval"
+
+
+@dataclass(frozen=True)
+class Settings:
+    interval: float = 300.0
+    full_every: int = 12
+    debounce: float = 0.5
+    pull: bool = False
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one pass did, for logs and tests."""
+
+    number: int
+    reason: Reason
+    result: reconcile.Result | None
+    error: str | None = None
+
+
+class CheckoutWatch:
+    """Sets `changed` when HEAD or a branch moves (.git's HEAD, refs, packed-refs), or,
+    with `worktree`, when a file under tasks/ changes. Runs on watchdog's thread."""
+
+    def __init__(self, repo: Path, git_dir: Path | None, *, worktree: bool) -> None:
+        self.changed = threading.Event()
+        self._repo = repo
+        self._git_dir = git_dir
+        self._worktree = worktree
+        self._observer: Any = None
+
+    def relevant(self, path: str) -> bool:
+        if self._git_dir is not None and path.startswith(str(self._git_dir) + "/"):
+            rel = path[len(str(self._git_dir)) + 1 :]
+            return rel in ("HEAD", "packed-refs") or rel.startswith("refs/")
+        tasks = str(self._repo / manifests.TASKS_DIR) + "/"
+        return self._worktree and path.startswith(tasks)
+
+    def start(self) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        watch = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                # Reads (git's own, GitPython's) show up as opened/closed_no_write.
+                if event.event_type not in WRITE_EVENTS:
+                    return
+                for raw in (event.src_path, getattr(event, "dest_path", "")):
+                    path = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+                    if path and watch.relevant(path):
+                        watch.changed.set()
+                        return
+
+        observer = Observer()
+        handler = Handler()
+        if self._git_dir is not None:
+            observer.schedule(handler, str(self._git_dir), recursive=True)
+        tasks = self._repo / manifests.TASKS_DIR
+        if self._worktree and tasks.is_dir():
+            observer.schedule(handler, str(tasks), recursive=True)
+        elif self._worktree:
+            observer.schedule(handler, str(self._repo), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+
+class Daemon:
+    def __init__(
+        self,
+        etcd: Any,
+        layout: keys.Layout,
+        options: reconcile.Options,
+        settings: Settings,
+        *,
+        stop: threading.Event | None = None,
+        on_pass: Callable[[PassReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.etcd = etcd
+        self.layout = layout
+        self.options = options
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.on_pass = on_pass
+        self._clock = clock
+        self._desired: reconcile.Desired | None = None  # last full desired state
+        self._passes = 0
+        self.source: gitsource.Source | None = None
+
+    # The loop ---------------------------------------------------------------------------
+    def run(self, *, max_passes: int | None = None) -> None:
+        try:
+            self.source = gitsource.Source(self.options.repo)
+        except gitsource.GitError:
+            if not self.options.worktree:
+                raise
+        git_dir = self.source.git_dir if self.source is not None else None
+        watch = CheckoutWatch(self.options.repo, git_dir, worktree=self.options.worktree)
+        watch.start()
+        log.info(
+            "reconciling %s into %s every %gs (full every %d passes%s)",
+            self.options.repo,
+            self.layout.prefix,
+            self.settings.interval,
+            self.settings.full_every,
+            ", pulling" if self.settings.pull else "",
+        )
+        try:
+            reason = Reason.START
+            while not self.stop.is_set():
+                ok = self.one_pass(reason)
+                if max_passes is not None and self._passes >= max_passes:
+                    return
+                wait = self.settings.interval if ok else min(self.settings.interval, RETRY_SECONDS)
+                reason = self._wait(watch, wait)
+        finally:
+            watch.stop()
+            log.info("stopped")
+
+    def _wait(self, watch: CheckoutWatch, seconds: float) -> Reason:
+        """Sleep until the interval ends, the checkout changes (then quiet for `debounce`
+        seconds, so a burst of ref updates gives one pass) or stop is asked."""
+        deadline = self._clock() + seconds
+        while not self.stop.is_set():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return Reason.INTERVAL
+            if watch.changed.wait(min(remaining, 0.5)):
+                while not self.stop.is_set():
+                    watch.changed.clear()
+                    if not watch.changed.wait(self.settings.debounce):
+                        break
+                return Reason.CHANGE
+        return Reason.INTERVAL
+
+    # One pass ---------------------------------------------------------------------------
+    def one_pass(self, reason: Reason) -> bool:
+        """Run one pass; errors are logged, never raised. True if it succeeded."""
+        self._passes += 1
+        number = self._passes
+        # A full read at start (and whenever the cached state was dropped) gives the
+        # state that later interval passes compare with etcd.
+        full = number % self.settings.full_every == 0 or self._desired is None
+        if reason is Reason.INTERVAL and self.settings.pull and self.source is not None:
+            try:
+                before, after = self.source.pull()
+                if before != after:
+                    log.info("pulled %s -> %s", before[:12], after[:12])
+            except gitsource.GitError as exc:
+                log.error("%s", exc)
+        try:
+            result = self._reconcile(full=full)
+        except manifests.InvalidManifests as exc:
+            for error in exc.errors:
+                log.error("%s", error)
+            return self._report(number, reason, None, f"{len(exc.errors)} invalid manifest(s)")
+        except sync.LockTimeout as exc:
+            if self.stop.is_set():
+                return self._report(number, reason, None, "stopped while waiting for the lock")
+            log.warning("%s", exc)
+            return self._report(number, reason, None, str(exc))
+        except (
+            reconcile.ReconcileError,
+            gitsource.GitError,
+            state.StateError,
+            sync.SyncError,
+        ) as exc:
+            log.error("%s", exc)
+            return self._report(number, reason, None, str(exc))
+        except connection.ETCD_ERRORS as exc:
+            log.error("etcd: %s", connection.describe_error(exc))
+            return self._report(number, reason, None, connection.describe_error(exc))
+        self._log_result(result, reason)
+        return self._report(number, reason, result, None)
+
+    def _reconcile(self, *, full: bool) -> reconcile.Result:
+        options = replace(self.options, full=self.options.full or full, dry_run=False)
+        cached = self._desired
+        head = None
+        if self.source is not None and not options.worktree:
+            head = self.source.head()
+        use_cache = (
+            cached is not None
+            and not options.full
+            and head is not None
+            and cached.commit == head
+            and cached.source == "commit"
+        )
+        if use_cache:
+            # HEAD has not moved: compare every key with the state read before (drift).
+            return reconcile.run(
+                self.etcd,
+                self.layout,
+                options,
+                source=self.source,
+                desired=cached,
+                cancel=self.stop,
+            )
+        result = reconcile.run(
+            self.etcd, self.layout, options, source=self.source, cancel=self.stop
+        )
+        self._remember(result)
+        return result
+
+    def _remember(self, result: reconcile.Result) -> None:
+        """Keep the full desired state for the next pass: as read (full pass), or the
+        cached state with the changed keys replaced (incremental pass from it)."""
+        desired = result.desired
+        if desired.scope is None:
+            self._desired = desired if desired.source == "commit" else None
+            return
+        cached = self._desired
+        previous = result.previous.commit if result.previous else None
+        if cached is None or cached.commit != previous:
+            self._desired = None  # cannot merge; the next pass reads everything
+            return
+        entries = {k: m for k, m in cached.entries.items() if k not in desired.scope}
+        entries.update(desired.entries)
+        self._desired = replace(
+            desired, entries=entries, scope=None, total=len(entries), mode="full"
+        )
+
+    def _log_result(self, result: reconcile.Result, reason: Reason) -> None:
+        drift = result.previous is not None and result.previous.commit == result.desired.commit
+        for change in result.applied:
+            for line in render.change_lines(change):
+                log.info(
+                    "%s%s",
+                    "drift, put back: " if drift and change.action in diff.WRITES else "",
+                    line,
+                )
+        if result.applied or reason is not Reason.INTERVAL:
+            log.info("%s [%s]", render.summary(result), reason.value)
+
+    def _report(
+        self, number: int, reason: Reason, result: reconcile.Result | None, error: str | None
+    ) -> bool:
+        if self.on_pass is not None:
+            self.on_pass(PassReport(number, reason, result, error))
+        return error is None
+
+
+def main(
+    etcd_settings: connection.Settings,
+    layout: keys.Layout,
+    options: reconcile.Options,
+    settings: Settings,
+) -> int:
+    """The daemon's entry point from cli.main: connect, trap signals, loop."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        etcd = connection.connect(etcd_settings)
+    except connection.ETCD_ERRORS as exc:
+        log.error(
+            "cannot connect to etcd at %s: %s",
+            etcd_settings.describe(),
+            connection.describe_error(exc),
+        )
+        return 1
+    try:
+        Daemon(etcd, layout, options, settings, stop=stop).run()
+    except gitsource.GitError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        etcd.close()
+    return 0
