@@ -344,8 +344,6 @@ def _run_locked(
     current = first
     replans = 0
     while True:
-        if lock is not None and current:
-            lock.refresh()
         written = sync.apply_changes(etcd, layout, current.changes, fence=lock)
         applied += written.done
         revisions.update(written.revisions)

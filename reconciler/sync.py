@@ -287,6 +287,8 @@ class Lock:
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
         self.revision = 0
         self._lease: Any = None
+        self._keepalive: threading.Thread | None = None
+        self._stop_keepalive = threading.Event()
         self._clock = clock
         self._sleep = sleep
 
@@ -308,6 +310,7 @@ class Lock:
             )
             if ok:
                 self.revision = int(responses[0].response_put.header.revision)
+                self._start_keepalive()
                 return
             if responses and responses[0]:
                 holder = responses[0][0][0]
@@ -336,14 +339,31 @@ class Lock:
         _value, meta = self.etcd.get(self.key)
         return meta is not None and int(meta.create_revision) == self.revision
 
-    def refresh(self) -> None:
-        if self._lease is not None:
-            for _ in self.etcd.refresh_lease(self._lease.id):
-                break
+    def _start_keepalive(self) -> None:
+        """Refresh the lease every ttl/3 seconds while held, so a long apply keeps the
+        lock; if the refresh fails for longer than the TTL the lock is lost and the
+        fencing compare stops every further write."""
+        self._stop_keepalive = threading.Event()
+        lease, stop = self._lease, self._stop_keepalive
+
+        def loop() -> None:
+            while not stop.wait(self.ttl / 3):
+                try:
+                    for _ in self.etcd.refresh_lease(lease.id):
+                        break
+                except Exception as exc:  # noqa: BLE001 - keep trying until released
+                    log.warning("could not refresh the apply lock's lease: %s", exc)
+
+        self._keepalive = threading.Thread(target=loop, name="gleam-lock-keepalive", daemon=True)
+        self._keepalive.start()
 
     def release(self) -> None:
         """Delete the key if it is still ours, and revoke the lease (best effort: the
         lease's expiry frees the lock anyway)."""
+        if self._keepalive is not None:
+            self._stop_keepalive.set()
+            self._keepalive.join(timeout=5)
+            self._keepalive = None
         if self.revision:
             t = self.etcd.transactions
             self.etcd.transaction(

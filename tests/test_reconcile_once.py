@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import marshal
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from reconciler import diff, reconcile, state, sync
+from reconciler import diff, gitsource, parsecache, reconcile, state, sync
 from tests.reconcile_support import OpsRepo, revisions, run_cli, values
 
 
@@ -298,3 +299,44 @@ def test_bad_flags_and_unreachable_etcd_exit_1(
     assert code == 1
     code, _, err = run_cli(capsys, "http://127.0.0.1:1", layout, repo, "-lock_timeout", "1")
     assert code == 1 and "etcd" in err
+
+
+def test_full_reads_use_the_parse_cache_by_blob_id_and_ignore_a_stale_one(
+    layout: keys.Layout, repo: OpsRepo
+) -> None:
+    source = gitsource.Source(repo.path)
+    first = reconcile.read_full(layout, source, repo.head())
+    cache_file = parsecache.path_for(source.git_dir)
+    blob = repo.git("rev-parse", "HEAD:tasks/nodes/web-1.yaml")
+    cached = parsecache.load(cache_file)
+    assert cached[blob] == first.entries[layout.node_key("web-1")].value
+    # The cache is what a full read uses: a doctored entry shows through...
+    cached[blob] = b'{"Data":"from the cache","Name":"print"}'
+    parsecache.save(cache_file, cached)
+    again = reconcile.read_full(layout, source, repo.head())
+    assert again.entries[layout.node_key("web-1")].value == cached[blob]
+    # ...unless the cache is off, or was written by other parsing rules.
+    off = reconcile.read_full(layout, source, repo.head(), cache=False)
+    assert (
+        off.entries[layout.node_key("web-1")].value == first.entries[layout.node_key("web-1")].value
+    )
+    with open(cache_file, "wb") as fh:
+        marshal.dump(("another fingerprint", cached), fh)
+    assert parsecache.load(cache_file) == {}
+    fresh = reconcile.read_full(layout, source, repo.head())
+    assert fresh.entries == first.entries
+
+
+def test_worktree_works_in_a_directory_that_is_not_a_git_repository(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    (plain / "tasks" / "nodes").mkdir(parents=True)
+    (plain / "tasks" / "nodes" / "n1.yml").write_text("name: print\n")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, plain)
+    assert code == 1 and "not a git repository" in err
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, plain, "--worktree")
+    assert code == 0, err
+    assert values(etcd, layout.node_key("n1")) == {
+        layout.node_key("n1"): b'{"Data":null,"Name":"print"}'
+    }
