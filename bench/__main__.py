@@ -28,6 +28,7 @@ WORKLOADS: dict[str, ModuleType] = {
     "commit": commit_to_exec,
 }
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PROFILE = RESULTS.with_name("PROFILE.md")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_after=report.load_average(),
         machine=report.machine_details(etcd_binary=find_etcd(), etcdctl_binary=etcdctl_binary()),
         methods=tuple((WORKLOADS[n].TITLE, WORKLOADS[n].METHOD) for n in names),
+        notes=PROFILE.name if PROFILE.is_file() else None,
     )
     print(report.table(rows))
     if out is not None:

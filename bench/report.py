@@ -201,6 +201,8 @@ class RunInfo:
     load_after: str
     machine: Machine
     methods: tuple[tuple[str, str], ...] = field(default=())
+    # Hand-written profiling notes for missed targets, linked when present.
+    notes: str | None = None
 
 
 def document(info: RunInfo, rows: Sequence[Row]) -> str:
@@ -239,6 +241,12 @@ def document(info: RunInfo, rows: Sequence[Row]) -> str:
         table(rows),
         "",
     ]
+    if info.notes:
+        parts += [
+            f"Why targets were missed, with profiles and suggested fixes: [{info.notes}]"
+            f"({info.notes}).",
+            "",
+        ]
     if info.methods:
         parts += ["## How each number is measured", ""]
         for title, text in info.methods:
