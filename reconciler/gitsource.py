@@ -79,22 +79,18 @@ class Source:
         subject = str(found.summary)
         return f"{commit[:12]} ({subject[:60]})" if subject else commit[:12]
 
-    def has_commit(self, commit: str) -> bool:
-        try:
-            self.repo.git.cat_file("-e", f"{commit}^{{commit}}")
-        except _git().exc.GitCommandError:
-            return False
-        return True
-
     def is_ancestor(self, ancestor: str, commit: str) -> bool:
         """True when `ancestor` is `commit` or one of its ancestors. Raises GitError when
         `ancestor` is not in this repository (a shallow clone, another repository)."""
-        if not self.has_commit(ancestor):
+        try:
+            return bool(self.repo.is_ancestor(ancestor, commit))
+        except _git().exc.GitCommandError:
+            # merge-base exits 1 for "no" (handled by GitPython) and 128 for an unknown
+            # commit: the recorded one was never fetched here.
             raise GitError(
                 f"commit {ancestor[:12]} is not in {self.path} (a shallow clone? fetch more "
                 "history, e.g. fetch-depth: 0)"
-            )
-        return bool(self.repo.is_ancestor(ancestor, commit))
+            ) from None
 
     # Reading ---------------------------------------------------------------------------
     def list_tree(self, commit: str) -> tuple[str | None, list[tuple[str, str]]]:

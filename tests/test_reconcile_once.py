@@ -340,3 +340,23 @@ def test_worktree_works_in_a_directory_that_is_not_a_git_repository(
     assert values(etcd, layout.node_key("n1")) == {
         layout.node_key("n1"): b'{"Data":null,"Name":"print"}'
     }
+
+
+def test_a_recorded_commit_missing_from_the_checkout_is_refused_unless_forced(
+    capsys: Any,
+    etcd_server: EtcdServer,
+    etcd: Any,
+    layout: keys.Layout,
+    repo: OpsRepo,
+    tmp_path: Path,
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    other = OpsRepo(tmp_path / "unrelated")
+    other.node("web-1", "print")
+    other.commit("unrelated history")
+    code, _, err = run_cli(capsys, etcd_server.endpoint, layout, other)
+    assert code == 1
+    assert f"commit {repo.head()[:12]} is not in" in err and "--force" in err
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, other, "--force")
+    assert code == 0, err
+    assert "full pass" in out
