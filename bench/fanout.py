@@ -11,6 +11,7 @@ from bench.processes import (
     BenchError,
     Daemon,
     MarkerLines,
+    check_all,
     start_agent,
     start_etcdctl_watch,
     stop_all,
@@ -42,14 +43,25 @@ def _wait_marks(lines: MarkerLines, count: int, *, timeout: float) -> list[float
 
 
 def _gleam_round(
-    ctx: Context, watch: ResultWatch, layout: keys.Layout, ids: list[str], region: str, seq: int
+    ctx: Context,
+    watch: ResultWatch,
+    layout: keys.Layout,
+    fleet: dict[str, Daemon],
+    region: str,
+    seq: int,
 ) -> tuple[float, float]:
+    ids = list(fleet)
     target = keys.Target.region(region)
     floor = current_revision(ctx.etcd) + 1
     expectation = watch.expect({layout.result_key(i, target): floor for i in ids})
     written = time.time()
     ctx.etcd.put(layout.task_key(target), messages.Task(NOOP, {"seq": seq}).encode())
-    arrivals = watch.wait(expectation, timeout=120, what=f"{len(ids)} agents' results")
+    arrivals = watch.wait(
+        expectation,
+        timeout=120,
+        what=f"{len(ids)} agents' results",
+        check=lambda: check_all(fleet.values()),
+    )
     failed = [a for a in arrivals.values() if not a.result.ok]
     if failed:
         raise BenchError(f"{len(failed)} agents failed the task: {failed[0].result.error}")
@@ -101,12 +113,13 @@ def run(ctx: Context) -> list[Row]:
             )
         lines.close_writer()
         wait_registered(ctx, layout, agents, timeout=60 + 3 * count)
-        _gleam_round(ctx, watch, layout, ids, region, -1)  # warm-up: every agent watching
+        fleet = dict(zip(ids, agents, strict=True))
+        _gleam_round(ctx, watch, layout, fleet, region, -1)  # warm-up: every agent watching
         rss_start = [a.rss_mib() for a in agents]
         warm_up_etcdctl(ctx, lines, base_key, count=count)
         g_all, g_mid, b_all, b_mid = [], [], [], []
         for rep in range(ctx.reps):
-            last, mid = _gleam_round(ctx, watch, layout, ids, region, rep)
+            last, mid = _gleam_round(ctx, watch, layout, fleet, region, rep)
             g_all.append(last)
             g_mid.append(mid)
             last, mid = _baseline_round(ctx, lines, base_key, count)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.processes import BenchError, Daemon, MarkerLines
+from bench.processes import BenchError, Daemon, MarkerLines, check_all
 from gleam import keys
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -82,8 +82,7 @@ def wait_registered(
         present = count_keys(ctx.etcd, layout.info_prefix)
         if present >= len(daemons):
             return
-        for daemon in daemons:
-            daemon.check_alive()
+        check_all(daemons)
         if time.monotonic() > deadline:
             raise BenchError(
                 f"only {present}/{len(daemons)} agents registered within {timeout}s; "

@@ -104,6 +104,12 @@ class Daemon:
             self.proc.wait()
 
 
+def check_all(daemons: Iterable[Daemon]) -> None:
+    """BenchError naming the first daemon that has exited."""
+    for daemon in daemons:
+        daemon.check_alive()
+
+
 def stop_all(daemons: Iterable[Daemon], *, timeout: float = 20.0) -> None:
     """SIGTERM every daemon first, then wait for each: a fleet stops in parallel."""
     daemons = list(daemons)

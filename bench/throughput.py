@@ -7,7 +7,14 @@ import time
 
 from bench.harness import NOOP, Context, wait_registered, warm_up_etcdctl
 from bench.observe import ResultWatch, current_revision, put_many
-from bench.processes import BenchError, MarkerLines, start_agent, start_etcdctl_watch, stop_all
+from bench.processes import (
+    BenchError,
+    Daemon,
+    MarkerLines,
+    start_agent,
+    start_etcdctl_watch,
+    stop_all,
+)
 from bench.report import Better, Goal, Row
 from bench.stats import Series
 from gleam import keys, messages
@@ -35,6 +42,7 @@ def _gleam_round(
     ctx: Context,
     watch: ResultWatch,
     layout: keys.Layout,
+    agent: Daemon,
     agent_id: str,
     regions: list[str],
     rep: int,
@@ -45,7 +53,9 @@ def _gleam_round(
     tasks = _tasks(layout, regions, rep)
     first_write = time.time()
     put_many(ctx.etcd, tasks)
-    arrivals = watch.wait(expectation, timeout=300, what=f"{len(regions)} results").values()
+    arrivals = watch.wait(
+        expectation, timeout=300, what=f"{len(regions)} results", check=agent.check_alive
+    ).values()
     failed = [a for a in arrivals if not a.result.ok]
     if failed:
         raise BenchError(f"{len(failed)} tasks failed: {failed[0].result.error}")
@@ -88,11 +98,11 @@ def run(ctx: Context) -> list[Row]:
     watch = ResultWatch(ctx.etcd, layout)
     try:
         wait_registered(ctx, layout, [agent], timeout=120)
-        _gleam_round(ctx, watch, layout, agent_id, regions[:10], -1)  # warm-up
+        _gleam_round(ctx, watch, layout, agent, agent_id, regions[:10], -1)  # warm-up
         warm_up_etcdctl(ctx, lines, base_layout.region_key("warm-up"))
         g_rate, g_agent, b_rate = [], [], []
         for rep in range(ctx.reps):
-            rate, agent_side = _gleam_round(ctx, watch, layout, agent_id, regions, rep)
+            rate, agent_side = _gleam_round(ctx, watch, layout, agent, agent_id, regions, rep)
             g_rate.append(rate)
             g_agent.append(agent_side)
             b_rate.append(_baseline_round(ctx, lines, base_layout, regions, rep))
