@@ -133,6 +133,8 @@ def parse(argv: Sequence[str] | None) -> Config:
         raise flags.FlagError(f"-output: {output!r} is not text or json")
     if args.detailed_exitcode and not args.dry_run:
         raise flags.FlagError("--detailed-exitcode goes with --dry-run")
+    if values.get("wait") and not (args.once or args.dry_run):
+        raise flags.FlagError("--wait goes with --once (the daemon does not wait)")
     options = reconcile.Options(
         repo=Path(values.get("repo") or "."),
         prune=args.prune,
@@ -249,7 +251,8 @@ def _pass(config: Config, etcd: Any) -> int:
         if any(r.outcome is not client.Outcome.OK for r in reports):
             status = EXIT_ERROR
         if config.output == "text":
-            print("\n".join(render.report_lines(reports, timeout=config.wait)))
+            lines = render.report_lines(reports, timeout=config.wait, written=len(result.revisions))
+            print("\n".join(lines))
         else:
             print(render.dumps(render.as_json(result, reports=reports, ok=status == EXIT_OK)))
         return status

@@ -177,6 +177,7 @@ def read_desired(
     # them, or a duplicate, is seen whole.
     changed = source.changed(recorded, head)
     targets: dict[keys.Target, None] = {}
+    misplaced: list[str] = []  # read too, so that load() reports them with the rest
     delta = 0
     for entry in changed:
         target = manifests.classify(entry.path)
@@ -184,8 +185,8 @@ def read_desired(
             targets[target] = None
             delta += {"A": 1, "D": -1}.get(entry.status, 0)
         elif isinstance(target, manifests.ManifestError) and entry.status != "D":
-            raise manifests.InvalidManifests([target])
-    paths = [
+            misplaced.append(entry.path)
+    paths = misplaced + [
         f"{manifests.TASKS_DIR}/{dirname}/{t.name}{ext}"
         for t in targets
         for dirname, kind in manifests.KIND_DIRS.items()
@@ -242,8 +243,20 @@ def read_full(
 # The pass ---------------------------------------------------------------------------------
 
 
+# Above this many keys, one range read of everything beats point reads in batches.
+POINT_READS_MAX = 1024
+
+
 def _observe(etcd: Any, layout: keys.Layout, scope: frozenset[str] | None) -> sync.Observed:
-    return sync.read_all(etcd, layout) if scope is None else sync.read_keys(etcd, layout, scope)
+    if scope is not None and len(scope) <= POINT_READS_MAX:
+        return sync.read_keys(etcd, layout, scope)
+    observed = sync.read_all(etcd, layout)
+    if scope is None:
+        return observed
+    return sync.Observed(
+        actual={k: v for k, v in observed.actual.items() if k in scope},
+        owned={k: v for k, v in observed.owned.items() if k in scope},
+    )
 
 
 def _check_prune(

@@ -179,7 +179,11 @@ def report_json(report: client.Report) -> dict[str, Any]:
     }
 
 
-def report_lines(reports: Sequence[client.Report], *, timeout: float) -> list[str]:
+def report_lines(
+    reports: Sequence[client.Report], *, timeout: float, written: int = 1
+) -> list[str]:
+    if not written:
+        return ["--wait: nothing was written, so there is nothing to wait for."]
     if not reports:
         return ["--wait: no live agent watches the changed keys."]
     lines = []

@@ -3,6 +3,7 @@ running gleam-reconcile's main() in-process."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,15 @@ def run_cli(
     path = repo.path if isinstance(repo, OpsRepo) else repo
     argv = ["-etcd", endpoint, "-prefix", layout.prefix, "--repo", str(path)]
     argv += ["--once"] if once else []
-    code = cli.main([*argv, *args])
+    # main() points the root logger at this test's captured stderr; put it back after,
+    # so later tests do not log into a closed stream.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        code = cli.main([*argv, *args])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

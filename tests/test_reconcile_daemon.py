@@ -189,3 +189,30 @@ def test_sigterm_stops_the_daemon_process_cleanly_after_it_followed_a_commit(
     text = log_path.read_text()
     assert "SIGTERM: stopping" in text and "stopped" in text
     assert state.lock_key(layout) not in values(etcd, layout.meta_prefix)
+
+
+def test_an_invalid_commit_is_logged_and_skipped_and_the_next_good_one_applied(
+    etcd: Any,
+    layout: keys.Layout,
+    repo: OpsRepo,
+    running: list[Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gleam.reconcile")
+    d = Running(etcd, layout, repo.path)
+    running.append(d)
+    wait_until(lambda: d.reports, what="the first pass")
+    repo.node("web-1", "print", "data:\n  v: 2\nnmae: typo\n")
+    repo.commit("typo")
+    failed = wait_until(
+        lambda: [r for r in d.reports if r.error], what="the pass over the invalid commit"
+    )
+    assert failed[0].error == "1 invalid manifest(s)"
+    assert "tasks/nodes/web-1.yaml:4: unknown key 'nmae'" in caplog.text
+    assert value_of(etcd, layout.node_key("web-1")) == b'{"Data":{"v":1},"Name":"print"}'
+    repo.node("web-1", "print", "data:\n  v: 2\n")
+    repo.commit("fixed")
+    wait_until(
+        lambda: value_of(etcd, layout.node_key("web-1")) == b'{"Data":{"v":2},"Name":"print"}',
+        what="the fixed commit applied",
+    )

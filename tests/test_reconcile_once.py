@@ -360,3 +360,19 @@ def test_a_recorded_commit_missing_from_the_checkout_is_refused_unless_forced(
     code, out, err = run_cli(capsys, etcd_server.endpoint, layout, other, "--force")
     assert code == 0, err
     assert "full pass" in out
+
+
+def test_an_incremental_pass_reports_every_error_in_the_changed_files(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    before = revisions(etcd, layout.prefix + "/")
+    repo.write("tasks/nodes/eu/web-9.yaml", "name: print\n")
+    repo.write("tasks/regions/us.yaml", "name: print\ndata: [unclosed\n")
+    repo.node("web-1", "print", "data:\n  msg: changed\n")
+    repo.commit("one good change, two bad files")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 1
+    assert "tasks/nodes/eu/web-9.yaml: manifests go directly in tasks/nodes/" in err
+    assert "tasks/regions/us.yaml:3: not valid YAML" in err
+    assert revisions(etcd, layout.prefix + "/") == before  # not even the good change
