@@ -77,6 +77,9 @@ class Agent:
             read_done=lambda etcd: results.read_completions(
                 etcd, layout=config.layout, agent_id=config.agent_id
             ),
+            # Register, then read: an agent that lists as registered has read its keys
+            # or is about to. Bounded, so that a slow registration delays no task long.
+            before_first_read=lambda: self.registrar.registered.wait(config.settings.timeout),
             check_interval=config.check_interval,
         )
         self.writer = results.ResultWriter(new_store())

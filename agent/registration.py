@@ -49,26 +49,35 @@ class Registrar:
     def run(self) -> None:
         """Register and keep the lease alive until `stop()`; then revoke it."""
         interval = refresh_interval(self._ttl)
-        while not self._stop.is_set():
+        pause = 0.0  # before the next refresh: the interval, or a backoff after a failure
+        while not self._stop.wait(pause):
             try:
-                lease_id = self.lease_id
-                if lease_id is None:
-                    lease_id, interval = self._register()
-                if self._stop.wait(interval):
-                    break
-                remaining = self._etcd.keep_alive(lease_id)
+                if self.lease_id is None:
+                    _lease, interval = self._register()
+                    pause = interval
+                    continue
+                remaining = self._etcd.keep_alive(self.lease_id)
                 if remaining <= 0:
-                    log.warning("lease %x is gone; registering again", lease_id)
+                    log.warning("lease %x is gone; registering again", self.lease_id)
                     self.lease_id = None
                     self.registered.clear()
+                    pause = 0.0
+                else:
+                    if self._backoff.failures:
+                        log.info("lease %x kept alive again", self.lease_id)
+                    pause = interval
                 self._backoff.reset()
             except store.StoreError as exc:
-                # The lease may well outlive a short outage: keep it and refresh it when
-                # etcd answers again; if it expired meanwhile, the refresh says so.
-                delay = min(self._backoff.next_delay(), interval)
-                log.warning("registration: %s; retrying in %.1fs", exc, delay)
+                # The lease may well outlive a short outage: keep it and refresh it as
+                # soon as etcd answers again; if it expired meanwhile, the refresh says so.
+                level = logging.DEBUG if self._backoff.failures else logging.WARNING
+                pause = min(self._backoff.next_delay(), interval)
+                log.log(level, "registration: %s; retrying in %.1fs", exc, pause)
                 self._etcd.reset()
-                self._stop.wait(delay)
+            except Exception:  # noqa: BLE001 - a bug here must not end the registration
+                pause = self._backoff.next_delay()
+                log.exception("registration loop failed; retrying in %.1fs", pause)
+                self._etcd.reset()
         self._revoke()
 
     def _register(self) -> tuple[int, float]:

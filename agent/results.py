@@ -155,11 +155,18 @@ class ResultWriter:
                 log.error("result %s was refused by etcd and is dropped: %s", key, exc)
                 self._done(key, value)
             except store.StoreError as exc:
+                level = logging.DEBUG if self._backoff.failures else logging.WARNING
                 delay = self._backoff.next_delay()
-                log.warning("cannot write result %s yet: %s; retrying in %.1fs", key, exc, delay)
+                log.log(level, "cannot write result %s yet: %s; retrying in %.1fs", key, exc, delay)
                 self._etcd.reset()
                 self._abort.wait(delay)
+            except Exception:  # noqa: BLE001 - a bug here must not stop result writing
+                log.exception("writing result %s failed; retrying", key)
+                self._etcd.reset()
+                self._abort.wait(self._backoff.next_delay())
             else:
+                if self._backoff.failures:
+                    log.info("wrote result %s after %d attempts", key, self._backoff.failures + 1)
                 self._backoff.reset()
                 self.written += 1
                 log.debug("wrote result %s", key)

@@ -64,13 +64,8 @@ def translate(exc: BaseException) -> StoreError:
     if isinstance(exc, etcd_exceptions.RevisionCompactedError):
         return Compacted(int(exc.compacted_revision))
     text = connection.describe_error(exc)
-    if isinstance(exc, grpc.RpcError) and getattr(exc, "code", None) is not None:
-        try:
-            code = exc.code()
-        except Exception:  # noqa: BLE001 - a malformed error is still an error
-            code = None
-        if code in _REJECTED_CODES:
-            return Rejected(text)
+    if isinstance(exc, grpc.RpcError) and _code(exc) in _REJECTED_CODES:
+        return Rejected(text)
     return Unavailable(text)
 
 
@@ -116,15 +111,19 @@ class Store:
         self._connector = connector
         self._client: Client | None = None
         self._lock = threading.Lock()
+        self._connects = 0
 
     # Connection --------------------------------------------------------------
     def _get(self) -> Client:
         with self._lock:
             if self._client is None:
+                turn, self._connects = self._connects, self._connects + 1
                 try:
-                    self._client = self._connector(self._settings)
+                    client = self._connector(self._settings)
                 except connection.ETCD_ERRORS as exc:
                     raise translate(exc) from None
+                _start_at(client, turn)
+                self._client = client
             return self._client
 
     def reset(self) -> None:
@@ -252,14 +251,44 @@ class Store:
         )
 
 
+def _start_at(client: Client, turn: int) -> None:
+    """Each new client starts at the next endpoint in turn, the first one first (pyetcd
+    picks one at random and fails over from there), so that reconnecting after
+    failures tries every endpoint rather than maybe the same dead one again."""
+    labels = list(getattr(client, "endpoints", None) or ())
+    if len(labels) > 1:
+        client._current_endpoint_label = labels[turn % len(labels)]
+
+
 class LazyClient:
     """A pyetcd client made on first use, for the Lua scripts' etcd calls (through
     `agent.lua_exec.EtcdKV`): with etcd auth, making a client needs etcd up, and the
-    agent must start even when it is not. Scripts' calls go through pyetcd's own
-    endpoint failover; an error reaches the script as an error string."""
+    agent must start even when it is not. Calls go through pyetcd's own endpoint
+    failover; an error reaches the script as an error string. An expired auth token
+    (etcd drops idle ones) gets one retry on a fresh, re-authenticated client."""
 
     def __init__(self, settings: connection.Settings) -> None:
         self._store = Store(settings)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store._get(), name)
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return getattr(self._store._get(), name)(*args, **kwargs)
+            except grpc.RpcError as exc:
+                if _code(exc) is not grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                self._store.reset()
+                return getattr(self._store._get(), name)(*args, **kwargs)
+
+        return call
+
+    def close(self) -> None:
+        self._store.reset()
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    try:
+        code: grpc.StatusCode | None = exc.code()
+    except Exception:  # noqa: BLE001 - not every RpcError carries a code
+        return None
+    return code

@@ -36,8 +36,7 @@ class TaskQueue:
         takes no new task) or after `timeout` seconds."""
         with self._cond:
             self._cond.wait_for(
-                lambda: self._closed
-                or (self._state.running is None and bool(self._state.waiting)),
+                lambda: self._closed or (self._state.running is None and bool(self._state.waiting)),
                 timeout=timeout,
             )
             return None if self._closed else self._state.take()

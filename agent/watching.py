@@ -49,6 +49,7 @@ class WatchLoop:
         *,
         task_keys: Sequence[str],
         read_done: Callable[[store.Store], Mapping[str, pending.Completed]],
+        before_first_read: Callable[[], object] = lambda: None,
         check_interval: float = 5.0,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -57,6 +58,7 @@ class WatchLoop:
         self._tasks = tasks
         self._keys = tuple(task_keys)
         self._read_done = read_done
+        self._before_first_read = before_first_read
         self._check_interval = check_interval
         self._backoff = backoff or Backoff()
         self._clock = clock
@@ -75,6 +77,7 @@ class WatchLoop:
         """The loop; returns when `stop()` is called."""
         done_loaded = False
         resume: dict[str, int] | None = None  # None: (re-)read every key first
+        self._before_first_read()
         while not self._stop.is_set():
             try:
                 if not done_loaded:
@@ -83,6 +86,8 @@ class WatchLoop:
                 if resume is None:
                     resume = self._read_all()
                 self._start_watches(resume)
+                if self._backoff.failures:
+                    log.info("etcd is reachable again")
                 self._backoff.reset()
                 self._serve(resume)
             except store.Compacted as exc:
@@ -93,8 +98,16 @@ class WatchLoop:
                 log.warning("watch: %s; restarting it", exc)
                 self._restart()
             except store.StoreError as exc:
+                # One warning per outage; the retries that follow are debug lines.
+                level = logging.DEBUG if self._backoff.failures else logging.WARNING
                 delay = self._backoff.next_delay()
-                log.warning("etcd: %s; reconnecting in %.1fs", exc, delay)
+                log.log(level, "etcd: %s; reconnecting in %.1fs", exc, delay)
+                self._restart()
+                self._stop.wait(delay)
+            except Exception:  # noqa: BLE001 - a bug here must not end the agent's watch
+                delay = self._backoff.next_delay()
+                log.exception("watch loop failed; restarting it in %.1fs", delay)
+                resume = None
                 self._restart()
                 self._stop.wait(delay)
         self._etcd.reset()

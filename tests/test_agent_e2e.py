@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gleam import keys, messages
-from gleam.embedded import EtcdServer
+from gleam.embedded import EtcdServer, free_port
 from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
     StartAgent,
     info,
@@ -197,6 +197,16 @@ def test_delete_runs_nothing(
     wait_result(etcd, layout, "d", region("r"), probe)
     assert lines(counter) == ["1", "2"]
     assert result(etcd, layout, "d", node("d")) == got
+
+
+def test_a_dead_endpoint_in_the_list_is_skipped(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, start_agent: StartAgent
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    start_agent(f"{dead},{etcd_server.endpoint}", "-id", "multi", layout=layout)
+    wait_registered(etcd, layout, "multi")
+    revision = send(etcd, layout, node("multi"), "print", "two endpoints")
+    assert wait_result(etcd, layout, "multi", node("multi"), revision).ok
 
 
 # Bad input and limits -----------------------------------------------------------------

@@ -189,3 +189,32 @@ def test_a_lost_lease_is_replaced_and_the_agent_registers_again(
     assert wait_result(etcd, LAYOUT, "l", node("l"), revision).ok
     assert result(etcd, LAYOUT, "l", node("l")) is not None
     assert new_lease != lease
+
+
+def test_an_agent_started_before_etcd_waits_for_it(
+    private_etcd: EtcdServer, etcd: Any, start_agent: StartAgent, lua_dir: Path
+) -> None:
+    private_etcd.stop()
+    agent = start_agent(private_etcd.endpoint, "-id", "early", layout=LAYOUT, script_dir=lua_dir)
+    wait_log(agent, "registration: ")
+    private_etcd.start()
+    wait_registered(etcd, LAYOUT, "early")
+    revision = send(etcd, LAYOUT, node("early"), "echo", "late etcd")
+    assert wait_result(etcd, LAYOUT, "early", node("early"), revision).result == "late etcd"
+
+
+def test_sigterm_while_etcd_is_down_still_exits_cleanly(
+    private_etcd: EtcdServer, etcd: Any, start_agent: StartAgent, lua_dir: Path, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "agent.pid"
+    agent = start_agent(
+        private_etcd.endpoint, "-id", "down", "-pid", str(pid_file),
+        layout=LAYOUT, script_dir=lua_dir,
+    )  # fmt: skip
+    wait_registered(etcd, LAYOUT, "down")
+    private_etcd.kill()
+    wait_log(agent, "etcd: ")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(timeout=40) == 0
+    assert not pid_file.exists()
+    assert "could not revoke lease" in agent.log()
