@@ -39,7 +39,7 @@ RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
     ),
     flags.Flag("full_every", "daemon: every N-th pass re-reads every manifest", "12", metavar="N"),
     flags.Flag(
-        "debounce", "daemon: seconds of quiet after a checkout change", "0.5", metavar="SECONDS"
+        "debounce", "daemon: seconds of quiet after a checkout change", "0.1", metavar="SECONDS"
     ),
     flags.Flag(
         "lock_timeout",

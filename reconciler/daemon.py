@@ -44,7 +44,7 @@ class Reason(StrEnum):
 class Settings:
     interval: float = 300.0
     full_every: int = 12
-    debounce: float = 0.5
+    debounce: float = 0.1
     pull: bool = False
 
 
