@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,11 +41,13 @@ class SignalPipe:
         for signum in signums:
             signal.signal(signum, lambda *_: None)
 
-    def wait(self) -> int:
-        while True:
+    def wait(self) -> int | None:
+        """The next signal's number; None once the pipe is closed."""
+        try:
             data = os.read(self._read, 1)
-            if data:
-                return data[0]
+        except OSError:
+            return None
+        return data[0] if data else None
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -65,6 +68,19 @@ def _make_runner(config: agent_config.AgentConfig) -> Any:
         memory_limit=config.memory_limit,
         logger=logging.getLogger("agent.lua"),
     )
+
+
+def _exit_on_second_signal(signals: SignalPipe, config: agent_config.AgentConfig) -> None:
+    """While shutdown waits for the running task, SIGTERM or SIGINT again exits at once
+    (the lease then expires on its own)."""
+    while (signum := signals.wait()) not in (signal.SIGTERM, signal.SIGINT):
+        if signum is None:
+            return
+    log.warning("second signal: exiting without waiting for the running task")
+    if config.pid_file is not None:
+        pidfile.release(config.pid_file)
+    logging.shutdown()
+    os._exit(EXIT_FAILURE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,9 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.info("SIGHUP: reloading the scripts")
                 runner.reload()
                 continue
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("%s: stopping", signal.Signals(signum).name)
+            if signum in (signal.SIGTERM, signal.SIGINT, None):
+                log.info(
+                    "%s: stopping (the running task may finish; a second signal exits now)",
+                    signal.Signals(signum).name if signum else "signal pipe closed",
+                )
                 break
+        threading.Thread(target=_exit_on_second_signal, args=(signals, config), daemon=True).start()
         clean = agent.shutdown()
         runner.close()
         log.info("stopped%s", "" if clean else " (not everything finished in time)")

@@ -72,14 +72,14 @@ def _log_note(note: pending.Note) -> None:
         case pending.Queued(key, revision):
             log.info("queued %s at revision %d", key, revision)
         case pending.Superseded(key, revision, by):
-            log.warning(
+            log.info(
                 "skipping %s at revision %d: replaced by revision %d before it ran",
                 key,
                 revision,
                 by,
             )
         case pending.Cancelled(key, revisions, by):
-            log.warning(
+            log.info(
                 "skipping %s at revision(s) %s: the key was deleted at revision %d before it ran",
                 key,
                 ", ".join(map(str, revisions)),

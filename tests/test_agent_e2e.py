@@ -314,6 +314,29 @@ def test_sigterm_lets_the_running_task_finish_then_cleans_up(
     assert not pid_file.exists()
 
 
+def test_a_second_signal_exits_without_waiting_for_the_task(
+    etcd_server: EtcdServer,
+    etcd: Any,
+    layout: keys.Layout,
+    start_agent: StartAgent,
+    lua_dir: Path,
+    tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "agent.pid"
+    agent = start_agent(
+        etcd_server.endpoint, "-id", "impatient", "-pid", str(pid_file),
+        layout=layout, script_dir=lua_dir,
+    )  # fmt: skip
+    send(etcd, layout, node("impatient"), "gate", {"gate": str(tmp_path / "never"), "n": 1})
+    wait_log(agent, "waiting at the gate")
+    agent.signal(signal.SIGINT)
+    wait_log(agent, "SIGINT: stopping")
+    agent.signal(signal.SIGINT)
+    assert agent.wait(timeout=30) == 1
+    assert "second signal" in agent.log()
+    assert not pid_file.exists()
+
+
 def test_sigint_stops_cleanly_too(
     etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, start_agent: StartAgent
 ) -> None:
@@ -354,6 +377,29 @@ def test_sighup_reloads_the_scripts(
 
 
 # Flags ----------------------------------------------------------------------------------
+
+
+def test_flags_from_environment_and_config_file_and_a_filtered_log_file(
+    etcd_server: EtcdServer,
+    etcd: Any,
+    layout: keys.Layout,
+    start_agent: StartAgent,
+    tmp_path: Path,
+) -> None:
+    config, log_file = tmp_path / "agent.yaml", tmp_path / "agent.log"
+    config.write_text("region: [eu, web]\nlog_level: warning\n")
+    agent = start_agent(
+        etcd_server.endpoint, "-config", str(config), "-log", str(log_file),
+        layout=layout, env={"GLEAM_ID": "from-env"},
+    )  # fmt: skip
+    record, _lease = wait_registered(etcd, layout, "from-env")
+    assert record.regions == ["eu", "web"]
+    revision = put_raw(etcd, layout, region("web"), b"not json")
+    assert not wait_result(etcd, layout, "from-env", region("web"), revision).ok
+    text = wait_until(lambda: log_file.read_text() if "ERROR" in log_file.read_text() else "")
+    assert "bad task message" in text
+    assert " INFO " not in text, "-log_level warning filters info lines"
+    assert agent.log() == "", "with -log, nothing goes to standard error"
 
 
 @pytest.mark.parametrize(
