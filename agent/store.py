@@ -48,12 +48,13 @@ class Compacted(StoreError):
         self.compacted_revision = compacted_revision
 
 
-# gRPC codes that mean the request itself is at fault, so a retry would fail the same way.
+# gRPC codes that mean the request itself is at fault (too large, malformed, a revision
+# that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
+# operator can fix etcd's roles while the agent keeps retrying.
 _REJECTED_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
