@@ -42,6 +42,7 @@ class Registrar:
         self.lease_id: int | None = None
         self.registered = threading.Event()
         self.registrations = 0
+        self.refreshes = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -63,6 +64,7 @@ class Registrar:
                     self.registered.clear()
                     pause = 0.0
                 else:
+                    self.refreshes += 1
                     if self._backoff.failures:
                         log.info("lease %x kept alive again", self.lease_id)
                     pause = interval
