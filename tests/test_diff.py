@@ -11,7 +11,7 @@ from reconciler import diff
 from reconciler.diff import Action, Actual, Change
 
 
-def msg(name: str, data: object = None) -> bytes:
+def msg(name: str, data: messages.JSON = None) -> bytes:
     return messages.Task(name, data).encode()
 
 
@@ -75,7 +75,13 @@ CASES = [
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
-def test_plan_table(desired, actual, owned, prune, expected):  # type: ignore[no-untyped-def]
+def test_plan_table(
+    desired: dict[str, bytes],
+    actual: dict[str, Actual],
+    owned: dict[str, int],
+    prune: bool,
+    expected: list[tuple[Action, str]],
+) -> None:
     plan = diff.plan(desired, actual, owned, prune=prune)
     assert [(c.action, c.key) for c in plan.changes] == expected
 
@@ -119,7 +125,9 @@ actual_values_st = st.dictionaries(key_st, value_st, max_size=10)
 
 
 @given(desired=desired_st, owned_keys=st.sets(key_st))
-def test_plan_of_desired_against_itself_is_empty(desired, owned_keys):  # type: ignore[no-untyped-def]
+def test_plan_of_desired_against_itself_is_empty(
+    desired: dict[str, bytes], owned_keys: set[str]
+) -> None:
     actual = {k: Actual(v, i + 1) for i, (k, v) in enumerate(sorted(desired.items()))}
     owned = {k: 100 for k in owned_keys | desired.keys()}
     for prune in (False, True):
@@ -131,7 +139,9 @@ def test_plan_of_desired_against_itself_is_empty(desired, owned_keys):  # type: 
 
 
 @given(desired=desired_st, values=actual_values_st, owned_keys=st.sets(key_st))
-def test_applying_the_plan_gives_desired(desired, values, owned_keys):  # type: ignore[no-untyped-def]
+def test_applying_the_plan_gives_desired(
+    desired: dict[str, bytes], values: dict[str, bytes], owned_keys: set[str]
+) -> None:
     actual = {k: Actual(v, i + 1) for i, (k, v) in enumerate(sorted(values.items()))}
     owned = {k: 50 for k in owned_keys}
     plan = diff.plan(desired, actual, owned, prune=True)
@@ -152,7 +162,9 @@ def test_applying_the_plan_gives_desired(desired, values, owned_keys):  # type: 
 
 
 @given(desired=desired_st, values=actual_values_st, owned_keys=st.sets(key_st))
-def test_without_prune_nothing_is_ever_deleted(desired, values, owned_keys):  # type: ignore[no-untyped-def]
+def test_without_prune_nothing_is_ever_deleted(
+    desired: dict[str, bytes], values: dict[str, bytes], owned_keys: set[str]
+) -> None:
     actual = {k: Actual(v, 1) for k, v in values.items()}
     plan = diff.plan(desired, actual, {k: 1 for k in owned_keys}, prune=False)
     assert not any(c.action in (Action.DELETE, Action.FORGET) for c in plan.changes)
