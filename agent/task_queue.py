@@ -18,6 +18,13 @@ class TaskQueue:
         self._cond = threading.Condition()
         self._closed = False
 
+    def reset(self) -> None:
+        """Forget everything seen, waiting and done (etcd went back in time); a job
+        running now still completes into the fresh state."""
+        with self._cond:
+            running = self._state.running
+            self._state = pending.Pending(running=running)
+
     def load_done(self, done: Mapping[str, pending.Completed]) -> None:
         with self._cond:
             self._state.load_done(done)

@@ -11,6 +11,9 @@ whatever etcd does.
 - A silent stall: every `check_interval` seconds the keys' current mod_revisions are read;
   a change the watch has still not delivered one interval later means the watch is stuck,
   and it is restarted from the last revision it delivered + 1.
+- etcd going back in time (restored from a backup): the same check sees a revision older
+  than one already seen; the queue forgets what it saw and did, and everything is read
+  again from the restored etcd.
 
 The loop never runs Lua: it only hands changes to the queue. Watch responses arrive on
 pyetcd's thread and are passed here through an inbox, so all decisions happen on one
@@ -39,6 +42,10 @@ Suspect = tuple[int | None, int]
 
 class Stalled(Exception):
     """The watch did not deliver changes that a read shows."""
+
+
+class Rewound(Exception):
+    """etcd's revision went backwards: what the agent remembers no longer applies."""
 
 
 class WatchLoop:
@@ -96,6 +103,12 @@ class WatchLoop:
                 self._restart()
             except Stalled as exc:
                 log.warning("watch: %s; restarting it", exc)
+                self._restart()
+            except Rewound as exc:
+                log.warning("%s; forgetting what was seen and re-reading everything", exc)
+                self._tasks.reset()
+                done_loaded = False
+                resume = None
                 self._restart()
             except store.StoreError as exc:
                 # One warning per outage; the retries that follow are debug lines.
@@ -159,15 +172,21 @@ class WatchLoop:
                 self._tasks.observe(message.changes)
                 resume[message.key] = next_resume(resume[message.key], message)
             if self._clock() >= next_check:
-                suspects = self._check(suspects)
+                suspects = self._check(suspects, resume)
                 next_check = self._clock() + self._check_interval
 
     def _check(
-        self, suspects: Mapping[str, tuple[int | None, int]]
-    ) -> dict[str, tuple[int | None, int]]:
+        self, suspects: Mapping[str, Suspect], resume: Mapping[str, int]
+    ) -> dict[str, Suspect]:
         """Compare a fresh read with what the watch delivered. Changes missing now are
         suspects; suspects from the previous check still missing mean a stall."""
         snapshot = self._etcd.read_keys(self._keys)
+        seen_up_to = max(resume.values(), default=1) - 1
+        if snapshot.revision < seen_up_to:
+            raise Rewound(
+                f"etcd is at revision {snapshot.revision}, behind revision {seen_up_to} "
+                "that this agent has seen (restored from a backup, or a new cluster?)"
+            )
         overdue = [
             f"{key} at revision {revision if revision is not None else f'{read_at} (deleted)'}"
             for key, (revision, read_at) in suspects.items()

@@ -5,6 +5,7 @@ an etcd of its own (private_etcd) and real agent subprocesses."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,3 +219,38 @@ def test_sigterm_while_etcd_is_down_still_exits_cleanly(
     assert agent.wait(timeout=40) == 0
     assert not pid_file.exists()
     assert "could not revoke lease" in agent.log()
+
+
+def test_etcd_restored_from_an_older_backup_is_noticed_and_new_tasks_run(
+    private_etcd: EtcdServer,
+    etcd: Any,
+    start_agent: StartAgent,
+    lua_dir: Path,
+    tmp_path: Path,
+) -> None:
+    counter, backup = tmp_path / "count.txt", tmp_path / "backup"
+    member_data = Path(private_etcd.data_dir) / "member-data"
+    agent = start_agent(
+        private_etcd.endpoint, "-id", "rw", "-check_interval", "0.5",
+        layout=LAYOUT, script_dir=lua_dir,
+    )  # fmt: skip
+    first = send(etcd, LAYOUT, node("rw"), "count", {"file": str(counter), "n": 1})
+    wait_result(etcd, LAYOUT, "rw", node("rw"), first)
+    private_etcd.stop()
+    shutil.copytree(member_data, backup)
+    private_etcd.start()
+    for i in range(20):
+        etcd.put(f"/elsewhere/{i}", b"x")
+    second = send(etcd, LAYOUT, node("rw"), "count", {"file": str(counter), "n": 2})
+    wait_result(etcd, LAYOUT, "rw", node("rw"), second)
+
+    private_etcd.stop()
+    shutil.rmtree(member_data)
+    shutil.copytree(backup, member_data)
+    private_etcd.start()
+    wait_log(agent, "restored from a backup", timeout=40)
+    third = send(etcd, LAYOUT, node("rw"), "count", {"file": str(counter), "n": 3})
+    assert third < second, "etcd's revisions went back"
+    got = wait_result(etcd, LAYOUT, "rw", node("rw"), third, timeout=40)
+    assert (got.revision, got.result) == (third, 3)
+    assert counter.read_text().splitlines() == ["1", "2", "3"]
