@@ -85,6 +85,7 @@ class EtcdServer:
             "--log-level", "warn",
             *self.extra_args,
         ]  # fmt: skip
+        os.makedirs(self.data_dir, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
