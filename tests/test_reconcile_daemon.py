@@ -84,7 +84,11 @@ def test_daemon_applies_at_start_and_picks_up_a_new_commit(
     )
     assert value_of(etcd, layout.region_key("eu"))
     assert value_of(etcd, key) == b'{"Data":{"v":2},"Name":"print"}'
-    assert change_pass is not None and change_pass.result is not None and change_pass.result.desired.commit == commit
+    assert (
+        change_pass is not None
+        and change_pass.result is not None
+        and change_pass.result.desired.commit == commit
+    )
     assert change_pass.result.desired.mode == "incremental"
     record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
     assert record.commit == commit

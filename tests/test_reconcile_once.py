@@ -376,3 +376,32 @@ def test_an_incremental_pass_reports_every_error_in_the_changed_files(
     assert "tasks/nodes/eu/web-9.yaml: manifests go directly in tasks/nodes/" in err
     assert "tasks/regions/us.yaml:3: not valid YAML" in err
     assert revisions(etcd, layout.prefix + "/") == before  # not even the good change
+
+
+def test_a_held_lock_makes_a_second_run_wait_then_give_up_naming_the_holder(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    holder = sync.Lock(etcd, layout, holder="ci-job-41")
+    holder.acquire(timeout=5)
+    try:
+        code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "-lock_timeout", "0.3")
+        assert code == 1 and "held by ci-job-41" in err
+        assert values(etcd, layout.prefix + "/node/") == {}
+        # A dry run reads only, so it does not need the lock.
+        assert run_cli(capsys, etcd_server.endpoint, layout, repo, "--dry-run")[0] == 0
+    finally:
+        holder.release()
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+
+
+def test_a_reconciler_that_lost_its_lock_writes_nothing(etcd: Any, layout: keys.Layout) -> None:
+    lock = sync.Lock(etcd, layout)
+    lock.acquire(timeout=5)
+    try:
+        etcd.delete(state.lock_key(layout))  # as if the lease had expired
+        change = diff.Change(diff.Action.CREATE, layout.node_key("n1"), new=b"{}")
+        with pytest.raises(sync.LockLost):
+            sync.apply_changes(etcd, layout, [change], fence=lock)
+        assert values(etcd, layout.prefix + "/") == {}
+    finally:
+        lock.release()
