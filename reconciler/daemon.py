@@ -31,7 +31,7 @@ from reconciler import diff, gitsource, manifests, reconcile, render, state, syn
 log = logging.getLogger("gleam.reconcile")
 
 WRITE_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
-RETRY_SECONDS = 10.0  # after a failed pass, try again this soon (or at the interval)
+RETRY_SECONDS = 10.0
 
 
 class Reason(StrEnum):
@@ -46,6 +46,7 @@ class Settings:
     full_every: int = 12
     debounce: float = 0.1
     pull: bool = False
+    retry: float = RETRY_SECONDS  # after a failed pass, try again this soon
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,11 @@ class Daemon:
                 ok = self.one_pass(reason)
                 if max_passes is not None and self._passes >= max_passes:
                     return
-                wait = self.settings.interval if ok else min(self.settings.interval, RETRY_SECONDS)
+                wait = (
+                    self.settings.interval
+                    if ok
+                    else min(self.settings.interval, self.settings.retry)
+                )
                 reason = self._wait(watch, wait)
         finally:
             watch.stop()
@@ -219,6 +224,9 @@ class Daemon:
         except connection.ETCD_ERRORS as exc:
             log.error("etcd: %s", connection.describe_error(exc))
             return self._report(number, reason, None, connection.describe_error(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in one pass must not end the daemon
+            log.exception("pass %d failed unexpectedly", number)
+            return self._report(number, reason, None, f"{type(exc).__name__}: {exc}")
         self._log_result(result, reason)
         return self._report(number, reason, result, None)
 

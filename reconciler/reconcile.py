@@ -51,7 +51,7 @@ class Options:
     full: bool = False
     worktree: bool = False
     lock_timeout: float = 60.0
-    lock_ttl: int = 30
+    lock_ttl: int = 15
     cache: bool = True  # the parse cache (parsecache.py); off only to measure without it
 
 

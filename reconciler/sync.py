@@ -276,7 +276,7 @@ class Lock:
         etcd: Etcd,
         layout: keys.Layout,
         *,
-        ttl: int = 30,
+        ttl: int = 15,
         holder: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -366,11 +366,14 @@ class Lock:
             self._keepalive = None
         if self.revision:
             t = self.etcd.transactions
-            self.etcd.transaction(
-                compare=[t.create(self.key) == self.revision],
-                success=[t.delete(self.key)],
-                failure=[],
-            )
+            try:
+                self.etcd.transaction(
+                    compare=[t.create(self.key) == self.revision],
+                    success=[t.delete(self.key)],
+                    failure=[],
+                )
+            except Exception as exc:  # noqa: BLE001 - never mask the pass's own error
+                log.warning("could not release the apply lock (its lease will): %s", exc)
             self.revision = 0
         self._revoke()
 

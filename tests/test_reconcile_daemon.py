@@ -18,7 +18,7 @@ from gleam import keys
 from gleam.embedded import EtcdServer
 from reconciler import daemon, diff, reconcile, state, sync
 from tests.reconcile_support import OpsRepo, values
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, client_for, wait_until
 
 
 class Running:
@@ -220,3 +220,26 @@ def test_an_invalid_commit_is_logged_and_skipped_and_the_next_good_one_applied(
         lambda: value_of(etcd, layout.node_key("web-1")) == b'{"Data":{"v":2},"Name":"print"}',
         what="the fixed commit applied",
     )
+
+
+def test_the_daemon_survives_etcd_going_away_and_applies_once_it_is_back(
+    private_etcd: EtcdServer, layout: keys.Layout, repo: OpsRepo, running: list[Running]
+) -> None:
+    etcd = client_for(private_etcd.endpoint)
+    try:
+        d = Running(etcd, layout, repo.path, retry=0.2)
+        running.append(d)
+        wait_until(lambda: d.reports, what="the first pass")
+        private_etcd.kill()
+        repo.node("web-1", "print", "data:\n  v: 2\n")
+        repo.commit("while etcd is down")
+        wait_until(lambda: any(r.error for r in d.reports), what="a pass failing on etcd")
+        private_etcd.start()
+        wait_until(
+            lambda: value_of(etcd, layout.node_key("web-1")) == b'{"Data":{"v":2},"Name":"print"}',
+            timeout=60,
+            what="the commit applied after etcd came back",
+        )
+    finally:
+        running.pop().close()
+        etcd.close()
