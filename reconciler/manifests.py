@@ -37,7 +37,23 @@ ALLOWED_KEYS = frozenset({"name", "data"})
 class _Loader(yaml.CSafeLoader):
     """The C safe loader without the timestamp rule: `2024-05-01` stays a string, since
     a date object cannot go into a JSON message and a date-looking string should not
-    turn into an error."""
+    turn into an error. A key given twice in one mapping is an error: YAML loaders
+    silently keep the last one, which hides a bad merge."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if len(node.value) > 1:
+            seen: set[str] = set()
+            for key_node, _value in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen and key_node.value != "<<":
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping",
+                            node.start_mark,
+                            f"key {key_node.value!r} is given twice",
+                            key_node.start_mark,
+                        )
+                    seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
