@@ -47,8 +47,8 @@ class _Loader(yaml.CSafeLoader):
                 if isinstance(key_node, yaml.ScalarNode):
                     if key_node.value in seen and key_node.value != "<<":
                         raise yaml.constructor.ConstructorError(
-                            "while reading a mapping",
-                            node.start_mark,
+                            None,
+                            None,
                             f"key {key_node.value!r} is given twice",
                             key_node.start_mark,
                         )
