@@ -1,0 +1,12 @@
+"""gleam-reconcile: keep etcd's task keys equal to the YAML manifests in a git checkout.
+
+    gitsource (git I/O) ─> manifests (pure: YAML -> messages) ─┐
+                                                               ├─> diff (pure plan) ─> sync (etcd I/O)
+    sync (etcd reads) ─────────────────────────────────────────┘
+    state (pure: meta record names and codecs)   parsecache (parsed blobs by id, in .git)
+    reconcile (one pass: guard, plan, apply, re-plan, record)   render (text and JSON)
+    cli (flags, exit codes; `--once`)   daemon (the loop: watch, interval, drift, --pull)
+
+The entry point is `reconciler.cli:main`; `reconciler.reconcile.run` is one pass for
+callers that hold an etcd client already.
+"""
