@@ -1,7 +1,7 @@
 """gleam-reconcile: keep etcd's task keys equal to the YAML manifests in a git checkout.
 
     gitsource (git I/O) ─> manifests (pure: YAML -> messages) ─┐
-                                                               ├─> diff (pure plan) ─> sync (etcd I/O)
+                                                               ├─> diff (pure) ─> sync (etcd)
     sync (etcd reads) ─────────────────────────────────────────┘
     state (pure: meta record names and codecs)   parsecache (parsed blobs by id, in .git)
     reconcile (one pass: guard, plan, apply, re-plan, record)   render (text and JSON)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -112,6 +112,7 @@ class Config:
     full_every: int
     debounce: float
     pull: bool
+    log_values: Mapping[str, str | None]
 
 
 def _number(values: dict[str, str | None], name: str, *, integer: bool = False) -> float:
@@ -125,8 +126,29 @@ def _number(values: dict[str, str | None], name: str, *, integer: bool = False) 
     return value
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
+
+def _switches(args: argparse.Namespace) -> argparse.Namespace:
+    """Each switch from the command line, else from GLEAM_<NAME> or the -config file
+    (`prune: true`), like the value flags; the same precedence."""
+    as_flags = [flags.Flag(name, help_text) for name, help_text in SWITCHES]
+    given = argparse.Namespace(
+        config=args.config, **{f.name: ("1" if getattr(args, f.name) else None) for f in as_flags}
+    )
+    resolved = flags.resolve(given, as_flags)
+    out = argparse.Namespace(**vars(args))
+    for flag in as_flags:
+        word = (resolved.get(flag.name) or "").strip().lower()
+        if word not in TRUE_WORDS | FALSE_WORDS:
+            raise flags.FlagError(f"-{flag.name}: {word!r} is not true or false ({flag.env})")
+        setattr(out, flag.name, word in TRUE_WORDS)
+    return out
+
+
 def parse(argv: Sequence[str] | None) -> Config:
-    args = build_parser().parse_args(argv)
+    args = _switches(build_parser().parse_args(argv))
     values = flags.resolve(args, ALL_FLAGS)
     output = (values.get("output") or "text").lower()
     if output not in ("text", "json"):
@@ -146,7 +168,6 @@ def parse(argv: Sequence[str] | None) -> Config:
         lock_timeout=_number(values, "lock_timeout"),
         cache=not args.no_cache,
     )
-    flags.setup_logging(values, name="gleam-reconcile")
     return Config(
         options=options,
         settings=flags.connection_settings(values),
@@ -159,12 +180,14 @@ def parse(argv: Sequence[str] | None) -> Config:
         full_every=int(_number(values, "full_every", integer=True)),
         debounce=_number(values, "debounce"),
         pull=args.pull,
+        log_values={name: values.get(name) for name in ("log", "log_level")},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse(argv)
+        flags.setup_logging(config.log_values, name="gleam-reconcile")
     except (UsageError, flags.FlagError, connection.ConfigError) as exc:
         print(f"gleam-reconcile: {exc}", file=sys.stderr)
         return EXIT_ERROR

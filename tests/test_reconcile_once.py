@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from gleam import keys
+from gleam import flags, keys
 from gleam.embedded import EtcdServer
-from reconciler import diff, gitsource, parsecache, reconcile, state, sync
+from reconciler import cli, diff, gitsource, parsecache, reconcile, state, sync
 from tests.reconcile_support import OpsRepo, revisions, run_cli, values
 
 
@@ -405,3 +405,18 @@ def test_a_reconciler_that_lost_its_lock_writes_nothing(etcd: Any, layout: keys.
         assert values(etcd, layout.prefix + "/") == {}
     finally:
         lock.release()
+
+
+def test_switches_come_from_the_command_line_the_environment_or_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_file = tmp_path / "gleam.yaml"
+    config_file.write_text("prune: true\nrepo: /srv/ops\noutput: json\n")
+    monkeypatch.setenv("GLEAM_FORCE", "yes")
+    parsed = cli.parse(["-once", "-config", str(config_file), "-dry-run"])
+    assert parsed.options.prune and parsed.options.force and parsed.options.dry_run
+    assert parsed.options.repo == Path("/srv/ops") and parsed.output == "json"
+    assert not parsed.options.full
+    monkeypatch.setenv("GLEAM_FULL", "perhaps")
+    with pytest.raises(flags.FlagError, match="GLEAM_FULL"):
+        cli.parse(["--once"])
