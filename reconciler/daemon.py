@@ -73,7 +73,9 @@ class CheckoutWatch:
     def relevant(self, path: str) -> bool:
         if self._git_dir is not None and path.startswith(str(self._git_dir) + "/"):
             rel = path[len(str(self._git_dir)) + 1 :]
-            return rel in ("HEAD", "packed-refs") or rel.startswith("refs/")
+            # logs/HEAD also moves with every commit in a linked worktree, whose branch
+            # refs live in the common git dir.
+            return rel in ("HEAD", "packed-refs", "logs/HEAD") or rel.startswith("refs/")
         tasks = str(self._repo / manifests.TASKS_DIR) + "/"
         return self._worktree and path.startswith(tasks)
 

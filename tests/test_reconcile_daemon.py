@@ -243,3 +243,15 @@ def test_the_daemon_survives_etcd_going_away_and_applies_once_it_is_back(
     finally:
         running.pop().close()
         etcd.close()
+
+
+def test_only_ref_moves_and_worktree_edits_count_as_checkout_changes(tmp_path: Path) -> None:
+    git_dir = tmp_path / "ops" / ".git"
+    watch = daemon.CheckoutWatch(tmp_path / "ops", git_dir, worktree=False)
+    for rel in ("HEAD", "refs/heads/main", "refs/remotes/origin/main", "packed-refs", "logs/HEAD"):
+        assert watch.relevant(f"{git_dir}/{rel}"), rel
+    for rel in ("index", "objects/ab/cdef", "gleam-reconcile-manifests.cache", "FETCH_HEAD"):
+        assert not watch.relevant(f"{git_dir}/{rel}"), rel
+    assert not watch.relevant(f"{tmp_path}/ops/tasks/nodes/a.yaml")
+    on_disk = daemon.CheckoutWatch(tmp_path / "ops", git_dir, worktree=True)
+    assert on_disk.relevant(f"{tmp_path}/ops/tasks/nodes/a.yaml")
