@@ -184,7 +184,13 @@ class LuaRunner:
     def run(self, name: str, data: JSON) -> Outcome:
         """Run function `name` with `data`; never raises for what a script or name does."""
         started = time.perf_counter()
-        ok, result, error = self._run(name, data)
+        try:
+            ok, result, error = self._run(name, data)
+        except Exception as exc:  # noqa: BLE001 - the worker loop must survive anything
+            # Not expected: lupa or a conversion failing in a way not handled above.
+            self._log.exception("running %r failed unexpectedly", name)
+            self._renew_runtime("after an unexpected failure")
+            ok, result, error = False, None, f"internal error running {name!r}: {exc!r}"
         duration_ms = (time.perf_counter() - started) * 1000.0
         return Outcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
 

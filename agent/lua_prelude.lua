@@ -119,6 +119,17 @@ local function load_(chunk, name, mode, env)
   return raw_load(chunk, name, "t", env)
 end
 
+-- The collector is shared by every run: a script may run or measure it, not stop or
+-- retune it for the runs after it.
+local raw_collectgarbage = collectgarbage
+local collect_options = { collect = true, count = true, step = true, isrunning = true }
+local function collectgarbage_(opt, ...)
+  if opt ~= nil and not collect_options[opt] then
+    raw_error("collectgarbage('" .. tostring(opt) .. "') is not allowed in gleam scripts", 2)
+  end
+  return raw_collectgarbage(opt, ...)
+end
+
 local function not_allowed(what, instead)
   return function()
     raw_error(what .. " is not allowed in gleam scripts" .. (instead or ""), 2)
@@ -261,7 +272,7 @@ local base = {
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
   pcall = pcall_, xpcall = xpcall_, rawequal = rawequal, rawget = rawget, rawlen = rawlen,
   rawset = rawset, select = select, setmetatable = setmetatable_, getmetatable = getmetatable,
-  tonumber = tonumber, tostring = tostring, type = type, collectgarbage = collectgarbage,
+  tonumber = tonumber, tostring = tostring, type = type, collectgarbage = collectgarbage_,
   load = load_, print = gleam_base.Message, _VERSION = _VERSION,
 }
 local env_meta = { __index = base, __metatable = false }

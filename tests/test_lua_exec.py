@@ -133,7 +133,7 @@ def test_standard_libraries_stay_usable(make_runner: Factory, scripts: Path) -> 
     return {
       string.format("%d-%s", 3, ("x"):upper()), table.concat({1, 2}, ","), math.floor(2.5),
       type(os.time()), type(io.open), utf8.char(233), select("#", 1, 2),
-      debug.traceback("x"):sub(1, 1),
+      debug.traceback("x"):sub(1, 1), collectgarbage("count") > 0,
     }
     """
     assert ok(run_text(make_runner(scripts), scripts, text)) == [
@@ -145,6 +145,7 @@ def test_standard_libraries_stay_usable(make_runner: Factory, scripts: Path) -> 
         "é",
         2,
         "x",
+        True,
     ]
 
 
@@ -175,6 +176,12 @@ def test_unknown_function_fails_clearly(make_runner: Factory, scripts: Path) -> 
 @pytest.mark.parametrize("name", ["../x", "a/b", "", "a::..", ".hidden", "a::", "x.lua"])
 def test_invalid_function_names_are_refused(make_runner: Factory, scripts: Path, name: str) -> None:
     assert "invalid" in failed(make_runner(scripts).run(name, None)) or name == ""
+
+
+def test_name_of_the_wrong_type_fails_cleanly(make_runner: Factory, scripts: Path) -> None:
+    runner = make_runner(scripts)
+    assert failed(runner.run(["x"], None))  # type: ignore[arg-type]
+    assert "non-empty string" in failed(runner.run(None, None))  # type: ignore[arg-type]
 
 
 def test_symlink_out_of_the_script_dir_is_refused(
@@ -391,6 +398,7 @@ def test_reload_from_another_thread_recompiles(
             "setmetatable({}, {__gc = function() while true do end end})",
             "__gc metamethods are not allowed in gleam scripts",
         ),
+        ("collectgarbage('stop')", "collectgarbage('stop') is not allowed in gleam scripts"),
         ("coroutine.yield(1)", "Lua error: attempt to yield from outside a coroutine"),
         ("return nil .. 'x'", "Lua error: t.lua:1: attempt to concatenate a nil value"),
     ],
