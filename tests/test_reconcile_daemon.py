@@ -24,10 +24,12 @@ from tests.support import ROOT, client_for, wait_until
 class Running:
     """A Daemon on a thread, with every pass report kept."""
 
-    def __init__(self, etcd: Any, layout: keys.Layout, repo: Path, **settings: Any) -> None:
+    def __init__(
+        self, etcd: Any, layout: keys.Layout, repo: Path, *, worktree: bool = False, **settings: Any
+    ) -> None:
         self.reports: list[daemon.PassReport] = []
         self.stop = threading.Event()
-        options = reconcile.Options(repo=repo, prune=True, lock_timeout=60)
+        options = reconcile.Options(repo=repo, prune=True, lock_timeout=60, worktree=worktree)
         defaults = {"interval": 60.0, "debounce": 0.05, "full_every": 1000}
         self.daemon = daemon.Daemon(
             etcd,
@@ -255,3 +257,21 @@ def test_only_ref_moves_and_worktree_edits_count_as_checkout_changes(tmp_path: P
     assert not watch.relevant(f"{tmp_path}/ops/tasks/nodes/a.yaml")
     on_disk = daemon.CheckoutWatch(tmp_path / "ops", git_dir, worktree=True)
     assert on_disk.relevant(f"{tmp_path}/ops/tasks/nodes/a.yaml")
+
+
+def test_with_worktree_the_daemon_applies_files_as_they_are_saved(
+    etcd: Any, layout: keys.Layout, repo: OpsRepo, running: list[Running]
+) -> None:
+    d = Running(etcd, layout, repo.path, worktree=True)
+    running.append(d)
+    wait_until(lambda: d.reports, what="the first pass")
+    repo.node("web-1", "print", "data:\n  v: saved, not committed\n")
+    wait_until(
+        lambda: (
+            value_of(etcd, layout.node_key("web-1"))
+            == b'{"Data":{"v":"saved, not committed"},"Name":"print"}'
+        ),
+        what="the saved file applied",
+    )
+    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    assert record.last is not None and record.last.source == "worktree"
