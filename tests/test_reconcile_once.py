@@ -420,3 +420,15 @@ def test_switches_come_from_the_command_line_the_environment_or_the_config_file(
     monkeypatch.setenv("GLEAM_FULL", "perhaps")
     with pytest.raises(flags.FlagError, match="GLEAM_FULL"):
         cli.parse(["--once"])
+
+
+def test_a_stray_ownership_record_cannot_make_prune_delete_other_keys(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    etcd.put(layout.info_key("web-9"), b"{}")
+    etcd.put(state.owned_prefix(layout) + "info/web-9", b"")
+    etcd.put(state.owned_prefix(layout) + "node/a/b", b"")
+    code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune", "--full")
+    assert code == 0, err
+    assert values(etcd, layout.info_key("web-9")) == {layout.info_key("web-9"): b"{}"}
