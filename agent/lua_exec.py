@@ -126,8 +126,11 @@ class _Invalidator(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _CHANGE_EVENTS:
             return
-        if event.is_directory and event.event_type in ("deleted", "moved"):
-            self._runner.reload()
+        if event.is_directory:
+            # A folder moved or deleted takes its scripts with it; other folder events
+            # (a new file inside, a new folder) change no script already compiled.
+            if event.event_type in ("deleted", "moved"):
+                self._runner.reload()
             return
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
