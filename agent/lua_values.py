@@ -70,7 +70,11 @@ def _convert(value: Any, depth: int, counter: list[int], where: str) -> JSON:
         raise NotJSON(f"{where} is {what}")
     if depth >= MAX_DEPTH:
         raise NotJSON(f"result nests deeper than {MAX_DEPTH} levels (a table that holds itself?)")
-    items = list(value.items())
+    items = []
+    for item in value.items():
+        items.append(item)
+        if len(items) > MAX_ITEMS:
+            raise NotJSON(f"result has more than {MAX_ITEMS} values")
     if items and all(isinstance(k, int) and not isinstance(k, bool) for k, _ in items):
         ordered = sorted(items, key=lambda kv: kv[0])
         if ordered[0][0] == 1 and ordered[-1][0] == len(ordered):

@@ -149,6 +149,11 @@ def test_standard_libraries_stay_usable(make_runner: Factory, scripts: Path) -> 
     ]
 
 
+def test_load_runs_code_in_the_scripts_environment(make_runner: Factory, scripts: Path) -> None:
+    text = "x = 5 return load('return x + #gleam.regions, gleam.Data')()"
+    assert ok(run_text(make_runner(scripts), scripts, text, "d")) == 7
+
+
 def test_globals_and_library_changes_do_not_leak_between_runs(
     make_runner: Factory, scripts: Path
 ) -> None:
@@ -278,6 +283,11 @@ def test_result_over_512_kib_fails(make_runner: Factory, scripts: Path) -> None:
     assert len(ok(run_text(runner, scripts, "return string.rep('x', 500 * 1024)"))) == 500 * 1024
     error = failed(run_text(runner, scripts, "return string.rep('x', 513 * 1024)"))
     assert "over the 524288-byte limit" in error
+
+
+def test_result_with_too_many_values_fails(make_runner: Factory, scripts: Path) -> None:
+    text = "local t = {} for i = 1, 300000 do t[i] = 0 end return t"
+    assert "more than 262144 values" in failed(run_text(make_runner(scripts), scripts, text))
 
 
 def test_integer_data_out_of_lua_range_fails(make_runner: Factory, scripts: Path) -> None:
@@ -410,6 +420,7 @@ def test_reload_from_another_thread_recompiles(
             "__gc metamethods are not allowed in gleam scripts",
         ),
         ("collectgarbage('stop')", "collectgarbage('stop') is not allowed in gleam scripts"),
+        ("assert(load(string.dump(function() end)))", "attempt to load a binary chunk"),
         ("coroutine.yield(1)", "Lua error: attempt to yield from outside a coroutine"),
         ("return nil .. 'x'", "Lua error: t.lua:1: attempt to concatenate a nil value"),
     ],
