@@ -83,6 +83,13 @@ def _exit_on_second_signal(signals: SignalPipe, config: agent_config.AgentConfig
     os._exit(EXIT_FAILURE)
 
 
+def _fatal(message: str, *, to_log_file: bool) -> None:
+    """Why the agent cannot start: on standard error, and in the -log file if there is one."""
+    if to_log_file:
+        log.error("%s", message)
+    print(f"{agent_config.PROG}: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, values = agent_config.parse(argv)
@@ -97,16 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             pidfile.acquire(config.pid_file)
         except pidfile.PidFileError as exc:
-            log.error("%s", exc)
-            print(f"{agent_config.PROG}: {exc}", file=sys.stderr)
+            _fatal(str(exc), to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         try:
             runner = _make_runner(config)
         except Exception as exc:  # noqa: BLE001 - reported, not a traceback
-            log.error("cannot start the Lua runtime: %s", exc)
-            print(f"{agent_config.PROG}: cannot start the Lua runtime: {exc}", file=sys.stderr)
+            _fatal(f"cannot start the Lua runtime: {exc}", to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
         agent = Agent(config, runner)
         log.info(
