@@ -432,3 +432,14 @@ def test_a_stray_ownership_record_cannot_make_prune_delete_other_keys(
     code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune", "--full")
     assert code == 0, err
     assert values(etcd, layout.info_key("web-9")) == {layout.info_key("web-9"): b"{}"}
+
+
+def test_an_incremental_pass_sees_a_new_file_that_duplicates_an_unchanged_one(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    repo.write("tasks/nodes/web-1.yml", "name: print\ndata: the other spelling\n")
+    repo.commit("a second file for web-1")
+    code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 1
+    assert "tasks/nodes/web-1.yml: tasks/nodes/web-1.yaml already defines node/web-1" in err
