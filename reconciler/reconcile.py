@@ -169,6 +169,7 @@ def read_desired(
             and last is not None
             and last.from_git
             and (last.pruned or not options.prune)
+            and last.rules == parsecache.fingerprint()
         )
     if not incremental or recorded is None or record is None or record.last is None:
         return read_full(layout, source, head, cache=options.cache)
@@ -388,8 +389,8 @@ def _run_locked(
     changed_state = (
         bool(applied)
         or last is None
-        or (last.source, last.commit, last.digest, last.pruned or not options.prune)
-        != (desired.source, desired.commit, desired.digest, True)
+        or (last.source, last.commit, last.digest, last.pruned or not options.prune, last.rules)
+        != (desired.source, desired.commit, desired.digest, True, parsecache.fingerprint())
     )
     if changed_state:
         entry = state.Apply(
@@ -400,6 +401,7 @@ def _run_locked(
             digest=desired.digest,
             mode=desired.mode,
             pruned=options.prune,
+            rules=parsecache.fingerprint(),
         )
         if not sync.write_record(
             etcd, layout, state.after(record, entry), seen_revision=record_revision, fence=lock

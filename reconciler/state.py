@@ -70,6 +70,9 @@ class Apply:
     # Whether this apply ran with --prune: after one that did not, owned keys may lack a
     # manifest, and the next --prune run must look at every key (a full pass) to find them.
     pruned: bool = False
+    # A fingerprint of the validation rules (parsing code and schema) that accepted these
+    # manifests: after an upgrade that changes them, the next pass re-validates everything.
+    rules: str = ""
 
     @property
     def from_git(self) -> bool:
@@ -124,6 +127,7 @@ def decode(raw: bytes) -> Record:
                 digest=str(h["digest"]),
                 mode=str(h.get("mode", "full")),
                 pruned=bool(h.get("pruned", False)),
+                rules=str(h.get("rules", "")),
             )
             for h in body.get("history") or []
         )

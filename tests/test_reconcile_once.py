@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import marshal
 from pathlib import Path
@@ -443,3 +444,18 @@ def test_an_incremental_pass_sees_a_new_file_that_duplicates_an_unchanged_one(
     code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
     assert code == 1
     assert "tasks/nodes/web-1.yml: tasks/nodes/web-1.yaml already defines node/web-1" in err
+
+
+def test_after_an_upgrade_that_changes_the_rules_the_next_pass_is_full(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
+    key = state.applied_key(layout)
+    record = state.decode(values(etcd, key)[key])
+    assert record.last is not None and record.last.rules == parsecache.fingerprint()
+    older = dataclasses.replace(record.last, rules="older-rules")
+    etcd.put(key, state.Record(record.commit, (older,)).encode())
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0 and "full pass" in out
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0 and "incremental pass" in out
