@@ -165,6 +165,12 @@ def table(rows: Sequence[Row]) -> str:
             gleam = cell(row.gleam)
         n = f"{len(row.gleam)} {row.per}{'s' if len(row.gleam) != 1 else ''}" if row.gleam else ""
         baseline = cell(row.baseline)
+        if (
+            row.baseline is not None
+            and row.gleam is not None
+            and len(row.baseline) != len(row.gleam)
+        ):
+            baseline = f"{baseline} [{len(row.baseline)}]"
         if row.baseline is not None and row.baseline_label:
             baseline = f"{baseline}: {row.baseline_label}"
         advantage = row.advantage
@@ -235,7 +241,8 @@ def document(info: RunInfo, rows: Sequence[Row]) -> str:
         "",
         f"Targets met: {len(met)}; missed or failed: {len(missed)}. "
         "Each cell is the median with the min–max spread over the n values named in "
-        'its row. "Gleam\'s advantage" is baseline ÷ Gleam for times and memory and '
+        "its row; a baseline measured a different number of times gives its count in "
+        'brackets. "Gleam\'s advantage" is baseline ÷ Gleam for times and memory and '
         "Gleam ÷ baseline for rates: above 1, Gleam is better.",
         "",
         table(rows),

@@ -88,5 +88,5 @@ def test_table_shows_median_spread_ratio_and_errors() -> None:
         Row("w", "broken", "", None, error="agent exited with 1\ntraceback..."),
     ]  # fmt: skip
     text = report.table(rows)
-    assert "| 2.00 (1.00–4.00) | 3 runs | 20.0: loop | 10.0× | ≤ 3 s | yes |" in text
+    assert "| 2.00 (1.00–4.00) | 3 runs | 20.0 [1]: loop | 10.0× | ≤ 3 s | yes |" in text
     assert "error: agent exited with 1 |" in text and "**error**" in text
