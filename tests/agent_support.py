@@ -42,7 +42,7 @@ return gleam.Data.n
 local t, i = {}, 0
 while true do
   i = i + 1
-  t[i] = string.rep("x", 1024) .. i
+  t[i] = string.rep("x", 1024 * 1024) .. i
 end
 """,
     "quit": "os.exit(3)",
