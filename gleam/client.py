@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from gleam import keys, messages
@@ -73,7 +73,7 @@ def watchers(target: keys.Target, agents: Iterable[messages.AgentInfo]) -> list[
     return sorted(a.id for a in agents if target.name in a.regions)
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     OK = "ok"
     FAILED = "failed"
     PENDING = "pending"  # no result for this revision (yet)

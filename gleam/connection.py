@@ -22,11 +22,15 @@ DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 # gRPC channel options. A frozen etcd (SIGSTOP, a dead host behind a live route) keeps
 # a TCP connection open forever; HTTP/2 keepalive pings with a timeout notice it. etcd
 # refuses pings closer than 5 s apart (its --grpc-keepalive-min-time), so 10 s it is.
-# Reconnect backoff is capped at 1 s so that a restarted etcd is found again quickly.
+# etcd also refuses pings on a connection with no open stream (its enforcement policy has
+# PermitWithoutStream=false) and answers them with a too_many_pings GOAWAY, so pings are
+# only sent while a call is open: the agent's watch stream always is, and that is the
+# connection that must notice a frozen etcd. Reconnect backoff is capped at 1 s so that a
+# restarted etcd is found again quickly.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.initial_reconnect_backoff_ms", 100),

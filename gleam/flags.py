@@ -36,9 +36,13 @@ class Flag:
 
 
 CONNECTION_FLAGS: tuple[Flag, ...] = (
-    Flag("etcd", "etcd endpoints, comma-separated", connection.DEFAULT_ENDPOINT, metavar="URL[,URL]"),
+    Flag(
+        "etcd", "etcd endpoints, comma-separated", connection.DEFAULT_ENDPOINT, metavar="URL[,URL]"
+    ),
     Flag("prefix", "key prefix", keys.DEFAULT_PREFIX),
-    Flag("cacert", "CA bundle to verify etcd's TLS certificate", aliases=("ca-file",), metavar="FILE"),
+    Flag(
+        "cacert", "CA bundle to verify etcd's TLS certificate", aliases=("ca-file",), metavar="FILE"
+    ),
     Flag("cert", "client certificate for TLS", aliases=("cert-file",), metavar="FILE"),
     Flag("key", "client private key for TLS", aliases=("key-file",), metavar="FILE"),
     Flag("user", "etcd user name (etcd auth)"),
@@ -138,11 +142,15 @@ def setup_logging(values: Mapping[str, str | None], *, name: str) -> None:
         level_name = "WARNING"
     level = logging.getLevelName(level_name)
     if not isinstance(level, int):
-        raise FlagError(f"-log_level: {values.get('log_level')!r} is not one of debug, info, warning, error")
+        raise FlagError(
+            f"-log_level: {values.get('log_level')!r} is not one of debug, info, warning, error"
+        )
     path = values.get("log")
     try:
         handler: logging.Handler = (
-            logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+            logging.FileHandler(path, encoding="utf-8")
+            if path
+            else logging.StreamHandler(sys.stderr)
         )
     except OSError as exc:
         raise FlagError(f"-log: cannot open {path!r}: {exc.strerror}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 DEFAULT_PREFIX = "/gleam"
 
@@ -71,7 +71,7 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What a task key targets."""
 
     NODE = "node"
@@ -179,6 +179,21 @@ class Layout:
     @property
     def meta_prefix(self) -> str:
         return f"{self.prefix}/meta/"
+
+    @property
+    def owned_prefix(self) -> str:
+        """Ownership records: `<prefix>/meta/owned/<node|region>/<name>`, one per task key
+        the reconciler wrote (holding the commit it came from)."""
+        return f"{self.meta_prefix}owned/"
+
+    def owned_key(self, task_key: str) -> str:
+        """`/gleam/node/web-1` -> `/gleam/meta/owned/node/web-1`."""
+        return self.owned_prefix + task_key[len(self.prefix) + 1 :]
+
+    @property
+    def applied_key(self) -> str:
+        """The reconciler's record of its last applies (commit, time, digest, history)."""
+        return f"{self.meta_prefix}applied"
 
 
 def split_regions(value: str) -> tuple[str, ...]:

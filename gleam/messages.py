@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from gleam import keys
 
 # JSON values as Python sees them after json.loads.
-JSON = Union[None, bool, int, float, str, list[Any], dict[str, Any]]
+JSON: TypeAlias = None | bool | int | float | str | list[Any] | dict[str, Any]
 
 # etcd refuses requests over 1.5 MiB by default; a task message is capped below that so
 # that a message, its result and the transaction around it always fit.

@@ -4,18 +4,16 @@ read in one snapshot.
 
 The reconciler (reconciler/state.py owns the format; the shared package must not import
 the reconciler, so the few fields needed are read here, tolerantly) keeps:
-- `<prefix>/meta/owned/<node|region>/<name>`: one key per task key it owns;
+- `<prefix>/meta/owned/<node|region>/<name>`: one key per task key it owns, holding
+  `{"source": "commit", "commit": <sha>}` (or `{"source": "worktree"}`), written in the
+  same transaction as the task value, so both share one mod_revision;
 - `<prefix>/meta/applied`: `{"version": 1, "commit": <last commit applied from git>,
   "history": [{"source": "commit"|"worktree", "commit", "time", ...}, ...]}`, newest
   first, written after the apply's task writes.
 
-It records no commit per task key, so the commit is inferred: a key the reconciler owns
-whose mod_revision is older than the applied record's holds what that last apply left,
-that is the value in the last applied commit's manifests. A key changed after that (by
-hand, or by an apply still running) shows no commit, nor does one the reconciler does
-not own (sent with gleam-client) or one left by a work-tree apply (no commit to name).
-An owned key whose value is a JSON object with a string `commit` names its own commit:
-that wins, should the reconciler ever record one per key.
+A task key whose mod_revision is later than its ownership record's was changed by hand
+since the reconciler wrote it: it shows no commit. A key the reconciler does not own
+(sent with gleam-client) has no provenance at all.
 """
 
 from __future__ import annotations
@@ -47,20 +45,10 @@ class Origin:
     applied_time: str | None = None  # when the last apply (git or work tree) finished
 
 
-def owned_prefix(layout: keys.Layout) -> str:
-    return f"{layout.meta_prefix}owned/"
-
-
-def applied_key(layout: keys.Layout) -> str:
-    return f"{layout.meta_prefix}applied"
-
-
 @dataclass(frozen=True)
 class _Applied:
     commit: str | None  # the last commit applied from git (the commit guard's reference)
-    last_commit: str | None  # the last apply's commit when it came from git, else None
     time: str | None
-    revision: int
 
 
 def _applied(stored: client.Stored | None) -> _Applied | None:
@@ -76,25 +64,19 @@ def _applied(stored: client.Stored | None) -> _Applied | None:
     last = history[0] if isinstance(history, list) and history else {}
     if not isinstance(last, dict):
         last = {}
-    from_git = last.get("source") == "commit"
-    return _Applied(
-        commit=_text(body.get("commit")),
-        last_commit=_text(last.get("commit")) if from_git else None,
-        time=_text(last.get("time")),
-        revision=stored.revision,
-    )
+    return _Applied(commit=_text(body.get("commit")), time=_text(last.get("time")))
 
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _own_commit(stored: client.Stored) -> str | None:
+def _own_record(stored: client.Stored) -> dict[str, Any] | None:
     try:
         body: Any = json.loads(stored.value) if stored.value else None
     except (ValueError, UnicodeDecodeError):
         return None
-    return _text(body.get("commit")) if isinstance(body, dict) else None
+    return body if isinstance(body, dict) else None
 
 
 def read(
@@ -103,15 +85,16 @@ def read(
     layout: keys.Layout,
 ) -> Origin:
     """The provenance of each task key (see the module docstring)."""
-    applied = _applied(meta.get(applied_key(layout)))
+    applied = _applied(meta.get(layout.applied_key))
     out: dict[str, Provenance] = {}
     for entry in tasks:
-        owned = meta.get(owned_prefix(layout) + entry.target.path)
+        owned = meta.get(layout.owned_prefix + entry.target.path)
         if owned is None:
             continue
-        commit = _own_commit(owned)
-        if commit is None and applied is not None and entry.revision < applied.revision:
-            commit = applied.last_commit
+        record = _own_record(owned)
+        # Same mod_revision: the value is still the one that commit gave.
+        fresh = record is not None and owned.revision == entry.revision
+        commit = _text(record.get("commit")) if record is not None and fresh else None
         out[entry.key] = Provenance(commit=commit, owner=OWNER_RECONCILER)
     return Origin(
         keys=out,

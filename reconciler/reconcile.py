@@ -358,7 +358,13 @@ def _run_locked(
     current = first
     replans = 0
     while True:
-        written = sync.apply_changes(etcd, layout, current.changes, fence=lock)
+        written = sync.apply_changes(
+            etcd,
+            layout,
+            current.changes,
+            fence=lock,
+            origin=state.origin_record(source=desired.source, commit=desired.commit),
+        )
         applied += written.done
         revisions.update(written.revisions)
         if not written.conflicts:

@@ -3,9 +3,11 @@ it applied last, and the apply lock's key. Pure: key names and record codecs onl
 etcd calls are in sync.py).
 
 - `<prefix>/meta/owned/node/<id>`, `<prefix>/meta/owned/region/<name>`: one small key
-  per owned task key (empty value). A key per key keeps every ownership change inside
-  the same transaction as the task write it describes, costs one keys-only range to read
-  10,000 of them (well under 1 MiB), and never grows one record past etcd's value limit.
+  per owned task key, `{"commit": <sha>, "source": "commit"}` (or
+  `{"source": "worktree"}`), rewritten with every write of its task key. A key per key
+  keeps every ownership change inside the same transaction as the task write it
+  describes, costs one keys-only range to read 10,000 of them (well under 1 MiB), and
+  never grows one record past etcd's value limit.
 - `<prefix>/meta/applied`: a JSON record of the last apply and the nine before it.
 - `<prefix>/meta/lock`: held (bound to a lease) while a reconciler applies.
 """
@@ -27,12 +29,22 @@ class StateError(ValueError):
 
 
 def owned_prefix(layout: keys.Layout) -> str:
-    return f"{layout.meta_prefix}owned/"
+    return layout.owned_prefix
 
 
 def owned_key(layout: keys.Layout, task_key: str) -> str:
     """`/gleam/node/web-1` -> `/gleam/meta/owned/node/web-1`."""
-    return owned_prefix(layout) + task_key[len(layout.prefix) + 1 :]
+    return layout.owned_key(task_key)
+
+
+def origin_record(*, source: str, commit: str | None) -> bytes:
+    """The value of an ownership record: where the task value written beside it (in the
+    same transaction, so both share one mod_revision) came from. gleam-client status
+    shows the commit; a work-tree apply names none."""
+    body: dict[str, str] = {"source": source}
+    if source == "commit" and commit:
+        body["commit"] = commit
+    return messages.canonical_json(body).encode("utf-8")
 
 
 def task_key_of(layout: keys.Layout, owned: str) -> str | None:
@@ -45,7 +57,7 @@ def task_key_of(layout: keys.Layout, owned: str) -> str | None:
 
 
 def applied_key(layout: keys.Layout) -> str:
-    return f"{layout.meta_prefix}applied"
+    return layout.applied_key
 
 
 def lock_key(layout: keys.Layout) -> str:

@@ -143,8 +143,8 @@ class Written:
 def _cost(change: diff.Change) -> tuple[int, int]:
     """(operations, bytes) a change adds to a transaction; two compares each."""
     ops = {
-        diff.Action.CREATE: 1 if change.owned else 2,
-        diff.Action.UPDATE: 1 if change.owned else 2,
+        diff.Action.CREATE: 2,
+        diff.Action.UPDATE: 2,
         diff.Action.ADOPT: 1,
         diff.Action.DELETE: 2,
         diff.Action.FORGET: 1,
@@ -176,18 +176,20 @@ def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[d
     return out
 
 
-def _txn_parts(etcd: Etcd, layout: keys.Layout, change: diff.Change) -> tuple[list[Any], list[Any]]:
+def _txn_parts(
+    etcd: Etcd, layout: keys.Layout, change: diff.Change, origin: bytes
+) -> tuple[list[Any], list[Any]]:
     t = etcd.transactions
     owned = state.owned_key(layout, change.key)
     compares = [t.mod(change.key) == change.mod_revision, t.mod(owned) == change.owned_revision]
     ops: list[Any] = []
     action = change.action
     if action in diff.WRITES:
-        ops.append(t.put(change.key, change.new))
-        if not change.owned:
-            ops.append(t.put(owned, b""))
+        # The ownership record is rewritten with each write so that it names the commit
+        # the value came from.
+        ops += [t.put(change.key, change.new), t.put(owned, origin)]
     elif action is diff.Action.ADOPT:
-        ops.append(t.put(owned, b""))
+        ops.append(t.put(owned, origin))
     elif action is diff.Action.DELETE:
         ops += [t.delete(change.key), t.delete(owned)]
     else:  # FORGET
@@ -202,6 +204,7 @@ def apply_changes(
     *,
     fence: Lock | None = None,
     parallel: int = PARALLEL_TXNS,
+    origin: bytes = b"",
 ) -> Written:
     """Send the changes in guarded transactions; see the module docstring."""
 
@@ -209,7 +212,7 @@ def apply_changes(
         compares: list[Any] = [fence.compare()] if fence is not None else []
         ops: list[Any] = []
         for change in batch:
-            c, o = _txn_parts(etcd, layout, change)
+            c, o = _txn_parts(etcd, layout, change, origin)
             compares += c
             ops += o
         ok, responses = etcd.transaction(compare=compares, success=ops, failure=[])

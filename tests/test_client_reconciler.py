@@ -96,3 +96,22 @@ def test_status_shows_the_commit_the_reconciler_applied_and_hand_written_keys(
     }
     assert commits[layout.node_key("web-1")] == "?"
     assert commits[layout.region_key("eu")] == sha[:12]
+
+    # a second commit changes only the region: each key keeps the commit that wrote it
+    (repo / "tasks" / "regions" / "eu.yaml").write_text("name: print\ndata: 2\n", encoding="utf-8")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "eu")
+    second = git(repo, "rev-parse", "HEAD")
+    applied = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", *connect, "-repo", str(repo), "-once"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    _, out = client("status", "--output", "json")
+    doc = json.loads(out)
+    assert doc["applied_commit"] == second
+    origin = {t["key"]: t["commit"] for t in doc["tasks"]}
+    assert origin[layout.region_key("eu")] == second
+    assert origin[layout.node_key("web-1")] is None  # still the hand-written value

@@ -236,58 +236,43 @@ NODE_A = keys.Target.node("a")
 
 
 def meta(
-    applied: bytes | None, applied_revision: int, *owned: str, value: bytes = b""
+    applied: bytes | None, *owned: str, value: bytes = b"", revision: int = 15
 ) -> dict[str, client.Stored]:
-    out = {f"/gleam/meta/owned/{path}": client.Stored(value, 1) for path in owned}
+    out = {f"/gleam/meta/owned/{path}": client.Stored(value, revision) for path in owned}
     if applied is not None:
-        out["/gleam/meta/applied"] = client.Stored(applied, applied_revision)
+        out["/gleam/meta/applied"] = client.Stored(applied, 20)
     return out
+
+
+FROM_SHA = json.dumps({"source": "commit", "commit": SHA}).encode()
+FROM_TREE = json.dumps({"source": "worktree"}).encode()
 
 
 @pytest.mark.parametrize(
     ("stored_meta", "key_revision", "expected"),
     [
-        # owned, unchanged since the last git apply: that apply's commit
-        (
-            meta(applied_record(GIT_APPLY), 20, "node/a"),
-            15,
-            provenance.Provenance(SHA, "reconciler"),
-        ),
-        # owned but changed after the apply record (by hand, or an apply in flight)
-        (
-            meta(applied_record(GIT_APPLY), 20, "node/a"),
-            25,
-            provenance.Provenance(None, "reconciler"),
-        ),
-        # the last apply came from the work tree: no commit to name
-        (
-            meta(applied_record(TREE_APPLY, GIT_APPLY), 20, "node/a"),
-            15,
-            provenance.Provenance(None, "reconciler"),
-        ),
+        # owned, written with the task value (same revision): that write's commit
+        (meta(applied_record(GIT_APPLY), "node/a", value=FROM_SHA), 15,
+         provenance.Provenance(SHA, "reconciler")),
+        # the commit is the one that wrote this key, not the last one applied
+        (meta(applied_record({**GIT_APPLY, "commit": OLD_SHA}), "node/a", value=FROM_SHA), 15,
+         provenance.Provenance(SHA, "reconciler")),
+        # owned but changed after the reconciler wrote it (by hand)
+        (meta(applied_record(GIT_APPLY), "node/a", value=FROM_SHA), 25,
+         provenance.Provenance(None, "reconciler")),
+        # written by a work-tree apply: no commit to name
+        (meta(applied_record(TREE_APPLY, GIT_APPLY), "node/a", value=FROM_TREE), 15,
+         provenance.Provenance(None, "reconciler")),
         # not owned: sent by hand
-        (meta(applied_record(GIT_APPLY), 20), 15, None),
-        # a per-key commit, should the reconciler record one, wins
-        (
-            meta(
-                applied_record(GIT_APPLY),
-                20,
-                "node/a",
-                value=json.dumps({"commit": OLD_SHA}).encode(),
-            ),
-            15,
-            provenance.Provenance(OLD_SHA, "reconciler"),
-        ),
+        (meta(applied_record(GIT_APPLY)), 15, None),
         # records this reader does not understand are ignored, never fatal
-        (meta(b"not json", 20, "node/a"), 15, provenance.Provenance(None, "reconciler")),
-        (
-            meta(json.dumps({"version": 99}).encode(), 20, "node/a"),
-            15,
-            provenance.Provenance(None, "reconciler"),
-        ),
-        (meta(None, 0, "node/a"), 15, provenance.Provenance(None, "reconciler")),
+        (meta(b"not json", "node/a", value=b"not json"), 15,
+         provenance.Provenance(None, "reconciler")),
+        (meta(json.dumps({"version": 99}).encode(), "node/a"), 15,
+         provenance.Provenance(None, "reconciler")),
+        (meta(None, "node/a", value=FROM_SHA), 15, provenance.Provenance(SHA, "reconciler")),
     ],
-)
+)  # fmt: skip
 def test_provenance(
     stored_meta: dict[str, client.Stored], key_revision: int, expected: provenance.Provenance | None
 ) -> None:
@@ -301,7 +286,8 @@ def test_status_shows_commit_owner_and_the_last_apply() -> None:
         tasks=(task(NODE_A, 15), task(keys.Target.node("b"), 25), task(keys.Target.node("c"), 5)),
         agents=(),
         results=(),
-        meta=meta(applied_record(GIT_APPLY), 20, "node/a", "node/b"),
+        # a and b were written at revision 15; b was changed by hand at 25
+        meta=meta(applied_record(GIT_APPLY), "node/a", "node/b", value=FROM_SHA),
     )
     fleet = build(snap)
     assert fleet.applied_commit == SHA and fleet.applied_time == "2026-11-28T22:30:00Z"
