@@ -48,7 +48,7 @@ AGENT_FLAGS: tuple[flags.Flag, ...] = (
     flags.Flag(
         "check_interval",
         "seconds between checks that the watch has delivered every change",
-        "5",
+        "10",
         metavar="SECONDS",
     ),
 )

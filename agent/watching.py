@@ -57,7 +57,7 @@ class WatchLoop:
         task_keys: Sequence[str],
         read_done: Callable[[store.Store], Mapping[str, pending.Completed]],
         before_first_read: Callable[[], object] = lambda: None,
-        check_interval: float = 5.0,
+        check_interval: float = 10.0,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -22,6 +22,7 @@ def test_defaults_follow_the_original() -> None:
     assert cfg.layout == keys.Layout("/gleam")
     assert cfg.script_dir == Path(config.DEFAULT_SCRIPT_DIR)
     assert (cfg.task_timeout, cfg.memory_limit, cfg.ttl) == (60.0, 64 * 1024 * 1024, 10)
+    assert cfg.check_interval == 10.0
     assert cfg.pid_file is None
     assert cfg.settings.describe() == connection.DEFAULT_ENDPOINT
 
