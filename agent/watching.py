@@ -75,6 +75,7 @@ class WatchLoop:
         # Set once the start-up read has been handed to the queue (tests and logs).
         self.synced = threading.Event()
         self.restarts = 0
+        self.checks = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -181,6 +182,7 @@ class WatchLoop:
         """Compare a fresh read with what the watch delivered. Changes missing now are
         suspects; suspects from the previous check still missing mean a stall."""
         snapshot = self._etcd.read_keys(self._keys)
+        self.checks += 1
         seen_up_to = max(resume.values(), default=1) - 1
         if snapshot.revision < seen_up_to:
             raise Rewound(

@@ -106,6 +106,21 @@ def test_a_silently_stalled_watch_is_noticed_and_restarted(
     assert deaf.deaf_left == 0 and loop.restarts >= 1
 
 
+def test_a_healthy_watch_is_never_restarted_by_the_checks(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, run_loop: Callable[..., Any]
+) -> None:
+    key = layout.node_key("busy")
+    loop, tasks = run_loop(store.Store(connection.make_settings(etcd_server.endpoint)), [key], 0.5)
+    assert loop.synced.wait(10)
+    # A change delivered within one check interval is never taken for a stall.
+    for n in range(10):
+        revision = int(etcd.put(key, str(n).encode()).header.revision)
+        assert take(tasks).revision == revision
+    checks = loop.checks
+    wait_until(lambda: loop.checks >= checks + 3, what="three more checks")
+    assert loop.checks >= 3 and loop.restarts == 0
+
+
 def test_next_resume_follows_changes_and_progress_notifications() -> None:
     change = pending.Observed("/k", 7, b"v")
     assert next_resume(3, store.WatchBatch(1, "/k", (change,), 9)) == 8
