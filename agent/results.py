@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from agent import pending, store
@@ -115,10 +115,36 @@ def read_completions(
     )
 
 
+# A batch stays well under etcd's request limit (1.5 MiB by default) and its operation
+# limit; a single result may be up to messages.MAX_MESSAGE_BYTES on its own.
+BATCH_MAX_RESULTS = store.MAX_TXN_OPS
+BATCH_MAX_BYTES = 1024 * 1024
+
+
+def next_batch(
+    queued: Iterable[tuple[str, bytes]],
+    *,
+    max_results: int = BATCH_MAX_RESULTS,
+    max_bytes: int = BATCH_MAX_BYTES,
+) -> list[tuple[str, bytes]]:
+    """The oldest queued results that fit in one write: at least one, then as many as
+    the limits allow, in order."""
+    batch: list[tuple[str, bytes]] = []
+    size = 0
+    for key, value in queued:
+        cost = len(key) + len(value)
+        if batch and (len(batch) >= max_results or size + cost > max_bytes):
+            break
+        batch.append((key, value))
+        size += cost
+    return batch
+
+
 class ResultWriter:
-    """Writes result records in the order they were submitted, retrying through etcd
-    outages. A newer result for a key replaces an older one not yet written (the record
-    only ever holds the last). Nothing is dropped except what etcd itself refuses."""
+    """Writes result records in the order they were submitted, as many as are queued in
+    one transaction, retrying through etcd outages. A newer result for a key replaces an
+    older one not yet written (the record only ever holds the last). Nothing is dropped
+    except what etcd itself refuses."""
 
     def __init__(self, etcd: store.Store, *, backoff: Backoff | None = None) -> None:
         self._etcd = etcd
@@ -140,7 +166,8 @@ class ResultWriter:
             return list(self._queue)
 
     def run(self) -> None:
-        """The writer thread: returns once closed and empty, or aborted."""
+        """The writer thread: returns once closed and empty, or aborted. Everything
+        queued is written together, in one transaction per batch (see `next_batch`)."""
         while not self._abort.is_set():
             with self._cond:
                 self._cond.wait_for(
@@ -148,35 +175,51 @@ class ResultWriter:
                 )
                 if self._abort.is_set() or not self._queue:
                     return  # closing with nothing left, or aborted
-                key, value = next(iter(self._queue.items()))
+                batch = next_batch(self._queue.items())
             try:
-                self._etcd.put(key, value)
-            except store.Rejected as exc:
-                log.error("result %s was refused by etcd and is dropped: %s", key, exc)
-                self._done(key, value)
+                self._write(batch)
             except store.StoreError as exc:
                 level = logging.DEBUG if self._backoff.failures else logging.WARNING
                 delay = self._backoff.next_delay()
-                log.log(level, "cannot write result %s yet: %s; retrying in %.1fs", key, exc, delay)
+                what = f"result {batch[0][0]}" if len(batch) == 1 else f"{len(batch)} results"
+                log.log(level, "cannot write %s yet: %s; retrying in %.1fs", what, exc, delay)
                 self._etcd.reset()
                 self._abort.wait(delay)
             except Exception:  # noqa: BLE001 - a bug here must not stop result writing
-                log.exception("writing result %s failed; retrying", key)
+                log.exception("writing %d result(s) failed; retrying", len(batch))
                 self._etcd.reset()
                 self._abort.wait(self._backoff.next_delay())
             else:
                 if self._backoff.failures:
-                    log.info("wrote result %s after %d attempts", key, self._backoff.failures + 1)
+                    log.info("results written again after %d attempts", self._backoff.failures + 1)
                 self._backoff.reset()
-                self.written += 1
-                log.debug("wrote result %s", key)
-                self._done(key, value)
 
-    def _done(self, key: str, value: bytes) -> None:
+    def _write(self, batch: Sequence[tuple[str, bytes]]) -> None:
+        """Write a batch; a batch etcd refuses as a whole is written one by one, so that
+        only a result etcd refuses on its own is dropped."""
+        try:
+            if len(batch) == 1:
+                self._etcd.put(*batch[0])
+            else:
+                self._etcd.put_many(batch)
+        except store.Rejected as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    self._write([item])
+                return
+            log.error("result %s was refused by etcd and is dropped: %s", batch[0][0], exc)
+        else:
+            self.written += len(batch)
+            for key, _value in batch:
+                log.debug("wrote result %s", key)
+        self._done(batch)
+
+    def _done(self, batch: Sequence[tuple[str, bytes]]) -> None:
         with self._cond:
-            # A newer result submitted meanwhile stays queued.
-            if self._queue.get(key) == value:
-                del self._queue[key]
+            for key, value in batch:
+                # A newer result submitted meanwhile stays queued.
+                if self._queue.get(key) == value:
+                    del self._queue[key]
             self._cond.notify_all()
 
     def close(self, *, timeout: float) -> list[str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from pyetcd import etcdrpc
 from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 
@@ -47,6 +48,9 @@ class Compacted(StoreError):
         super().__init__(f"revision compacted (etcd keeps revisions from {compacted_revision})")
         self.compacted_revision = compacted_revision
 
+
+# etcd's default limit of operations in one transaction (--max-txn-ops).
+MAX_TXN_OPS = 128
 
 # gRPC codes that mean the request itself is at fault (too large, malformed, a revision
 # that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
@@ -150,21 +154,40 @@ class Store:
     # Key-value ---------------------------------------------------------------
     def read_keys(self, keys: Sequence[str]) -> Snapshot:
         """Read `keys` at one revision (the first read's), so that together they are a
-        consistent picture that a watch from `revision + 1` continues exactly."""
+        consistent picture that a watch from `revision + 1` continues exactly. One
+        transaction per MAX_TXN_OPS keys (an agent may watch many regions)."""
 
         def read(client: Client) -> Snapshot:
             revision = 0
             seen: list[Observed] = []
-            for key in keys:
-                kwargs = {"revision": revision} if revision else {}
-                response = client.get_response(key, **kwargs)
+            for start in range(0, len(keys), MAX_TXN_OPS):
+                chunk = keys[start : start + MAX_TXN_OPS]
+                # pyetcd's transaction() drops the response header, whose revision is the
+                # point of this read, so the request is made on its KV stub directly.
+                request = etcdrpc.TxnRequest(
+                    success=[
+                        etcdrpc.RequestOp(
+                            request_range=etcdrpc.RangeRequest(
+                                key=key.encode("utf-8"), revision=revision
+                            )
+                        )
+                        for key in chunk
+                    ]
+                )
+                response = client.kvstub.Txn(
+                    request,
+                    client.timeout,
+                    credentials=client.call_credentials,
+                    metadata=client.metadata,
+                )
                 if not revision:
                     revision = int(response.header.revision)
-                if response.kvs:
-                    kv = response.kvs[0]
-                    seen.append(Observed(key, int(kv.mod_revision), bytes(kv.value)))
-                else:
-                    seen.append(Observed(key, revision, None))
+                for key, op in zip(chunk, response.responses, strict=True):
+                    kvs = op.response_range.kvs
+                    if kvs:
+                        seen.append(Observed(key, int(kvs[0].mod_revision), bytes(kvs[0].value)))
+                    else:
+                        seen.append(Observed(key, revision, None))
             return Snapshot(revision, tuple(seen))
 
         result: Snapshot = self._call(read)
@@ -188,6 +211,19 @@ class Store:
         """Write `key`; returns the write's revision."""
         response = self._call(lambda c: c.put(key, value, lease=lease))
         return int(response.header.revision)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Write several keys in one transaction (at most MAX_TXN_OPS of them): one
+        round trip instead of one each."""
+        if len(items) > MAX_TXN_OPS:
+            raise ValueError(f"put_many takes at most {MAX_TXN_OPS} keys")
+        self._call(
+            lambda c: c.transaction(
+                compare=[],
+                success=[c.transactions.put(key, value) for key, value in items],
+                failure=[],
+            )
+        )
 
     # Leases ------------------------------------------------------------------
     def grant_lease(self, ttl: int) -> tuple[int, int]:

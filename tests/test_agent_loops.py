@@ -78,3 +78,22 @@ def test_result_writer_shutdown_is_bounded_when_etcd_is_unreachable() -> None:
     assert writer.close(timeout=1.0) == ["/g/result/loop/node/a"]
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_result_writer_writes_a_large_backlog_in_batches(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    writer = ResultWriter(store.Store(connection.make_settings(etcd_server.endpoint)))
+    names = [layout.results_prefix + f"loop/region/r{i}" for i in range(300)]
+    for i, key in enumerate(names):
+        writer.submit(key, result(key, i + 1))
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    assert writer.close(timeout=30) == []
+    thread.join(10)
+    assert writer.written == 300
+    stored = {
+        meta.key.decode(): messages.decode_result(value).revision
+        for value, meta in etcd.get_prefix(layout.results_prefix)
+    }
+    assert stored == {key: i + 1 for i, key in enumerate(names)}

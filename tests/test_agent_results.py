@@ -158,3 +158,14 @@ def test_completions_read_this_agents_records_only() -> None:
         LAYOUT.node_key("web-1"): pending.Completed(5, frozenset({3})),
         LAYOUT.region_key("eu"): pending.Completed(8),
     }
+
+
+def test_next_batch_takes_the_oldest_results_that_fit_in_one_write() -> None:
+    items = [(f"k{i}", b"x" * 10) for i in range(5)]
+    assert results.next_batch(items, max_results=3, max_bytes=1000) == items[:3]
+    assert results.next_batch(items, max_results=10, max_bytes=36) == items[:3]
+    assert results.next_batch(items, max_results=10, max_bytes=1000) == items
+    # A result larger than the byte limit still goes, on its own.
+    big = [("big", b"x" * 5000), *items]
+    assert results.next_batch(big, max_results=10, max_bytes=1000) == big[:1]
+    assert results.next_batch([], max_results=10, max_bytes=1000) == []
