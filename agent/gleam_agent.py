@@ -15,10 +15,9 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from agent import config as agent_config
-from agent import pidfile, store
+from agent import lua_exec, pidfile, store
 from agent.daemon import Agent
 from gleam import connection, flags
 from gleam.version import VERSION
@@ -55,9 +54,7 @@ class SignalPipe:
         os.close(self._write)
 
 
-def _make_runner(config: agent_config.AgentConfig) -> Any:
-    from agent import lua_exec  # the Lua runtime loads only when an agent starts
-
+def _make_runner(config: agent_config.AgentConfig) -> lua_exec.LuaRunner:
     kv = lua_exec.EtcdKV(store.LazyClient(config.settings))
     return lua_exec.LuaRunner(
         config.script_dir,
