@@ -177,13 +177,19 @@ def connect(settings: Settings) -> pyetcd.MultiEndpointEtcd3Client:
         )
         for a in settings.addresses
     ]
-    return pyetcd.MultiEndpointEtcd3Client(
+    client = pyetcd.MultiEndpointEtcd3Client(
         endpoints=endpoints,
         timeout=settings.timeout,
         user=settings.user,
         password=settings.password,
         failover=True,
     )
+    if not settings.secure:
+        # pyetcd sends the auth token twice: as call credentials, which gRPC refuses on a
+        # plain-text channel ("insufficient security level": every call fails), and as
+        # metadata, which is all etcd needs. Without TLS, metadata alone it is.
+        client.call_credentials = None
+    return client
 
 
 def describe_error(exc: BaseException) -> str:

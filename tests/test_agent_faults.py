@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gleam import keys, messages
+from gleam import connection, keys, messages
 from gleam.embedded import EtcdServer
 from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
     StartAgent,
@@ -254,3 +256,27 @@ def test_etcd_restored_from_an_older_backup_is_noticed_and_new_tasks_run(
     got = wait_result(etcd, LAYOUT, "rw", node("rw"), third, timeout=40)
     assert (got.revision, got.result) == (third, 3)
     assert counter.read_text().splitlines() == ["1", "2", "3"]
+
+
+def test_an_agent_with_etcd_auth_runs_tasks_and_scripts_reach_etcd(
+    private_etcd: EtcdServer, start_agent: StartAgent, lua_dir: Path
+) -> None:
+    etcdctl = [str(Path(sys.executable).parent / "etcdctl"), "--endpoints", private_etcd.endpoint]
+    for args in (["user", "add", "root:secret"], ["auth", "enable"]):
+        subprocess.run([*etcdctl, *args], check=True, capture_output=True, timeout=30)
+    authed = connection.connect(
+        connection.make_settings(private_etcd.endpoint, user="root", password="secret")
+    )
+    try:
+        agent = start_agent(
+            private_etcd.endpoint, "-id", "auth", "-user", "root", "-password", "secret",
+            layout=LAYOUT,
+        )  # fmt: skip
+        wait_registered(authed, LAYOUT, "auth")
+        revision = send(authed, LAYOUT, node("auth"), "etcd", "behind auth")
+        got = wait_result(authed, LAYOUT, "auth", node("auth"), revision)
+        assert (got.ok, got.result) == (True, "behind auth"), got.error
+        assert authed.get("/foobar/config1")[0] == b"behind auth"
+        assert agent.proc.poll() is None
+    finally:
+        authed.close()
