@@ -18,6 +18,10 @@ from gleam import messages
 log = logging.getLogger("agent.registration")
 
 
+# Every this many refreshes (once per TTL) the record itself is read back.
+REFRESHES_PER_CHECK = 3
+
+
 def refresh_interval(granted_ttl: int) -> float:
     """Refresh three times per TTL, so that two lost refreshes in a row are survived."""
     return max(0.5, granted_ttl / 3)
@@ -67,6 +71,8 @@ class Registrar:
                     self.refreshes += 1
                     if self._backoff.failures:
                         log.info("lease %x kept alive again", self.lease_id)
+                    if self.refreshes % REFRESHES_PER_CHECK == 0:
+                        self._ensure_record(self.lease_id)
                     pause = interval
                 self._backoff.reset()
             except store.StoreError as exc:
@@ -81,6 +87,14 @@ class Registrar:
                 log.exception("registration loop failed; retrying in %.1fs", pause)
                 self._etcd.reset()
         self._revoke()
+
+    def _ensure_record(self, lease_id: int) -> None:
+        """Put the record back if it was deleted (or overwritten) while the lease lives:
+        a live agent must stay listed."""
+        if self._etcd.get(self._key) != self._info.encode():
+            log.warning("%s was deleted or changed; registering again", self._key)
+            self._etcd.put(self._key, self._info.encode(), lease=lease_id)
+            self.registrations += 1
 
     def _register(self) -> tuple[int, float]:
         previous = self._etcd.get(self._key)

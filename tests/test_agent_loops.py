@@ -46,6 +46,27 @@ def test_registrar_registers_keeps_alive_and_revokes_on_stop(
     assert registrar.registrations == 1
 
 
+def test_registrar_puts_back_a_record_deleted_while_its_lease_lives(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    key = layout.info_key("loop")
+    registrar = Registrar(
+        store.Store(connection.make_settings(etcd_server.endpoint)), key=key, info=INFO, ttl=2
+    )
+    thread = threading.Thread(target=registrar.run, daemon=True)
+    thread.start()
+    try:
+        assert registrar.registered.wait(10)
+        lease = etcd.get(key)[1].lease_id
+        etcd.delete(key)
+        wait_until(lambda: etcd.get(key)[0] is not None, what="the record back")
+        assert etcd.get(key)[1].lease_id == lease
+        assert registrar.registrations == 2
+    finally:
+        registrar.stop()
+        thread.join(10)
+
+
 def test_refresh_interval_is_a_third_of_the_ttl() -> None:
     assert refresh_interval(9) == 3
     assert refresh_interval(1) == 0.5
