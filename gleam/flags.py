@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from gleam import connection, keys
 
 
@@ -79,6 +77,9 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
 
 
 def _load_config(path: str) -> Mapping[str, Any]:
+    # Imported here: only -config needs YAML, and every agent would pay ~1 MiB for it.
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
