@@ -144,7 +144,11 @@ class EtcdServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EtcdServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # a server that never became healthy is not left running
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

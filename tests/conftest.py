@@ -18,23 +18,15 @@ from tests.support import EXAMPLE_SCRIPTS, AgentProcess, client_for
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
     """One etcd for the whole session; tests keep apart by using their own prefix."""
-    server = EtcdServer()
-    server.start()
-    try:
+    with EtcdServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def private_etcd() -> Iterator[EtcdServer]:
     """An etcd of this test's own, for tests that kill, freeze or compact it."""
-    server = EtcdServer()
-    server.start()
-    try:
+    with EtcdServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
