@@ -179,14 +179,22 @@ def run_timed(argv: Sequence[str], *, log_path: Path, timeout: float = 600.0) ->
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         started = time.perf_counter()
-        done = subprocess.run(
-            list(argv), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
-            timeout=timeout, check=False,
-        )  # fmt: skip
+        proc = subprocess.Popen(
+            list(argv), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT
+        )
+        # A plain blocking wait: Popen.wait(timeout=...) polls with sleeps of up to 50 ms,
+        # which would round every measured time up to the next poll. The timer enforces
+        # the time limit instead.
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            returncode = proc.wait()
+        finally:
+            killer.cancel()
         elapsed = time.perf_counter() - started
-    if done.returncode != 0:
+    if returncode != 0:
         raise BenchError(
-            f"{argv[0]} exited with {done.returncode}; log {log_path}:\n" + _log_tail(log_path)
+            f"{argv[0]} exited with {returncode}; log {log_path}:\n" + _log_tail(log_path)
         )
     return elapsed
 
