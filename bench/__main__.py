@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run Gleam's benchmarks against a real etcd, each beside its baseline.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes for a fast look (about two minutes)"
+        "--quick", action="store_true", help="small sizes for a fast look (under a minute)"
     )
     parser.add_argument(
         "--sizes", choices=sorted(harness.PROFILES), help="size profile (default: full)"
