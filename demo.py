@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from gleam import connection, keys
 from gleam import client as gleam_client
+from gleam import connection, keys
 from gleam.embedded import EtcdServer
 
 ROOT = Path(__file__).resolve().parent

@@ -16,8 +16,12 @@ def result(agent: str, key: str, revision: int, ok: bool = True) -> messages.Res
     return messages.Result(agent, key, revision, "print", ok, None, None if ok else "boom")
 
 
-def outcomes(expected: dict[str, int], results: list[messages.Result]) -> list[tuple[str, str, str]]:
-    return [(r.agent, r.key, r.outcome.value) for r in client.judge(expected, AGENTS, results, LAYOUT)]
+def outcomes(
+    expected: dict[str, int], results: list[messages.Result]
+) -> list[tuple[str, str, str]]:
+    return [
+        (r.agent, r.key, r.outcome.value) for r in client.judge(expected, AGENTS, results, LAYOUT)
+    ]
 
 
 def test_a_region_write_is_answered_by_every_member() -> None:

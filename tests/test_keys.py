@@ -82,7 +82,12 @@ def test_bad_prefixes_are_refused(prefix: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "regions"),
-    [("eu:web", ("eu", "web")), ("eu,web", ("eu", "web")), ("eu: eu ,web", ("eu", "web")), ("", ())],
+    [
+        ("eu:web", ("eu", "web")),
+        ("eu,web", ("eu", "web")),
+        ("eu: eu ,web", ("eu", "web")),
+        ("", ()),
+    ],
 )
 def test_regions_split_on_colons_and_commas(value: str, regions: tuple[str, ...]) -> None:
     assert keys.split_regions(value) == regions
