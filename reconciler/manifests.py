@@ -18,6 +18,7 @@ import functools
 import itertools
 import json
 import posixpath
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,17 @@ from gleam import keys, messages
 TASKS_DIR = "tasks"
 KIND_DIRS: Mapping[str, keys.Kind] = {"nodes": keys.Kind.NODE, "regions": keys.Kind.REGION}
 EXTENSIONS = (".yaml", ".yml")
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
+
+
+def _schema_path() -> Path:
+    """schemas/ beside the packages (a checkout or an editable install), else the copy a
+    wheel installs under <prefix>/share/gleam/schemas."""
+    beside = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
+    installed = Path(sys.prefix) / "share" / "gleam" / "schemas" / "manifest.schema.json"
+    return beside if beside.is_file() or not installed.is_file() else installed
+
+
+SCHEMA_PATH = _schema_path()
 ALLOWED_KEYS = frozenset({"name", "data"})
 
 
