@@ -10,12 +10,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -46,6 +48,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for an etcd that serves TLS and requires client certificates."""
+
+    ca: str  # signs both the server's and the clients' certificates
+    server_cert: str  # valid for 127.0.0.1
+    server_key: str
+    client_cert: str  # for the health check (and for tests to hand to the tools)
+    client_key: str
+
+
 class EtcdServer:
     """One etcd member on loopback. Keeps its ports and data across stop/start, so a
     test can kill it and bring back the same server with the same data."""
@@ -57,6 +70,7 @@ class EtcdServer:
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="gleam-etcd-")
@@ -64,11 +78,30 @@ class EtcdServer:
         self.peer_port = free_port()
         self.extra_args = extra_args
         self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--cert-file", self.tls.server_cert,
+            "--key-file", self.tls.server_key,
+            "--trusted-ca-file", self.tls.ca,
+            "--client-cert-auth",
+        ]  # fmt: skip
+
+    def _health_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls.ca)
+        context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        return context
 
     def start(self, *, timeout: float = 30.0) -> EtcdServer:
         client_url = self.endpoint
@@ -83,6 +116,7 @@ class EtcdServer:
             "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", f"gleam={peer_url}",
             "--log-level", "warn",
+            *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip
         os.makedirs(self.data_dir, exist_ok=True)
@@ -96,11 +130,13 @@ class EtcdServer:
 
     def wait_ready(self, *, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
+        context = self._health_context()
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                url = f"{self.endpoint}/health"
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                     if b'"true"' in resp.read():
                         return
             except (urllib.error.URLError, OSError):
