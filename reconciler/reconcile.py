@@ -413,7 +413,7 @@ def _run_locked(
             etcd, layout, state.after(record, entry), seen_revision=record_revision, fence=lock
         ):
             raise ReconcileError(
-                f"{state.applied_key(layout)} was changed by someone else during this apply "
+                f"{layout.applied_key} was changed by someone else during this apply "
                 "(another reconciler without the lock?); the keys are written, the record is not"
             )
         recorded = True

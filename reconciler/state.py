@@ -28,15 +28,6 @@ class StateError(ValueError):
     """A meta record that cannot be read; the text says which and why."""
 
 
-def owned_prefix(layout: keys.Layout) -> str:
-    return layout.owned_prefix
-
-
-def owned_key(layout: keys.Layout, task_key: str) -> str:
-    """`/gleam/node/web-1` -> `/gleam/meta/owned/node/web-1`."""
-    return layout.owned_key(task_key)
-
-
 def origin_record(*, source: str, commit: str | None) -> bytes:
     """The value of an ownership record: where the task value written beside it (in the
     same transaction, so both share one mod_revision) came from. gleam-client status
@@ -49,15 +40,11 @@ def origin_record(*, source: str, commit: str | None) -> bytes:
 
 def task_key_of(layout: keys.Layout, owned: str) -> str | None:
     """The task key an ownership record stands for, or None for a stray key."""
-    head = owned_prefix(layout)
+    head = layout.owned_prefix
     if not owned.startswith(head):
         return None
     key = f"{layout.prefix}/{owned[len(head) :]}"
     return key if layout.parse_task_key(key) is not None else None
-
-
-def applied_key(layout: keys.Layout) -> str:
-    return layout.applied_key
 
 
 def lock_key(layout: keys.Layout) -> str:

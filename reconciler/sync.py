@@ -63,7 +63,7 @@ class Observed:
 
 def read_record(etcd: Etcd, layout: keys.Layout) -> tuple[state.Record | None, int]:
     """The applied record and its mod_revision (None, 0 when there is none)."""
-    value, meta = etcd.get(state.applied_key(layout))
+    value, meta = etcd.get(layout.applied_key)
     if value is None:
         return None, 0
     return state.decode(value), int(meta.mod_revision)
@@ -80,7 +80,7 @@ def read_all(etcd: Etcd, layout: keys.Layout) -> Observed:
     first = etcd.get_prefix_response(node_prefix)
     revision = int(first.header.revision)
     region = etcd.get_prefix_response(layout.tasks_prefix(keys.Kind.REGION), revision=revision)
-    owned_head = state.owned_prefix(layout)
+    owned_head = layout.owned_prefix
     records = etcd.get_prefix_response(owned_head, revision=revision, keys_only=True)
     actual: dict[str, diff.Actual] = {}
     for response in (first, region):
@@ -112,7 +112,7 @@ def read_keys(etcd: Etcd, layout: keys.Layout, task_keys: Iterable[str]) -> Obse
         chunk = wanted[start : start + step]
         ops = []
         for key in chunk:
-            ops += [t.get(key), t.get(state.owned_key(layout, key))]
+            ops += [t.get(key), t.get(layout.owned_key(key))]
         _ok, responses = etcd.transaction(compare=[], success=ops, failure=[])
         for index, key in enumerate(chunk):
             for value, meta in responses[2 * index]:
@@ -123,7 +123,7 @@ def read_keys(etcd: Etcd, layout: keys.Layout, task_keys: Iterable[str]) -> Obse
 
 
 def count_owned(etcd: Etcd, layout: keys.Layout) -> int:
-    response = etcd.get_prefix_response(state.owned_prefix(layout), count_only=True)
+    response = etcd.get_prefix_response(layout.owned_prefix, count_only=True)
     return int(response.count)
 
 
@@ -180,7 +180,7 @@ def _txn_parts(
     etcd: Etcd, layout: keys.Layout, change: diff.Change, origin: bytes
 ) -> tuple[list[Any], list[Any]]:
     t = etcd.transactions
-    owned = state.owned_key(layout, change.key)
+    owned = layout.owned_key(change.key)
     compares = [t.mod(change.key) == change.mod_revision, t.mod(owned) == change.owned_revision]
     ops: list[Any] = []
     action = change.action
@@ -262,7 +262,7 @@ def write_record(
 ) -> bool:
     """Write the applied record if nobody else wrote it since we read it."""
     t = etcd.transactions
-    key = state.applied_key(layout)
+    key = layout.applied_key
     compares = [t.mod(key) == seen_revision]
     if fence is not None:
         compares.append(fence.compare())

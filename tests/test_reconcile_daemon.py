@@ -92,7 +92,7 @@ def test_daemon_applies_at_start_and_picks_up_a_new_commit(
         and change_pass.result.desired.commit == commit
     )
     assert change_pass.result.desired.mode == "incremental"
-    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.commit == commit
 
 
@@ -273,5 +273,5 @@ def test_with_worktree_the_daemon_applies_files_as_they_are_saved(
         ),
         what="the saved file applied",
     )
-    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.last is not None and record.last.source == "worktree"

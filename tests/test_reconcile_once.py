@@ -38,11 +38,11 @@ def test_first_apply_writes_canonical_messages_ownership_and_the_record(
     assert (
         got[layout.region_key("eu")] == b'{"Data":{"path":"/etc/app.conf"},"Name":"config::sync"}'
     )
-    assert set(values(etcd, state.owned_prefix(layout))) == {
+    assert set(values(etcd, layout.owned_prefix)) == {
         f"{layout.prefix}/meta/owned/node/web-1",
         f"{layout.prefix}/meta/owned/region/eu",
     }
-    record = state.decode(got[state.applied_key(layout)])
+    record = state.decode(got[layout.applied_key])
     assert record.commit == repo.head()
     assert record.last is not None and record.last.keys == 2
     assert record.last.digest == "git-tree:" + repo.git("rev-parse", "HEAD:tasks")
@@ -109,7 +109,7 @@ def test_pruning_every_owned_key_is_refused_unless_allow_empty(
     assert code == 0, err
     assert values(etcd, layout.prefix + "/node/") == {}
     assert values(etcd, layout.prefix + "/region/") == {}
-    assert values(etcd, state.owned_prefix(layout)) == {}
+    assert values(etcd, layout.owned_prefix) == {}
 
 
 def test_invalid_manifests_write_nothing_and_every_error_is_printed(
@@ -155,7 +155,7 @@ def test_commit_guard_refuses_a_commit_that_does_not_descend_from_the_applied_on
     code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--force")
     assert code == 0, err
     assert b"older" in values(etcd, layout.node_key("web-1"))[layout.node_key("web-1")]
-    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert [h.commit for h in record.history] == [older, newer]
 
 
@@ -180,7 +180,7 @@ def test_a_writer_between_plan_and_apply_makes_the_reconciler_plan_again(
     actions = {c.key: c.action for c in result.applied}
     assert actions[web1] is diff.Action.UPDATE
     assert actions[web2] is diff.Action.ADOPT  # re-planned: nothing to write but ownership
-    owned = values(etcd, state.owned_prefix(layout))
+    owned = values(etcd, layout.owned_prefix)
     assert f"{layout.prefix}/meta/owned/node/web-2" in owned
 
 
@@ -282,7 +282,7 @@ def test_worktree_reads_uncommitted_files_and_the_next_commit_run_is_full(
     repo.node("web-1", "print", "data:\n  msg: trying\n")  # not committed
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--worktree")
     assert code == 0 and "the work tree" in out and "1 updated" in out
-    record = state.decode(values(etcd, state.applied_key(layout))[state.applied_key(layout)])
+    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.last is not None and record.last.source == "worktree"
     assert record.commit == repo.head()  # the guard's reference is still the last commit
     # Back to git: HEAD is the truth again, read in full because etcd held the work tree.
@@ -428,8 +428,8 @@ def test_a_stray_ownership_record_cannot_make_prune_delete_other_keys(
 ) -> None:
     assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
     etcd.put(layout.info_key("web-9"), b"{}")
-    etcd.put(state.owned_prefix(layout) + "info/web-9", b"")
-    etcd.put(state.owned_prefix(layout) + "node/a/b", b"")
+    etcd.put(layout.owned_prefix + "info/web-9", b"")
+    etcd.put(layout.owned_prefix + "node/a/b", b"")
     code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--prune", "--full")
     assert code == 0, err
     assert values(etcd, layout.info_key("web-9")) == {layout.info_key("web-9"): b"{}"}
@@ -450,7 +450,7 @@ def test_after_an_upgrade_that_changes_the_rules_the_next_pass_is_full(
     capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
 ) -> None:
     assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
-    key = state.applied_key(layout)
+    key = layout.applied_key
     record = state.decode(values(etcd, key)[key])
     assert record.last is not None and record.last.rules == parsecache.fingerprint()
     older = dataclasses.replace(record.last, rules="older-rules")

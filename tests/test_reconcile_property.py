@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gleam import keys, messages
-from reconciler import reconcile, state
+from reconciler import reconcile
 from tests.reconcile_support import OpsRepo, values
 
 # Targets by their file path without extension; each commit picks .yaml or .yml for
@@ -69,8 +69,8 @@ def test_any_sequence_of_commits_converges_to_head(etcd: Any, trees: list[dict[s
             }
             assert got == {**want, hand_key: b'{"Name":"print","Data":"mine"}'}
             owned = {
-                f"{layout.prefix}/{k[len(state.owned_prefix(layout)) :]}"
-                for k in values(etcd, state.owned_prefix(layout))
+                f"{layout.prefix}/{k[len(layout.owned_prefix) :]}"
+                for k in values(etcd, layout.owned_prefix)
             }
             assert owned == set(want)
             check = reconcile.run(
