@@ -1,5 +1,9 @@
 """The worker: takes one job at a time from the queue, runs it through the Lua runner and
-hands the result record to the writer. The only thread that calls the runner."""
+hands the result record to the writer. The only thread that calls the runner.
+
+Nothing a task holds may stop this thread: every failure, of the message, the runner or
+this code, becomes a failed result. Before a job runs it is recorded as started
+(agent.inflight), so that a job that crashes the whole agent is not run a third time."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent import pending, results
+from agent import inflight, pending, results
 from agent.task_queue import TaskQueue
 from gleam import keys, messages
 
@@ -59,10 +63,12 @@ class Worker:
         *,
         agent_id: str,
         layout: keys.Layout,
+        started: inflight.StartedTasks | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tasks = tasks
+        self._started = started if started is not None else inflight.StartedTasks()
         self._runner = runner
         self._sink = sink
         self._agent_id = agent_id
@@ -83,14 +89,37 @@ class Worker:
                 target = self._layout.parse_task_key(job.key)
                 if target is not None:
                     self._sink.submit(self._layout.result_key(self._agent_id, target), record)
+            except Exception:  # noqa: BLE001 - the next job must still run
+                log.exception("%s at revision %d: its result was lost", job.key, job.revision)
             finally:
                 self._tasks.complete(job)
                 self.ran += 1
 
     def execute(self, job: pending.Job) -> messages.Result:
-        """Run one job; any failure, of the message or of the script, is a failed result."""
+        """Run one job; any failure, of the message, the script or the runner, is a failed
+        result."""
         started = self._wall_clock()
         t0 = self._clock()
+        runs = self._started.begin(job.key, job.revision)
+        try:
+            if runs > inflight.MAX_RUNS:
+                log.error(
+                    "%s at revision %d was interrupted twice by the agent stopping: not "
+                    "running it again",
+                    job.key,
+                    job.revision,
+                )
+                error = inflight.INTERRUPTED_TWICE
+                return self._record(job, raw_name(job.value), False, None, error, started, t0)
+            return self._execute(job, started, t0)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not kill the worker
+            log.exception("%s at revision %d: running it failed", job.key, job.revision)
+            error = f"internal error: {exc!r}"
+            return self._record(job, raw_name(job.value), False, None, error, started, t0)
+        finally:
+            self._started.end(job.key)
+
+    def _execute(self, job: pending.Job, started: float, t0: float) -> messages.Result:
         if job.skipped:
             log.info(
                 "%s at revision %d replaces revision(s) %s, which were skipped",
@@ -100,7 +129,7 @@ class Worker:
             )
         try:
             task = messages.decode_task(job.value)
-        except messages.MessageError as exc:
+        except Exception as exc:  # noqa: BLE001 - MessageError, or any value the decoder chokes on
             log.error("%s at revision %d: bad task message: %s", job.key, job.revision, exc)
             return self._record(
                 job, raw_name(job.value), False, None, f"bad task message: {exc}", started, t0
