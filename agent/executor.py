@@ -131,7 +131,7 @@ class LuaExecutor:
         time_limit: float = 60.0,
         memory_limit: int = 64 * 1024 * 1024,
         logger: logging.Logger | None = None,
-        watch_files: bool = True,
+        watch_files: bool = False,
         kill_grace: float = KILL_GRACE_S,
     ) -> None:
         self._kv = kv

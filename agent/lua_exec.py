@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from lupa import lua54
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from agent import lua_values, processes
 from agent.lua_api import KV, KVError, Outcome
@@ -75,24 +73,34 @@ class _Chunk:
     function: Any
 
 
-class _Invalidator(FileSystemEventHandler):
-    """Runs on watchdog's thread: only records which paths changed."""
+def _watch(root: Path, runner: LuaRunner) -> Any:
+    """A started watchdog observer that marks changed scripts stale. watchdog is imported
+    here, not with the module: the agent's executor does without it (the check before
+    every run is enough there, and watchdog costs about 5 MiB of memory per process)."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
 
-    def __init__(self, runner: LuaRunner) -> None:
-        self._runner = runner
+    class Invalidator(FileSystemEventHandler):
+        """Runs on watchdog's thread: only records which paths changed."""
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _CHANGE_EVENTS:
-            return
-        if event.is_directory:
-            # A folder moved or deleted takes its scripts with it; other folder events
-            # (a new file inside, a new folder) change no script already compiled.
-            if event.event_type in ("deleted", "moved"):
-                self._runner.reload()
-            return
-        for path in (event.src_path, getattr(event, "dest_path", "")):
-            if path:
-                self._runner._mark_stale(os.fsdecode(path))
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type not in _CHANGE_EVENTS:
+                return
+            if event.is_directory:
+                # A folder moved or deleted takes its scripts with it; other folder events
+                # (a new file inside, a new folder) change no script already compiled.
+                if event.event_type in ("deleted", "moved"):
+                    runner.reload()
+                return
+            for path in (event.src_path, getattr(event, "dest_path", "")):
+                if path:
+                    runner._mark_stale(os.fsdecode(path))
+
+    observer = Observer()
+    observer.daemon = True
+    observer.schedule(Invalidator(), str(root), recursive=True)
+    observer.start()
+    return observer
 
 
 class LuaRunner:
@@ -131,11 +139,7 @@ class LuaRunner:
             if not self._root.is_dir():
                 self._log.warning("script directory %s does not exist", self._root)
             else:
-                observer = Observer()
-                observer.daemon = True
-                observer.schedule(_Invalidator(self), str(self._root), recursive=True)
-                observer.start()
-                self._observer = observer
+                self._observer = _watch(self._root, self)
 
     # Public face ---------------------------------------------------------------------
 
