@@ -37,6 +37,8 @@ MAX_FROM_PARENT = 1024 * 1024 * 1024
 MAX_LOG_CHARS = 64 * 1024
 
 _HEADER = struct.Struct(">I")
+# Made once: json.dumps with any option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _RECV_BYTES = 256 * 1024
 
 
@@ -55,7 +57,7 @@ class FrameError(ChannelError):
 def encode(message: Any) -> bytes:
     """One frame. Raises ValueError, TypeError or RecursionError for a value JSON cannot
     carry (a 5,000-digit integer, a set, nesting too deep for the encoder)."""
-    body = json.dumps(message, separators=(",", ":")).encode("ascii")
+    body = _ENCODER.encode(message).encode("ascii")
     return _HEADER.pack(len(body)) + body
 
 
@@ -67,6 +69,10 @@ class Channel:
         self._max_in = max_in
         self._max_out = max_out
         self._buffer = bytearray()
+        # One receive area for the channel's life: a fresh 256 KiB buffer per recv() would
+        # be an mmap and munmap per message.
+        self._area = bytearray(_RECV_BYTES)
+        self._view = memoryview(self._area)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -100,14 +106,14 @@ class Channel:
                     raise TimeoutError
                 self._sock.settimeout(remaining)
             try:
-                chunk = self._sock.recv(_RECV_BYTES)
+                size = self._sock.recv_into(self._area)
             except TimeoutError:
                 raise
             except OSError as exc:
                 raise Closed(f"cannot receive: {exc.strerror or exc}") from None
-            if not chunk:
+            if not size:
                 raise Closed("the other end closed the connection")
-            self._buffer += chunk
+            self._buffer += self._view[:size]
 
     def _pop(self) -> Any:
         if len(self._buffer) < _HEADER.size:
