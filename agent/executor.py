@@ -32,12 +32,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
 from agent import frames
-from agent.lua_api import KV, KVError, Outcome
+from agent.lua_api import KV, ExecutorOptions, KVError, Outcome
 from gleam.messages import JSON
 
 log = logging.getLogger("agent.executor")
@@ -123,30 +124,21 @@ class LuaExecutor:
 
     def __init__(
         self,
-        script_dir: str | Path,
+        options: ExecutorOptions,
         *,
         kv: KV,
-        agent_id: str,
-        regions: Sequence[str],
-        time_limit: float = 60.0,
-        memory_limit: int = 64 * 1024 * 1024,
         logger: logging.Logger | None = None,
-        watch_files: bool = False,
         kill_grace: float = KILL_GRACE_S,
     ) -> None:
         self._kv = kv
-        self._time_limit = float(time_limit)
-        self._memory_limit = int(memory_limit)
+        self._time_limit = float(options.time_limit)
+        self._memory_limit = int(options.memory_limit)
         self._kill_grace = kill_grace
-        self._lua_log = logger or logging.getLogger("agent.lua")
+        lua_log = logger or logging.getLogger("agent.lua")
+        # The child's init frame; it sends only the log lines the parent would keep.
         self._config = {
-            "script_dir": str(script_dir),
-            "agent_id": agent_id,
-            "regions": list(regions),
-            "time_limit": self._time_limit,
-            "memory_limit": self._memory_limit,
-            "log_level": self._lua_log.getEffectiveLevel(),
-            "watch_files": watch_files,
+            "runner": {**asdict(options), "script_dir": str(options.script_dir)},
+            "log_level": lua_log.getEffectiveLevel(),
         }
         self._child: _Child | None = None
         self._reloads = 0

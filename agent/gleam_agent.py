@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import executor, inflight, pidfile, store
+from agent import executor, inflight, lua_api, pidfile, store
 from agent.daemon import Agent
 from gleam import connection, flags
 from gleam.version import VERSION
@@ -65,16 +65,15 @@ class SignalPipe:
 
 def _make_runner(config: agent_config.AgentConfig) -> executor.LuaExecutor:
     """The Lua executor process, started and ready (ExecutorError if it cannot be)."""
-    kv = store.EtcdKV(store.LazyClient(config.settings))
-    runner = executor.LuaExecutor(
-        config.script_dir,
-        kv=kv,
+    options = lua_api.ExecutorOptions(
+        script_dir=config.script_dir,
         agent_id=config.agent_id,
         regions=config.regions,
         time_limit=config.task_timeout,
         memory_limit=config.memory_limit,
-        logger=logging.getLogger("agent.lua"),
     )
+    kv = store.EtcdKV(store.LazyClient(config.settings))
+    runner = executor.LuaExecutor(options, kv=kv, logger=logging.getLogger("agent.lua"))
     runner.start()
     return runner
 

@@ -42,10 +42,6 @@ MAX_FILE_BYTES = 1024 * 1024
 _VERSION = 1
 
 
-class StateError(Exception):
-    """The state file or its directory cannot be used; the text names it."""
-
-
 @dataclass(frozen=True)
 class Started:
     """This agent started `key` at `revision`, `runs` times, and has not finished it."""
@@ -53,6 +49,10 @@ class Started:
     key: str
     revision: int
     runs: int
+
+
+class StateError(Exception):
+    """The state file or its directory cannot be used; the text names it."""
 
 
 def begin(records: Mapping[str, Started], key: str, revision: int) -> Started:

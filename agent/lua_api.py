@@ -10,6 +10,7 @@ runner does. Standard library only: both processes import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from gleam.messages import JSON
@@ -37,3 +38,14 @@ class Outcome:
     result: JSON
     error: str | None
     duration_ms: float
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """What the executor process needs to build its `LuaRunner` (as its keywords)."""
+
+    script_dir: Path
+    agent_id: str
+    regions: tuple[str, ...]
+    time_limit: float
+    memory_limit: int  # bytes

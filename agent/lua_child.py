@@ -127,19 +127,13 @@ def serve(channel: frames.Channel, config: dict[str, Any]) -> None:
     root = logging.getLogger()
     root.handlers[:] = [ParentLog(channel, lock)]
     root.setLevel(int(config["log_level"]))
-    # Only the agent's own lines cross: watchdog's debug lines (one per inotify event)
-    # would arrive from its thread while the parent is not listening.
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
-    memory_limit = int(config["memory_limit"])
+    options = config["runner"]
+    memory_limit = int(options["memory_limit"])
     runner = lua_exec.LuaRunner(
-        config["script_dir"],
         kv=ParentKV(channel, lock),
-        agent_id=str(config["agent_id"]),
-        regions=[str(r) for r in config["regions"]],
-        time_limit=float(config["time_limit"]),
-        memory_limit=memory_limit,
         logger=logging.getLogger("agent.lua"),
-        watch_files=bool(config["watch_files"]),
+        watch_files=False,  # the check before every run is enough (and watchdog is 5 MiB)
+        **options,
     )
     size = address_space_now()
     if size:

@@ -2,6 +2,8 @@
 served by the parent, a child that hangs, dies or lies. Real child processes; a small
 in-memory KV (etcd itself is covered end to end in test_agent_isolation)."""
 
+# ruff: noqa: F811 - the scripts fixture imported from tests.test_lua_exec is a parameter here
+
 from __future__ import annotations
 
 import os
@@ -19,8 +21,9 @@ import pytest
 import gleam
 from agent import frames
 from agent.executor import LuaExecutor, child_environment, describe_exit, session_members
-from agent.lua_api import KVError
+from agent.lua_api import ExecutorOptions, KVError
 from tests.support import wait_until
+from tests.test_lua_exec import scripts  # noqa: F401 - a fixture
 
 
 class MemoryKV:
@@ -43,26 +46,20 @@ class MemoryKV:
 
 
 @pytest.fixture
-def scripts(tmp_path: Path) -> Path:
-    root = tmp_path / "scripts"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def kv() -> MemoryKV:
     return MemoryKV()
 
 
 @pytest.fixture
 def executor(scripts: Path, kv: MemoryKV) -> Iterator[LuaExecutor]:
-    runner = LuaExecutor(
-        scripts, kv=kv, agent_id="web-1", regions=["eu"], time_limit=2, kill_grace=0.5,
-        memory_limit=16 * 1024 * 1024, watch_files=False,
-    )  # fmt: skip
+    runner = LuaExecutor(options(scripts, time_limit=2), kv=kv, kill_grace=0.5)
     runner.start()
     yield runner
     runner.close()
+
+
+def options(scripts: Path, *, time_limit: float = 60) -> ExecutorOptions:
+    return ExecutorOptions(scripts, "web-1", ("eu",), time_limit, 16 * 1024 * 1024)
 
 
 def script(root: Path, text: str, name: str = "t") -> str:
@@ -242,7 +239,7 @@ def test_reload_reaches_the_child(
     scripts: Path, kv: MemoryKV, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO")  # before the child starts: it sends only what the parent logs
-    executor = LuaExecutor(scripts, kv=kv, agent_id="a", regions=[], watch_files=False)
+    executor = LuaExecutor(options(scripts), kv=kv)
     executor.start()
     try:
         name = script(scripts, "return 1")
@@ -255,7 +252,7 @@ def test_reload_reaches_the_child(
 
 
 def test_close_stops_the_child(scripts: Path, kv: MemoryKV) -> None:
-    runner = LuaExecutor(scripts, kv=kv, agent_id="a", regions=[], watch_files=False)
+    runner = LuaExecutor(options(scripts), kv=kv)
     runner.start()
     pid = runner.pid
     assert pid is not None
