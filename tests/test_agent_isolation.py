@@ -335,5 +335,17 @@ def test_a_task_interrupted_twice_by_the_agent_dying_is_not_run_again(
     assert "was running when the agent stopped" not in agent.log()
 
 
+def test_a_state_dir_others_can_write_stops_the_agent_at_start(
+    etcd_server: EtcdServer, layout: keys.Layout, start_agent: StartAgent, tmp_path: Path,
+) -> None:  # fmt: skip
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    agent = start_agent(etcd_server.endpoint, "-id", "st", "-state_dir", str(shared), layout=layout)
+    assert agent.wait(timeout=60) == 1
+    assert "-state_dir:" in agent.log() and "writable by no one else" in agent.log()
+    assert "Traceback" not in agent.log()
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
