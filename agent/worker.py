@@ -19,6 +19,11 @@ from gleam import keys, messages
 
 log = logging.getLogger("agent.worker")
 
+# While more jobs wait, results go to the writer in groups of at most this many, held
+# at most this long (see Worker.run).
+RESULT_GROUP = 64
+RESULT_GROUP_SECONDS = 0.005
+
 
 class Outcome(Protocol):
     """What `agent.lua_exec.Outcome` offers."""
@@ -78,22 +83,48 @@ class Worker:
         self.ran = 0
 
     def run(self) -> None:
-        """Run jobs until the queue is closed; the job in hand is always finished."""
-        while True:
-            job = self._tasks.take()
-            if job is None:
-                log.info("worker stopped")
-                return
+        """Run jobs until the queue is closed; the job in hand is always finished.
+
+        While more jobs wait, results are handed to the writer in groups (at most
+        RESULT_GROUP, or RESULT_GROUP_SECONDS old): each task now waits on the executor
+        process, and a writer woken for every single result writes one transaction per
+        task, which costs more than the task. A lone task's result goes at once."""
+        held: list[tuple[str, messages.Result]] = []
+        held_since = 0.0
+        try:
+            while True:
+                job = self._tasks.take()
+                if job is None:
+                    log.info("worker stopped")
+                    return
+                try:
+                    record = self.execute(job)
+                    target = self._layout.parse_task_key(job.key)
+                    if target is not None:
+                        if not held:
+                            held_since = self._clock()
+                        held.append((self._layout.result_key(self._agent_id, target), record))
+                except Exception:  # noqa: BLE001 - the next job must still run
+                    log.exception("%s at revision %d: its result was lost", job.key, job.revision)
+                finally:
+                    self._tasks.complete(job)
+                    self.ran += 1
+                if held and (
+                    len(held) >= RESULT_GROUP
+                    or self._clock() - held_since >= RESULT_GROUP_SECONDS
+                    or not self._tasks.waiting_count()
+                ):
+                    self._hand_over(held)
+        finally:
+            self._hand_over(held)
+
+    def _hand_over(self, held: list[tuple[str, messages.Result]]) -> None:
+        for key, record in held:
             try:
-                record = self.execute(job)
-                target = self._layout.parse_task_key(job.key)
-                if target is not None:
-                    self._sink.submit(self._layout.result_key(self._agent_id, target), record)
-            except Exception:  # noqa: BLE001 - the next job must still run
-                log.exception("%s at revision %d: its result was lost", job.key, job.revision)
-            finally:
-                self._tasks.complete(job)
-                self.ran += 1
+                self._sink.submit(key, record)
+            except Exception:  # noqa: BLE001 - the other results must still go
+                log.exception("the result %s was lost", key)
+        held.clear()
 
     def execute(self, job: pending.Job) -> messages.Result:
         """Run one job; any failure, of the message, the script or the runner, is a failed

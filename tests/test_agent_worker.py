@@ -61,7 +61,7 @@ def test_the_worker_survives_a_sink_that_raises_and_runs_the_next_job(
     tasks.close()
     thread.join(10)
     assert worker.ran == 3 and sink.calls >= 1
-    assert "its result was lost" in caplog.text
+    assert "was lost" in caplog.text
 
 
 def test_a_task_started_twice_already_is_refused_and_forgotten(tmp_path: Path) -> None:
@@ -120,3 +120,36 @@ def test_a_loop_ending_during_shutdown_is_not_a_death(caplog: pytest.LogCaptureF
     caplog.set_level(logging.INFO)
     daemon.supervised("watch", lambda: None, stopping=stopping, on_death=deaths.append)
     assert deaths == []
+
+
+class CountingSink(Sink):
+    """Records when each result was handed over: after how many jobs had run."""
+
+    def __init__(self, worker: list[Worker]) -> None:
+        super().__init__()
+        self.worker = worker
+        self.handed_at: list[int] = []
+
+    def submit(self, key: str, result: messages.Result) -> None:
+        super().submit(key, result)
+        self.handed_at.append(self.worker[0].ran)
+
+
+def test_results_of_a_burst_go_over_in_groups_and_a_lone_one_at_once() -> None:
+    box: list[Worker] = []
+    sink = CountingSink(box)
+    worker, tasks = make_worker(FakeRunner(OK), sink=sink)
+    box.append(worker)
+    burst = [
+        pending.Observed(LAYOUT.region_key(f"r{n}"), n + 1, b'{"Name": "t"}') for n in range(5)
+    ]
+    tasks.observe(burst)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_until(lambda: len(sink.records) == 5, what="the burst's results")
+    assert sink.handed_at == [5] * 5, "held while more jobs waited"
+    tasks.observe([pending.Observed(KEY, 10, b'{"Name": "t"}')])
+    wait_until(lambda: len(sink.records) == 6, what="the lone result")
+    assert sink.handed_at[-1] == 6
+    tasks.close()
+    thread.join(10)
