@@ -51,8 +51,10 @@ KILL_GRACE_S = 1.0
 START_TIMEOUT_S = 30.0
 # How long a child that closed its socket gets to exit before it is killed.
 EXIT_WAIT_S = 2.0
-# The child's stderr (a Lua panic, a Python traceback) is logged line by line, cut here.
+# The child's stderr (a Lua panic, a Python traceback) is logged line by line, each cut
+# here, and at most MAX_STDERR_LINES lines per child (a script can write to io.stderr).
 MAX_STDERR_LINE = 4096
+MAX_STDERR_LINES = 200
 
 # Started as `python -P -c BOOT PACKAGE_ROOT FD PARENT_PID`: -P and the explicit path, so
 # that neither the working directory (the scripts' too) nor PYTHONPATH picks the module.
@@ -205,10 +207,10 @@ class LuaExecutor:
         self._reloads_sent = reloads
         deadline = time.monotonic() + self._time_limit + self._kill_grace
         try:
-            child.channel.send_frame(frame)
+            child.channel.send_frame(frame, deadline=deadline)
             while True:
                 message = child.channel.receive(deadline=deadline)
-                done = self._handle(child, message)
+                done = self._handle(child, message, deadline)
                 if done is not None:
                     return done
         except TimeoutError:
@@ -234,7 +236,9 @@ class LuaExecutor:
         except OSError as exc:
             log.error("cannot start a new Lua executor (the next task tries again): %s", exc)
 
-    def _handle(self, child: _Child, message: Any) -> tuple[bool, JSON, str | None] | None:
+    def _handle(
+        self, child: _Child, message: Any, deadline: float
+    ) -> tuple[bool, JSON, str | None] | None:
         """One message from the child during a task; the outcome once it is "done"."""
         kind = message[0] if isinstance(message, list) and message else None
         if kind == "done" and len(message) == 4:
@@ -247,7 +251,7 @@ class LuaExecutor:
         elif kind == "kv":
             reply = self._serve_kv(message[1:])
             if reply is not None:
-                child.channel.send_frame(reply)
+                child.channel.send_frame(reply, deadline=deadline)
                 return None
         raise frames.FrameError(f"an unexpected message: {message!r:.200}")
 
@@ -318,8 +322,9 @@ class LuaExecutor:
         self._child = child
         self.started += 1
         log.info("Lua executor started (pid %d)", proc.pid)
-        with contextlib.suppress(frames.ChannelError):
-            channel.send(["init", self._config])  # a dead child shows in _await_ready
+        with contextlib.suppress(frames.ChannelError, TimeoutError):
+            # A dead or stuck child shows in _await_ready.
+            channel.send(["init", self._config], deadline=time.monotonic() + START_TIMEOUT_S)
         return child
 
     def _await_ready(self, child: _Child) -> str | None:
@@ -383,8 +388,13 @@ class LuaExecutor:
 
 def _pump_stderr(stream: IO[bytes], pid: int) -> None:
     """Log what the child writes to its stderr (a Lua panic, a traceback) until it exits."""
+    logged = 0
     with stream:
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").rstrip()[:MAX_STDERR_LINE]
-            if line:
-                log.warning("Lua executor (pid %d): %s", pid, line)
+        while raw := stream.readline(MAX_STDERR_LINE):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line or logged > MAX_STDERR_LINES:
+                continue  # read on, so that the child never blocks on a full pipe
+            logged += 1
+            if logged > MAX_STDERR_LINES:
+                line = f"more than {MAX_STDERR_LINES} lines on standard error; the rest is dropped"
+            log.warning("Lua executor (pid %d): %s", pid, line)

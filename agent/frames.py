@@ -77,19 +77,35 @@ class Channel:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, *, deadline: float | None = None) -> None:
         """Send one message; ValueError if it cannot be encoded or is over the limit."""
-        self.send_frame(encode(message))
+        self.send_frame(encode(message), deadline=deadline)
 
-    def send_frame(self, frame: bytes) -> None:
+    def send_frame(self, frame: bytes, *, deadline: float | None = None) -> None:
+        """Send one encoded frame; TimeoutError if the peer has not taken it all by
+        `deadline` (time.monotonic()), Closed if it has gone."""
         if len(frame) - _HEADER.size > self._max_out:
             raise ValueError(
                 f"{len(frame) - _HEADER.size} bytes, over the {self._max_out}-byte limit"
             )
+        self._set_timeout(deadline)
         try:
             self._sock.sendall(frame)
+        except TimeoutError:
+            raise
         except OSError as exc:
             raise Closed(f"cannot send: {exc.strerror or exc}") from None
+
+    def _set_timeout(self, deadline: float | None) -> None:
+        if deadline is None:
+            self._sock.settimeout(None)
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        # A day at most per wait: socket timeouts must fit a C timeval, and
+        # -task_timeout may be any number.
+        self._sock.settimeout(min(remaining, 86400.0))
 
     def receive(self, *, deadline: float | None = None) -> Any:
         """The next message. Raises TimeoutError at `deadline` (time.monotonic()), Closed
@@ -98,17 +114,11 @@ class Channel:
             message = self._pop()
             if message is not _NOTHING:
                 return message
-            if deadline is None:
-                self._sock.settimeout(None)
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                self._sock.settimeout(remaining)
+            self._set_timeout(deadline)
             try:
                 size = self._sock.recv_into(self._area)
             except TimeoutError:
-                raise
+                continue  # the deadline, checked above, says whether it is over
             except OSError as exc:
                 raise Closed(f"cannot receive: {exc.strerror or exc}") from None
             if not size:

@@ -20,7 +20,14 @@ import pytest
 
 import gleam
 from agent import frames
-from agent.executor import LuaExecutor, child_environment, describe_exit, session_members
+from agent.executor import (
+    MAX_STDERR_LINE,
+    MAX_STDERR_LINES,
+    LuaExecutor,
+    child_environment,
+    describe_exit,
+    session_members,
+)
 from agent.lua_api import ExecutorOptions, KVError
 from tests.support import wait_until
 from tests.test_lua_exec import scripts  # noqa: F401 - a fixture
@@ -299,3 +306,24 @@ def test_the_package_face_lists_exactly_what_it_can_import() -> None:
     assert set(gleam.__all__) == set(gleam._MODULE_OF)
     with pytest.raises(AttributeError):
         _ = gleam.no_such_name
+
+
+def test_a_flood_on_stderr_is_logged_only_so_far(
+    executor: LuaExecutor, scripts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = 'for i = 1, 2000 do io.stderr:write(string.rep("e", 10000), "\\n") end return 1'
+    assert executor.run(script(scripts, text), None).ok
+    wait_until(lambda: "the rest is dropped" in caplog.text, what="the cut-off line")
+    lines = [r for r in caplog.records if r.getMessage().startswith("Lua executor (pid")]
+    assert len(lines) == MAX_STDERR_LINES + 1
+    assert all(len(r.getMessage()) < MAX_STDERR_LINE + 100 for r in lines)
+    assert executor.run(script(scripts, "return 2", "u"), None).result == 2
+
+
+def test_a_time_limit_beyond_any_timer_still_works(scripts: Path, kv: MemoryKV) -> None:
+    runner = LuaExecutor(options(scripts, time_limit=1e300), kv=kv)
+    runner.start()
+    try:
+        assert runner.run(script(scripts, "return 5"), None).result == 5
+    finally:
+        runner.close()
