@@ -146,7 +146,6 @@ class LuaExecutor:
         self._reloads = 0
         self._reloads_sent = 0
         self._lock = threading.Lock()  # run() and close() may come from different threads
-        self.started = 0  # children started (tests, logs)
 
     # Public face ---------------------------------------------------------------------
 
@@ -216,14 +215,8 @@ class LuaExecutor:
         except TimeoutError:
             self._kill(child, why=f"still running {name} after its time limit")
             self._respawn()
-            return (
-                False,
-                None,
-                (
-                    f"time limit of {self._time_limit:g} s exceeded "
-                    "(the Lua executor did not stop the script and was killed)"
-                ),
-            )
+            how = "the Lua executor did not stop the script and was killed"
+            return False, None, f"time limit of {self._time_limit:g} s exceeded ({how})"
         except frames.ChannelError as exc:
             how = self._ended(child, exc)
             self._respawn()
@@ -320,7 +313,6 @@ class LuaExecutor:
             daemon=True,
         ).start()  # fmt: skip
         self._child = child
-        self.started += 1
         log.info("Lua executor started (pid %d)", proc.pid)
         with contextlib.suppress(frames.ChannelError, TimeoutError):
             # A dead or stuck child shows in _await_ready.
