@@ -17,9 +17,9 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import lua_exec, pidfile, store
+from agent import lua_exec, observe, pidfile, store
 from agent.daemon import Agent
-from gleam import connection, flags
+from gleam import connection, flags, logformat, metrics
 from gleam.version import VERSION
 
 log = logging.getLogger("agent")
@@ -90,6 +90,8 @@ def _fatal(message: str, *, to_log_file: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, values = agent_config.parse(argv)
+        metrics_address = metrics.parse_address(values.get("metrics"))
+        logformat.set_process_fields(agent=config.agent_id)
         flags.setup_logging(values, name=agent_config.PROG)
         if not config.script_dir.is_dir():
             raise flags.FlagError(f"-script: {str(config.script_dir)!r} is not a directory")
@@ -111,6 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fatal(f"cannot start the Lua runtime: {exc}", to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
         agent = Agent(config, runner)
+        observer = observe.Observer(agent, runner=runner)  # systemd, /healthz, -metrics
+        try:
+            observer.start(metrics_address)
+        except (metrics.ListenError, flags.FlagError) as exc:
+            _fatal(str(exc), to_log_file=bool(values.get("log")))
+            runner.close()
+            return EXIT_FAILURE
         log.info(
             "gleam-agent %s starting: id %s, regions %s, scripts %s, etcd %s, prefix %s",
             VERSION,
@@ -134,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 break
         threading.Thread(target=_exit_on_second_signal, args=(signals, config), daemon=True).start()
+        observer.stop()  # STOPPING=1
         clean = agent.shutdown()
         runner.close()
         log.info("stopped%s", "" if clean else " (not everything finished in time)")

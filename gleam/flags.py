@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gleam import connection, keys
+from gleam import connection, keys, logformat
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,7 @@ CONNECTION_FLAGS: tuple[Flag, ...] = (
 LOG_FLAGS: tuple[Flag, ...] = (
     Flag("log", "write the log to this file instead of standard error", metavar="FILE"),
     Flag("log_level", "debug, info, warning or error", "info", metavar="LEVEL"),
+    Flag("log_format", "text, or json: one JSON object per line", "text", metavar="FORMAT"),
 )
 
 
@@ -146,18 +146,16 @@ def setup_logging(values: Mapping[str, str | None], *, name: str) -> None:
         raise FlagError(
             f"-log_level: {values.get('log_level')!r} is not one of debug, info, warning, error"
         )
+    try:
+        formatter = logformat.formatter(values.get("log_format"), name=name)
+    except ValueError as exc:
+        raise FlagError(f"-log_format: {exc}") from None
     path = values.get("log")
     try:
-        handler: logging.Handler = (
-            logging.FileHandler(path, encoding="utf-8")
-            if path
-            else logging.StreamHandler(sys.stderr)
-        )
+        handler = logformat.handler(path)  # a -log file is reopened after logrotate moves it
     except OSError as exc:
         raise FlagError(f"-log: cannot open {path!r}: {exc.strerror}") from None
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s")
-    )
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
