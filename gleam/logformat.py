@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import sys
 import threading
 from collections.abc import Iterator
@@ -116,4 +115,6 @@ def handler(path: str | None) -> logging.Handler:
     Raises OSError when the file cannot be opened."""
     if not path:
         return logging.StreamHandler(sys.stderr)
-    return logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    from logging.handlers import WatchedFileHandler  # only with -log: more than needed otherwise
+
+    return WatchedFileHandler(path, encoding="utf-8")

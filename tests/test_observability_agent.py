@@ -99,7 +99,7 @@ def _version() -> str:
 
 
 def test_healthz_is_503_while_etcd_is_stopped_and_200_when_it_is_back(
-    private_etcd: EtcdServer, start_agent: StartAgent, lua_dir: Path
+    private_etcd: EtcdServer, start_agent: StartAgent, lua_dir: Path, notify: NotifySocket
 ) -> None:
     layout = keys.Layout("/health")
     etcd = client_for(private_etcd.endpoint)
@@ -107,6 +107,7 @@ def test_healthz_is_503_while_etcd_is_stopped_and_200_when_it_is_back(
         agent = start_agent(
             private_etcd.endpoint, "-id", "h1", "-check_interval", "0.5",
             "-metrics", "127.0.0.1:0", layout=layout, script_dir=lua_dir,
+            env=notify.env(watchdog_seconds=1.0),
         )  # fmt: skip
         wait_registered(etcd, layout, "h1")
         base = url_of(agent)
@@ -118,6 +119,10 @@ def test_healthz_is_503_while_etcd_is_stopped_and_200_when_it_is_back(
         )
         assert "etcd" in reason and reason.count("\n") == 1
         assert value(scrape(base), "gleam_agent_etcd_connected") == 0
+        # etcd being down is no wedge: the loops keep retrying and the pings go on.
+        down = time.monotonic()
+        wait_until(lambda: len(notify.pings_after(down)) >= 3, what="pings while etcd is down")
+        assert "etcd unreachable" in notify.last_status()
 
         private_etcd.start()
         wait_until(lambda: healthz(base)[0] == 200, timeout=60, what="/healthz 200 again")
