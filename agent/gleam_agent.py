@@ -143,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 break
         threading.Thread(target=_exit_on_second_signal, args=(signals, config), daemon=True).start()
-        observer.stop()  # STOPPING=1
+        observer.stopping()  # STOPPING=1
         clean = agent.shutdown()
+        observer.close()
         runner.close()
         log.info("stopped%s", "" if clean else " (not everything finished in time)")
         return EXIT_OK

@@ -117,9 +117,11 @@ def health(view: View, lim: Limits) -> Health:
     return Health.good(f"ok: registered as {view.agent_id}, watching {view.keys} key(s)")
 
 
-def verdict(view: View, lim: Limits) -> liveness.Verdict:
+def verdict(view: View, lim: Limits, *, stopping: bool = False) -> liveness.Verdict:
     wedged = stalled(view, lim)
     ready = view.registered and view.connected
+    if stopping:
+        return liveness.Verdict(ready, wedged, "stopping: finishing the running task", True)
     if wedged:
         status = f"stalled: {', '.join(wedged)}"
     elif not view.registered:
@@ -153,6 +155,7 @@ class Observer:
             watchdog=sdnotify.watchdog_seconds(env, pid=os.getpid()),
         )
         self.listener: Listener | None = None
+        self._stopping = False
 
     def view(self) -> View:
         agent, now = self.agent, self._clock()
@@ -172,7 +175,7 @@ class Observer:
         )
 
     def verdict(self) -> liveness.Verdict:
-        return verdict(self.view(), self.limits)
+        return verdict(self.view(), self.limits, stopping=self._stopping)
 
     def health(self) -> Health:
         return health(self.view(), self.limits)
@@ -195,9 +198,13 @@ class Observer:
         # The Lua executor's restarts, when the runner counts them (`restarts`).
         return int(getattr(self._runner, "restarts", 0))
 
-    def stop(self) -> None:
-        """STOPPING=1 to systemd first, then close the listener."""
-        self.pinger.stop("stopping: finishing the running task")
+    def stopping(self) -> None:
+        """Shutdown begins: STOPPING=1 now; the pings go on until `close`."""
+        self._stopping = True
+        self.pinger.tick()
+
+    def close(self) -> None:
+        self.pinger.stop()
         if self.listener is not None:
             self.listener.close()
 

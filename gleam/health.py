@@ -24,6 +24,9 @@ log = logging.getLogger("gleam.health")
 
 # Seconds a client may take to send its request.
 REQUEST_TIMEOUT = 10.0
+# Requests answered at once; more connections are closed at once, so that a flood of
+# idle connections costs the daemon a few threads, not one each.
+MAX_REQUESTS = 8
 
 
 Metrics = Callable[[], tuple[bytes, str]]
@@ -31,8 +34,26 @@ Metrics = Callable[[], tuple[bytes, str]]
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog (socketserver's default is 5)
     metrics: Metrics
     health: Callable[[], Health]
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: drop this one
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -92,6 +113,7 @@ class Listener:
             raise ListenError(f"-metrics: cannot listen on {where}: {why}") from None
         self._server.metrics = metrics
         self._server.health = health
+        self._server.slots = threading.BoundedSemaphore(MAX_REQUESTS)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="gleam-metrics", daemon=True
         )

@@ -8,7 +8,8 @@ worker while it runs a task, the reconciler's pass loop). A `Pinger` thread asks
 - sends `WATCHDOG=1` every half watchdog period, but only while no loop is overdue: a
   wedged loop stops the pings, and systemd restarts the service (`WatchdogSec=`);
 - sends `STATUS=` whenever the one-line status changes;
-- sends `STOPPING=1` when the daemon shuts down.
+- sends `STOPPING=1` once the daemon starts shutting down, and from then on pings
+  whatever the loops do (they are being stopped; systemd's TimeoutStopSec= bounds it).
 
 `decide` is the pure part: what to send on a tick, given what was sent before.
 """
@@ -26,6 +27,7 @@ from gleam import sdnotify
 log = logging.getLogger("gleam.liveness")
 
 TICK_SECONDS = 0.25
+MIN_TICK_SECONDS = 0.05  # however short WatchdogSec= is, no busy loop
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Verdict:
     ready: bool  # serving: READY=1 may be sent
     stalled: tuple[str, ...]  # loops that missed their deadline: no WATCHDOG=1
     status: str  # one line for STATUS=
+    stopping: bool = False  # shutting down: STOPPING=1
 
 
 def overdue(now: float, since: float | None, limit: float) -> bool:
@@ -65,6 +68,7 @@ class Sent:
     status: str | None = None
     next_ping: float = 0.0  # monotonic time the next WATCHDOG=1 is due
     stalled: tuple[str, ...] = ()
+    stopping: bool = False
 
 
 def decide(
@@ -73,16 +77,21 @@ def decide(
     """The fields to send on this tick (maybe none) and the new `Sent`."""
     fields: dict[str, str] = {}
     ready, next_ping = sent.ready, sent.next_ping
-    if verdict.ready and not ready:
+    stopping = sent.stopping or verdict.stopping
+    if verdict.ready and not ready and not stopping:
         fields["READY"] = "1"
         ready = True
+    if stopping and not sent.stopping:
+        fields["STOPPING"] = "1"
     if verdict.status != sent.status:
         fields["STATUS"] = verdict.status[: sdnotify.MAX_STATUS_CHARS]
-    if watchdog is not None and not verdict.stalled and now >= next_ping:
+    # While stopping, the loops end one by one: that is no wedge.
+    alive = stopping or not verdict.stalled
+    if watchdog is not None and alive and now >= next_ping:
         fields["WATCHDOG"] = "1"
         # systemd's advice: ping at half the timeout, so one late tick is survived.
         next_ping = now + watchdog / 2
-    return fields, Sent(ready, verdict.status, next_ping, verdict.stalled)
+    return fields, Sent(ready, verdict.status, next_ping, verdict.stalled, stopping)
 
 
 class Pinger:
@@ -100,10 +109,11 @@ class Pinger:
         self._notifier = notifier
         self._check = check
         self._watchdog = watchdog
-        self._tick = min(tick, watchdog / 4) if watchdog else tick
+        self._tick = max(MIN_TICK_SECONDS, min(tick, watchdog / 4) if watchdog else tick)
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # the thread ticks, and so may a shutdown
         self.sent = Sent()
 
     def start(self) -> None:
@@ -119,13 +129,19 @@ class Pinger:
                 return
 
     def tick(self) -> None:
+        with self._lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
         try:
             verdict = self._check()
         except Exception:  # noqa: BLE001 - a bug here must not kill the pinger silently
             log.exception("liveness check failed; no watchdog ping this time")
             return
         fields, sent = decide(verdict, self.sent, now=self._clock(), watchdog=self._watchdog)
-        if sent.stalled and sent.stalled != self.sent.stalled:
+        if sent.stopping:
+            pass  # loops ending during shutdown are expected
+        elif sent.stalled and sent.stalled != self.sent.stalled:
             log.error(
                 "%s stalled: watchdog pings stopped (systemd restarts the service)",
                 ", ".join(sent.stalled),
@@ -136,10 +152,11 @@ class Pinger:
             self._notifier.send(**fields)
         self.sent = sent
 
-    def stop(self, status: str = "stopping") -> None:
-        """Stop pinging and tell systemd the service is stopping."""
+    def stop(self) -> None:
+        """Stop pinging (after STOPPING=1, if the verdicts never said stopping)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
-        self._notifier.stopping(status)
+        if not self.sent.stopping:
+            self._notifier.stopping()
         self._notifier.close()

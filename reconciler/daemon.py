@@ -191,6 +191,7 @@ class Daemon:
                 return Reason.INTERVAL
             if watch.changed.wait(min(remaining, 0.5)):
                 while not self.stop.is_set():
+                    self.alive_at = self._clock()
                     watch.changed.clear()
                     if not watch.changed.wait(self.settings.debounce):
                         break

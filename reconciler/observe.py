@@ -143,6 +143,8 @@ class Observer:
 
     def verdict(self) -> liveness.Verdict:
         wedged = self.stalled()
+        if self.daemon.stop.is_set():
+            return liveness.Verdict(self.last is not None, wedged, "stopping", stopping=True)
         text = f"stalled: {', '.join(wedged)}" if wedged else status_line(self.last)
         return liveness.Verdict(ready=self.last is not None, stalled=wedged, status=text)
 
@@ -174,7 +176,7 @@ class Observer:
         return read
 
     def stop(self) -> None:
-        self.pinger.stop("stopping")
+        self.pinger.stop()
         if self.listener is not None:
             self.listener.close()
 

@@ -185,6 +185,8 @@ def test_watchdog_pings_stop_when_the_watch_loop_or_the_worker_is_wedged(
             assert agents[loop].proc.poll() is None
             code, reason = healthz(url_of(agents[loop]))
             assert code == 503 and reason.startswith("stalled")
+        for agent in agents.values():
+            agent.stop(sig=signal.SIGKILL)  # a wedged agent would wait out its grace times
     finally:
         for sock in sockets.values():
             sock.close()

@@ -301,3 +301,93 @@ def test_drift_corrections_count_writes_of_an_already_applied_commit() -> None:
     assert robserve.drift_corrections(reconcile.Result(desired, same, plan, changes)) == 1
     assert robserve.drift_corrections(reconcile.Result(desired, moved, plan, changes)) == 0
     assert robserve.drift_corrections(reconcile.Result(desired, None, plan, changes)) == 0
+
+
+def test_once_stopping_it_says_so_once_and_pings_whatever_the_loops_do() -> None:
+    sent = liveness.Sent(ready=True, status="watching")
+    ending = liveness.Verdict(ready=True, stalled=("worker",), status="stopping", stopping=True)
+    fields, sent = liveness.decide(ending, sent, now=0.0, watchdog=1.0)
+    assert fields == {"STOPPING": "1", "STATUS": "stopping", "WATCHDOG": "1"}
+    fields, sent = liveness.decide(ending, sent, now=1.0, watchdog=1.0)
+    assert fields == {"WATCHDOG": "1"}
+
+
+def test_no_ready_once_stopping() -> None:
+    ending = liveness.Verdict(ready=True, stalled=(), status="stopping", stopping=True)
+    fields, _ = liveness.decide(ending, liveness.Sent(), now=0.0, watchdog=None)
+    assert "READY" not in fields and fields["STOPPING"] == "1"
+
+
+# The HTTP listener ---------------------------------------------------------------------
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_listener_routes_and_survives_a_failing_handler_and_a_flood() -> None:
+    import threading
+    import time
+
+    from gleam import health as http
+
+    state = {"health": liveness.Health.bad("not yet")}
+
+    def broken() -> tuple[bytes, str]:
+        raise RuntimeError("bug")
+
+    listener = http.Listener(("127.0.0.1", 0), metrics=broken, health=lambda: state["health"])
+    listener.start()
+    try:
+        base = listener.url
+        assert _get(base + "/healthz") == (503, b"not yet\n")
+        state["health"] = liveness.Health.good("ok: fine")
+        assert _get(base + "/healthz?verbose=1") == (200, b"ok: fine\n")
+        assert _get(base + "/healthz", method="HEAD") == (200, b"")
+        assert _get(base + "/metrics")[0] == 500
+        assert _get(base + "/../../etc/passwd")[0] == 404
+        assert _get(base + "/healthz", method="POST")[0] == 501
+
+        # Idle connections that never send a request hold at most MAX_REQUESTS threads.
+        threads = threading.active_count()
+        idle = [socket.create_connection(listener._server.server_address[:2]) for _ in range(60)]
+        # The listener has dealt with every one when all but MAX_REQUESTS were closed.
+        deadline = time.monotonic() + 15
+        while sum(map(_closed_by_peer, idle)) < len(idle) - http.MAX_REQUESTS:
+            assert time.monotonic() < deadline, "the listener did not drop the extra connections"
+        assert threading.active_count() <= threads + http.MAX_REQUESTS
+        for conn in idle:
+            conn.close()
+        deadline = time.monotonic() + 15
+        while _get_or_none(base + "/healthz") != (200, b"ok: fine\n"):
+            assert time.monotonic() < deadline, "the listener did not recover from the flood"
+            time.sleep(0.1)
+    finally:
+        listener.close()
+
+
+def _get_or_none(url: str) -> tuple[int, bytes] | None:
+    try:
+        return _get(url)
+    except OSError:
+        return None
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """True once the other end closed `conn` (waits up to 0.1 s for news)."""
+    import select
+
+    readable, _, _ = select.select([conn], [], [], 0.1)
+    if not readable:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionError:
+        return True
