@@ -16,7 +16,6 @@ healthy, which loop is wedged, what STATUS= says) are pure functions of a `View`
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.backoff import Backoff
 from agent.config import AgentConfig
-from gleam import liveness, messages, metrics, sdnotify
+from gleam import liveness, messages, metrics
 from gleam.liveness import Health
 from gleam.version import VERSION
 
@@ -148,12 +147,7 @@ class Observer:
         self.limits = limits(agent.config)
         self._runner = runner
         self._clock = clock
-        env = os.environ if environ is None else environ
-        self.pinger = liveness.Pinger(
-            sdnotify.Notifier.from_environ(env),
-            self.verdict,
-            watchdog=sdnotify.watchdog_seconds(env, pid=os.getpid()),
-        )
+        self.pinger = liveness.Pinger.from_environ(self.verdict, environ)
         self.listener: Listener | None = None
         self._stopping = False
 
@@ -188,10 +182,7 @@ class Observer:
 
             registry = metrics.new_registry()
             AgentMetrics(self, registry)
-            self.listener = http.Listener(
-                address, metrics=lambda: metrics.exposition(registry), health=self.health
-            )
-            self.listener.start()
+            self.listener = http.serve(address, registry, health=self.health)
         self.pinger.start()
 
     def executor_restarts(self) -> int:

@@ -15,10 +15,14 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gleam import metrics as prometheus
 from gleam.liveness import Health
 from gleam.metrics import ListenError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("gleam.health")
 
@@ -135,3 +139,12 @@ class Listener:
             self._server.shutdown()  # waits for serve_forever, which must be running
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def serve(
+    address: tuple[str, int], registry: CollectorRegistry, *, health: Callable[[], Health]
+) -> Listener:
+    """Start a listener for `registry`'s metrics and `health`; raises ListenError."""
+    listener = Listener(address, metrics=lambda: prometheus.exposition(registry), health=health)
+    listener.start()
+    return listener

@@ -17,9 +17,10 @@ worker while it runs a task, the reconciler's pass loop). A `Pinger` thread asks
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gleam import sdnotify
@@ -115,6 +116,18 @@ class Pinger:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the thread ticks, and so may a shutdown
         self.sent = Sent()
+
+    @classmethod
+    def from_environ(
+        cls, check: Callable[[], Verdict], environ: Mapping[str, str] | None = None
+    ) -> Pinger:
+        """A pinger for the socket and watchdog period systemd put in the environment."""
+        env = os.environ if environ is None else environ
+        return cls(
+            sdnotify.Notifier.from_environ(env),
+            check,
+            watchdog=sdnotify.watchdog_seconds(env, pid=os.getpid()),
+        )
 
     def start(self) -> None:
         if not self._notifier.enabled:

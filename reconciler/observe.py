@@ -14,7 +14,6 @@ taken when Prometheus scrapes, at most once per FLEET_CACHE_SECONDS.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from gleam import client, connection, liveness, metrics, sdnotify, status
+from gleam import client, connection, liveness, metrics, status
 from gleam.liveness import Health
 from gleam.metrics import ListenError
 from gleam.version import VERSION
@@ -119,12 +118,7 @@ class Observer:
                 previous(report)
 
         daemon.on_pass = on_pass
-        env = os.environ if environ is None else environ
-        self.pinger = liveness.Pinger(
-            sdnotify.Notifier.from_environ(env),
-            self.verdict,
-            watchdog=sdnotify.watchdog_seconds(env, pid=os.getpid()),
-        )
+        self.pinger = liveness.Pinger.from_environ(self.verdict, environ)
         self.listener: Listener | None = None
 
     def on_pass(self, report: PassReport) -> None:
@@ -160,10 +154,7 @@ class Observer:
 
             registry = metrics.new_registry()
             self.metrics = ReconcileMetrics(registry, fleet=self._fleet_reader())
-            self.listener = http.Listener(
-                address, metrics=lambda: metrics.exposition(registry), health=self.health
-            )
-            self.listener.start()
+            self.listener = http.serve(address, registry, health=self.health)
         self.pinger.start()
 
     def _fleet_reader(self) -> Callable[[], status.FleetStatus]:
