@@ -90,6 +90,7 @@ def _fatal(message: str, *, to_log_file: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, values = agent_config.parse(argv)
+        flags.drop_credentials()  # parsed: from here on only `config` holds them
         metrics_address = metrics.parse_address(values.get("metrics"))
         logformat.set_process_fields(agent=config.agent_id)
         flags.setup_logging(values, name=agent_config.PROG)
@@ -99,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{agent_config.PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    if warning := config.settings.clear_text_auth_warning():
+        log.warning("%s", warning)
     if config.pid_file is not None:
         try:
             pidfile.acquire(config.pid_file)

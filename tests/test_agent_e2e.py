@@ -413,6 +413,8 @@ def test_flags_from_environment_and_config_file_and_a_filtered_log_file(
         (["-etcd", "ftp://x"], "-etcd"),
         (["-log_level", "loud"], "-log_level"),
         (["-bogus"], "-bogus"),
+        (["-user", "u", "-password_file", "/etc/passwd"], "-password_file: '/etc/passwd'"),
+        (["-user", "u", "-password", "p", "-password_file", "/x"], "-password and -password_file"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv: list[str], message: str) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gleam import flags
+from gleam import connection, flags
+from tests.support import ROOT
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, str | None]:
@@ -54,3 +59,49 @@ def test_bad_prefix_and_log_level_name_their_flag() -> None:
         flags.layout({"prefix": "gleam/"})
     with pytest.raises(flags.FlagError, match="-log_level"):
         flags.setup_logging({"log_level": "loud"}, name="test")
+
+
+def test_credentials_leave_the_environment_and_the_proc_environ_block() -> None:
+    # In a process of its own: what /proc/<pid>/environ shows is the block it started with.
+    code = """
+import json, os, subprocess
+from gleam import flags
+dropped = flags.drop_credentials()
+with open("/proc/self/environ", "rb") as fh:
+    block = fh.read().decode()
+child = subprocess.run(["env"], capture_output=True, text=True).stdout
+print(json.dumps([sorted(dropped), block, child, os.environ.get("GLEAM_ETCD")]))
+"""
+    secrets = {
+        "GLEAM_PASSWORD": "pw-must-not-leak",
+        "GLEAM_USER": "user-must-not-leak",
+        "GLEAM_KEY": "/key-must-not-leak",
+        "GLEAM_CERT": "/cert-must-not-leak",
+        "GLEAM_CACERT": "/ca-must-not-leak",
+        "GLEAM_PASSWORD_FILE": "/file-must-not-leak",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLEAM_")}
+    env |= {**secrets, "GLEAM_ETCD": "http://etcd-stays:2379"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    dropped, block, child, etcd = json.loads(proc.stdout)
+    assert dropped == sorted(secrets)
+    assert "must-not-leak" not in block + child
+    # Everything else is left alone.
+    assert "GLEAM_ETCD=http://etcd-stays:2379" in block and etcd == "http://etcd-stays:2379"
+    assert "GLEAM_ETCD=http://etcd-stays:2379" in child
+
+
+def test_password_file_is_a_connection_flag(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    values = parse(["-user", "root", "--password-file", str(secret)])
+    assert flags.connection_settings(values).password == "s3cret"
+    secret.chmod(0o644)
+    with pytest.raises(connection.ConfigError, match="-password_file: .* has mode 0644"):
+        flags.connection_settings(
+            parse([], {"GLEAM_USER": "root", "GLEAM_PASSWORD_FILE": str(secret)})
+        )
