@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,45 @@ def test_password_file_is_a_connection_flag(tmp_path: Path) -> None:
         flags.connection_settings(
             parse([], {"GLEAM_USER": "root", "GLEAM_PASSWORD_FILE": str(secret)})
         )
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"),
+    [(0o022, 0o640), (0o000, 0o640), (0o077, 0o600)],
+    ids=["umask 022", "umask 000", "umask 077"],
+)
+def test_a_log_file_is_created_0640(
+    tmp_path: Path, restore_logging: None, umask: int, mode: int
+) -> None:
+    path = tmp_path / "agent.log"
+    old = os.umask(umask)
+    try:
+        flags.setup_logging({"log": str(path)}, name="test")
+    finally:
+        os.umask(old)
+    logging.getLogger("test").warning("hello")
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert "hello" in path.read_text()
+
+
+def test_an_existing_log_file_keeps_its_mode_and_content(
+    tmp_path: Path, restore_logging: None
+) -> None:
+    path = tmp_path / "agent.log"
+    path.write_text("earlier\n")
+    path.chmod(0o600)
+    flags.setup_logging({"log": str(path)}, name="test")
+    logging.getLogger("test").warning("later")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().startswith("earlier\n") and "later" in path.read_text()
