@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -884,22 +885,94 @@ def test_example_etcd(examples: LuaRunner, etcd: Any) -> None:
         etcd.delete_prefix("/foobar")
 
 
-def test_example_config_sync(examples: LuaRunner, etcd: Any, tmp_path: Path) -> None:
-    target = tmp_path / "app.conf"
-    etcd.put(str(target), "listen = 8080\n")
+@pytest.fixture
+def sync_setup(
+    monkeypatch: pytest.MonkeyPatch, etcd: Any, tmp_path: Path
+) -> Iterator[tuple[str, Path]]:
+    """config::sync's two places, set through the agent's environment: a key prefix of
+    this test's own and a directory under tmp_path."""
+    prefix, directory = f"/sync-{uuid.uuid4().hex[:12]}/", tmp_path / "sync"
+    directory.mkdir()
+    monkeypatch.setenv("GLEAM_SYNC_PREFIX", prefix)
+    monkeypatch.setenv("GLEAM_SYNC_DIR", str(directory))
+    yield prefix, directory
+    etcd.delete_prefix(prefix)
+
+
+def test_example_config_sync(examples: LuaRunner, etcd: Any, sync_setup: tuple[str, Path]) -> None:
+    prefix, directory = sync_setup
+    (directory / "app").mkdir()
+    etcd.put(f"{prefix}app.conf", "listen = 8080\n")
+    etcd.put(f"{prefix}app/nested.conf", "nested\n")
+    assert ok(examples.run("config::sync", "app.conf")) == {"file": "app.conf", "bytes": 14}
+    assert ok(examples.run("config::sync", "app/nested.conf"))["file"] == "app/nested.conf"
+    assert (directory / "app.conf").read_text() == "listen = 8080\n"
+    assert (directory / "app" / "nested.conf").read_text() == "nested\n"
+    assert sorted(p.name for p in directory.rglob("*")) == ["app", "app.conf", "nested.conf"]
+
+
+def test_example_config_sync_of_missing_key_fails(
+    examples: LuaRunner, sync_setup: tuple[str, Path]
+) -> None:
+    prefix, directory = sync_setup
+    error = failed(examples.run("config::sync", "missing.conf"))
+    assert error == f"Lua error: config::sync: gleam.Get {prefix}missing.conf: key not found"
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("/etc/cron.d/evil", "is an absolute path"),
+        ("../escape.conf", "has a '..' segment"),
+        ("app/../../escape.conf", "has a '..' segment"),
+        ("./app.conf", "has a '.' segment"),
+        ("app//x.conf", "has an empty segment"),
+        ("app/", "has an empty segment"),
+        ("app.conf\0.txt", "character other than"),
+        ("app\nconf", "character other than"),
+        ("a b", "character other than"),
+        ("..\\escape", "character other than"),
+        ("", "must be a name of 1 to 255 bytes"),
+        ("x" * 256, "must be a name of 1 to 255 bytes"),
+        ({"path": "/etc/app.conf"}, "Data must be a file name"),
+        (7, "Data must be a file name"),
+        (None, "Data must be a file name"),
+    ],
+)
+def test_example_config_sync_refuses_names_that_leave_its_places(
+    examples: LuaRunner, etcd: Any, sync_setup: tuple[str, Path], tmp_path: Path, data: Any,
+    message: str,
+) -> None:  # fmt: skip
+    prefix, directory = sync_setup
+    # Every key it could be tricked into reading holds something.
+    for key in ("/etc/cron.d/evil", f"{prefix}../escape.conf", "escape.conf"):
+        etcd.put(key, "* * * * * root rm -rf /\n")
     try:
-        result = ok(examples.run("config::sync", str(target)))
+        error = failed(examples.run("config::sync", data))
     finally:
-        etcd.delete(str(target))
-    assert target.read_text() == "listen = 8080\n"
-    assert result == {"file": str(target), "bytes": 14}
+        for key in ("/etc/cron.d/evil", f"{prefix}../escape.conf", "escape.conf"):
+            etcd.delete(key)
+    assert error.startswith("Lua error: config::sync: ") and message in error
+    assert "\n" not in error and "\0" not in error
+    assert [p.name for p in tmp_path.rglob("*")] == ["sync"]
+    assert not Path("/etc/cron.d/evil").exists()
 
 
-def test_example_config_sync_of_missing_key_fails(examples: LuaRunner, tmp_path: Path) -> None:
-    target = tmp_path / "missing.conf"
-    error = failed(examples.run("config::sync", str(target)))
-    assert "key not found" in error
-    assert not target.exists()
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GLEAM_SYNC_DIR", "relative/dir", 'DIRECTORY "relative/dir" must be an absolute path'),
+        ("GLEAM_SYNC_DIR", "/", "must be an absolute path below /"),
+        ("GLEAM_SYNC_PREFIX", "config", "KEY_PREFIX \"config\" must start and end with '/'"),
+    ],
+)
+def test_example_config_sync_refuses_a_setup_that_would_reach_everywhere(
+    examples: LuaRunner, sync_setup: tuple[str, Path], monkeypatch: pytest.MonkeyPatch,
+    variable: str, value: str, message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv(variable, value)
+    assert message in failed(examples.run("config::sync", "app.conf"))
 
 
 def test_floats_survive(make_runner: Factory, scripts: Path) -> None:
