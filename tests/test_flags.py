@@ -150,3 +150,18 @@ def test_an_existing_log_file_keeps_its_mode_and_content(
     logging.getLogger("test").warning("later")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().startswith("earlier\n") and "later" in path.read_text()
+
+
+def test_a_log_file_made_again_after_logrotate_moves_it_is_0640_too(
+    tmp_path: Path, restore_logging: None
+) -> None:
+    path = tmp_path / "agent.log"
+    old = os.umask(0o022)
+    try:
+        flags.setup_logging({"log": str(path)}, name="test")
+        path.rename(tmp_path / "agent.log.1")
+        logging.getLogger("test").warning("after the rotation")  # the handler reopens
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert "after the rotation" in path.read_text()
