@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import inflight, results, store
+from agent import inflight, observe, results, store
 from agent.config import AgentConfig
 from agent.registration import Registrar
 from agent.task_queue import TaskQueue
@@ -90,10 +90,12 @@ class Agent:
             check_interval=config.check_interval,
         )
         self.writer = results.ResultWriter(new_store())
+        # Results pass a tap on their way to the writer: -metrics counts them there.
+        self.results_tap = observe.ResultTap(self.writer)
         self.worker = Worker(
             self.tasks,
             runner,
-            self.writer,
+            self.results_tap,
             agent_id=config.agent_id,
             layout=config.layout,
             started=started,
@@ -118,6 +120,10 @@ class Agent:
             )
             self._threads[name] = thread
             thread.start()
+
+    def dead_loops(self) -> tuple[str, ...]:
+        """The loops whose thread has ended while the agent runs (for the watchdog)."""
+        return tuple(name for name, t in self._threads.items() if not t.is_alive())
 
     def shutdown(self) -> bool:
         """Stop taking tasks, let the running one finish (bounded by the task timeout),

@@ -16,8 +16,8 @@ outcome and the next task finds a working child:
 - then a fresh child is started at once, so the next task pays no start-up cost.
 
 The child starts in a new session (its own process group) from a small entry module that
-never imports gRPC or the etcd client; it gets the agent's environment without the
-GLEAM_* variables (configuration, credentials), and its configuration over the socket.
+never imports gRPC or the etcd client; it gets the agent's environment without etcd
+credentials, and its configuration over the socket.
 Per task the cost is one round trip of two small frames on a Unix socket pair.
 """
 
@@ -39,6 +39,7 @@ from typing import IO, Any
 
 from agent import frames
 from agent.lua_api import KV, ExecutorOptions, KVError, Outcome
+from gleam import flags
 from gleam.messages import JSON
 
 log = logging.getLogger("agent.executor")
@@ -80,10 +81,16 @@ def describe_exit(returncode: int) -> str:
     return f"Lua executor exited with status {returncode}"
 
 
+# The credential flags' variables: the agent drops them from its environment once parsed
+# (gleam.flags.drop_credentials); the executor's is built without them all the same.
+_CREDENTIALS = frozenset(f.env for f in flags.CONNECTION_FLAGS if f.credential)
+
+
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The agent's environment without its own configuration (GLEAM_*: etcd endpoints,
-    user, password, certificate paths): scripts and their programs never see it."""
-    return {name: value for name, value in environ.items() if not name.startswith("GLEAM_")}
+    """The agent's environment without etcd credentials (GLEAM_PASSWORD, GLEAM_USER,
+    key and certificate paths...): scripts and their programs never see them. Other
+    variables, a script's own settings (GLEAM_SYNC_DIR) among them, pass."""
+    return {name: value for name, value in environ.items() if name not in _CREDENTIALS}
 
 
 def session_members(session: int) -> list[int]:
@@ -146,6 +153,8 @@ class LuaExecutor:
         self._reloads = 0
         self._reloads_sent = 0
         self._lock = threading.Lock()  # run() and close() may come from different threads
+        self.restarts = 0  # children started after the first (-metrics)
+        self._spawned = False
 
     # Public face ---------------------------------------------------------------------
 
@@ -312,6 +321,9 @@ class LuaExecutor:
             target=_pump_stderr, args=(proc.stderr, proc.pid), name="gleam-executor-stderr",
             daemon=True,
         ).start()  # fmt: skip
+        if self._child is not None or self._spawned:
+            self.restarts += 1
+        self._spawned = True
         self._child = child
         log.info("Lua executor started (pid %d)", proc.pid)
         with contextlib.suppress(frames.ChannelError, TimeoutError):

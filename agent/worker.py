@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from agent import inflight, pending, results
 from agent.task_queue import TaskQueue
-from gleam import keys, messages
+from gleam import keys, logformat, messages, testhooks
 
 log = logging.getLogger("agent.worker")
 
@@ -81,6 +81,8 @@ class Worker:
         self._wall_clock = wall_clock
         self._clock = clock
         self.ran = 0
+        # When the job in hand was taken (None: idle), for the watchdog (agent/observe.py).
+        self.busy_since: float | None = None
 
     def run(self) -> None:
         """Run jobs until the queue is closed; the job in hand is always finished.
@@ -97,8 +99,12 @@ class Worker:
                 if job is None:
                     log.info("worker stopped")
                     return
+                self.busy_since = self._clock()
                 try:
-                    record = self.execute(job)
+                    testhooks.wedge_point("worker")
+                    # Every line logged while the job runs (the script's too) names it.
+                    with logformat.context(key=job.key, revision=job.revision):
+                        record = self.execute(job)
                     target = self._layout.parse_task_key(job.key)
                     if target is not None:
                         if not held:
@@ -107,6 +113,7 @@ class Worker:
                 except Exception:  # noqa: BLE001 - the next job must still run
                     log.exception("%s at revision %d: its result was lost", job.key, job.revision)
                 finally:
+                    self.busy_since = None
                     self._tasks.complete(job)
                     self.ran += 1
                 if held and (
@@ -165,6 +172,7 @@ class Worker:
             return self._record(
                 job, raw_name(job.value), False, None, f"bad task message: {exc}", started, t0
             )
+        logformat.add_to_context(function=task.name)
         log.info("running %s from %s at revision %d", task.name, job.key, job.revision)
         try:
             outcome = self._runner.run(task.name, task.data)
@@ -180,6 +188,7 @@ class Worker:
                 job.key,
                 job.revision,
                 outcome.duration_ms,
+                extra={"duration_ms": outcome.duration_ms},
             )
         else:
             log.warning(
@@ -188,6 +197,7 @@ class Worker:
                 job.key,
                 job.revision,
                 outcome.error,
+                extra={"duration_ms": outcome.duration_ms},
             )
         return results.build_result(
             agent_id=self._agent_id,

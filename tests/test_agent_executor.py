@@ -285,9 +285,12 @@ def test_describe_exit(returncode: int, text: str) -> None:
     assert describe_exit(returncode) == text
 
 
-def test_the_child_environment_has_no_gleam_variables() -> None:
-    environ = {"PATH": "/bin", "GLEAM_PASSWORD": "s3cret", "GLEAM_ETCD": "x", "HOME": "/root"}
-    assert child_environment(environ) == {"PATH": "/bin", "HOME": "/root"}
+def test_the_child_environment_has_no_credentials() -> None:
+    environ = {
+        "PATH": "/bin", "GLEAM_PASSWORD": "s3cret", "GLEAM_USER": "root", "GLEAM_KEY": "/k",
+        "GLEAM_PASSWORD_FILE": "/p", "GLEAM_SYNC_DIR": "/srv/sync",
+    }  # fmt: skip
+    assert child_environment(environ) == {"PATH": "/bin", "GLEAM_SYNC_DIR": "/srv/sync"}
 
 
 def test_session_members_finds_a_sessions_processes() -> None:
