@@ -198,6 +198,7 @@ def test_a_child_that_dies_is_reported_by_how_and_replaced(
     assert (outcome.ok, outcome.error) == (False, "Lua executor killed by signal 9 (SIGKILL)")
     assert executor.run(script(scripts, "return 2", "u"), None).result == 2
     assert executor.pid not in (None, first)
+    assert executor.restarts == 1  # gleam_agent_lua_executor_restarts_total
 
 
 def test_a_child_that_lies_is_killed_and_replaced(
