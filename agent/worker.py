@@ -21,8 +21,8 @@ log = logging.getLogger("agent.worker")
 
 # While more jobs wait, results go to the writer in groups of at most this many, held
 # at most this long (see Worker.run).
-RESULT_GROUP = 64
-RESULT_GROUP_SECONDS = 0.005
+RESULT_GROUP = 128
+RESULT_GROUP_SECONDS = 0.02
 
 
 class Outcome(Protocol):
