@@ -151,7 +151,11 @@ def serve(channel: frames.Channel, config: dict[str, Any]) -> None:
             runner.reload()
         outcome = runner.run(str(name), data)
         with lock:
-            channel.send(["done", outcome.ok, outcome.result, outcome.error])
+            try:
+                channel.send(["done", outcome.ok, outcome.result, outcome.error])
+            except (ValueError, TypeError, RecursionError) as exc:
+                error = f"the result cannot be passed to the agent: {exc}"
+                channel.send(["done", False, None, error])
     runner.close()
 
 
