@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import executor, inflight, lua_api, observe, pidfile, store, trust
+from agent import executor, inflight, lua_api, observe, pidfile, preflight, store, trust
 from agent.daemon import Agent
 from gleam import connection, flags, logformat, metrics, signing
 from gleam.version import VERSION
@@ -94,6 +94,18 @@ def _open_state(config: agent_config.AgentConfig) -> inflight.StartedTasks:
         return inflight.StartedTasks()
 
 
+def _unreadable_task_key(config: agent_config.AgentConfig) -> str | None:
+    """With an etcd identity (a user or a client certificate), roles may hide a task key
+    from this agent: checked once at start (agent/preflight.py)."""
+    if not (config.settings.user or config.settings.cert):
+        return None
+    check = store.Store(config.settings)
+    try:
+        return preflight.unreadable(check, config.task_keys)
+    finally:
+        check.close()
+
+
 def _trust_gate(config: agent_config.AgentConfig) -> trust.Gate | None:
     """The -trust keys, or None without the flag (signatures ignored); FlagError if the
     file has no usable key."""
@@ -153,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if warning := config.settings.clear_text_auth_warning():
         log.warning("%s", warning)
+    if (denied := _unreadable_task_key(config)) is not None:
+        _fatal(denied, to_log_file=bool(values.get("log")))
+        return EXIT_USAGE
     if config.pid_file is not None:
         try:
             pidfile.acquire(config.pid_file)

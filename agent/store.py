@@ -23,7 +23,7 @@ from pyetcd import exceptions as etcd_exceptions
 
 from agent.lua_api import KVError
 from agent.pending import Observed
-from gleam import connection
+from gleam import access, connection
 
 log = logging.getLogger("agent.store")
 
@@ -41,6 +41,11 @@ class Unavailable(StoreError):
 
 class Rejected(StoreError):
     """etcd answered and refused the request (too large, not permitted); do not retry."""
+
+
+class Denied(Rejected):
+    """etcd's roles do not let this agent's user make the request: logged naming the key
+    and the user, not retried (an operator fixes the role; agent/preflight.py)."""
 
 
 class Compacted(StoreError):
@@ -66,11 +71,13 @@ _REJECTED_CODES = frozenset(
 )
 
 
-def translate(exc: BaseException) -> StoreError:
-    """pyetcd/gRPC errors -> Compacted, Rejected or Unavailable."""
+def translate(exc: BaseException, *, user: str = "") -> StoreError:
+    """pyetcd/gRPC errors -> Compacted, Denied, Rejected or Unavailable."""
     if isinstance(exc, etcd_exceptions.RevisionCompactedError):
         return Compacted(int(exc.compacted_revision))
     text = connection.describe_error(exc)
+    if isinstance(exc, grpc.RpcError) and _code(exc) is grpc.StatusCode.PERMISSION_DENIED:
+        return Denied(f"permission denied for etcd user {user or '(unknown)'}")
     if isinstance(exc, grpc.RpcError) and _code(exc) in _REJECTED_CODES:
         return Rejected(text)
     return Unavailable(text)
@@ -116,6 +123,7 @@ class Store:
     ) -> None:
         self._settings = settings
         self._connector = connector
+        self.user = access.identity(settings)
         self._client: Client | None = None
         self._lock = threading.Lock()
         self._connects = 0
@@ -151,7 +159,7 @@ class Store:
         try:
             return what(client)
         except connection.ETCD_ERRORS as exc:
-            raise translate(exc) from None
+            raise translate(exc, user=self.user) from None
 
     # Key-value ---------------------------------------------------------------
     def read_keys(self, keys: Sequence[str]) -> Snapshot:

@@ -23,11 +23,22 @@ from typing import Any, TextIO
 
 import pyetcd.exceptions
 
-from gleam import client, connection, flags, keys, messages, render, status, targeting
+from gleam import (
+    access,
+    access_cli,
+    client,
+    connection,
+    flags,
+    keys,
+    messages,
+    render,
+    status,
+    targeting,
+)
 from gleam.version import VERSION
 
 PROG = "gleam-client"
-COMMANDS = ("info", "node", "region", "call", "status")
+COMMANDS = ("info", "node", "region", "call", "status", "access")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -40,6 +51,8 @@ commands:
   node | region             list node or region task keys and their values
   call KEY FN [DATA]        send FN with DATA to one task key (/gleam/node/web-1 or node/web-1)
   status                    live agents, and per task key what each targeted agent made of it
+  access grant|show|revoke  least-privilege etcd roles: access grant agent|reconciler|operator|
+                            viewer NAME; show [NAME]; revoke NAME (see "Securing a fleet")
 
 targets (-target, several split by ':' or ','):
   node/ID, region/NAME      explicit
@@ -121,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-version", "--version", action="version", version=f"{PROG} {VERSION}")
     flags.add_flags(parser, flags.CONNECTION_FLAGS)
+    access_cli.add_flags(parser)
     return parser
 
 
@@ -304,6 +318,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
+    if args.command == "access":
+        return _access(args, environ=environ, out=out)
     _check_flags(args)
     try:
         values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)
@@ -332,6 +348,19 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
             etcd.close()
     except connection.ETCD_ERRORS as exc:
         print(f"{PROG}: {etcd_failure(settings, exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _access(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
+    for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
+        if value:
+            raise UsageError(f"{flag} is for sending without a command, not with 'access'")
+    try:
+        return access_cli.run(args, environ=environ, out=out)
+    except access_cli.AccessUsage as exc:
+        raise UsageError(str(exc)) from None
+    except access.AccessError as exc:
+        print(f"{PROG}: access: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
