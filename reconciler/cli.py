@@ -47,6 +47,11 @@ RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
         "60",
         metavar="SECONDS",
     ),
+    flags.Flag(
+        "verify_commits",
+        "apply only a HEAD signed by a signer in this git allowed-signers file (SSH keys)",
+        metavar="FILE",
+    ),
 )
 
 SWITCHES: tuple[tuple[str, str], ...] = (
@@ -166,6 +171,9 @@ def parse(argv: Sequence[str] | None) -> Config:
     metrics_address = metrics.parse_address(values.get("metrics"))
     if metrics_address is not None and (args.once or args.dry_run):
         raise flags.FlagError("-metrics goes with the daemon, not --once or --dry-run")
+    verify_commits = values.get("verify_commits")
+    if verify_commits and args.worktree:
+        raise flags.FlagError("-verify_commits checks a commit: it does not go with --worktree")
     options = reconcile.Options(
         repo=Path(values.get("repo") or "."),
         prune=args.prune,
@@ -176,6 +184,7 @@ def parse(argv: Sequence[str] | None) -> Config:
         worktree=args.worktree,
         lock_timeout=_number(values, "lock_timeout"),
         cache=not args.no_cache,
+        verify_commits=Path(verify_commits) if verify_commits else None,
     )
     return Config(
         options=options,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gleam import keys
-from reconciler import diff, gitsource, manifests, parsecache, state, sync
+from reconciler import commitsig, diff, gitsource, manifests, parsecache, state, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -53,6 +53,8 @@ class Options:
     lock_timeout: float = 60.0
     lock_ttl: int = 15
     cache: bool = True  # the parse cache (parsecache.py); off only to measure without it
+    # -verify_commits: the allowed-signers file the applied commit must be signed by
+    verify_commits: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,23 @@ def _check_prune(
         )
 
 
+class CommitRefused(ReconcileError):
+    """-verify_commits: the commit is not signed by an allowed signer; nothing written."""
+
+
+def _verify_commit(options: Options, desired: Desired) -> None:
+    assert options.verify_commits is not None
+    if desired.source != "commit" or not desired.commit:
+        raise CommitRefused("-verify_commits needs a commit to check (not --worktree)")
+    try:
+        good = commitsig.verify(
+            options.repo, desired.commit, allowed_signers=options.verify_commits
+        )
+    except commitsig.CommitRefused as exc:
+        raise CommitRefused(str(exc)) from None
+    log.info("commit %s: %s", desired.commit[:12], good)
+
+
 def run(
     etcd: Any,
     layout: keys.Layout,
@@ -343,6 +362,8 @@ def _run_locked(
         desired = read_desired(layout, options, record, source=source)
     elif desired.source == "commit":
         check_guard(source, record, desired.commit, force=options.force)
+    if options.verify_commits is not None:
+        _verify_commit(options, desired)
     values = desired.values
     scope = desired.scope
     observed = _observe(etcd, layout, scope)
