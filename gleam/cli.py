@@ -32,6 +32,7 @@ from gleam import (
     keys,
     messages,
     render,
+    signing,
     status,
     targeting,
 )
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text for people, json for scripts (default text)",
     )
     parser.add_argument("-version", "--version", action="version", version=f"{PROG} {VERSION}")
-    flags.add_flags(parser, flags.CONNECTION_FLAGS)
+    flags.add_flags(parser, (*flags.CONNECTION_FLAGS, signing.FLAG))
     access_cli.add_flags(parser)
     return parser
 
@@ -207,8 +208,13 @@ def _deliver(
     *,
     wait: float | None,
     output: Output,
+    signer: signing.Signer | None = None,
 ) -> int:
-    revision = client.send_tasks(etcd, layout, targets, task)
+    try:
+        revision = client.send_tasks(etcd, layout, targets, task, signer=signer)
+    except client.SendConflict as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     task_keys = sorted(layout.task_key(t) for t in targets)
     if wait is None:
         if output.json:
@@ -246,7 +252,7 @@ def cmd_send(
         targets = targeting.resolve(specs, agents)
     except targeting.TargetError as exc:
         raise UsageError("\n".join(exc.problems)) from None
-    return _deliver(etcd, layout, targets, task, wait=args.wait, output=output)
+    return _deliver(etcd, layout, targets, task, wait=args.wait, output=output, signer=args.signer)
 
 
 def cmd_call(
@@ -257,7 +263,7 @@ def cmd_call(
     target = parse_call_key(args.args[0], layout)
     data = parse_data(args.args[2] if len(args.args) == 3 else None, flag="call DATA")
     task = make_task(args.args[1], data, flag="call FN")
-    return _deliver(etcd, layout, [target], task, wait=args.wait, output=output)
+    return _deliver(etcd, layout, [target], task, wait=args.wait, output=output, signer=args.signer)
 
 
 def cmd_info(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
@@ -325,6 +331,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)
         layout = flags.layout(values)
         settings = flags.connection_settings(values)
+        args.signer = signing.signer_from(flags.resolve(args, (signing.FLAG,), environ=environ))
     except (flags.FlagError, connection.ConfigError) as exc:
         raise UsageError(str(exc)) from None
     output = Output(

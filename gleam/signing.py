@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gleam import messages
+from gleam import flags, messages
 
 ALG = "ed25519"
 SIG_FIELD = "Sig"
@@ -42,6 +42,15 @@ SIG_FIELD = "Sig"
 SIGNED_FIELDS = ("Data", "Name")
 OPTIONAL_SIGNED_FIELDS = ("Rollout",)
 _ED25519_PREFIX = "ssh-ed25519"
+
+
+# -sign_key (env GLEAM_SIGN_KEY) of gleam-reconcile and gleam-client.
+FLAG = flags.Flag(
+    "sign_key",
+    "sign every task message written with this Ed25519 private key (OpenSSH format, "
+    "unencrypted: ssh-keygen -t ed25519 -N '')",
+    metavar="FILE",
+)
 
 
 class KeyError_(ValueError):  # noqa: N801 - KeyError is taken by the builtin
@@ -90,6 +99,18 @@ def load_private_key(path: str | Path) -> Signer:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyError_(f"{path}: the key is not Ed25519 (make one with ssh-keygen -t ed25519)")
     return Signer.from_key(key)
+
+
+def signer_from(values: Mapping[str, str | None]) -> Signer | None:
+    """The -sign_key of resolved flag values (None without it); FlagError for a key file
+    that cannot be used."""
+    path = values.get(FLAG.name)
+    if not path:
+        return None
+    try:
+        return load_private_key(path)
+    except KeyError_ as exc:
+        raise flags.FlagError(f"-sign_key: {exc}") from None
 
 
 def parse_public_keys(text: str, *, source: str) -> dict[str, Ed25519PublicKey]:
@@ -223,3 +244,23 @@ def _claimed_key(
     except InvalidSignature:
         return None
     return claimed[:300]
+
+
+def unsigned_if_ours(raw: bytes, fingerprint: str) -> bytes | None:
+    """The canonical message without its "Sig" when `raw` carries a Sig by the key
+    `fingerprint`, else None: what a signing writer compares with the unsigned message
+    it wants, so that a value it signed earlier is not seen as different. The signature
+    is not checked here: a writer only skips a key whose value it wrote itself (the caller
+    checks that the key was not written since)."""
+    if b'"Sig"' not in raw:
+        return None
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(message, dict):
+        return None
+    sig = message.pop(SIG_FIELD, None)
+    if not isinstance(sig, dict) or sig.get("key") != fingerprint:
+        return None
+    return messages.canonical_json(message).encode("utf-8")

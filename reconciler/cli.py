@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gleam import client, connection, flags, metrics
+from gleam import client, connection, flags, metrics, signing
 from reconciler import gitsource, manifests, reconcile, render, state, sync
 
 log = logging.getLogger("gleam.reconcile")
@@ -47,6 +47,7 @@ RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
         "60",
         metavar="SECONDS",
     ),
+    signing.FLAG,
     flags.Flag(
         "verify_commits",
         "apply only a HEAD signed by a signer in this git allowed-signers file (SSH keys)",
@@ -185,6 +186,7 @@ def parse(argv: Sequence[str] | None) -> Config:
         lock_timeout=_number(values, "lock_timeout"),
         cache=not args.no_cache,
         verify_commits=Path(verify_commits) if verify_commits else None,
+        signer=signing.signer_from(values),
     )
     return Config(
         options=options,

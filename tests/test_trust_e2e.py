@@ -110,3 +110,91 @@ def test_trust_file_without_a_key_stops_the_agent_with_a_usage_error(
     agent = start_agent(etcd_server.endpoint, "-id", "web-1", "-trust", str(bad), layout=layout)
     assert agent.wait() == 2
     assert f"-trust: {bad} line 1: not an ssh-ed25519 public key" in agent.log()
+
+
+def key_file(directory: Path, signer: signing.Signer) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    path = directory / "sign_key"
+    path.write_bytes(
+        signer.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_hand_sent_and_reconciled_tasks_signed_by_their_writers_run(
+    etcd_server: EtcdServer,
+    etcd: Any,
+    layout: keys.Layout,
+    start_agent: StartAgent,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gleam import cli
+    from tests.reconcile_support import OpsRepo, run_cli
+
+    signer = signing.Signer.from_key(Ed25519PrivateKey.generate())
+    trust_file = tmp_path / "trusted_keys"
+    trust_file.write_text(public_line(signer) + "\n")
+    sign_key = key_file(tmp_path, signer)
+    start_agent(etcd_server.endpoint, "-id", "web-1", "-region", "eu", "-trust", str(trust_file),
+                layout=layout)  # fmt: skip
+    wait_registered(etcd, layout, "web-1")
+    me, eu = node("web-1"), region("eu")
+    client_flags = ["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, "-sign_key", sign_key]
+    for _ in range(2):  # the second send's P is the first one's revision: not a replay
+        capsys.readouterr()
+        code = cli.main([*client_flags, "-target", "node/web-1:region/eu", "-fn", "print",
+                         "-wait", "30"])  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0, out
+    raw, _meta = etcd.get(layout.node_key("web-1"))
+    assert json.loads(raw)["Sig"]["key"] == signer.fingerprint
+
+    repo = OpsRepo(tmp_path / "ops")
+    repo.node("web-1", "print", "data:\n  n: 7\n")
+    repo.region("eu", "print", "data:\n  n: 8\n")
+    repo.commit("first")
+    code, _out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "-sign_key", sign_key)
+    assert code == 0, err
+    for target, n in ((me, 7), (eu, 8)):
+        raw, meta = etcd.get(layout.task_key(target))
+        got = wait_result(etcd, layout, "web-1", target, int(meta.mod_revision))
+        assert got.ok and got.result == {"n": n}, got
+    # Its own signed values are what it wants: the next full pass writes nothing.
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "-sign_key", sign_key,
+                             "--full")  # fmt: skip
+    assert code == 0 and out.startswith("No changes"), out + err
+    # An older signed value written again (a replay) is refused, and put right by the next
+    # pass, signed afresh.
+    old, _ = etcd.get(layout.node_key("web-1"))
+    repo.node("web-1", "print", "data:\n  n: 9\n")
+    repo.commit("second")
+    assert run_cli(capsys, etcd_server.endpoint, layout, repo, "-sign_key", sign_key)[0] == 0
+    revision = put_raw(etcd, layout, me, old)
+    refused = wait_result(etcd, layout, "web-1", me, revision).error
+    assert refused is not None and refused.startswith(
+        f"signature: replay of an older task (prev {json.loads(old)['Sig']['prev']} < last run "
+    ), refused
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "-sign_key", sign_key,
+                             "--full")  # fmt: skip
+    assert code == 0 and "1 updated" in out, out + err
+    raw, meta = etcd.get(layout.node_key("web-1"))
+    got = wait_result(etcd, layout, "web-1", me, int(meta.mod_revision))
+    assert got.ok and got.result == {"n": 9}
+
+
+def test_a_bad_sign_key_is_a_usage_error_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gleam import cli
+
+    bad = tmp_path / "key"
+    bad.write_text("nope")
+    assert cli.main(["-sign_key", str(bad), "-target", "node/x", "-fn", "print"]) == 2
+    assert f"-sign_key: {bad}: not an OpenSSH private key" in capsys.readouterr().err
