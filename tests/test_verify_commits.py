@@ -14,6 +14,7 @@ from gleam import keys
 from gleam.embedded import EtcdServer
 from reconciler import commitsig
 from tests.reconcile_support import OpsRepo, run_cli, values
+from tests.support import wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ssh-keygen") is None, reason="no ssh-keygen on this machine (openssh-client)"
@@ -89,3 +90,37 @@ def test_the_reason_is_read_from_git_and_a_missing_file_is_named(tmp_path: Path)
     )
     with pytest.raises(commitsig.CommitRefused, match="is not a readable file"):
         commitsig.verify(tmp_path, "HEAD", allowed_signers=tmp_path / "missing")
+
+
+def test_the_daemon_logs_a_refused_commit_and_applies_the_next_signed_one(
+    etcd: Any, layout: keys.Layout, setup: tuple[OpsRepo, Path, Path, Path]
+) -> None:
+    import threading
+
+    from reconciler import daemon, reconcile
+
+    repo, good, _stranger, allowed = setup
+    unsigned = signed_commit(repo, None, "unsigned")
+    reports: list[daemon.PassReport] = []
+    stop = threading.Event()
+    running = daemon.Daemon(
+        etcd,
+        layout,
+        reconcile.Options(repo=repo.path, lock_timeout=60, verify_commits=allowed),
+        daemon.Settings(interval=60.0, debounce=0.05, full_every=1000),
+        stop=stop,
+        on_pass=reports.append,
+    )
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: reports, what="the first pass")
+        assert reports[0].error is not None
+        assert f"commit {unsigned[:12]} refused by -verify_commits" in reports[0].error
+        assert values(etcd, layout.prefix + "/") == {}
+        signed_commit(repo, good, "signed")
+        wait_until(lambda: layout.node_key("web-1") in values(etcd, layout.prefix + "/"),
+                   what="the signed commit applied")  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(timeout=30)
