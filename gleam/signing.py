@@ -217,7 +217,11 @@ def verify(raw: bytes, *, key: str, trusted: Mapping[str, Ed25519PublicKey]) -> 
     except (binascii.Error, ValueError):
         raise SignatureError("invalid (sig is not base64)") from None
     try:
-        public.verify(signature, signed_bytes(message, key=key, prev=prev))
+        covered = signed_bytes(message, key=key, prev=prev)
+    except (ValueError, RecursionError):  # a value json cannot write back (nested too deeply)
+        raise SignatureError("invalid (the message cannot be encoded)") from None
+    try:
+        public.verify(signature, covered)
     except InvalidSignature:
         claimed = _claimed_key(message, sig.get("for"), public, signature, prev=prev, key=key)
         if claimed is not None:

@@ -205,3 +205,23 @@ def test_gate_remembers_the_last_revision_and_reloads(tmp_path: Path) -> None:
     trust_file.write_text("garbage\n")
     gate.reload()  # keeps the keys in use
     assert gate.fingerprints == [rotated.fingerprint]
+
+
+def test_worst_values_in_a_signed_message_are_refused_cleanly() -> None:
+    deep = (
+        b'{"Name":"print","Data":'
+        + b"[" * 5000
+        + b"]" * 5000
+        + b',"Sig":'
+        + json.dumps(json.loads(signed())["Sig"]).encode()
+        + b"}"
+    )
+    refusal = trust.check(deep, key=KEY, last_run=None, trusted=trusted(SIGNER))
+    assert refusal is not None and refusal.startswith("signature: ")
+    huge_prev = tampered(signed(), Sig={**json.loads(signed())["Sig"], "prev": 10**100})
+    assert trust.check(huge_prev, key=KEY, last_run=None, trusted=trusted(SIGNER)) == (
+        "signature: invalid"
+    )
+    unicode = signing.sign_task(messages.Task("print", {"ü": "✓\u2028"}), key=KEY, prev=1,
+                                signer=SIGNER)  # fmt: skip
+    assert trust.check(unicode, key=KEY, last_run=1, trusted=trusted(SIGNER)) is None
