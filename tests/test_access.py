@@ -42,6 +42,8 @@ def password_file(directory: Path, name: str, password: str) -> str:
 def enable_auth(etcd: Any, *, root_password: str | None) -> None:
     """A root user (with a password, or none for certificate identity), then auth on."""
     api = access.AuthAPI(etcd)
+    # The first TLS handshake with a just-started etcd can fail once; the channel retries.
+    wait_until(lambda: api.users() is not None, what="etcd's Auth API to answer")
     root = access.Grant(access.Kind.VIEWER, "root", "root", ())
     api.apply(
         root,
