@@ -60,8 +60,9 @@ class Compacted(StoreError):
 MAX_TXN_OPS = 128
 
 # gRPC codes that mean the request itself is at fault (too large, malformed, a revision
-# that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
-# operator can fix etcd's roles while the agent keeps retrying.
+# that is gone), so a retry would fail the same way. PERMISSION_DENIED becomes Denied, a
+# Rejected too: a denied write is dropped with an error naming the key and the user, while
+# the watch (which retries any StoreError) keeps trying its reads until the role is fixed.
 _REJECTED_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -60,6 +60,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def uses_access_flags(args: argparse.Namespace) -> bool:
+    """Whether any flag of the access command was given (refused with other commands)."""
+    return bool(
+        args.region or args.script_read or args.script_write or args.no_password or args.dry_run
+    )
+
+
 def parse_grant(args: argparse.Namespace, layout: keys.Layout) -> access.Grant:
     if len(args.args) != 3 or args.args[1] not in {k.value for k in access.Kind}:
         raise AccessUsage(f"usage: {USAGE}")
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
             except connection.ConfigError as exc:
                 raise AccessUsage(str(exc)) from None
         return _with_auth(values, lambda api: _grant(api, grant, password, out))
-    if args.dry_run or args.no_password or args.region or args.script_read or args.script_write:
+    if uses_access_flags(args):
         raise AccessUsage("-region, -script_*, -no_password and -dry_run are for access grant")
     if action == "show" and len(args.args) <= 2:
         name = args.args[1] if len(args.args) == 2 else None

@@ -326,6 +326,9 @@ def _check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
     if args.command == "access":
         return _access(args, environ=environ, out=out)
+    if access_cli.uses_access_flags(args):
+        raise UsageError("-region, -script_read, -script_write, -no_password and -dry_run are "
+                         "for the access command")  # fmt: skip
     _check_flags(args)
     try:
         values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)

@@ -222,6 +222,7 @@ def test_grant_is_idempotent_and_show_dry_run_and_revoke_say_what_they_do(
         (["grant", "agent", "w", "-no_password", "-script_read", "/"], "-script_read: '/'"),
         (["show", "-dry_run"], "are for access grant"),
         (["revoke"], "usage:"),
+        (["-target", "node/x", "-fn", "print"], "-target is for sending without a command"),
     ],
 )
 def test_bad_access_command_lines_exit_2_naming_the_problem(
@@ -388,3 +389,8 @@ def test_a_denied_registration_is_an_error_naming_key_and_user_and_tasks_still_r
         api.revoke("web-3")
     finally:
         root.close()
+
+
+def test_access_flags_are_refused_with_other_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["-target", "node/x", "-fn", "print", "-dry_run"]) == 2
+    assert "are for the access command" in capsys.readouterr().err
