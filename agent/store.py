@@ -21,7 +21,7 @@ from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 
 from agent.pending import Observed
-from gleam import connection
+from gleam import connection, leases
 
 log = logging.getLogger("agent.store")
 
@@ -235,8 +235,7 @@ class Store:
         """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
 
         def refresh(client: Client) -> int:
-            responses = list(client.refresh_lease(lease_id))
-            return int(responses[-1].TTL) if responses else 0
+            return leases.refresh(client, lease_id)  # also through etcd's grpc-proxy
 
         try:
             result: int = self._call(refresh)

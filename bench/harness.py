@@ -33,7 +33,7 @@ class Sizes:
     reps: int
 
 
-FULL = Sizes("full", (1000, 10000), 1000, 500, 100, 1000, 15, 1000, reps=5)
+FULL = Sizes("full", (1000, 10000, 100000), 1000, 500, 100, 1000, 15, 1000, reps=5)
 QUICK = Sizes("quick", (200, 1000), 100, 100, 20, 300, 5, 200, reps=3)
 # For the smoke test: every code path, tiny sizes, seconds per workload.
 SMOKE = Sizes("smoke", (20,), 10, 5, 3, 20, 2, 10, reps=1)
