@@ -78,9 +78,16 @@ def checkout(commits: Commits, commit: str, path: Path) -> Path:
 class Reconciler:
     """`gleam-reconcile --once` as a subprocess, its output in a file."""
 
-    def __init__(self, endpoints: str, repo: Path, log: Path, *, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        endpoints: str,
+        repo: Path,
+        log: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ):
         self.log_path = log
-        argv = [sys.executable, "-m", "reconciler.cli", "--repo", str(repo), "--once"]
+        argv = [sys.executable, "-m", "reconciler.cli", "--repo", str(repo), "--once", *args]
         argv += ["-etcd", endpoints, "-prefix", LAYOUT.prefix]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -174,22 +181,29 @@ def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
     if fault == "leader killed":
         leader = etcd_cluster.leader()
         leader.kill()
-        rc = first.wait()
-        leader.start()
+        # It stays down: the two others are a quorum. (etcd 3.5.0-3.5.2, the bundled
+        # 3.5.1 included, can lose the last writes of a member SIGKILLed under load
+        # when it restarts: etcd's own bug, fixed in 3.5.3, not a reconciler matter.)
+        endpoints = ",".join(m.endpoint for m in etcd_cluster.members if m is not leader)
     else:
         # The member the reconciler talks to first: its requests hang until they time out.
         frozen = etcd_cluster.members[0]
         frozen.pause()
-        try:
-            rc = first.wait()
-        finally:
+        endpoints = etcd_cluster.endpoints
+    try:
+        rc = first.wait()
+    finally:
+        if fault == "member frozen":
             frozen.resume()
     check_failed_cleanly(rc, first.log())
-    check_record_truthful(etcd, commits.path)
-
-    second = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "second.log")
-    assert second.wait() == 0, second.log()
-    check_converged(etcd, commits.path, commits.a)
+    survivors = client_for(endpoints)
+    try:
+        check_record_truthful(survivors, commits.path)
+        second = Reconciler(endpoints, clone, tmp_path / "second.log")
+        assert second.wait() == 0, second.log()
+        check_converged(survivors, commits.path, commits.a)
+    finally:
+        survivors.close()
 
 
 def test_a_reconciler_killed_between_two_transactions_is_finished_by_the_next_pass(
@@ -226,7 +240,10 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
         for name in ("a", "b")
     }
     second_commit = "b" if first_commit == "a" else "a"
-    first = Reconciler(etcd_cluster.endpoints, clones[first_commit], tmp_path / "first.log")
+    # --prune, so that B's removed manifests are deleted and the end state is B exactly.
+    first = Reconciler(
+        etcd_cluster.endpoints, clones[first_commit], tmp_path / "first.log", "--prune"
+    )
 
     def holds_lock() -> bool:
         raw = etcd.get(state.lock_key(LAYOUT))[0]
@@ -238,7 +255,9 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
     wait_until(holds_lock, timeout=60, what="the first reconciler's lock")
     first.proc.send_signal(signal.SIGSTOP)
     try:
-        second = Reconciler(etcd_cluster.endpoints, clones[second_commit], tmp_path / "second.log")
+        second = Reconciler(
+            etcd_cluster.endpoints, clones[second_commit], tmp_path / "second.log", "--prune"
+        )
         wait_until(lambda: "is held by" in second.log(), timeout=60, what="the second to wait")
     finally:
         first.proc.send_signal(signal.SIGCONT)
@@ -257,19 +276,25 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
     first = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "first.log")
-    wait_until(lambda: started_applying(etcd) or first.proc.poll() is not None, timeout=90)
-    for member in etcd_cluster.members:
-        member.kill()
-    first_rc = first.wait()
-    check_failed_cleanly(first_rc, first.log())
+    wait_until(lambda: started_applying(etcd), timeout=90, what="the first pass to apply")
+    # Frozen mid-apply while every member restarts, so that its next transaction, and
+    # its release of the lock, find etcd gone: it exits 1 and leaves its lock behind.
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        for member in etcd_cluster.members:
+            member.stop()  # SIGTERM: see the note on etcd 3.5.1 and SIGKILL above
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    assert first.wait() == 1, first.log()
+    check_failed_cleanly(1, first.log())
     etcd_cluster.start()
     # etcd restores the lock's lease with its full TTL: the lock is still there.
+    assert etcd.get(state.lock_key(LAYOUT))[0] is not None
     check_record_truthful(etcd, commits.path)
 
     started = time.monotonic()
     second = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "second.log")
     assert second.wait() == 0, second.log()
     assert time.monotonic() - started < LOCK_TTL
-    if first_rc == 1:  # it failed mid-pass (on a fast machine it may have finished)
-        assert "broke the apply lock" in second.log()
+    assert "broke the apply lock" in second.log()
     check_converged(etcd, commits.path, commits.a)
