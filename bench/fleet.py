@@ -143,6 +143,7 @@ def run(ctx: Context) -> list[Row]:
     proxy = EtcdGrpcProxy(ctx.endpoint, data_dir=str(ctx.dir("grpc-proxy")))
     try:
         proxy.start()
+        proxy_idle = rss_mib(proxy.proc.pid) if proxy.proc else 0.0
         proxied = _measure(ctx, proxy.endpoint, "proxied", proxy)
     finally:
         proxy.close()
@@ -168,7 +169,7 @@ def run(ctx: Context) -> list[Row]:
         ]  # fmt: skip
     if proxied.proxy_rss is not None:
         rows.append(
-            Row("fleet", f"grpc-proxy RSS with {count} agents", "MiB",
-                Series.of([proxied.proxy_rss]))
+            Row("fleet", f"grpc-proxy RSS with {count} agents (idle proxy: "
+                f"{proxy_idle:.0f} MiB)", "MiB", Series.of([proxied.proxy_rss]))
         )  # fmt: skip
     return rows
