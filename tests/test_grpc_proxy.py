@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,14 +54,15 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def renewed(client: Any, lease_id: int) -> Any:
-    """A predicate true once the lease's remaining TTL has gone up: it was refreshed."""
-    lowest = [int(client.get_lease_info(lease_id).TTL)]
+def outlives(client: Any, lease_id: int, ttl: float) -> Any:
+    """A predicate true once the lease has lived through twice its TTL: without a
+    refresh it would have expired by then."""
+    deadline = time.monotonic() + 2 * ttl
 
     def check() -> bool:
-        ttl = int(client.get_lease_info(lease_id).TTL)
-        lowest[0] = min(lowest[0], ttl)
-        return ttl > lowest[0]
+        alive = int(client.get_lease_info(lease_id).TTL) > 0
+        assert alive, f"lease {lease_id} expired: it was not refreshed"
+        return time.monotonic() > deadline
 
     return check
 
@@ -79,7 +81,7 @@ def test_the_apply_lock_keeps_its_lease_through_the_proxy(proxied: Any) -> None:
     lock.acquire(timeout=5)
     try:
         lease_id = lock._lease.id
-        wait_until(renewed(proxied, lease_id), timeout=20, what="the lock's lease refreshed")
+        wait_until(outlives(proxied, lease_id, 2), timeout=20, what="the lock's lease refreshed")
         assert lock.held()
     finally:
         lock.release()
@@ -117,7 +119,7 @@ def test_agents_a_reconcile_and_the_client_work_through_the_proxy(
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     # The agents' registration leases are kept alive through the proxy (TTL 3 s).
-    wait_until(renewed(proxied, lease_id), timeout=20, what="web-1's lease refreshed")
+    wait_until(outlives(proxied, lease_id, 3), timeout=20, what="web-1's lease refreshed")
     direct = client_for(private_etcd.endpoint)
     try:
         results = direct.get_prefix_response(LAYOUT.results_prefix, count_only=True).count

@@ -171,6 +171,19 @@ def check_failed_cleanly(rc: int, log: str) -> None:
         assert "gleam-reconcile: " in log, log
 
 
+def next_pass_takes_the_dead_lock_and_converges(
+    cluster: EtcdCluster, etcd: Any, commits: Commits, clone: Path, tmp_path: Path
+) -> None:
+    """The lock's holder is known to be dead (same host, its pid gone): the next pass
+    breaks the lock at once instead of waiting out the lease, and finishes the job."""
+    started = time.monotonic()
+    after = Reconciler(cluster.endpoints, clone, tmp_path / "after.log")
+    assert after.wait() == 0, after.log()
+    assert time.monotonic() - started < LOCK_TTL
+    assert "broke the apply lock" in after.log()
+    check_converged(etcd, commits.path, commits.a)
+
+
 @pytest.mark.parametrize("fault", ["leader killed", "member frozen"])
 def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
     fault: str, etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
@@ -221,14 +234,7 @@ def test_a_reconciler_killed_between_two_transactions_is_finished_by_the_next_pa
     assert etcd.get(state.lock_key(LAYOUT))[0] is not None, "the dead pass's lock"
     assert sync.read_record(etcd, LAYOUT)[0] is None, "no record for a pass that did not end"
 
-    started = time.monotonic()
-    after = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "after.log")
-    assert after.wait() == 0, after.log()
-    # The lock's holder is known to be dead (same host, its pid gone): broken at once,
-    # not after the lease's 15 s.
-    assert time.monotonic() - started < LOCK_TTL
-    assert "broke the apply lock" in after.log()
-    check_converged(etcd, commits.path, commits.a)
+    next_pass_takes_the_dead_lock_and_converges(etcd_cluster, etcd, commits, clone, tmp_path)
 
 
 @pytest.mark.parametrize("first_commit", ["a", "b"])
@@ -292,9 +298,4 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
     assert etcd.get(state.lock_key(LAYOUT))[0] is not None
     check_record_truthful(etcd, commits.path)
 
-    started = time.monotonic()
-    second = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "second.log")
-    assert second.wait() == 0, second.log()
-    assert time.monotonic() - started < LOCK_TTL
-    assert "broke the apply lock" in second.log()
-    check_converged(etcd, commits.path, commits.a)
+    next_pass_takes_the_dead_lock_and_converges(etcd_cluster, etcd, commits, clone, tmp_path)
