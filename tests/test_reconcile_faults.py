@@ -85,9 +85,11 @@ class Reconciler:
         log: Path,
         *args: str,
         env: dict[str, str] | None = None,
+        once: bool = True,
     ):
         self.log_path = log
-        argv = [sys.executable, "-m", "reconciler.cli", "--repo", str(repo), "--once", *args]
+        argv = [sys.executable, "-m", "reconciler.cli", "--repo", str(repo), *args]
+        argv += ["--once"] if once else []
         argv += ["-etcd", endpoints, "-prefix", LAYOUT.prefix]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -158,6 +160,12 @@ def check_converged(etcd: Any, repo: Path, head: str) -> None:
     observed = sync.read_all(etcd, LAYOUT)
     assert observed.owned == {k: rev for k, (_v, rev) in held.items()}
     assert etcd.get(state.lock_key(LAYOUT))[0] is None, "the apply lock was left behind"
+
+
+def lock_holder_pid(etcd: Any) -> int | None:
+    raw = etcd.get(state.lock_key(LAYOUT))[0]
+    holder = sync.Holder.decode(raw) if raw is not None else None
+    return holder.pid if holder is not None else None
 
 
 def started_applying(etcd: Any) -> bool:
@@ -251,14 +259,11 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
         etcd_cluster.endpoints, clones[first_commit], tmp_path / "first.log", "--prune"
     )
 
-    def holds_lock() -> bool:
-        raw = etcd.get(state.lock_key(LAYOUT))[0]
-        holder = sync.Holder.decode(raw) if raw is not None else None
-        return holder is not None and holder.pid == first.proc.pid
-
     # The first one takes the lock and is frozen there while the second one starts and
     # waits for it: the order is fixed by the lock, not by luck.
-    wait_until(holds_lock, timeout=60, what="the first reconciler's lock")
+    wait_until(
+        lambda: lock_holder_pid(etcd) == first.proc.pid, timeout=60, what="the first one's lock"
+    )
     first.proc.send_signal(signal.SIGSTOP)
     try:
         second = Reconciler(
@@ -299,3 +304,37 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
     check_record_truthful(etcd, commits.path)
 
     next_pass_takes_the_dead_lock_and_converges(etcd_cluster, etcd, commits, clone, tmp_path)
+
+
+def test_a_ci_job_on_a_commit_and_a_daemon_on_its_descendant_end_with_the_descendant(
+    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
+) -> None:
+    """The daemon (on B) starts while a CI job (on A) holds the lock: it waits, then
+    applies B over A. A later CI job on A is refused by the guard inside the lock."""
+    ci_clone = checkout(commits, commits.a, tmp_path / "ci")
+    daemon_clone = checkout(commits, commits.b, tmp_path / "daemon")
+    ci = Reconciler(etcd_cluster.endpoints, ci_clone, tmp_path / "ci.log", "--prune")
+    wait_until(lambda: lock_holder_pid(etcd) == ci.proc.pid, timeout=60, what="the CI job's lock")
+    ci.proc.send_signal(signal.SIGSTOP)
+    try:
+        daemon = Reconciler(
+            etcd_cluster.endpoints, daemon_clone, tmp_path / "daemon.log", "--prune", once=False
+        )
+        wait_until(lambda: "is held by" in daemon.log(), timeout=60, what="the daemon to wait")
+    finally:
+        ci.proc.send_signal(signal.SIGCONT)
+    try:
+        assert ci.wait() == 0, ci.log()
+
+        def daemon_applied_b() -> bool:
+            record = sync.read_record(etcd, LAYOUT)[0]
+            return record is not None and record.commit == commits.b
+
+        wait_until(daemon_applied_b, timeout=90, what="the daemon's pass on B")
+        late = Reconciler(etcd_cluster.endpoints, ci_clone, tmp_path / "late.log", "--prune")
+        assert late.wait() == 1, late.log()
+        assert "does not descend from the last applied commit" in late.log()
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait() == 0, daemon.log()
+    check_converged(etcd, commits.path, commits.b)
