@@ -13,7 +13,15 @@ from pathlib import Path
 from bench.fanout import gleam_round
 from bench.harness import Context, wait_registered
 from bench.observe import ResultWatch
-from bench.processes import BenchError, Daemon, rss_mib, start_agent, stop_all
+from bench.processes import (
+    BenchError,
+    Daemon,
+    family_mib,
+    rss_mib,
+    start_agent,
+    stop_all,
+    uss_mib,
+)
 from bench.report import Better, Goal, Row, Stat
 from bench.stats import Series
 from gleam import keys
@@ -30,8 +38,9 @@ write to the last of the N results arriving at the benchmark's watch (*all resul
 the fleet has registered and run the warm-up: its resident memory (VmRSS, against the
 same etcd before any agent started), the client TCP connections established to its
 port (`/proc/net/tcp`), and its watch streams and watchers (`etcd_debugging_mvcc_*` in
-its `/metrics`). Agents' memory as in the fan-out workload: VmRSS of the worst agent and
-private memory (USS) per agent.
+its `/metrics`). Agents' memory as in the fan-out workload, each agent's processes
+together (the agent and any child it keeps, such as a Lua process): VmRSS of the worst
+agent and private memory (USS) per agent.
 """
 
 
@@ -125,8 +134,9 @@ def _measure(ctx: Context, endpoint: str, name: str, proxy: EtcdGrpcProxy | None
             watch.close()
         return Measured(
             all_results=Series.of(times),
-            rss=Series.of([a.rss_mib() for a in agents]),
-            uss=Series.of([a.uss_mib() for a in agents]),
+            # An agent may be more than one process (a Lua child): all of them count.
+            rss=Series.of([family_mib(a.pid, rss_mib) for a in agents]),
+            uss=Series.of([family_mib(a.pid, uss_mib) for a in agents]),
             etcd=load,
             proxy_rss=rss_mib(proxy.proc.pid) if proxy is not None and proxy.proc else None,
         )
