@@ -405,15 +405,18 @@ class Lock:
         who = "someone"
         waiting_logged = False
         while True:
-            ok, responses = self.etcd.transaction(
-                compare=[t.create(self.key) == 0],
-                success=[t.put(self.key, self.value, lease=self._lease)],
-                failure=[t.get(self.key)],
-            )
-            if ok:
-                self.revision = int(responses[0].response_put.header.revision)
-                with _HELD_GUARD:
+            # Under the guard, so that no other pass of this process sees our new lock
+            # before it is in _HELD (it would take it for one left by an earlier pass).
+            with _HELD_GUARD:
+                ok, responses = self.etcd.transaction(
+                    compare=[t.create(self.key) == 0],
+                    success=[t.put(self.key, self.value, lease=self._lease)],
+                    failure=[t.get(self.key)],
+                )
+                if ok:
+                    self.revision = int(responses[0].response_put.header.revision)
                     _HELD.add((self.key, self.revision))
+            if ok:
                 self._start_keepalive()
                 return
             if responses and responses[0]:

@@ -299,11 +299,14 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
     assert first.wait() == 1, first.log()
     check_failed_cleanly(1, first.log())
     etcd_cluster.start()
-    # etcd restores the lock's lease with its full TTL: the lock is still there.
-    assert etcd.get(state.lock_key(LAYOUT))[0] is not None
-    check_record_truthful(etcd, commits.path)
-
-    next_pass_takes_the_dead_lock_and_converges(etcd_cluster, etcd, commits, clone, tmp_path)
+    again = client_for(etcd_cluster.endpoints)  # the old client gave up on every member
+    try:
+        # etcd restores the lock's lease with its full TTL: the lock is still there.
+        wait_until(lambda: again.get(state.lock_key(LAYOUT))[0], what="the lock after restart")
+        check_record_truthful(again, commits.path)
+        next_pass_takes_the_dead_lock_and_converges(etcd_cluster, again, commits, clone, tmp_path)
+    finally:
+        again.close()
 
 
 def test_a_ci_job_on_a_commit_and_a_daemon_on_its_descendant_end_with_the_descendant(

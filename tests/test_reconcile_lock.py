@@ -12,7 +12,7 @@ import pytest
 from gleam import keys
 from gleam.embedded import EtcdServer
 from reconciler import state, sync
-from tests.support import client_for
+from tests.support import client_for, wait_until
 
 HERE = sync.Holder("build-7", 4242, "pid:[4026531836]", "1000")
 
@@ -118,15 +118,19 @@ def test_a_lock_this_process_could_not_release_is_taken_by_its_next_pass(
         first.acquire(timeout=5)
         private_etcd.kill()
         first.release()  # fails (logged): etcd is down
-        private_etcd.start()
-        assert etcd.get(state.lock_key(layout))[0] is not None
-        second = sync.Lock(etcd, layout, ttl=30)
+    finally:
+        etcd.close()
+    private_etcd.start()
+    again = client_for(private_etcd.endpoint)  # the old one gave up on the endpoint
+    try:
+        wait_until(lambda: again.get(state.lock_key(layout))[0], what="the lock after restart")
+        second = sync.Lock(again, layout, ttl=30)
         started = time.monotonic()
         second.acquire(timeout=60)
         assert time.monotonic() - started < 10
         second.release()
     finally:
-        etcd.close()
+        again.close()
 
 
 def test_a_lock_held_by_another_pass_of_this_process_is_waited_for(
