@@ -38,7 +38,9 @@ write to the last of the N results arriving at the benchmark's watch (*all resul
 the fleet has registered and run the warm-up: its resident memory (VmRSS, against the
 same etcd before any agent started), the client TCP connections established to its
 port (`/proc/net/tcp`), and its watch streams and watchers (`etcd_debugging_mvcc_*` in
-its `/metrics`). Agents' memory as in the fan-out workload, each agent's processes
+its `/metrics`). The proxied fleet runs after the direct one on the same etcd, whose
+RSS does not shrink in between: its etcd RSS is an upper bound, while its connection and
+watch counts are exact. Agents' memory as in the fan-out workload, each agent's processes
 together (the agent and any child it keeps, such as a Lua process): VmRSS of the worst
 agent and private memory (USS) per agent.
 """
