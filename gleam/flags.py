@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gleam import connection, keys, logformat
+from gleam import connection, keys, logformat, proc_environ
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class Flag:
     default: str | None = None
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
+    # Removed from the environment once parsed (drop_credentials): children, scripts and
+    # gleam.exec programs must not see it.
+    credential: bool = False
 
     @property
     def env(self) -> str:
@@ -38,12 +41,34 @@ CONNECTION_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("prefix", "key prefix", keys.DEFAULT_PREFIX),
     Flag(
-        "cacert", "CA bundle to verify etcd's TLS certificate", aliases=("ca-file",), metavar="FILE"
+        "cacert",
+        "CA bundle to verify etcd's TLS certificate",
+        aliases=("ca-file",),
+        metavar="FILE",
+        credential=True,
     ),
-    Flag("cert", "client certificate for TLS", aliases=("cert-file",), metavar="FILE"),
-    Flag("key", "client private key for TLS", aliases=("key-file",), metavar="FILE"),
-    Flag("user", "etcd user name (etcd auth)"),
-    Flag("password", "etcd password (etcd auth)"),
+    Flag(
+        "cert",
+        "client certificate for TLS",
+        aliases=("cert-file",),
+        metavar="FILE",
+        credential=True,
+    ),
+    Flag(
+        "key", "client private key for TLS", aliases=("key-file",), metavar="FILE", credential=True
+    ),
+    Flag("user", "etcd user name (etcd auth)", credential=True),
+    Flag(
+        "password",
+        "etcd password (etcd auth); -password_file keeps it out of ps and shell history",
+        credential=True,
+    ),
+    Flag(
+        "password_file",
+        "file holding the etcd password (mode 0600 or stricter, owned by this user)",
+        metavar="FILE",
+        credential=True,
+    ),
     Flag("config", "YAML file with flag values (keys are flag names)", metavar="FILE"),
 )
 
@@ -126,7 +151,23 @@ def connection_settings(values: Mapping[str, str | None]) -> connection.Settings
         key=values.get("key"),
         user=values.get("user"),
         password=values.get("password"),
+        password_file=values.get("password_file"),
     )
+
+
+def drop_credentials() -> tuple[str, ...]:
+    """Remove the credential flags' variables (GLEAM_PASSWORD, GLEAM_USER, GLEAM_KEY, ...)
+    from the environment, once the flags have been parsed, so that no child process, Lua
+    `os.getenv` or `gleam.exec` program sees them; returns the names removed.
+
+    Removing a variable leaves its text in the environment block the process started
+    with, which /proc/<pid>/environ shows to every process of the same user (a script's
+    `cat /proc/$PPID/environ`), so that text is wiped too."""
+    names = tuple(f.env for f in CONNECTION_FLAGS if f.credential and f.env in os.environ)
+    for name in names:
+        del os.environ[name]
+    proc_environ.wipe(names)
+    return names
 
 
 def layout(values: Mapping[str, str | None]) -> keys.Layout:

@@ -13,8 +13,10 @@ logrotate's default rename-and-create works with no signal and no copytruncate.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -117,4 +119,20 @@ def handler(path: str | None) -> logging.Handler:
         return logging.StreamHandler(sys.stderr)
     from logging.handlers import WatchedFileHandler  # only with -log: more than needed otherwise
 
-    return WatchedFileHandler(path, encoding="utf-8")
+    class LogFile(WatchedFileHandler):
+        """Creates its file (at start and after a rotation) with mode 0640, less under a
+        stricter umask: a log names hosts, keys and errors, which are not for every local
+        user to read. A file that is already there keeps the mode it has."""
+
+        def _open(self) -> io.TextIOWrapper:
+            stream = open(  # noqa: SIM115 - the handler owns and closes the stream
+                self.baseFilename,
+                self.mode,
+                encoding=self.encoding,
+                errors=self.errors,
+                opener=lambda name, flags: os.open(name, flags, 0o640),
+            )
+            assert isinstance(stream, io.TextIOWrapper)  # text mode, as FileHandler opens it
+            return stream
+
+    return LogFile(path, encoding="utf-8")
