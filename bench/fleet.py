@@ -13,15 +13,7 @@ from pathlib import Path
 from bench.fanout import gleam_round
 from bench.harness import Context, wait_registered
 from bench.observe import ResultWatch
-from bench.processes import (
-    BenchError,
-    Daemon,
-    family_mib,
-    rss_mib,
-    start_agent,
-    stop_all,
-    uss_mib,
-)
+from bench.processes import BenchError, Daemon, rss_mib, start_agent, stop_all
 from bench.report import Better, Goal, Row, Stat
 from bench.stats import Series
 from gleam import keys
@@ -136,9 +128,9 @@ def _measure(ctx: Context, endpoint: str, name: str, proxy: EtcdGrpcProxy | None
             watch.close()
         return Measured(
             all_results=Series.of(times),
-            # An agent may be more than one process (a Lua child): all of them count.
-            rss=Series.of([family_mib(a.pid, rss_mib) for a in agents]),
-            uss=Series.of([family_mib(a.pid, uss_mib) for a in agents]),
+            # Each agent's process tree: the agent and its Lua executor count as one.
+            rss=Series.of([a.rss_mib() for a in agents]),
+            uss=Series.of([a.uss_mib() for a in agents]),
             etcd=load,
             proxy_rss=rss_mib(proxy.proc.pid) if proxy is not None and proxy.proc else None,
         )

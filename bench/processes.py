@@ -174,32 +174,6 @@ def uss_mib(pid: int) -> float:
     return sum(int(kib) for kib in private) / 1024
 
 
-def family(pid: int) -> list[int]:
-    """`pid` and all its descendants (an agent and its Lua child process, say)."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(child) for child in children]
-    return out
-
-
-def family_mib(pid: int, measure: Callable[[int], float]) -> float:
-    """`measure` (rss_mib or uss_mib) summed over a process and its descendants; one
-    that exits meanwhile counts nothing."""
-    total = 0.0
-    for member in family(pid):
-        try:
-            total += measure(member)
-        except (OSError, BenchError):
-            continue
-    return total
-
-
 def start_agent(
     *,
     endpoint: str,
