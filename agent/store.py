@@ -23,7 +23,7 @@ from pyetcd import exceptions as etcd_exceptions
 
 from agent.lua_api import KVError
 from agent.pending import Observed
-from gleam import access, connection
+from gleam import access, connection, leases
 
 log = logging.getLogger("agent.store")
 
@@ -246,8 +246,7 @@ class Store:
         """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
 
         def refresh(client: Client) -> int:
-            responses = list(client.refresh_lease(lease_id))
-            return int(responses[-1].TTL) if responses else 0
+            return leases.refresh(client, lease_id)  # also through etcd's grpc-proxy
 
         try:
             result: int = self._call(refresh)

@@ -25,6 +25,7 @@ WORKLOADS = {
     "throughput": "throughput",
     "commit": "commit → exec",
     "signing": "signing",
+    "fleet": "fleet",
 }
 
 
