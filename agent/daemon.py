@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from agent import inflight, observe, pending, results, store, trust
+from agent import holding, inflight, observe, pending, results, store, trust
 from agent.config import AgentConfig
 from agent.registration import Registrar
 from agent.task_queue import TaskQueue
@@ -69,7 +69,12 @@ class Agent:
         def new_store() -> store.Store:
             return store.Store(config.settings, connector=connector)
 
-        self.tasks = TaskQueue()
+        # Staged region tasks wait for their rollout gate (agent.holding): the gate
+        # records are watched beside the task keys.
+        gates = holding.Gates(
+            agent_id=config.agent_id, layout=config.layout, regions=config.regions
+        )
+        self.tasks = TaskQueue(pending.Pending(gates=gates))
         self.registrar = Registrar(
             new_store(),
             key=config.layout.info_key(config.agent_id),
@@ -81,7 +86,7 @@ class Agent:
         self.watch = WatchLoop(
             new_store(),
             self.tasks,
-            task_keys=config.task_keys,
+            task_keys=(*config.task_keys, *gates.keys),
             read_done=lambda etcd: _seeded(
                 gate, results.read_completions(etcd, layout=config.layout, agent_id=config.agent_id)
             ),

@@ -9,7 +9,10 @@ The rules, from the agent's contract:
 - a value this agent has already completed (its result record's `revision` is at least
   the value's, or lists it in `skipped`) does not run again;
 - the same change seen twice (a watch resumed from an older revision, a re-read after a
-  compaction) is noticed and ignored.
+  compaction) is noticed and ignored;
+- a staged region task (its message has `Rollout`) is held until its region's gate
+  record admits this agent for its revision (agent.holding); gate records come through
+  the same watch as task keys.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from agent import holding
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,15 @@ class Duplicate:
     revision: int
 
 
-Note = Queued | Superseded | Cancelled | AlreadyDone | Deleted | Duplicate
+@dataclass(frozen=True)
+class Held:
+    """A staged task waiting for its rollout gate to admit this agent."""
+
+    key: str
+    revision: int
+
+
+Note = Queued | Superseded | Cancelled | AlreadyDone | Deleted | Duplicate | Held
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,9 @@ class Pending:
     # O(log n) rather than scanning thousands of waiting keys for every job. Entries whose
     # job has since been replaced or cancelled are skipped when they come up.
     _order: list[tuple[int, str]] = field(default_factory=list, repr=False)
+    # Rollout holds: None for an agent that watches no gate records (tests, old callers).
+    gates: holding.Gates | None = None
+    held: dict[str, Job] = field(default_factory=dict)
 
     def load_done(self, done: Mapping[str, Completed]) -> None:
         """Merge completions read from this agent's result records."""
@@ -134,24 +150,37 @@ class Pending:
         if before is not None and revision <= before.revision:
             return [Duplicate(key, revision)]
         self.seen[key] = KeyState(revision, observed.value is not None)
-        waiting = self.waiting.get(key)
+        if self.gates is not None and self.gates.is_gate(key):
+            return self._release(self.gates.observe(key, observed.value))
+        if observed.value is not None and (done := self.done.get(key)) and done.covers(revision):
+            return [AlreadyDone(key, revision)]
+        waiting = self.waiting.pop(key, None) or self.held.pop(key, None)
         if observed.value is None:
             if waiting is None:
                 return [Deleted(key, revision)]
-            del self.waiting[key]
             return [Cancelled(key, (*waiting.skipped, waiting.revision), by=revision)]
-        completed = self.done.get(key)
-        if completed is not None and completed.covers(revision):
-            return [AlreadyDone(key, revision)]
-        if waiting is None:
-            self.waiting[key] = Job(key, revision, observed.value)
-            heapq.heappush(self._order, (revision, key))
-            return [Queued(key, revision)]
-        self.waiting[key] = Job(
-            key, revision, observed.value, skipped=(*waiting.skipped, waiting.revision)
-        )
+        skipped = () if waiting is None else (*waiting.skipped, waiting.revision)
+        job = Job(key, revision, observed.value, skipped=skipped)
+        if self.gates is not None and self.gates.holds(key, revision, observed.value):
+            self.held[key] = job
+            return [Held(key, revision)]
+        self.waiting[key] = job
         heapq.heappush(self._order, (revision, key))
+        if waiting is None:
+            return [Queued(key, revision)]
         return [Superseded(key, waiting.revision, by=revision)]
+
+    def _release(self, task_key: str | None) -> list[Note]:
+        """A gate record changed: its task, if held and now admitted, is queued."""
+        job = self.held.get(task_key) if task_key is not None else None
+        if job is None or self.gates is None:
+            return []
+        if self.gates.holds(job.key, job.revision, job.value):
+            return []
+        del self.held[job.key]
+        self.waiting[job.key] = job
+        heapq.heappush(self._order, (job.revision, job.key))
+        return [Queued(job.key, job.revision)]
 
     def observe_all(self, changes: Iterable[Observed]) -> list[Note]:
         """Observe several changes in revision order (a read's keys come in any order)."""

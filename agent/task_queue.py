@@ -22,8 +22,10 @@ class TaskQueue:
         """Forget everything seen, waiting and done (etcd went back in time); a job
         running now still completes into the fresh state."""
         with self._cond:
-            running = self._state.running
-            self._state = pending.Pending(running=running)
+            running, gates = self._state.running, self._state.gates
+            if gates is not None:
+                gates.clear()
+            self._state = pending.Pending(running=running, gates=gates)
 
     def load_done(self, done: Mapping[str, pending.Completed]) -> None:
         with self._cond:
@@ -92,6 +94,8 @@ def _log_note(note: pending.Note) -> None:
                 ", ".join(map(str, revisions)),
                 by,
             )
+        case pending.Held(key, revision):
+            log.info("holding %s at revision %d until its rollout admits this agent", key, revision)
         case pending.Deleted(key, revision):
             log.debug("%s is deleted or absent at revision %d: nothing to run", key, revision)
         case pending.AlreadyDone(key, revision):

@@ -175,6 +175,14 @@ class Layout:
         except InvalidName:
             return None
 
+    # Rollout gates (gleam.rollout) ------------------------------------------------
+    @property
+    def rollout_prefix(self) -> str:
+        return f"{self.prefix}/rollout/"
+
+    def rollout_key(self, region: str) -> str:
+        return f"{self.rollout_prefix}{validate_name(region, what='region')}"
+
     # Reconciler bookkeeping --------------------------------------------------
     @property
     def meta_prefix(self) -> str:

@@ -47,12 +47,17 @@ class Task:
 
     name: str
     data: JSON = None
+    # The normalised rollout section of a staged region task (gleam.rollout), or None.
+    rollout: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         """The canonical message bytes, as the reconciler and the client write them."""
         keys.validate_function(self.name)
+        doc: dict[str, Any] = {"Name": self.name, "Data": self.data}
+        if self.rollout is not None:
+            doc["Rollout"] = self.rollout
         try:
-            raw = canonical_json({"Name": self.name, "Data": self.data}).encode("utf-8")
+            raw = canonical_json(doc).encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise MessageError(f"task data is not JSON-serialisable: {exc}") from None
         if len(raw) > MAX_MESSAGE_BYTES:
@@ -85,7 +90,10 @@ def decode_task(raw: bytes | str) -> Task:
         keys.validate_function(name)
     except keys.InvalidName as exc:
         raise MessageError(str(exc)) from None
-    return Task(name=name, data=value.get("Data"))
+    rollout = value.get("Rollout")
+    return Task(
+        name=name, data=value.get("Data"), rollout=rollout if isinstance(rollout, dict) else None
+    )
 
 
 def _json_type(value: Any) -> str:

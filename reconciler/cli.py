@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gleam import client, connection, flags, metrics, signing
-from reconciler import gitsource, manifests, reconcile, render, state, sync
+from gleam import client, connection, flags, metrics, rollout_driver, signing
+from reconciler import gitsource, manifests, reconcile, render, rollouts, state, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -282,33 +282,54 @@ def _pass(config: Config, etcd: Any) -> int:
             config, f"etcd at {config.settings.describe()}: {connection.describe_error(exc)}"
         )
 
+    # Staged region tasks: their rollout gates, right after the task transactions.
+    staged = rollouts.staged_written(config.layout, result.revisions, result.desired.values)
+    lines: list[str] = []
+    try:
+        driver = rollouts.start(etcd, config.layout, staged, say=lines.append)
+        gates = {region: driver.step(region) for region in staged}
+    except connection.ETCD_ERRORS as exc:
+        return _fail(config, f"rollouts: etcd: {connection.describe_error(exc)}")
+
     reports = None
     status = EXIT_OK
     if config.wait is not None and not result.dry_run:
         if config.output == "text":
             print(render.text(result), flush=True)
+            print("\n".join(lines), flush=True)
+            lines.clear()
+        # Staged keys are waited for through their rollouts, not agent by agent.
+        plain = {k: r for k, r in result.revisions.items() if k not in staged_keys(config, staged)}
         try:
-            reports = client.wait_for_results(
-                etcd, config.layout, result.revisions, timeout=config.wait
-            )
+            say = print if config.output == "text" else lines.append
+            driver = rollout_driver.Driver(etcd, config.layout, say=lambda line: say(line))
+            gates = rollout_driver.drive(driver, staged, timeout=config.wait) if staged else {}
+            reports = client.wait_for_results(etcd, config.layout, plain, timeout=config.wait)
         except connection.ETCD_ERRORS as exc:
             return _fail(config, f"--wait: etcd: {connection.describe_error(exc)}")
-        if any(r.outcome is not client.Outcome.OK for r in reports):
+        if any(r.outcome is not client.Outcome.OK for r in reports) or not rollouts.exit_ok(gates):
             status = EXIT_ERROR
         if config.output == "text":
-            lines = render.report_lines(reports, timeout=config.wait, written=len(result.revisions))
+            lines = render.report_lines(reports, timeout=config.wait, written=len(plain))
             print("\n".join(lines))
         else:
-            print(render.dumps(render.as_json(result, reports=reports, ok=status == EXIT_OK)))
+            doc = render.as_json(result, reports=reports, ok=status == EXIT_OK)
+            print(render.dumps({**doc, "rollouts": rollouts.as_json(gates)}))
         return status
 
     if config.output == "json":
-        print(render.dumps(render.as_json(result)))
+        print(render.dumps({**render.as_json(result), "rollouts": rollouts.as_json(gates)}))
     else:
         print(render.text(result))
+        if lines:
+            print("\n".join(lines))
     if result.dry_run and config.detailed_exitcode and result.plan.changes:
         return EXIT_PENDING
     return EXIT_OK
+
+
+def staged_keys(config: Config, regions: list[str]) -> set[str]:
+    return {config.layout.region_key(r) for r in regions}
 
 
 if __name__ == "__main__":

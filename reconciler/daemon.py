@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from gleam import connection, keys, logformat
+from gleam import connection, keys, logformat, rollout_driver
 from reconciler import diff, gitsource, manifests, reconcile, render, state, sync
 
 log = logging.getLogger("gleam.reconcile")
@@ -350,6 +350,9 @@ def main(
     from reconciler import observe  # systemd readiness and watchdog, /healthz, -metrics
 
     daemon = Daemon(etcd, layout, options, settings, stop=stop)
+    # Rollouts (gleam.rollout): started and moved on by their own thread, all of them.
+    driver = rollout_driver.DriverThread(rollout_driver.Driver(etcd, layout), stop=stop)
+    driver.start()
     observer = observe.Observer(daemon, etcd=etcd)
     try:
         observer.start(settings.metrics)
@@ -364,5 +367,7 @@ def main(
         return 1
     finally:
         observer.stop()  # STOPPING=1
+        stop.set()
+        driver.join(5.0)
         etcd.close()
     return 0

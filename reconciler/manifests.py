@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from gleam import keys, messages
+from gleam import keys, messages, rollout
 
 TASKS_DIR = "tasks"
 KIND_DIRS: Mapping[str, keys.Kind] = {"nodes": keys.Kind.NODE, "regions": keys.Kind.REGION}
@@ -42,7 +42,7 @@ def _schema_path() -> Path:
 
 
 SCHEMA_PATH = _schema_path()
-ALLOWED_KEYS = frozenset({"name", "data"})
+ALLOWED_KEYS = frozenset({"name", "data", "rollout"})
 
 
 class _Loader(yaml.CSafeLoader):
@@ -143,7 +143,10 @@ def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[Manifes
         return [ManifestError(path, None, f"cannot be read as text: {exc}")]
     if not _quick_valid(doc):
         return _explain(path, raw, doc)
-    task = messages.Task(doc["name"], doc.get("data"))
+    plan = _rollout(path, raw, target, doc)
+    if isinstance(plan, ManifestError):
+        return [plan]
+    task = messages.Task(doc["name"], doc.get("data"), rollout=plan)
     try:
         value = task.encode()
         if b"NaN" in value or b"Infinity" in value:
@@ -154,6 +157,24 @@ def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[Manifes
     except ValueError:
         return [ManifestError(path, _line_of(raw, ("data",)), "data holds .nan or .inf: not JSON")]
     return Manifest(path=path, target=target, value=value)
+
+
+def _rollout(
+    path: str, raw: bytes, target: keys.Target, doc: dict[str, Any]
+) -> dict[str, Any] | ManifestError | None:
+    """The normalised `rollout` section (region manifests only), None without one."""
+    if "rollout" not in doc:
+        return None
+    if target.kind is not keys.Kind.REGION:
+        return ManifestError(
+            path,
+            _line_of(raw, ("rollout",), key=True),
+            "a node manifest cannot have `rollout` (waves are for region tasks)",
+        )
+    try:
+        return rollout.parse_plan(doc["rollout"]).to_json()
+    except rollout.RolloutError as exc:
+        return ManifestError(path, _line_of(raw, ("rollout", *exc.where)), str(exc))
 
 
 def load(
@@ -231,7 +252,7 @@ def _explain(path: str, raw: bytes, doc: Any) -> list[ManifestError]:
                     ManifestError(
                         path,
                         _line_of(raw, (*where, extra), key=True),
-                        f"unknown key {extra!r} (a manifest has `name` and `data` only)",
+                        f"unknown key {extra!r} (a manifest has `name`, `data` and `rollout` only)",
                     )
                 )
             continue

@@ -1,0 +1,327 @@
+"""Driving rollouts: read a region's task, gate record, registrations and results, ask
+gleam.rollout what comes next, and write the gate in a guarded transaction.
+
+Every gate write compares the gate's mod_revision and the region key's mod_revision
+with what was read: two drivers never both admit a wave, and a driver never moves a
+rollout whose task has been replaced. The loser of a race simply reads again.
+
+Used by gleam-reconcile (its daemon drives every rollout; `--once --wait` those its pass
+started) and by gleam-client (`rollout status|promote|abort`, `-rollout ... -wait`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from gleam import keys, messages, rollout
+
+log = logging.getLogger("gleam.rollout")
+
+Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
+
+_GETS_PER_TXN = 64  # below etcd's default --max-txn-ops (128)
+POLL_SECONDS = 0.05
+
+
+class RolloutRefused(Exception):
+    """A promote or abort that cannot be done; the text says why."""
+
+
+@dataclass(frozen=True)
+class View:
+    """One region's rollout as read from etcd."""
+
+    region: str
+    task_key: str
+    task_revision: int  # 0: no task key
+    plan: rollout.Plan | None  # None: the task is not staged
+    gate: rollout.Gate | None
+    gate_revision: int  # 0: no gate record
+    live: frozenset[str] = frozenset()
+    region_agents: tuple[str, ...] = ()
+    reports: dict[str, rollout.Report] = field(default_factory=dict)
+
+    @property
+    def current(self) -> bool:
+        """The gate is for the task's revision."""
+        return self.gate is not None and self.gate.revision == self.task_revision
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def _agents(etcd: Etcd, layout: keys.Layout, region: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    live: set[str] = set()
+    members: list[str] = []
+    for value, _meta in etcd.get_prefix(layout.info_prefix):
+        try:
+            info = messages.decode_agent_info(value)
+        except messages.MessageError:
+            continue
+        live.add(info.id)
+        if region in info.regions:
+            members.append(info.id)
+    return frozenset(live), tuple(sorted(members))
+
+
+def _reports(
+    etcd: Etcd, layout: keys.Layout, region: str, agents: Sequence[str], revision: int
+) -> dict[str, rollout.Report]:
+    """Members' results for `revision` (a result for another revision is no report)."""
+    t = etcd.transactions
+    target = keys.Target.region(region)
+    out: dict[str, rollout.Report] = {}
+    for start in range(0, len(agents), _GETS_PER_TXN):
+        chunk = agents[start : start + _GETS_PER_TXN]
+        _ok, responses = etcd.transaction(
+            compare=[], success=[t.get(layout.result_key(a, target)) for a in chunk], failure=[]
+        )
+        for agent, response in zip(chunk, responses, strict=True):
+            for value, _meta in response:
+                try:
+                    result = messages.decode_result(value)
+                except messages.MessageError:
+                    continue
+                if result.revision == revision:
+                    out[agent] = rollout.Report(ok=result.ok, error=result.error or "")
+    return out
+
+
+def read(etcd: Etcd, layout: keys.Layout, region: str) -> View:
+    task_key, gate_key = layout.region_key(region), layout.rollout_key(region)
+    t = etcd.transactions
+    _ok, (task_response, gate_response) = etcd.transaction(
+        compare=[], success=[t.get(task_key), t.get(gate_key)], failure=[]
+    )
+    task_revision, plan = 0, None
+    for value, meta in task_response:
+        task_revision, plan = int(meta.mod_revision), rollout.staged(value)
+    gate, gate_revision = None, 0
+    for value, meta in gate_response:
+        gate_revision = int(meta.mod_revision)
+        try:
+            gate = rollout.decode_gate(value)
+        except rollout.RolloutError as exc:
+            log.warning("%s: %s; a driver will start the rollout again", gate_key, exc)
+    live, region_agents = _agents(etcd, layout, region)
+    view = View(region, task_key, task_revision, plan, gate, gate_revision, live, region_agents)
+    if gate is not None and view.current:
+        reports = _reports(etcd, layout, region, gate.members, gate.revision)
+        view = replace(view, reports=reports)
+    return view
+
+
+def write(etcd: Etcd, layout: keys.Layout, view: View, gate: rollout.Gate) -> bool:
+    """Write `gate` if neither the gate record nor the task key changed since `view`."""
+    t = etcd.transactions
+    gate_key = layout.rollout_key(view.region)
+    ok, _ = etcd.transaction(
+        compare=[t.mod(gate_key) == view.gate_revision, t.mod(view.task_key) == view.task_revision],
+        success=[t.put(gate_key, gate.encode())],
+        failure=[],
+    )
+    return bool(ok)
+
+
+def staged_regions(etcd: Etcd, layout: keys.Layout) -> list[str]:
+    """Regions whose task key holds a staged task, or that have a gate record."""
+    regions: set[str] = set()
+    head = layout.tasks_prefix(keys.Kind.REGION)
+    for value, meta in etcd.get_prefix(head):
+        name = meta.key.decode("utf-8", "replace")[len(head) :]
+        if rollout.staged(value) is not None and _valid(name):
+            regions.add(name)
+    return sorted(regions)
+
+
+def _valid(name: str) -> bool:
+    try:
+        keys.validate_name(name, what="region")
+    except keys.InvalidName:
+        return False
+    return True
+
+
+class Driver:
+    """Moves rollouts on, one look at a time. `say` gets the per-wave lines."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        layout: keys.Layout,
+        *,
+        say: Callable[[str], None] = lambda line: log.info("%s", line),
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
+        self._etcd = etcd
+        self._layout = layout
+        self._say = say
+        self._clock = clock
+        # (region, revision, wave) -> when this driver first saw the wave done (bake)
+        self._done_since: dict[tuple[str, int, int], datetime] = {}
+        self._said: set[tuple[str, int, int, str]] = set()
+
+    def step(self, region: str) -> rollout.Gate | None:
+        """One look at a region: start its rollout if its staged task has no gate for
+        its revision, else advance it. Returns the gate as it now stands."""
+        for _attempt in range(5):
+            view = read(self._etcd, self._layout, region)
+            if view.plan is None or view.task_revision == 0:
+                return view.gate
+            now = self._clock()
+            if not view.current:
+                gate = rollout.start(
+                    view.plan,
+                    key=view.task_key,
+                    revision=view.task_revision,
+                    region=region,
+                    agents=view.region_agents,
+                    now=now,
+                )
+                if write(self._etcd, self._layout, view, gate):
+                    self._announce(region, gate)
+                    return gate
+                continue
+            assert view.gate is not None
+            mark = (region, view.gate.revision, view.gate.wave)
+            progress = rollout.advance(
+                view.gate,
+                view.plan,
+                reports=view.reports,
+                live=view.live,
+                now=now,
+                done_since=self._done_since.get(mark),
+            )
+            if progress.wave_done and view.gate.state is rollout.State.PROGRESSING:
+                self._done_since.setdefault(mark, now)
+                admitted = len(view.gate.admitted)
+                self._once(
+                    region,
+                    view.gate,
+                    "ok",
+                    f"wave {view.gate.wave}/{view.gate.waves} ok ({len(progress.ok)}/{admitted})",
+                )
+            if progress.gate is None:
+                return view.gate
+            if write(self._etcd, self._layout, view, progress.gate):
+                self._announce(region, progress.gate, before=view.gate)
+                return progress.gate
+        return None
+
+    def step_all(self, regions: Iterable[str] | None = None) -> dict[str, rollout.Gate | None]:
+        names = staged_regions(self._etcd, self._layout) if regions is None else regions
+        return {region: self.step(region) for region in names}
+
+    def _once(self, region: str, gate: rollout.Gate, what: str, line: str) -> None:
+        mark = (region, gate.revision, gate.wave, what)
+        if mark not in self._said:
+            self._said.add(mark)
+            self._say(line)
+
+    def _announce(
+        self, region: str, gate: rollout.Gate, *, before: rollout.Gate | None = None
+    ) -> None:
+        head = f"rollout {gate.key} @{gate.revision}"
+        if gate.state is rollout.State.HALTED:
+            self._once(region, gate, "halted", f"{head} halted: {gate.reason}")
+        elif gate.state is rollout.State.COMPLETE:
+            self._once(region, gate, "complete", f"{head} complete")
+        elif gate.state is rollout.State.PAUSED:
+            self._once(region, gate, "paused", f"{head} paused: waiting for promote")
+        elif before is None or before.revision != gate.revision or before.wave != gate.wave:
+            old = () if before is None or before.revision != gate.revision else before.admitted
+            new = [m for m in gate.admitted if m not in old]
+            self._once(
+                region,
+                gate,
+                "admitted",
+                f"wave {gate.wave}/{gate.waves} admitted: {' '.join(new) or '(nobody)'}",
+            )
+
+    # Hand-made moves --------------------------------------------------------------------
+    def promote(self, region: str) -> rollout.Gate:
+        return self._manual(
+            region, lambda view, gate: rollout.promote(gate, _plan(view), now=self._clock())
+        )
+
+    def abort(self, region: str) -> rollout.Gate:
+        return self._manual(region, lambda view, gate: rollout.abort(gate, now=self._clock()))
+
+    def _manual(
+        self, region: str, move: Callable[[View, rollout.Gate], rollout.Gate]
+    ) -> rollout.Gate:
+        for _attempt in range(5):
+            view = read(self._etcd, self._layout, region)
+            if view.gate is None or not view.current:
+                raise RolloutRefused(f"region {region} has no rollout for its current task")
+            try:
+                gate = move(view, view.gate)
+            except rollout.RolloutError as exc:
+                raise RolloutRefused(str(exc)) from None
+            if write(self._etcd, self._layout, view, gate):
+                self._announce(region, gate, before=view.gate)
+                return gate
+        raise RolloutRefused(f"the rollout of region {region} kept changing; try again")
+
+
+def _plan(view: View) -> rollout.Plan:
+    if view.plan is None:
+        raise rollout.RolloutError((), f"{view.task_key} is not a staged task")
+    return view.plan
+
+
+def drive(
+    driver: Driver,
+    regions: Sequence[str],
+    *,
+    timeout: float,
+    poll: float = POLL_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, rollout.Gate | None]:
+    """Drive `regions` until each rollout is complete, halted or aborted, or `timeout`."""
+    deadline = clock() + timeout
+    while True:
+        gates = driver.step_all(regions)
+        settled = all(
+            g is not None
+            and g.state in (rollout.State.COMPLETE, rollout.State.HALTED, rollout.State.ABORTED)
+            for g in gates.values()
+        )
+        if settled or clock() >= deadline:
+            return gates
+        sleep(min(poll, max(0.0, deadline - clock())))
+
+
+class DriverThread:
+    """The reconcile daemon's driver: every rollout under the prefix, continuously."""
+
+    def __init__(
+        self, driver: Driver, *, stop: threading.Event, poll: float = POLL_SECONDS
+    ) -> None:
+        self._driver = driver
+        self._stop = stop
+        self._poll = poll
+        self._thread = threading.Thread(target=self._run, name="gleam-rollouts", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._driver.step_all()
+            except Exception:  # noqa: BLE001 - an etcd outage or a bug must not end the driver
+                log.warning("driving rollouts failed; retrying", exc_info=True)
+                self._stop.wait(1.0)
+            self._stop.wait(self._poll)

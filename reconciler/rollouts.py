@@ -1,0 +1,62 @@
+"""gleam-reconcile's side of rollouts: start the gates of the staged region tasks a pass
+wrote (right after its transactions), and for `--once --wait` drive them to the end.
+The rules are in gleam.rollout, the etcd reads and guarded writes in gleam.rollout_driver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gleam import keys, rollout, rollout_driver
+
+
+def staged_written(
+    layout: keys.Layout, revisions: Mapping[str, int], values: Mapping[str, bytes]
+) -> list[str]:
+    """The regions whose staged task this pass wrote."""
+    out = []
+    for key in sorted(revisions):
+        target = layout.parse_task_key(key)
+        value = values.get(key)
+        if (
+            target is not None
+            and target.kind is keys.Kind.REGION
+            and value is not None
+            and rollout.staged(value) is not None
+        ):
+            out.append(target.name)
+    return out
+
+
+def start(
+    etcd: Any, layout: keys.Layout, regions: list[str], *, say: Callable[[str], None]
+) -> rollout_driver.Driver:
+    """Write the first gate of each region's new rollout; returns the driver for more."""
+    driver = rollout_driver.Driver(etcd, layout, say=say)
+    driver.step_all(regions)
+    return driver
+
+
+def exit_ok(gates: Mapping[str, rollout.Gate | None]) -> bool:
+    return all(g is not None and g.state is rollout.State.COMPLETE for g in gates.values())
+
+
+def as_json(gates: Mapping[str, rollout.Gate | None]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for region, gate in sorted(gates.items()):
+        if gate is None:
+            out.append({"region": region, "state": "unknown"})
+            continue
+        out.append(
+            {
+                "region": region,
+                "key": gate.key,
+                "revision": gate.revision,
+                "state": gate.state.value,
+                "wave": gate.wave,
+                "waves": gate.waves,
+                "failed": list(gate.failed),
+                "reason": gate.reason,
+            }
+        )
+    return out
