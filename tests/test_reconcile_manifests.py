@@ -66,7 +66,8 @@ def test_every_error_of_every_file_is_reported_with_file_and_line() -> None:
     )
     assert (
         errors[0]
-        == "tasks/nodes/a.yaml:4: unknown key 'nmae' (a manifest has `name`, `data` and `rollout` only)"
+        == "tasks/nodes/a.yaml:4: unknown key 'nmae' "
+        "(a manifest has `name`, `data` and `rollout` only)"
     )
     assert errors[1].startswith("tasks/nodes/b.yaml:1: `name:` is missing")
     assert errors[2].startswith("tasks/nodes/c.yaml:3: not valid YAML")

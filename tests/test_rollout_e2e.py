@@ -10,7 +10,7 @@ import pytest
 
 from gleam import keys, rollout, rollout_driver
 from gleam.embedded import EtcdServer
-from tests.rollout_support import Region, gate, send_staged, wait_registered
+from tests.rollout_support import Region, send_staged, wait_registered
 from tests.support import AgentProcess, wait_until
 
 pytestmark = pytest.mark.slow
