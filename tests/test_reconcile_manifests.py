@@ -65,8 +65,7 @@ def test_every_error_of_every_file_is_reported_with_file_and_line() -> None:
         }
     )
     assert (
-        errors[0]
-        == "tasks/nodes/a.yaml:4: unknown key 'nmae' "
+        errors[0] == "tasks/nodes/a.yaml:4: unknown key 'nmae' "
         "(a manifest has `name`, `data` and `rollout` only)"
     )
     assert errors[1].startswith("tasks/nodes/b.yaml:1: `name:` is missing")
