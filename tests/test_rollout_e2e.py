@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,8 @@ import pytest
 
 from gleam import keys, rollout, rollout_driver
 from gleam.embedded import EtcdServer
-from tests.rollout_support import Region, send_staged, wait_registered
+from tests.reconcile_support import OpsRepo, run_cli
+from tests.rollout_support import Region, gate, send_staged, wait_registered
 from tests.support import AgentProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -33,40 +36,113 @@ def web(
     return region
 
 
-def drive(
-    etcd: Any, layout: keys.Layout, lines: list[str] | None = None, timeout: float = 60.0
-) -> rollout.Gate:
-    driver = rollout_driver.Driver(etcd, layout, say=(lines if lines is not None else []).append)
-    gates = rollout_driver.drive(driver, ["web"], timeout=timeout)
-    found = gates["web"]
+def wait_state(driver: rollout_driver.Driver, state: rollout.State) -> rollout.Gate:
+    def reached() -> rollout.Gate | None:
+        found = driver.step("web")
+        return found if found is not None and found.state is state else None
+
+    found = wait_until(reached, timeout=60, what=f"the rollout {state.value}")
     assert found is not None
     return found
 
 
-def test_a_failing_canary_halts_with_only_the_canary_run_then_a_fix_completes(
-    web: Region, etcd: Any, layout: keys.Layout
-) -> None:
-    send_staged(etcd, layout, n=1, fail=["web-4"], waves=[1, "50%", "100%"], first=["web-4"])
-    lines: list[str] = []
-    halted = drive(etcd, layout, lines)
-    assert halted.state is rollout.State.HALTED
-    assert halted.reason == "web-4 failed: Lua error: roll.lua:5: broken on web-4"
-    assert lines[0] == "wave 1/3 admitted: web-4"
-    assert (
-        lines[-1]
-        == f"rollout {layout.region_key('web')} @{halted.revision} halted: {halted.reason}"
+def manifest(n: int, fail: list[str]) -> str:
+    return (
+        f"name: roll\ndata: {{n: {n}, fail: {json.dumps(fail)}}}\n"
+        "rollout:\n  waves: [1, '50%', '100%']\n  first: [web-4]\n"
     )
+
+
+def test_a_failing_canary_halts_with_only_the_canary_run_then_a_revert_completes(
+    capsys: Any,
+    web: Region,
+    etcd_server: EtcdServer,
+    etcd: Any,
+    layout: keys.Layout,
+    tmp_path: Path,
+) -> None:
+    repo = OpsRepo(tmp_path / "ops")
+    repo.write("tasks/regions/web.yaml", manifest(1, ["web-4"]))
+    repo.commit("a change that breaks web-4")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--wait", "60")
+    assert code == 1, out + err
+    halted = gate(etcd, layout)
+    assert halted is not None and halted.state is rollout.State.HALTED
+    assert halted.reason == "web-4 failed: Lua error: roll.lua:5: broken on web-4"
+    assert "wave 1/3 admitted: web-4" in out
+    key = layout.region_key("web")
+    assert f"rollout {key} @{halted.revision} halted: {halted.reason}" in out
+    assert "wave 2/3" not in out
     assert web.ran(1) == {"web-4"}
-    # The fix: a new revision starts a fresh rollout from wave 1, which completes.
-    revision = send_staged(etcd, layout, n=2, waves=[1, "50%", "100%"], first=["web-4"])
-    lines.clear()
-    done = drive(etcd, layout, lines)
-    assert (done.state, done.revision, done.admitted) == (rollout.State.COMPLETE, revision, "*")
+    # The fix: a revert commit is a new revision, a fresh rollout from wave 1.
+    repo.write("tasks/regions/web.yaml", manifest(2, []))
+    repo.commit("revert")
+    code, out, err = run_cli(
+        capsys, etcd_server.endpoint, layout, repo, "--wait", "60", "--output", "json"
+    )
+    assert code == 0, out + err
+    [entry] = json.loads(out)["rollouts"]
+    assert (entry["region"], entry["state"], entry["wave"]) == ("web", "complete", 3)
     wait_until(lambda: web.ran(2) == set(IDS), what="every agent ran n=2")
     assert web.ran(1) == {"web-4"}  # nobody ran the broken revision later
-    assert [line.split(":")[0] for line in lines if "admitted" in line] == [
-        "wave 1/3 admitted",
-        "wave 2/3 admitted",
-        "wave 3/3 admitted",
-    ]
     assert all(web.runs(a).count(2) == 1 for a in IDS)
+
+
+def test_max_failed_tolerates_one_manual_waits_for_promote_and_abort_stops(
+    web: Region, etcd: Any, layout: keys.Layout
+) -> None:
+    driver = rollout_driver.Driver(etcd, layout)
+    plan = {"waves": [2, "100%"], "first": ["web-2", "web-3"], "max_failed": 1, "manual": True}
+    send_staged(etcd, layout, n=1, fail=["web-2"], **plan)
+    paused = wait_state(driver, rollout.State.PAUSED)
+    assert paused.failed == ("web-2",) and paused.wave == 1
+    assert web.ran(1) == {"web-2", "web-3"}
+    driver.promote("web")
+    done = wait_state(driver, rollout.State.COMPLETE)
+    assert done.failed == ("web-2",)
+    wait_until(lambda: web.ran(1) == set(IDS), what="every agent ran n=1")
+
+    send_staged(etcd, layout, n=2, waves=[1, "100%"], first=["web-5"], manual=True)
+    wait_state(driver, rollout.State.PAUSED)
+    aborted = driver.abort("web")
+    assert aborted.state is rollout.State.ABORTED
+    with pytest.raises(rollout_driver.RolloutRefused):
+        driver.promote("web")
+    assert driver.step("web") == aborted  # nothing more is admitted
+    assert web.ran(2) == {"web-5"}
+
+
+def test_drivers_replaced_or_racing_admit_each_wave_once_and_held_agents_run_once(
+    web: Region, etcd: Any, layout: keys.Layout
+) -> None:
+    lines: list[str] = []
+    first = rollout_driver.Driver(etcd, layout, say=lines.append)
+    send_staged(etcd, layout, n=1, waves=[1, 2, 4, "100%"])
+    gate_now = wait_until(
+        lambda: (g := first.step("web")) is not None and g.wave >= 2 and g, what="wave 2"
+    )
+    # The first driver is gone; a member of a later wave restarts while holding, and an
+    # agent joins the region mid-rollout.
+    later = gate_now.members[-1]
+    web.agents[later].stop()
+    web.start(later)
+    web.start("web-7")
+    wait_until(lambda: "holding" in web.agents[later].log(), what=f"{later} holding")
+    wait_registered(etcd, layout, 7)
+    # Two new drivers at once take over from the gate record.
+    racers = [rollout_driver.Driver(etcd, layout, say=lines.append) for _ in range(2)]
+    threads = [
+        threading.Thread(target=rollout_driver.drive, args=(d, ["web"]), kwargs={"timeout": 60})
+        for d in racers
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = gate(etcd, layout)
+    assert done is not None and done.state is rollout.State.COMPLETE
+    admitted = [line.split(":")[0] for line in lines if "admitted" in line]
+    assert admitted == [f"wave {i}/4 admitted" for i in range(1, 5)]
+    wait_until(lambda: web.ran(1) == {*IDS, "web-7"}, what="every agent ran, web-7 too")
+    assert all(web.runs(a) == [1] for a in [*IDS, "web-7"])
+    assert "web-7" not in done.members
