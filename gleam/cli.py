@@ -32,6 +32,7 @@ from gleam import (
     keys,
     messages,
     render,
+    rollout_cli,
     signing,
     status,
     targeting,
@@ -39,7 +40,7 @@ from gleam import (
 from gleam.version import VERSION
 
 PROG = "gleam-client"
-COMMANDS = ("info", "node", "region", "call", "status", "access")
+COMMANDS = ("info", "node", "region", "call", "status", "access", "rollout")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -52,6 +53,8 @@ commands:
   node | region             list node or region task keys and their values
   call KEY FN [DATA]        send FN with DATA to one task key (/gleam/node/web-1 or node/web-1)
   status                    live agents, and per task key what each targeted agent made of it
+  rollout status [REGION]   rollouts (waves) and their state; promote REGION admits the
+  rollout promote|abort R   next wave now, abort admits no more (see "Rollouts")
   access grant|show|revoke  least-privilege etcd roles: access grant agent|reconciler|operator|
                             viewer NAME; show [NAME]; revoke NAME (see "Securing a fleet")
 
@@ -125,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for the targeted live agents' results; exit 1 if any failed "
         "or did not answer",
+    )
+    parser.add_argument(
+        "-rollout",
+        "--rollout",
+        metavar="WAVES",
+        help="send a staged region task in waves, e.g. '1,25%%,100%%' (see \"Rollouts\"); "
+        "with -wait, drive the rollout until it completes",
     )
     parser.add_argument(
         "-output",
@@ -252,6 +262,15 @@ def cmd_send(
         targets = targeting.resolve(specs, agents)
     except targeting.TargetError as exc:
         raise UsageError("\n".join(exc.problems)) from None
+    if args.rollout is not None:  # a staged task: gleam.rollout_cli
+        try:
+            task = rollout_cli.staged_task(task.name, task.data, args.rollout)
+            return rollout_cli.send(
+                etcd, layout, targets, task, wait=args.wait, json_output=output.json,
+                say=output.text, signer=args.signer,
+            )  # fmt: skip
+        except rollout_cli.RolloutUsage as exc:
+            raise UsageError(str(exc)) from None
     return _deliver(etcd, layout, targets, task, wait=args.wait, output=output, signer=args.signer)
 
 
@@ -291,6 +310,7 @@ def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Ou
 def cmd_status(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
     snapshot = client.read_snapshot(etcd, layout)
     fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC))
+    fleet = status.with_rollouts(fleet, rollout_cli.read_gates(etcd, layout))
     if output.json:
         output.document(render.status_document(fleet))
     else:
@@ -317,6 +337,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
         if value:
             raise UsageError(f"{flag} is for sending without a command, not with {command!r}")
+    if args.rollout is not None:
+        raise UsageError(f"-rollout is for sending a task, not with {command!r}")
+    if command == "rollout":
+        return
     if command != "call" and args.args:
         raise UsageError(f"{command}: unexpected argument {args.args[0]!r}")
     if command != "call" and args.wait is not None:
@@ -353,6 +377,13 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
                 return cmd_info(etcd, layout, output)
             if args.command == "status":
                 return cmd_status(etcd, layout, output)
+            if args.command == "rollout":
+                try:
+                    return rollout_cli.run(
+                        args.args, etcd, layout, json_output=output.json, say=output.text
+                    )
+                except rollout_cli.RolloutUsage as exc:
+                    raise UsageError(str(exc)) from None
             return cmd_list(keys.Kind(args.command), etcd, layout, output)
         finally:
             etcd.close()

@@ -159,10 +159,21 @@ def status_text(fleet: status.FleetStatus, *, colour: bool = False) -> str:
         )
     else:
         lines.append("TASKS: none")
+    if fleet.rollouts:
+        lines += ["", f"ROLLOUTS ({len(fleet.rollouts)})"]
+        lines += table(
+            ["REGION", "REV", "STATE", "WAVE", "OK", "FAILED", "PENDING", "HELD", "REASON"],
+            [
+                [r.region, str(r.gate.revision), r.state.value, f"{r.gate.wave}/{r.gate.waves}",
+                 str(r.ok), str(r.failed), str(r.pending), str(r.held), r.gate.reason or "-"]
+                for r in fleet.rollouts
+            ],
+        )  # fmt: skip
     c = fleet.counts
+    held = f", {c.held} held" if c.held else ""
     lines += [
         "",
-        f"{c.ok} ok, {c.failed} failed, {c.pending} pending, {c.gone} gone, "
+        f"{c.ok} ok, {c.failed} failed, {c.pending} pending{held}, {c.gone} gone, "
         f"{c.unwatched} unwatched",
     ]
     return "\n".join(lines)
@@ -196,7 +207,24 @@ def status_document(fleet: status.FleetStatus) -> dict[str, Any]:
             "pending": c.pending,
             "gone": c.gone,
             "unwatched": c.unwatched,
+            "held": c.held,
         },
+        "rollouts": [
+            {
+                "region": r.region,
+                "key": r.gate.key,
+                "revision": r.gate.revision,
+                "state": r.state.value,
+                "wave": r.gate.wave,
+                "waves": r.gate.waves,
+                "ok": r.ok,
+                "failed": r.failed,
+                "pending": r.pending,
+                "held": r.held,
+                "reason": r.gate.reason,
+            }
+            for r in fleet.rollouts
+        ],
         "agents": [
             {
                 "id": a.info.id,

@@ -175,8 +175,10 @@ def sign(message: Mapping[str, Any], *, key: str, prev: int, signer: Signer) -> 
 
 def sign_task(task: messages.Task, *, key: str, prev: int, signer: Signer) -> bytes:
     """The task's message bytes, signed: what a writer puts at `key`."""
-    task.encode()  # the name, size and serialisability checks of an unsigned message
-    signed = sign({"Name": task.name, "Data": task.data}, key=key, prev=prev, signer=signer)
+    # The unsigned message (its name, size and serialisability checked), "Rollout"
+    # included when the task has one.
+    message = json.loads(task.encode())
+    signed = sign(message, key=key, prev=prev, signer=signer)
     return messages.canonical_json(signed).encode("utf-8")
 
 

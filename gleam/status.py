@@ -12,11 +12,11 @@ they count for nothing in the exit code (nobody is there to run anything).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from gleam import client, keys, messages, provenance
+from gleam import client, keys, messages, provenance, rollout
 
 # The JSON document's schema version (`--output json`); bump on incompatible changes.
 SCHEMA_VERSION = 1
@@ -27,6 +27,7 @@ class RowState(StrEnum):
     FAILED = "failed"
     PENDING = "pending"
     GONE = "gone"  # left a result, no longer registered
+    HELD = "held"  # a staged region task its rollout has not admitted this agent to yet
 
 
 class TaskState(StrEnum):
@@ -76,7 +77,7 @@ class TaskStatus:
             return TaskState.UNWATCHED
         if any(r.state is RowState.FAILED for r in live):
             return TaskState.FAILED
-        if any(r.state is RowState.PENDING for r in live):
+        if any(r.state in (RowState.PENDING, RowState.HELD) for r in live):
             return TaskState.PENDING
         return TaskState.OK
 
@@ -94,6 +95,23 @@ class Counts:
     pending: int
     gone: int
     unwatched: int  # task keys no live agent watches
+    held: int = 0  # rows a rollout has not admitted yet
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    """A region's rollout for its current task revision (gleam.rollout)."""
+
+    region: str
+    gate: rollout.Gate
+    ok: int
+    failed: int
+    pending: int
+    held: int
+
+    @property
+    def state(self) -> rollout.State:
+        return self.gate.state
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,7 @@ class FleetStatus:
     tasks: tuple[TaskStatus, ...]
     applied_commit: str | None = None  # the reconciler's last applied commit, if known
     applied_time: str | None = None  # when the reconciler last applied
+    rollouts: tuple[RolloutStatus, ...] = ()
 
     @property
     def counts(self) -> Counts:
@@ -114,6 +133,7 @@ class FleetStatus:
             pending=sum(r.state is RowState.PENDING for r in rows),
             gone=sum(r.state is RowState.GONE for r in rows),
             unwatched=sum(t.state is TaskState.UNWATCHED for t in self.tasks),
+            held=sum(r.state is RowState.HELD for r in rows),
         )
 
     @property
@@ -121,9 +141,10 @@ class FleetStatus:
         """0 when every targeted live agent ran its key's revision ok, 1 when one
         failed (failure wins over pending: it needs someone), 2 when one is pending."""
         counts = self.counts
-        if counts.failed:
+        states = {r.state for r in self.rollouts}
+        if counts.failed or rollout.State.HALTED in states:
             return 1
-        if counts.pending:
+        if counts.pending or states & {rollout.State.PROGRESSING, rollout.State.PAUSED}:
             return 2
         return 0
 
@@ -210,3 +231,34 @@ def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> F
         applied_commit=origin.applied_commit,
         applied_time=origin.applied_time,
     )
+
+
+def with_rollouts(fleet: FleetStatus, gates: Mapping[str, rollout.Gate]) -> FleetStatus:
+    """`fleet` with each region's rollout (region -> its gate record): the rows of agents
+    its current revision has not admitted are `held`, not pending."""
+    tasks, rollouts = [], []
+    for task in fleet.tasks:
+        kind, _, region = task.target.partition("/")
+        gate = gates.get(region) if kind == keys.Kind.REGION.value else None
+        if gate is None or gate.revision != task.revision:
+            tasks.append(task)
+            continue
+        rows = tuple(
+            replace(row, state=RowState.HELD)
+            if row.state is RowState.PENDING and not gate.admits(row.agent, task.revision)
+            else row
+            for row in task.rows
+        )
+        tasks.append(replace(task, rows=rows))
+        count = {state: sum(r.state is state for r in rows if r.live) for state in RowState}
+        rollouts.append(
+            RolloutStatus(
+                region=region,
+                gate=gate,
+                ok=count[RowState.OK],
+                failed=count[RowState.FAILED],
+                pending=count[RowState.PENDING],
+                held=count[RowState.HELD],
+            )
+        )
+    return replace(fleet, tasks=tuple(tasks), rollouts=tuple(rollouts))

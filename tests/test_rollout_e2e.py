@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gleam import keys, rollout, rollout_driver
+from gleam import cli, keys, rollout, rollout_driver
 from gleam.embedded import EtcdServer
 from tests.reconcile_support import OpsRepo, run_cli
 from tests.rollout_support import Region, gate, send_staged, wait_registered
@@ -146,3 +146,47 @@ def test_drivers_replaced_or_racing_admit_each_wave_once_and_held_agents_run_onc
     wait_until(lambda: web.ran(1) == {*IDS, "web-7"}, what="every agent ran, web-7 too")
     assert all(web.runs(a) == [1] for a in [*IDS, "web-7"])
     assert "web-7" not in done.members
+
+
+def test_the_client_sends_a_staged_task_drives_it_and_status_shows_held_agents(
+    capsys: Any, web: Region, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    def client(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    canary = rollout.admission_order(IDS, region="web", first=[])[0]
+    send = ["-target", "region/web", "-fn", "roll", "-rollout", "1,50%,100%", "-wait", "60"]
+    code, out, err = client(*send, "-data", json.dumps({"n": 1, "fail": [canary]}))
+    assert code == 1, out + err
+    assert f"wave 1/3 admitted: {canary}" in out and "halted" in out
+    assert web.ran(1) == {canary}
+
+    code, out, err = client("status")
+    assert code == 1, out + err
+    assert "ROLLOUTS (1)" in out and "halted" in out
+    assert "5 held" in out
+    capsys.readouterr()
+    code = cli.main(
+        ["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, "--output", "json", "status"]
+    )
+    body = json.loads(capsys.readouterr().out)
+    [entry] = body["rollouts"]
+    assert (entry["state"], entry["failed"], entry["held"]) == ("halted", 1, 5)
+    assert client("rollout", "status", "web")[0] == 1
+    code, out, err = client("rollout", "abort", "web")
+    assert code == 0 and "aborted" in out, out + err
+    assert client("rollout", "promote", "web")[0] == 1  # an aborted rollout stays aborted
+
+    code, out, err = client(*send, "-data", json.dumps({"n": 2}))
+    assert code == 0, out + err
+    assert "wave 3/3 admitted" in out and "complete" in out
+    wait_until(lambda: web.ran(2) == set(IDS), what="every agent ran n=2")
+    code, out, err = client("rollout", "status")
+    assert code == 0 and "complete  wave 3/3  admitted all/6" in out, out + err
+    for bad in (["rollout"], ["rollout", "promote"], ["rollout", "abort", "../x"]):
+        assert client(*bad)[0] == 2
+    assert client("-target", "node/web-1", "-fn", "roll", "-rollout", "1,100%")[0] == 2
+    assert client("-target", "region/web", "-fn", "roll", "-rollout", "5,2,100%")[0] == 2
