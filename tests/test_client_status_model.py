@@ -164,7 +164,14 @@ def test_status_json_has_the_same_content_and_a_version() -> None:
     doc = json.loads(render.to_json(render.status_document(fleet)))
     assert doc["version"] == status.SCHEMA_VERSION
     assert doc["exit_code"] == 1
-    assert doc["summary"] == {"ok": 1, "failed": 1, "pending": 1, "gone": 1, "unwatched": 0, "held": 0}
+    assert doc["summary"] == {
+        "ok": 1,
+        "failed": 1,
+        "pending": 1,
+        "gone": 1,
+        "unwatched": 0,
+        "held": 0,
+    }
     assert [a["id"] for a in doc["agents"]] == ["a-ok", "b-fail", "c-wait"]
     assert doc["agents"][0]["up_seconds"] == 3600.0
     (eu,) = doc["tasks"]
