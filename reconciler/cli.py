@@ -259,6 +259,8 @@ def _pass(config: Config, etcd: Any) -> int:
         return _fail(
             config, f"etcd at {config.settings.describe()}: {connection.describe_error(exc)}"
         )
+    except (MemoryError, RecursionError) as exc:
+        return _fail(config, reconcile.resource_failure(exc))
 
     reports = None
     status = EXIT_OK

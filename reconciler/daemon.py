@@ -226,6 +226,10 @@ class Daemon:
         except connection.ETCD_ERRORS as exc:
             log.error("etcd: %s", connection.describe_error(exc))
             return self._report(number, reason, None, connection.describe_error(exc))
+        except (MemoryError, RecursionError) as exc:
+            message = reconcile.resource_failure(exc)
+            log.error("%s", message)
+            return self._report(number, reason, None, message)
         except Exception as exc:  # noqa: BLE001 - a bug in one pass must not end the daemon
             log.exception("pass %d failed unexpectedly", number)
             return self._report(number, reason, None, f"{type(exc).__name__}: {exc}")

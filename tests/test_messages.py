@@ -52,7 +52,7 @@ def test_encoding_is_canonical() -> None:
         (b'{"Name": null}', "null, not a string"),
         (b'{"Name": "../../etc/passwd"}', "invalid"),
         (b"\xff\xfe", "not UTF-8"),
-        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 200 levels"),
         (b'{"Name":"print","Data":"' + b"x" * messages.MAX_MESSAGE_BYTES + b'"}', "limit"),
     ],
 )
