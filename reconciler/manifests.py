@@ -239,11 +239,11 @@ def _load_yaml(path: str, raw: bytes) -> Any:
 # Each YAML collection needs at least one indicator of its own: a bracket, or the `-`,
 # `:` or `?` of its entries. Without aliases, a document with no more of them than the
 # depth limit cannot be nested past it, which spares most files the graph walk.
-_INDICATORS = (b"[", b"{", b"-", b":", b"?")
+_NOT_INDICATORS = bytes(c for c in range(256) if c not in b"[{-:?")
 
 
 def _indicators(raw: bytes) -> int:
-    return sum(raw.count(c) for c in _INDICATORS)
+    return len(raw.translate(None, _NOT_INDICATORS))  # one pass in C
 
 
 def graph_problem(root: yaml.Node) -> tuple[str, yaml.Node] | None:
