@@ -225,13 +225,19 @@ def _load_yaml(path: str, raw: bytes) -> Any:
     except yaml.YAMLError as exc:
         return ManifestError(path, None, _clip(f"not valid YAML: {exc}"))
     except UnicodeDecodeError as exc:
-        return ManifestError(path, None, f"cannot be read as text: {exc}")
+        return ManifestError(path, None, _clip(f"cannot be read as text: {exc}"))
     except ValueError as exc:  # from a constructor: int() of a huge number, say
         if "integer string conversion" in str(exc):
             return ManifestError(
                 path, None, f"holds an integer of more than {messages.MAX_INT_DIGITS} digits"
             )
         return ManifestError(path, None, _clip(f"not valid YAML: {exc}"))
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        # PyYAML's constructors fail this way on explicit tags with values they do not
+        # expect (`!!timestamp x`, `!!bool maybe`): a per-file error like any other.
+        return ManifestError(
+            path, None, _clip(f"not valid YAML: a value cannot be built ({type(exc).__name__})")
+        )
     finally:
         loader.dispose()
 
@@ -301,7 +307,9 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def _clip(text: str, width: int = 300) -> str:
-    """Error texts quote values (jsonschema's do); a huge value must not make a huge line."""
+    """One line of at most `width` characters: an error is a line (YAML's own texts may
+    span two), and a huge value quoted in one (jsonschema's do) must not make a huge one."""
+    text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
