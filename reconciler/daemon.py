@@ -16,6 +16,7 @@ also while it waits for the lock.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -91,7 +92,8 @@ class CheckoutWatch:
                 if event.event_type not in WRITE_EVENTS:
                     return
                 for raw in (event.src_path, getattr(event, "dest_path", "")):
-                    path = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+                    # fsdecode: a file name that is not UTF-8 must not kill this thread.
+                    path = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw or "")
                     if path and watch.relevant(path):
                         watch.changed.set()
                         return

@@ -51,8 +51,8 @@ class GitError(Exception):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Manifest files read from one commit (or the work tree, commit None), and the
-    paths refused while listing them (see entry_problem)."""
+    """Manifest files read from the work tree (commit and tree None there), and the
+    paths refused while listing them."""
 
     commit: str | None
     # The git tree id of tasks/ (None when reading the work tree or tasks/ is missing):
@@ -242,16 +242,6 @@ class Source:
         for oid, contents in self._cat_blobs(list(by_oid)):
             for path in by_oid[oid]:
                 yield path, contents
-
-    def read_all(self, commit: str) -> Snapshot:
-        """Every manifest file under tasks/ at `commit`, in one ls-tree and one cat-file."""
-        listing = self.list_tree(commit)
-        return Snapshot(
-            commit=commit,
-            tree=listing.tree,
-            files=tuple(self.read_blobs(listing.blobs)),
-            problems=listing.problems,
-        )
 
     @property
     def git_dir(self) -> Path:
