@@ -65,6 +65,7 @@ def _clip(text: str, width: int = 24) -> str:
 # or to Lua, would fail far from here).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+_TOO_DEEP = f"is nested deeper than {MAX_DEPTH} levels"
 
 
 def _tree_problem(value: Any, *, start: int, surrogates: bool) -> str | None:
@@ -88,9 +89,6 @@ def _tree_problem(value: Any, *, start: int, surrogates: bool) -> str | None:
         elif surrogates and isinstance(item, str) and _SURROGATE.search(item):
             return "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
     return None
-
-
-_TOO_DEEP = f"is nested deeper than {MAX_DEPTH} levels"
 
 
 def _could_nest(raw: bytes) -> bool:

@@ -234,6 +234,8 @@ def run_once(config: Config) -> int:
         )
     try:
         return _pass(config, etcd)
+    except (MemoryError, RecursionError) as exc:
+        return _fail(config, reconcile.resource_failure(exc))
     finally:
         etcd.close()
 
@@ -259,8 +261,6 @@ def _pass(config: Config, etcd: Any) -> int:
         return _fail(
             config, f"etcd at {config.settings.describe()}: {connection.describe_error(exc)}"
         )
-    except (MemoryError, RecursionError) as exc:
-        return _fail(config, reconcile.resource_failure(exc))
 
     reports = None
     status = EXIT_OK

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gleam import keys, messages
+from gleam import cli, client, keys, messages
 from gleam.embedded import EtcdServer
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT
@@ -190,3 +190,20 @@ def test_reconcile_dry_run_and_apply_show_hostile_current_values_without_crashin
     assert_clean(code, out, err)
     value, _meta = etcd.get(stored["huge-int"])
     assert value == b'{"Data":null,"Name":"print"}'
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError])
+def test_memory_and_recursion_errors_end_a_client_command_as_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    etcd_server: EtcdServer,
+    layout: keys.Layout,
+    error: type[BaseException],
+) -> None:
+    def explode(*_args: Any, **_kwargs: Any) -> Any:
+        raise error()
+
+    monkeypatch.setattr(client, "read_snapshot", explode)
+    code = cli.main(["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, "status"])
+    out, err = capsys.readouterr()
+    assert code == 1 and not out and err.startswith("gleam-client: ") and err.count("\n") == 1

@@ -404,3 +404,34 @@ def test_the_daemon_logs_a_hostile_commit_as_lines_and_applies_the_next_good_one
     assert snapshot(etcd, layout)[layout.node_key("web-1")] == (
         b'{"Data":{"msg":"again"},"Name":"print"}'
     )
+
+
+# The last line of defence: Python's own limits end as a line, never a traceback --------
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError])
+def test_memory_and_recursion_errors_end_a_pass_as_one_line(
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    etcd_server: EtcdServer,
+    etcd: Any,
+    layout: keys.Layout,
+    repo: OpsRepo,
+    caplog: pytest.LogCaptureFixture,
+    error: type[BaseException],
+) -> None:
+    def explode(*_args: Any, **_kwargs: Any) -> Any:
+        raise error()
+
+    monkeypatch.setattr(manifests, "load", explode)
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 1 and "Traceback" not in out + err
+    assert err.startswith("gleam-reconcile: the pass ") and err.count("\n") == 1, err
+    code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--output", "json")
+    assert code == 1 and json.loads(out)["error"].startswith("the pass ")
+    caplog.set_level(logging.INFO, logger="gleam.reconcile")
+    d = daemon.Daemon(etcd, layout, reconcile.Options(repo=repo.path), daemon.Settings())
+    d.source = gitsource.Source(repo.path)
+    assert not d.one_pass(daemon.Reason.START)
+    assert "the pass " in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert snapshot(etcd, layout) == {}
