@@ -87,6 +87,35 @@ class _Loader(yaml.CSafeLoader):
                     seen.add(key_node.value)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # Python refuses to read a decimal integer past its digit limit (a ValueError);
+        # hexadecimal, octal and binary ones are read, but printing one fails wherever
+        # that happens (an error message that quotes it, say). Both are refused here.
+        too_long = _TooLong(
+            None,
+            None,
+            f"holds an integer of more than {messages.MAX_INT_DIGITS} digits",
+            node.start_mark,
+        )
+        try:
+            value: int = super().construct_yaml_int(node)
+        except ValueError as exc:
+            if "integer string conversion" in str(exc):
+                raise too_long from None
+            raise
+        if abs(value) >= _INT_LIMIT:
+            raise too_long
+        return value
+
+
+class _TooLong(yaml.constructor.ConstructorError):
+    """A value past a limit: reported as it is, not as invalid YAML."""
+
+
+# The smallest integer with more than messages.MAX_INT_DIGITS decimal digits.
+_INT_LIMIT = 10**messages.MAX_INT_DIGITS
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
@@ -217,6 +246,9 @@ def _load_yaml(path: str, raw: bytes) -> Any:
                 message, where = refused
                 return ManifestError(path, where.start_mark.line + 1, message)
         return loader.construct_document(node)
+    except _TooLong as exc:
+        mark = exc.problem_mark
+        return ManifestError(path, mark.line + 1 if mark else None, str(exc.problem))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -226,17 +258,13 @@ def _load_yaml(path: str, raw: bytes) -> Any:
         return ManifestError(path, None, _clip(f"not valid YAML: {exc}"))
     except UnicodeDecodeError as exc:
         return ManifestError(path, None, _clip(f"cannot be read as text: {exc}"))
-    except ValueError as exc:  # from a constructor: int() of a huge number, say
-        if "integer string conversion" in str(exc):
-            return ManifestError(
-                path, None, f"holds an integer of more than {messages.MAX_INT_DIGITS} digits"
-            )
-        return ManifestError(path, None, _clip(f"not valid YAML: {exc}"))
-    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         # PyYAML's constructors fail this way on explicit tags with values they do not
         # expect (`!!timestamp x`, `!!bool maybe`): a per-file error like any other.
         return ManifestError(
-            path, None, _clip(f"not valid YAML: a value cannot be built ({type(exc).__name__})")
+            path,
+            None,
+            _clip(f"not valid YAML: a value cannot be built ({type(exc).__name__}: {exc})"),
         )
     finally:
         loader.dispose()

@@ -302,12 +302,14 @@ def test_a_huge_integer_and_nan_in_a_manifest_are_errors_naming_the_file(
     capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
 ) -> None:
     repo.write("tasks/nodes/big.yaml", "name: print\ndata: " + "1" * 5000 + "\n")
+    repo.write("tasks/nodes/hex.yaml", "0x" + "f" * 5000 + "\n")  # also never printable
     repo.write("tasks/nodes/nan.yaml", "name: print\ndata: [1.0e+999]\n")
     repo.write("tasks/nodes/loop.yaml", "name: print\ndata: &me [*me]\n")
     repo.commit("numbers")
     code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
     assert code == 1 and "Traceback" not in out + err
-    assert "tasks/nodes/big.yaml: holds an integer of more than 4300 digits" in err
+    assert "tasks/nodes/big.yaml:2: holds an integer of more than 4300 digits" in err
+    assert "tasks/nodes/hex.yaml:1: holds an integer of more than 4300 digits" in err
     assert "tasks/nodes/nan.yaml:2: task data holds NaN or infinity" in err
     assert "tasks/nodes/loop.yaml:2: an alias refers to a node that contains it" in err
     assert snapshot(etcd, layout) == {}
