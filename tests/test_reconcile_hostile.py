@@ -81,25 +81,43 @@ class Run:
     max_rss_mib: float
 
 
+# Runs a command and writes its peak resident memory (ru_maxrss, KiB on Linux) to a
+# file. It runs in a small process of its own: a child forked straight from this test
+# process would count this process's (large) memory, copied at fork, as its own peak.
+MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_pid, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_process(endpoint: str, layout: keys.Layout, repo: Path, *args: str) -> Run:
-    """gleam-reconcile --once as a real process, with its peak resident memory from
-    wait4 (ru_maxrss, KiB on Linux). Output goes to files, so that the child never
-    blocks on a full pipe while this process waits."""
+    """gleam-reconcile --once as a real process, with its peak resident memory. Output
+    goes to files, so that the child never blocks on a full pipe."""
     argv = [sys.executable, "-m", "reconciler.cli", "-etcd", endpoint, "-prefix", layout.prefix]
     argv += ["--repo", str(repo), "--once", *args]
     out_path, err_path = repo.parent / "out.txt", repo.parent / "err.txt"
+    rss_path = repo.parent / "maxrss.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         started = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(rss_path), *argv],
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
         seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     return Run(
         proc.returncode,
         out_path.read_text(),
         err_path.read_text(),
         seconds,
-        usage.ru_maxrss / 1024,
+        int(rss_path.read_text()) / 1024,
     )
 
 
