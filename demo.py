@@ -82,7 +82,8 @@ def main() -> int:
             home.mkdir(parents=True)
             log = open(work / f"{agent_id}.log", "wb")  # noqa: SIM115 - the child keeps it
             argv = [str(BIN / "gleam-agent"), "-id", agent_id, "-region", regions,
-                    "-script", str(ROOT / "scripts"), "-log_level", "info"]  # fmt: skip
+                    "-script", str(ROOT / "scripts"), "-log_level", "info",
+                    "-state_dir", str(work / "state")]  # fmt: skip
             # config::sync writes only under the directory its operator gives it.
             print(f"$ GLEAM_SYNC_DIR={home} " + " ".join(argv), flush=True)
             agent_env = {**env, "GLEAM_SYNC_DIR": str(home)}

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import inflight
 from gleam import connection, flags, keys, metrics
 from gleam.version import VERSION
 
@@ -35,6 +36,13 @@ AGENT_FLAGS: tuple[flags.Flag, ...] = (
     flags.Flag("region", "regions to watch, separated by ':' or ','", metavar="A:B"),
     flags.Flag("script", "directory of Lua scripts", DEFAULT_SCRIPT_DIR, metavar="DIR"),
     flags.Flag("pid", "write the process id to this file", metavar="FILE"),
+    flags.Flag(
+        "state_dir",
+        "directory of the state file that records the task in hand, so that a task that "
+        "crashes the agent twice is not run again (default: $STATE_DIRECTORY, "
+        "/var/lib/gleam for root, else ~/.local/state/gleam)",
+        metavar="DIR",
+    ),
     flags.Flag(
         "task_timeout", "seconds a task may run before it is stopped", "60", metavar="SECONDS"
     ),
@@ -73,6 +81,8 @@ class AgentConfig:
     regions: tuple[str, ...]
     script_dir: Path
     pid_file: Path | None
+    state_dir: Path
+    state_dir_given: bool  # -state_dir set, not the default: trouble with it is fatal
     task_timeout: float
     memory_limit: int  # bytes
     ttl: int
@@ -89,6 +99,11 @@ class AgentConfig:
     @property
     def task_keys(self) -> tuple[str, ...]:
         return tuple(self.layout.task_key(t) for t in self.targets)
+
+    @property
+    def state_file(self) -> Path:
+        """The file that records the task in hand (agent.inflight): one per agent id."""
+        return self.state_dir / f"{self.agent_id}.state"
 
 
 def default_agent_id(hostname: str, pid: int) -> str:
@@ -122,7 +137,13 @@ def _number(values: Mapping[str, str | None], name: str, *, integer: bool, minim
     return value
 
 
-def from_values(values: Mapping[str, str | None], *, hostname: str, pid: int) -> AgentConfig:
+def from_values(
+    values: Mapping[str, str | None],
+    *,
+    hostname: str,
+    pid: int,
+    default_state_dir: Path = Path("/var/lib/gleam"),
+) -> AgentConfig:
     """Build the config from resolved flag values; raises FlagError or ConfigError, whose
     text names the flag."""
     agent_id = values.get("id") or default_agent_id(hostname, pid)
@@ -136,6 +157,7 @@ def from_values(values: Mapping[str, str | None], *, hostname: str, pid: int) ->
         raise flags.FlagError(f"-region: {exc}") from None
     script = values.get("script") or DEFAULT_SCRIPT_DIR
     pid_file = values.get("pid")
+    state_dir = values.get("state_dir")
     return AgentConfig(
         settings=flags.connection_settings(values),
         layout=flags.layout(values),
@@ -143,6 +165,8 @@ def from_values(values: Mapping[str, str | None], *, hostname: str, pid: int) ->
         regions=regions,
         script_dir=Path(script).expanduser().absolute(),
         pid_file=Path(pid_file).expanduser().absolute() if pid_file else None,
+        state_dir=Path(state_dir or default_state_dir).expanduser().absolute(),
+        state_dir_given=bool(state_dir),
         task_timeout=_number(values, "task_timeout", integer=False, minimum=0.001),
         memory_limit=int(_number(values, "memory_limit", integer=True, minimum=1)) * 1024 * 1024,
         ttl=int(_number(values, "ttl", integer=True, minimum=1)),
@@ -166,5 +190,8 @@ def parse(
         values,
         hostname=socket.gethostname() if hostname is None else hostname,
         pid=os.getpid() if pid is None else pid,
+        default_state_dir=inflight.default_directory(
+            os.environ if environ is None else environ, euid=os.geteuid()
+        ),
     )
     return config, values

@@ -6,7 +6,10 @@
     results ─────── result records -> etcd, retried through outages
 
 Each loop owns its own Store (its own etcd client), so one loop's reconnect does not
-disturb another.
+disturb another. Each loop catches what it expects; a loop that ends anyway (an uncaught
+exception, a bug) is logged with its traceback and reported through `on_thread_death`, so
+that the agent exits and a service manager restarts it, instead of staying registered
+with a dead watch or worker.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import observe, results, store
+from agent import inflight, observe, results, store
 from agent.config import AgentConfig
 from agent.registration import Registrar
 from agent.task_queue import TaskQueue
@@ -55,8 +58,12 @@ class Agent:
         *,
         connector: store.Connector = connection.connect,
         wall_clock: Callable[[], float] = time.time,
+        started: inflight.StartedTasks | None = None,
+        on_thread_death: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.config = config
+        self._on_thread_death = on_thread_death
+        self._stopping = threading.Event()
 
         def new_store() -> store.Store:
             return store.Store(config.settings, connector=connector)
@@ -86,7 +93,12 @@ class Agent:
         # Results pass a tap on their way to the writer: -metrics counts them there.
         self.results_tap = observe.ResultTap(self.writer)
         self.worker = Worker(
-            self.tasks, runner, self.results_tap, agent_id=config.agent_id, layout=config.layout
+            self.tasks,
+            runner,
+            self.results_tap,
+            agent_id=config.agent_id,
+            layout=config.layout,
+            started=started,
         )
         self._threads: dict[str, threading.Thread] = {}
 
@@ -99,7 +111,13 @@ class Agent:
             ("worker", self.worker.run),
             ("watch", self.watch.run),
         ):
-            thread = threading.Thread(target=target, name=f"gleam-{name}", daemon=True)
+            thread = threading.Thread(
+                target=supervised,
+                args=(name, target),
+                kwargs={"stopping": self._stopping, "on_death": self._on_thread_death},
+                name=f"gleam-{name}",
+                daemon=True,
+            )
             self._threads[name] = thread
             thread.start()
 
@@ -111,6 +129,7 @@ class Agent:
         """Stop taking tasks, let the running one finish (bounded by the task timeout),
         write the results, revoke the lease. True if everything finished in time."""
         clean = True
+        self._stopping.set()
         self.watch.stop()
         self.tasks.close()
         grace = self.config.task_timeout + 5.0
@@ -132,3 +151,21 @@ class Agent:
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+
+def supervised(
+    name: str,
+    target: Callable[[], None],
+    *,
+    stopping: threading.Event,
+    on_death: Callable[[str], None],
+) -> None:
+    """Run one of the agent's loops; if it ends before `stopping` is set (an exception, a
+    bug), log it with its traceback and call `on_death(name)`."""
+    try:
+        target()
+    except BaseException:
+        log.critical("the %s thread failed", name, exc_info=True)
+    if not stopping.is_set():
+        log.critical("the %s thread stopped unexpectedly: the agent must exit", name)
+        on_death(name)

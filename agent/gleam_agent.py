@@ -3,12 +3,13 @@
     gleam-agent -etcd http://etcd.example.internal:2379 -id web-1 -region eu:web \\
                 -script /etc/gleam/scripts
 
-This module is the entry point only: flags, logging, pid file, signals. The agent itself
-is agent.daemon.Agent.
+This module is the entry point only: flags, logging, pid file, state file, signals, the
+Lua executor process. The agent itself is agent.daemon.Agent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import lua_exec, observe, pidfile, store
+from agent import executor, inflight, lua_api, observe, pidfile, store
 from agent.daemon import Agent
 from gleam import connection, flags, logformat, metrics
 from gleam.version import VERSION
@@ -27,6 +28,9 @@ log = logging.getLogger("agent")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+# What SignalPipe.wait() returns when an agent thread has died (no signal has number 0).
+THREAD_DIED = 0
 
 
 class SignalPipe:
@@ -48,22 +52,57 @@ class SignalPipe:
             return None
         return data[0] if data else None
 
+    def wake(self) -> None:
+        """Make `wait` return THREAD_DIED (from any thread)."""
+        with contextlib.suppress(OSError):  # full: the main loop is awake anyway
+            os.write(self._write, bytes([THREAD_DIED]))
+
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
         os.close(self._read)
         os.close(self._write)
 
 
-def _make_runner(config: agent_config.AgentConfig) -> lua_exec.LuaRunner:
-    kv = lua_exec.EtcdKV(store.LazyClient(config.settings))
-    return lua_exec.LuaRunner(
-        config.script_dir,
-        kv=kv,
+def _make_runner(config: agent_config.AgentConfig) -> executor.LuaExecutor:
+    """The Lua executor process, started and ready (ExecutorError if it cannot be)."""
+    options = lua_api.ExecutorOptions(
+        script_dir=config.script_dir,
         agent_id=config.agent_id,
         regions=config.regions,
         time_limit=config.task_timeout,
         memory_limit=config.memory_limit,
-        logger=logging.getLogger("agent.lua"),
+    )
+    kv = store.EtcdKV(store.LazyClient(config.settings))
+    runner = executor.LuaExecutor(options, kv=kv, logger=logging.getLogger("agent.lua"))
+    runner.start()
+    return runner
+
+
+def _open_state(config: agent_config.AgentConfig) -> inflight.StartedTasks:
+    """The state file; trouble with a -state_dir given is fatal (StateError), with the
+    default directory only a warning: the agent runs with in-memory records then."""
+    try:
+        return inflight.StartedTasks(config.state_file)
+    except inflight.StateError as exc:
+        if config.state_dir_given:
+            raise inflight.StateError(f"-state_dir: {exc}") from None
+        log.warning(
+            "state file: %s; a task that crashes the agent may run again at every start "
+            "(set -state_dir to a directory of this user's)",
+            exc,
+        )
+        return inflight.StartedTasks()
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """Any thread's uncaught exception goes to the log (the -log file), with its traceback."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    log.critical(
+        "uncaught exception in thread %s",
+        name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
     )
 
 
@@ -108,14 +147,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except pidfile.PidFileError as exc:
             _fatal(str(exc), to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
+    threading.excepthook = _log_thread_exception
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         try:
+            started = _open_state(config)
+        except inflight.StateError as exc:
+            _fatal(str(exc), to_log_file=bool(values.get("log")))
+            return EXIT_FAILURE
+        try:
             runner = _make_runner(config)
         except Exception as exc:  # noqa: BLE001 - reported, not a traceback
-            _fatal(f"cannot start the Lua runtime: {exc}", to_log_file=bool(values.get("log")))
+            _fatal(f"cannot start the Lua executor: {exc}", to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
-        agent = Agent(config, runner)
+        agent = Agent(config, runner, started=started, on_thread_death=lambda _name: signals.wake())
         observer = observe.Observer(agent, runner=runner)  # systemd, /healthz, -metrics
         try:
             observer.start(metrics_address)
@@ -133,8 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.layout.prefix,
         )
         agent.start()
+        exit_code = EXIT_OK
         while True:
             signum = signals.wait()
+            if signum == THREAD_DIED:
+                log.critical("an agent thread died: stopping, exit status %d", EXIT_FAILURE)
+                exit_code = EXIT_FAILURE
+                break
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: reloading the scripts")
                 runner.reload()
@@ -150,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clean = agent.shutdown()
         observer.close()
         runner.close()
+        started.close()
         log.info("stopped%s", "" if clean else " (not everything finished in time)")
-        return EXIT_OK
+        return exit_code
     finally:
         signals.close()
         if config.pid_file is not None:

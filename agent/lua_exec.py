@@ -8,29 +8,37 @@ clear error. The script side (environment, limits, the `gleam` table) is built b
 Threading: `run` must always be called from the same single thread (a lupa runtime is
 not thread-safe). `reload` may be called from any thread; the watchdog observer thread
 only marks cached chunks stale. Neither ever touches the Lua runtime.
+
+In the agent this module runs in the Lua executor process (agent.lua_child), so it must
+not import the etcd client or gRPC, directly or through `gleam`'s public face.
+
+Memory: lupa builds Lua values from Python ones (the task's data, what gleam.Get and
+gleam.GetDir return) outside any protected call, so an allocation refused there by the
+memory cap would abort the process (Lua's "unprotected error" panic) or, inside a
+callback, unwind through Python frames and wedge it. So the cap is lifted while such
+values are built, never by more than they need, and put back at the next tick of the
+count hook; a value that leaves the state over the cap fails the task cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import lupa
 from lupa import lua54
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from agent import lua_values, processes
+from agent.lua_api import KV, KVError, Outcome
 from gleam import keys
-from gleam.connection import describe_error
 from gleam.messages import JSON
 
 _PRELUDE = (Path(__file__).with_name("lua_prelude.lua")).read_text(encoding="utf-8")
@@ -42,69 +50,17 @@ DEFAULT_EXEC_TIMEOUT = 30.0
 # How often (in Lua VM instructions) the time limit is checked: rare enough to cost
 # nothing measurable, frequent enough to stop a loop within a millisecond or so.
 HOOK_COUNT = 10_000
+# How far above the memory cap a conversion into Lua may go while it runs (the task's
+# data is at most 1 MiB of JSON, which no Lua layout blows up beyond this); past it the
+# allocation fails and the process aborts, which the agent reports and survives.
+CONVERSION_ROOM = 256 * 1024 * 1024
+# Room left above what is in use when a callback returns, so that lupa can always push
+# its (small) return values; the cap comes back at the next hook tick.
+CALLBACK_ROOM = 1024 * 1024
 
 # watchdog event types that can change a file's content or existence (inotify also
 # reports opens and reads, which must not invalidate anything).
 _CHANGE_EVENTS = frozenset({"created", "modified", "deleted", "moved", "closed"})
-
-
-class KV(Protocol):
-    """The etcd seam scripts use (gleam.Get/GetDir/Set/Delete)."""
-
-    def get(self, key: str) -> str | None: ...
-
-    def get_dir(self, key: str) -> dict[str, str]: ...
-
-    def set(self, key: str, value: str, ttl: int | None) -> None: ...
-
-    def delete(self, key: str) -> None: ...
-
-
-class EtcdKV:
-    """KV over a pyetcd client: ttl becomes a lease, GetDir reads `key/`, Delete removes
-    the key and everything under `key/` (an etcd v2 directory, as the original had)."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def get(self, key: str) -> str | None:
-        value, _ = self._client.get(key)
-        return None if value is None else bytes(value).decode("utf-8", errors="replace")
-
-    def get_dir(self, key: str) -> dict[str, str]:
-        prefix = _dir_prefix(key)
-        return {
-            bytes(meta.key).decode("utf-8", errors="replace"): bytes(value).decode(
-                "utf-8", errors="replace"
-            )
-            for value, meta in self._client.get_prefix(prefix)
-        }
-
-    def set(self, key: str, value: str, ttl: int | None) -> None:
-        lease = self._client.lease(ttl) if ttl else None
-        self._client.put(key, value, lease=lease)
-
-    def delete(self, key: str) -> None:
-        prefix = _dir_prefix(key)
-        self._client.delete(key)
-        self._client.delete_prefix(prefix)
-
-
-def _dir_prefix(key: str) -> str:
-    stripped = key.rstrip("/")
-    if not stripped:
-        raise ValueError(f"refusing to use {key!r} as a directory: it is the root of etcd")
-    return stripped + "/"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one run of a function gave."""
-
-    ok: bool
-    result: JSON
-    error: str | None
-    duration_ms: float
 
 
 class ScriptError(Exception):
@@ -117,24 +73,34 @@ class _Chunk:
     function: Any
 
 
-class _Invalidator(FileSystemEventHandler):
-    """Runs on watchdog's thread: only records which paths changed."""
+def _watch(root: Path, runner: LuaRunner) -> Any:
+    """A started watchdog observer that marks changed scripts stale. watchdog is imported
+    here, not with the module: the agent's executor does without it (the check before
+    every run is enough there, and watchdog costs about 5 MiB of memory per process)."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
 
-    def __init__(self, runner: LuaRunner) -> None:
-        self._runner = runner
+    class Invalidator(FileSystemEventHandler):
+        """Runs on watchdog's thread: only records which paths changed."""
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _CHANGE_EVENTS:
-            return
-        if event.is_directory:
-            # A folder moved or deleted takes its scripts with it; other folder events
-            # (a new file inside, a new folder) change no script already compiled.
-            if event.event_type in ("deleted", "moved"):
-                self._runner.reload()
-            return
-        for path in (event.src_path, getattr(event, "dest_path", "")):
-            if path:
-                self._runner._mark_stale(os.fsdecode(path))
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type not in _CHANGE_EVENTS:
+                return
+            if event.is_directory:
+                # A folder moved or deleted takes its scripts with it; other folder events
+                # (a new file inside, a new folder) change no script already compiled.
+                if event.event_type in ("deleted", "moved"):
+                    runner.reload()
+                return
+            for path in (event.src_path, getattr(event, "dest_path", "")):
+                if path:
+                    runner._mark_stale(os.fsdecode(path))
+
+    observer = Observer()
+    observer.daemon = True
+    observer.schedule(Invalidator(), str(root), recursive=True)
+    observer.start()
+    return observer
 
 
 class LuaRunner:
@@ -166,17 +132,14 @@ class LuaRunner:
         self._reload_requested = False
         self._current = ""
         self._deadline = float("inf")
+        self._lifted = False
         self._runtime = self._new_runtime()
         self._observer: Any = None
         if watch_files:
             if not self._root.is_dir():
                 self._log.warning("script directory %s does not exist", self._root)
             else:
-                observer = Observer()
-                observer.daemon = True
-                observer.schedule(_Invalidator(self), str(self._root), recursive=True)
-                observer.start()
-                self._observer = observer
+                self._observer = _watch(self._root, self)
 
     # Public face ---------------------------------------------------------------------
 
@@ -194,6 +157,7 @@ class LuaRunner:
             self._log.exception("running %r failed unexpectedly", name)
             self._renew_runtime("after an unexpected failure")
             ok, result, error = False, None, f"internal error running {name!r}: {exc!r}"
+        self._release()
         duration_ms = (time.perf_counter() - started) * 1000.0
         return Outcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
 
@@ -224,24 +188,58 @@ class LuaRunner:
             return False, None, str(exc)
         lua, _compile, run = self._runtime
         try:
-            lua_data = lua_values.to_lua(lua, data)
+            with self._lifted_cap(CONVERSION_ROOM):
+                before = lua.get_memory_used()
+                lua_data = lua_values.to_lua(lua, data)
+                # The data's own size: what earlier runs left is collected as this one
+                # runs (Lua collects before it refuses an allocation).
+                fits = lua.get_memory_used() - before <= self._memory_limit
         except lua_values.NotJSON as exc:
             return False, None, str(exc)
+        except UnicodeEncodeError:
+            return False, None, "data holds a string that is not valid Unicode text"
+        if not fits:
+            del lua_data
+            self._renew_runtime(f"the data of {name} does not fit in the memory limit")
+            limit = _mib(self._memory_limit)
+            return False, None, f"memory limit of {limit} exceeded by the task's data alone"
         self._current = name
         self._deadline = time.monotonic() + self._time_limit
         try:
             status, value, trace = run(chunk.function, lua_data, self._deadline)
-        except lupa.LuaMemoryError:
+        except lua54.LuaMemoryError:
             status, value, trace = "memory", None, None
-        except lupa.LuaError as exc:
+        except lua54.LuaError as exc:
             status, value, trace = "error", str(exc), None
         except UnicodeDecodeError:
             status, value, trace = "error", "the error message is not UTF-8 text", None
         finally:
             self._current = ""
             self._deadline = float("inf")
+            self._rearm()
+            del lua_data
         if status == "ok":
-            return self._result(name, value)
+            with self._lifted_cap(CONVERSION_ROOM):
+                outcome = self._result(name, value)
+        else:
+            outcome = self._failure(name, status, value, trace)
+        return outcome
+
+    def _release(self) -> None:
+        """A chunk keeps the environment of its last run (and so that task's data) until
+        it runs again. After a run that left the state heavy, drop the compiled chunks and
+        collect, so that the next task gets the whole cap and an idle agent stays small."""
+        lua = self._runtime[0]
+        if lua.get_memory_used() > self._memory_limit // 2:
+            self._chunks.clear()
+            lua.gccollect()
+            left = lua.get_memory_used()
+            if left > self._memory_limit // 4:  # lupa's own references to a huge result
+                self._renew_runtime(f"the last task left {_mib(left)} behind")
+
+    def _failure(
+        self, name: str, status: str, value: Any, trace: str | None
+    ) -> tuple[bool, JSON, str | None]:
         if status == "not-json":
             return False, None, f"result is not JSON-serialisable: {value}"
         if status == "time":
@@ -319,7 +317,7 @@ class LuaRunner:
         _lua, compile_chunk, _run = self._runtime
         try:
             function, error = compile_chunk(source, chunkname)
-        except lupa.LuaError as exc:
+        except lua54.LuaError as exc:
             raise ScriptError(f"cannot compile {chunkname[1:]}: {exc}") from None
         if function is None:
             raise ScriptError(f"Lua syntax error: {error}")
@@ -346,6 +344,7 @@ class LuaRunner:
     # The Lua runtime -----------------------------------------------------------------
 
     def _new_runtime(self) -> tuple[Any, Any, Any]:
+        self._lifted = False
         lua = lua54.LuaRuntime(
             register_eval=False,
             register_builtins=False,
@@ -362,7 +361,7 @@ class LuaRunner:
             self._lua_set,
             self._lua_delete,
             self._lua_exec,
-            time.monotonic,
+            self._hook_clock,
             self._agent_id,
             regions,
             HOOK_COUNT,
@@ -376,28 +375,88 @@ class LuaRunner:
         self._chunks.clear()
         self._runtime = self._new_runtime()
 
+    # The memory cap around conversions (see the module's docstring) -------------------
+
+    def _lift(self, room: int) -> None:
+        """Allow `room` bytes above what the state uses now (never less than the cap)."""
+        lua = self._runtime[0]
+        ceiling = lua.get_memory_used() + room
+        if ceiling > self._memory_limit:
+            lua.set_max_memory(ceiling)
+            self._lifted = True
+
+    def _rearm(self) -> None:
+        if self._lifted:
+            self._lifted = False
+            self._runtime[0].set_max_memory(self._memory_limit)
+
+    def _fits(self) -> bool:
+        """Is the state within the cap, once what earlier runs left is collected?"""
+        lua = self._runtime[0]
+        if lua.get_memory_used() <= self._memory_limit:
+            return True
+        lua.gccollect()
+        used: int = lua.get_memory_used()
+        return used <= self._memory_limit
+
+    @contextlib.contextmanager
+    def _lifted_cap(self, room: int) -> Iterator[None]:
+        self._lift(room)
+        try:
+            yield
+        finally:
+            self._rearm()
+
+    def _hook_clock(self) -> float:
+        """The count hook's clock (every HOOK_COUNT instructions): also the moment a
+        cap lifted by a callback comes back."""
+        if self._lifted:
+            self._rearm()
+        return time.monotonic()
+
     # Callbacks from Lua: they never raise, errors become return values ----------------
 
     def _lua_log(self, level: int, text: str) -> None:
         self._log.log(level, "[%s] %s: %s", self._agent_id, self._current, text)
 
+    # Each one that returns values to Lua first makes room for them (_lift): lupa pushes
+    # them after the function returns, outside any protected call.
+
     def _lua_get(self, key: str) -> tuple[str | None, str | None]:
         try:
             value = self._kv.get(key)
         except Exception as exc:  # noqa: BLE001 - any KV failure is the script's error value
+            self._lift(CALLBACK_ROOM)
             return None, _kv_error("Get", key, exc)
         if value is None:
             # The original's convention (etcd v2): a missing key is an error.
+            self._lift(CALLBACK_ROOM)
             return None, f"gleam.Get {key}: key not found"
+        # A Lua string takes its UTF-8 bytes (at most 4 per character) and a header.
+        self._lift(CALLBACK_ROOM + 4 * len(value))
         return value, None
 
     def _lua_get_dir(self, key: str) -> tuple[Any, str | None]:
         try:
-            return self._runtime[0].table_from(self._kv.get_dir(key)), None
+            folder = self._kv.get_dir(key)
+            with self._lifted_cap(CONVERSION_ROOM):
+                table = self._runtime[0].table_from(folder)
+                fits = self._fits()
+            if not fits:
+                del table  # unreferenced: the collector takes it back
+                self._lift(CALLBACK_ROOM)
+                return None, (
+                    f"gleam.GetDir {key}: {len(folder)} keys do not fit in the memory limit "
+                    f"of {_mib(self._memory_limit)}"
+                )
+            self._lift(CALLBACK_ROOM)
+            return table, None
         except Exception as exc:  # noqa: BLE001 - see _lua_get
+            self._lift(CALLBACK_ROOM)
             return None, _kv_error("GetDir", key, exc)
 
     def _lua_set(self, key: str, value: Any, ttl: float | None) -> str | None:
+        self._lift(CALLBACK_ROOM)
         try:
             if not isinstance(value, str):
                 value = json.dumps(lua_values.to_json(value), ensure_ascii=False)
@@ -410,6 +469,7 @@ class LuaRunner:
             return _kv_error("Set", key, exc)
 
     def _lua_delete(self, key: str) -> str | None:
+        self._lift(CALLBACK_ROOM)
         try:
             self._kv.delete(key)
             return None
@@ -417,6 +477,8 @@ class LuaRunner:
             return _kv_error("Delete", key, exc)
 
     def _lua_exec(self, argv: Any, opts: Any) -> tuple[Any, Any, Any, str | None]:
+        # stdout and stderr: up to processes.MAX_OUTPUT_BYTES each.
+        self._lift(CALLBACK_ROOM + 2 * processes.MAX_OUTPUT_BYTES)
         try:
             request = _exec_request(argv, opts)
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -504,7 +566,10 @@ def _deny_attributes(obj: object, name: object, is_setting: bool) -> object:
 
 
 def _kv_error(what: str, key: str, exc: Exception) -> str:
-    return f"gleam.{what} {key}: {describe_error(exc)}"
+    if isinstance(exc, KVError):
+        return f"gleam.{what} {key}: {exc}"
+    text = str(exc)
+    return f"gleam.{what} {key}: {type(exc).__name__}{': ' + text if text else ''}"
 
 
 def _mib(size: int) -> str:

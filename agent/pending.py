@@ -14,6 +14,7 @@ The rules, from the agent's contract:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -116,6 +117,10 @@ class Pending:
     seen: dict[str, KeyState] = field(default_factory=dict)
     waiting: dict[str, Job] = field(default_factory=dict)
     running: Job | None = None
+    # (revision, key) of every job put in `waiting`, a heap: `take` finds the oldest in
+    # O(log n) rather than scanning thousands of waiting keys for every job. Entries whose
+    # job has since been replaced or cancelled are skipped when they come up.
+    _order: list[tuple[int, str]] = field(default_factory=list, repr=False)
 
     def load_done(self, done: Mapping[str, Completed]) -> None:
         """Merge completions read from this agent's result records."""
@@ -140,10 +145,12 @@ class Pending:
             return [AlreadyDone(key, revision)]
         if waiting is None:
             self.waiting[key] = Job(key, revision, observed.value)
+            heapq.heappush(self._order, (revision, key))
             return [Queued(key, revision)]
         self.waiting[key] = Job(
             key, revision, observed.value, skipped=(*waiting.skipped, waiting.revision)
         )
+        heapq.heappush(self._order, (revision, key))
         return [Superseded(key, waiting.revision, by=revision)]
 
     def observe_all(self, changes: Iterable[Observed]) -> list[Note]:
@@ -158,10 +165,22 @@ class Pending:
         or a job is still running (one at a time)."""
         if self.running is not None or not self.waiting:
             return None
-        job = min(self.waiting.values(), key=lambda j: j.revision)
+        if len(self._order) > 4 * len(self.waiting) + 64:
+            self._reorder()  # mostly stale entries (keys replaced over and over)
+        while True:
+            if not self._order:
+                self._reorder()  # `waiting` was filled some other way
+            revision, key = heapq.heappop(self._order)
+            job = self.waiting.get(key)
+            if job is not None and job.revision == revision:
+                break
         del self.waiting[job.key]
         self.running = job
         return job
+
+    def _reorder(self) -> None:
+        self._order = [(j.revision, j.key) for j in self.waiting.values()]
+        heapq.heapify(self._order)
 
     def complete(self, job: Job) -> None:
         """The running job finished (whatever its outcome): it counts as done."""

@@ -1,21 +1,24 @@
 """Running programs for scripts (`gleam.exec`): no shell, a timeout, capped output.
 
-This is the one module of the agent that starts processes. A program runs in a session
-(and so a process group) of its own, so that a timeout kills it and everything it
-started; its output is read with a selector and capped, so a chatty program cannot
-exhaust the agent's memory.
+This is the one module of the agent that starts programs for scripts. A program runs in
+a process group of its own, so that a timeout kills it and everything it started, but
+stays in the session of the process that started it: in the agent that is the Lua
+executor's session, which the agent kills whole when it kills the executor. Its output is
+read with a selector and capped, so a chatty program cannot exhaust the agent's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import select
 import selectors
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 # Per stream: results go into etcd (512 KiB at most), so more output is never useful.
@@ -25,6 +28,41 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 # read for this long at most before returning without waiting for them.
 _EXIT_GRACE_S = 0.2
 _POLL_S = 0.25
+
+# The address-space limit programs get (the one this process had before `cap_address_space`
+# lowered its own), and a lock so that two threads starting programs agree on it.
+_programs_address_space: int | None = None
+_spawn_lock = threading.Lock()
+
+
+def cap_address_space(limit: int) -> None:
+    """Lower this process's soft RLIMIT_AS to `limit` bytes (a backstop behind the Lua
+    allocator's cap). Programs started by `run_program` still get the limit the process
+    had before: a memory cap meant for the Lua executor must not break `systemctl`."""
+    global _programs_address_space
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        return  # already as low
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _programs_address_space = soft
+
+
+@contextlib.contextmanager
+def _programs_limits() -> Iterator[None]:
+    """While a program is started: the address-space limit it should inherit."""
+    with _spawn_lock:
+        lowered = _programs_address_space
+        if lowered is None:
+            yield
+            return
+        own, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (lowered, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (own, hard))
 
 
 @dataclass(frozen=True)
@@ -66,15 +104,16 @@ def run_program(
         raise ValueError("argv must not contain NUL characters")
     deadline = time.monotonic() + max(0.0, timeout)
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            start_new_session=True,
-        )
+        with _programs_limits():
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                process_group=0,
+            )
     except (OSError, subprocess.SubprocessError) as exc:
         return Completed(None, b"", b"", error=f"cannot run {argv[0]!r}: {exc}")
     with proc:

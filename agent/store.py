@@ -9,9 +9,10 @@ itself; retrying cannot help). A compacted watch start gives `Compacted`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,9 @@ from pyetcd import etcdrpc
 from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 
+from agent.lua_api import KVError
 from agent.pending import Observed
-from gleam import connection
+from gleam import connection, leases
 
 log = logging.getLogger("agent.store")
 
@@ -235,8 +237,7 @@ class Store:
         """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
 
         def refresh(client: Client) -> int:
-            responses = list(client.refresh_lease(lease_id))
-            return int(responses[-1].TTL) if responses else 0
+            return leases.refresh(client, lease_id)  # also through etcd's grpc-proxy
 
         try:
             result: int = self._call(refresh)
@@ -297,9 +298,62 @@ def _start_at(client: Client, turn: int) -> None:
         client._current_endpoint_label = labels[turn % len(labels)]
 
 
+class EtcdKV:
+    """The scripts' etcd calls (gleam.Get/GetDir/Set/Delete, `agent.lua_api.KV`) over a
+    pyetcd client: ttl becomes a lease, GetDir reads `key/`, Delete removes the key and
+    everything under `key/` (an etcd v2 directory, as the original had). Every failure
+    is a `KVError` whose text the script gets as its error value.
+
+    The agent runs it in its own process, for the Lua executor process's requests."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def get(self, key: str) -> str | None:
+        with _kv_errors():
+            value, _ = self._client.get(key)
+        return None if value is None else bytes(value).decode("utf-8", errors="replace")
+
+    def get_dir(self, key: str) -> dict[str, str]:
+        with _kv_errors():
+            prefix = _dir_prefix(key)
+            return {
+                bytes(meta.key).decode("utf-8", errors="replace"): bytes(value).decode(
+                    "utf-8", errors="replace"
+                )
+                for value, meta in self._client.get_prefix(prefix)
+            }
+
+    def set(self, key: str, value: str, ttl: int | None) -> None:
+        with _kv_errors():
+            lease = self._client.lease(ttl) if ttl else None
+            self._client.put(key, value, lease=lease)
+
+    def delete(self, key: str) -> None:
+        with _kv_errors():
+            prefix = _dir_prefix(key)
+            self._client.delete(key)
+            self._client.delete_prefix(prefix)
+
+
+@contextlib.contextmanager
+def _kv_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every failure is the script's error value
+        raise KVError(connection.describe_error(exc)) from None
+
+
+def _dir_prefix(key: str) -> str:
+    stripped = key.rstrip("/")
+    if not stripped:
+        raise ValueError(f"refusing to use {key!r} as a directory: it is the root of etcd")
+    return stripped + "/"
+
+
 class LazyClient:
     """A pyetcd client made on first use, for the Lua scripts' etcd calls (through
-    `agent.lua_exec.EtcdKV`): with etcd auth, making a client needs etcd up, and the
+    `EtcdKV`): with etcd auth, making a client needs etcd up, and the
     agent must start even when it is not. Calls go through pyetcd's own endpoint
     failover; an error reaches the script as an error string. An expired auth token
     (etcd drops idle ones) gets one retry on a fresh, re-authenticated client."""

@@ -7,6 +7,7 @@ kept in the run's work directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from queue import Empty, Queue
 
@@ -86,10 +87,13 @@ class Daemon:
             )
 
     def rss_mib(self) -> float:
-        return rss_mib(self.pid)
+        """Resident memory of the process and its descendants (an agent and its Lua
+        executor count as one agent)."""
+        return _tree_sum(self.pid, rss_mib)
 
     def uss_mib(self) -> float:
-        return uss_mib(self.pid)
+        """Private memory of the process and its descendants."""
+        return _tree_sum(self.pid, uss_mib)
 
     def terminate(self) -> None:
         if self.alive():
@@ -122,6 +126,33 @@ def stop_all(daemons: Iterable[Daemon], *, timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             daemon.proc.kill()
             daemon.proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc/<pid>/task/<tid>/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = Path(f"/proc/{current}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            todo.extend(int(child) for child in children)
+    return found
+
+
+def _tree_sum(pid: int, measure: Callable[[int], float]) -> float:
+    total = measure(pid)
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):  # exited meanwhile (an etcdctl watch's `date`)
+            total += measure(child)
+    return total
 
 
 def rss_mib(pid: int) -> float:
@@ -160,6 +191,7 @@ def start_agent(
         "-id", agent_id,
         "-script", str(script_dir),
         "-log_level", "warning",
+        "-state_dir", str(log_dir / "agent-state"),
         *(["-region", ":".join(regions)] if regions else []),
         *extra,
     ]  # fmt: skip

@@ -12,6 +12,7 @@ commits concurrent proposals together, which saves most of the disk syncs).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,9 +21,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gleam import keys
+from gleam import keys, leases, testhooks
 from reconciler import diff, state
 
 log = logging.getLogger("gleam.reconcile")
@@ -208,7 +210,11 @@ def apply_changes(
 ) -> Written:
     """Send the changes in guarded transactions; see the module docstring."""
 
-    def send(batch: list[diff.Change]) -> tuple[list[diff.Change], bool, int]:
+    def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
+        index, batch = numbered
+        if index:
+            # Tests stop a reconciler here, between two committed transactions.
+            testhooks.wedge_point("apply")
         compares: list[Any] = [fence.compare()] if fence is not None else []
         ops: list[Any] = []
         for change in batch:
@@ -230,12 +236,14 @@ def apply_changes(
     done: list[diff.Change] = []
     conflicts: list[diff.Change] = []
     revisions: dict[str, int] = {}
-    groups = batches(changes)
+    groups = list(enumerate(batches(changes)))
     if len(groups) <= 1 or parallel <= 1:
         results = [send(g) for g in groups]
     else:
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
-            results = list(pool.map(send, groups))
+            # The first transaction alone, then the rest in parallel: a reconciler that
+            # is stopped or fails early has written one batch, not `parallel` of them.
+            results = [send(groups[0]), *pool.map(send, groups[1:])]
     for batch, ok, revision in results:
         if ok:
             done += batch
@@ -273,10 +281,93 @@ def write_record(
 # The apply lock -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who holds the apply lock: the lock key's value. `pidns` (the pid namespace) and
+    `start` (the process's start time, in clock ticks since boot) tell a dead holder
+    from a live one on the same host, and from a later process that got the same pid;
+    both are "" where the system does not say (not Linux)."""
+
+    host: str
+    pid: int
+    pidns: str = ""
+    start: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.host} pid {self.pid}"
+
+    def encode(self) -> bytes:
+        body = {"host": self.host, "pid": self.pid, "pidns": self.pidns, "start": self.start}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Holder | None:
+        """The holder a lock value names; None for any other value (written by an older
+        version, or by hand): such a lock is only ever freed by its lease."""
+        try:
+            body = json.loads(raw)
+            host, pid = body["host"], body["pid"]
+            pidns, start = body.get("pidns", ""), body.get("start", "")
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not (isinstance(host, str) and type(pid) is int and pid > 0):
+            return None
+        if not (isinstance(pidns, str) and isinstance(start, str)):
+            return None
+        return cls(host, pid, pidns, start)
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` (field 22 of /proc/<pid>/stat), "" where /proc
+    cannot say, None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def this_process() -> Holder:
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return Holder(socket.gethostname(), os.getpid(), pidns, process_start(os.getpid()) or "")
+
+
+def holder_gone(holder: Holder, here: Holder, start_of: Callable[[int], str | None]) -> bool:
+    """True only when the holder is known to have exited: it ran on this host, in this
+    pid namespace, and no process with its pid is there now (or one that started at
+    another time: the pid was reused). Any doubt (another host, another container, a
+    system without /proc) is False, and the lock is left to its lease."""
+    if not here.pidns or (holder.host, holder.pidns) != (here.host, here.pidns):
+        return False
+    start = start_of(holder.pid)
+    return start is None or (bool(start) and bool(holder.start) and start != holder.start)
+
+
+# (lock key, create_revision) of the locks this process holds now. A lock record that
+# names this very process but is not among them was left by an earlier pass of this
+# process (a daemon whose release failed while etcd restarted): it can be broken too.
+# Module state because the record names the process, not a Lock object.
+_HELD: set[tuple[str, int]] = set()
+_HELD_GUARD = threading.Lock()
+
+
 class Lock:
     """`<prefix>/meta/lock`, held by one reconciler (CI job or daemon) while it plans
     and applies, bound to a lease so a crashed holder frees it after `ttl` seconds.
-    Created with a compare on create_revision == 0: at most one holder at a time."""
+    Created with a compare on create_revision == 0: at most one holder at a time.
+
+    Its value names the holder (`Holder`). A lock whose holder is known to be gone
+    (same host, process exited) is deleted at once instead of waiting out its lease,
+    with a compare on its mod_revision so that only that very record is deleted. Even a
+    wrong guess could not let two reconcilers write: every write also compares the
+    lock's create_revision, so a holder whose lock was deleted can write nothing more."""
 
     def __init__(
         self,
@@ -287,17 +378,21 @@ class Lock:
         holder: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        start_of: Callable[[int], str | None] = process_start,
     ) -> None:
         self.etcd = etcd
         self.key = state.lock_key(layout)
         self.ttl = ttl
-        self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
+        self.me = this_process()
+        # `holder` (tests) names an opaque holder that is never judged gone.
+        self.value = holder.encode("utf-8") if holder is not None else self.me.encode()
         self.revision = 0
         self._lease: Any = None
         self._keepalive: threading.Thread | None = None
         self._stop_keepalive = threading.Event()
         self._clock = clock
         self._sleep = sleep
+        self._start_of = start_of
 
     def acquire(
         self, *, timeout: float, poll: float = 0.1, cancel: threading.Event | None = None
@@ -307,21 +402,29 @@ class Lock:
         t = self.etcd.transactions
         deadline = self._clock() + timeout
         self._lease = self.etcd.lease(self.ttl)
-        holder = b""
+        who = "someone"
         waiting_logged = False
         while True:
-            ok, responses = self.etcd.transaction(
-                compare=[t.create(self.key) == 0],
-                success=[t.put(self.key, self.holder.encode("utf-8"), lease=self._lease)],
-                failure=[t.get(self.key)],
-            )
+            # Under the guard, so that no other pass of this process sees our new lock
+            # before it is in _HELD (it would take it for one left by an earlier pass).
+            with _HELD_GUARD:
+                ok, responses = self.etcd.transaction(
+                    compare=[t.create(self.key) == 0],
+                    success=[t.put(self.key, self.value, lease=self._lease)],
+                    failure=[t.get(self.key)],
+                )
+                if ok:
+                    self.revision = int(responses[0].response_put.header.revision)
+                    _HELD.add((self.key, self.revision))
             if ok:
-                self.revision = int(responses[0].response_put.header.revision)
                 self._start_keepalive()
                 return
             if responses and responses[0]:
-                holder = responses[0][0][0]
-            who = holder.decode("utf-8", "replace") or "someone"
+                raw, meta = responses[0][0]
+                holder = Holder.decode(raw)
+                who = str(holder) if holder else (raw.decode("utf-8", "replace") or "someone")
+                if holder is not None and self._break_if_gone(holder, meta):
+                    continue
             if not waiting_logged:
                 log.info("apply lock %s is held by %s; waiting up to %gs", self.key, who, timeout)
                 waiting_logged = True
@@ -337,6 +440,30 @@ class Lock:
                 cancel.wait(poll)
             else:
                 self._sleep(poll)
+
+    def _break_if_gone(self, holder: Holder, meta: Any) -> bool:
+        """Delete a lock left by a process that is known to have exited, or by an
+        earlier pass of this process; True if it was deleted (try again at once)."""
+        create = int(meta.create_revision)
+        with _HELD_GUARD:
+            left_by_us = holder == self.me and (self.key, create) not in _HELD
+        if not left_by_us and not holder_gone(holder, self.me, self._start_of):
+            return False
+        t = self.etcd.transactions
+        ok, _ = self.etcd.transaction(
+            compare=[t.mod(self.key) == int(meta.mod_revision)],
+            success=[t.delete(self.key)],
+            failure=[],
+        )
+        if ok:
+            why = "an earlier pass of this process" if left_by_us else "a process that has exited"
+            log.warning(
+                "broke the apply lock %s left by %s (%s) instead of waiting for its lease",
+                self.key,
+                holder,
+                why,
+            )
+        return True
 
     def compare(self) -> Any:
         """A transaction compare that holds only while this lock is ours."""
@@ -356,8 +483,7 @@ class Lock:
         def loop() -> None:
             while not stop.wait(self.ttl / 3):
                 try:
-                    for _ in self.etcd.refresh_lease(lease.id):
-                        break
+                    leases.refresh(self.etcd, lease.id)
                 except Exception as exc:  # noqa: BLE001 - keep trying until released
                     log.warning("could not refresh the apply lock's lease: %s", exc)
 
@@ -366,12 +492,15 @@ class Lock:
 
     def release(self) -> None:
         """Delete the key if it is still ours, and revoke the lease (best effort: the
-        lease's expiry frees the lock anyway)."""
+        lease's expiry frees the lock anyway, and the next pass of this process, or on
+        this host once this process has exited, breaks it at once)."""
         if self._keepalive is not None:
             self._stop_keepalive.set()
             self._keepalive.join(timeout=5)
             self._keepalive = None
         if self.revision:
+            with _HELD_GUARD:
+                _HELD.discard((self.key, self.revision))
             t = self.etcd.transactions
             try:
                 self.etcd.transaction(

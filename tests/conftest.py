@@ -61,6 +61,8 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         if layout is not None:
             argv += ["-prefix", layout.prefix]
         argv += list(args)
+        # The state file (agent.inflight) of this test's own, not the user's default.
+        env = {"GLEAM_STATE_DIR": str(tmp_path / "agent-state"), **(env or {})}
         agent = AgentProcess(argv, log_path=tmp_path / f"agent-{len(agents)}.log", env=env)
         agents.append(agent)
         return agent

@@ -95,3 +95,13 @@ def test_default_id_is_hostname_dash_pid_and_always_valid(hostname: str, expecte
     agent_id = config.default_agent_id(hostname, 7)
     assert agent_id == expected
     keys.validate_name(agent_id, what="agent id")
+
+
+def test_the_state_file_is_per_agent_id_under_state_dir() -> None:
+    cfg = parse("-id", "web-1", "-state_dir", "/srv/gleam-state")
+    assert cfg.state_file == Path("/srv/gleam-state/web-1.state")
+    assert cfg.state_dir_given
+    default = parse("-id", "web-1", env={"STATE_DIRECTORY": "/var/lib/from-systemd"})
+    assert default.state_file == Path("/var/lib/from-systemd/web-1.state")
+    assert not default.state_dir_given
+    assert parse(env={"GLEAM_STATE_DIR": "/e"}).state_dir == Path("/e")

@@ -194,3 +194,34 @@ def test_a_restarted_queue_with_the_done_records_runs_nothing_twice(
     second.observe_all(changes)
     again = {(j.key, j.revision) for j in drain(second)}
     assert not again & {(j.key, j.revision) for j in done_first}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from("abcde"), st.booleans()),  # a put or a delete of a key
+            st.just(("take", True)),
+        ),
+        max_size=80,
+    )
+)
+def test_take_always_gives_the_oldest_waiting_revision(steps: list[tuple[str, bool]]) -> None:
+    """The heap behind `take` agrees with a scan of everything waiting, whatever mix of
+    replaced, cancelled and finished values it has seen."""
+    state = Pending()
+    revision = 0
+    for key, present in steps:
+        if key == "take":
+            expected = min((j.revision for j in state.waiting.values()), default=None)
+            job = state.take()
+            assert (job.revision if job else None) == expected
+            if job is not None:
+                state.complete(job)
+            continue
+        revision += 1
+        state.observe(
+            put(f"/g/node/{key}", revision) if present else delete(f"/g/node/{key}", revision)
+        )
+    remaining = sorted(j.revision for j in state.waiting.values())
+    assert [j.revision for j in drain(state)] == remaining

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.lua_exec import EtcdKV, LuaRunner, Outcome
+from agent.lua_exec import LuaRunner, Outcome
+from agent.store import EtcdKV
 from gleam import keys
 from gleam.embedded import EtcdServer
 from tests.support import EXAMPLE_SCRIPTS, client_for, wait_until
