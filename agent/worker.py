@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent import inflight, pending, results
+from agent import inflight, pending, results, trust
 from agent.task_queue import TaskQueue
 from gleam import keys, logformat, messages, testhooks
 
@@ -69,6 +69,7 @@ class Worker:
         agent_id: str,
         layout: keys.Layout,
         started: inflight.StartedTasks | None = None,
+        gate: trust.Gate | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -77,6 +78,7 @@ class Worker:
         self._runner = runner
         self._sink = sink
         self._agent_id = agent_id
+        self._gate = gate
         self._layout = layout
         self._wall_clock = wall_clock
         self._clock = clock
@@ -173,6 +175,9 @@ class Worker:
                 job, raw_name(job.value), False, None, f"bad task message: {exc}", started, t0
             )
         logformat.add_to_context(function=task.name)
+        if self._gate is not None and (refusal := self._gate.refusal(job)) is not None:
+            log.error("%s at revision %d not run: %s", job.key, job.revision, refusal)
+            return self._record(job, task.name, False, None, refusal, started, t0)
         log.info("running %s from %s at revision %d", task.name, job.key, job.revision)
         try:
             outcome = self._runner.run(task.name, task.data)

@@ -8,12 +8,12 @@ pyetcd client (from `gleam.connection.connect`) and a `keys.Layout`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from gleam import keys, messages
+from gleam import keys, messages, signing
 
 Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
 
@@ -149,9 +149,15 @@ def wait_for_results(
 
 
 def send_tasks(
-    etcd: Etcd, layout: keys.Layout, targets: Iterable[keys.Target], task: messages.Task
+    etcd: Etcd,
+    layout: keys.Layout,
+    targets: Iterable[keys.Target],
+    task: messages.Task,
+    *,
+    signer: signing.Signer | None = None,
 ) -> int:
     """Write `task` to every target's key in ONE etcd transaction: all keys or none.
+    With `signer`, each key gets the message signed for it (see `send_signed`).
 
     Returns the transaction's revision, which is every written key's new mod_revision
     (what agents put in their results, and what `wait_for_results` waits for)."""
@@ -159,12 +165,49 @@ def send_tasks(
     task_keys = sorted({layout.task_key(t) for t in targets})
     if not task_keys:
         raise ValueError("send_tasks: no target given")
+    if signer is not None:
+        return send_signed(etcd, task_keys, task, signer)
     _ok, responses = etcd.transaction(
         compare=[],
         success=[etcd.transactions.put(key, value) for key in task_keys],
         failure=[],
     )
     return int(responses[0].response_put.header.revision)
+
+
+class SendConflict(RuntimeError):
+    """The task keys kept changing while a signed message was being written."""
+
+
+SIGNED_SEND_ATTEMPTS = 5
+
+
+def send_signed(
+    etcd: Etcd, task_keys: Sequence[str], task: messages.Task, signer: signing.Signer
+) -> int:
+    """Write `task` signed for each key with P = the key's mod_revision as read (etcd's
+    revision for a key that does not exist), in one transaction that compares each key
+    with what was read, so that every P is true when the write lands; read again and
+    retried when someone wrote a key meanwhile."""
+    t = etcd.transactions
+    for _attempt in range(SIGNED_SEND_ATTEMPTS):
+        compares, puts = [], []
+        for key in task_keys:
+            response = etcd.get_response(key)
+            if response.kvs:
+                prev = int(response.kvs[0].mod_revision)
+                compares.append(t.mod(key) == prev)
+            else:
+                prev = int(response.header.revision)
+                compares.append(t.version(key) == 0)
+            puts.append(t.put(key, signing.sign_task(task, key=key, prev=prev, signer=signer)))
+        ok, responses = etcd.transaction(compare=compares, success=puts, failure=[])
+        if ok:
+            return int(responses[0].response_put.header.revision)
+    raise SendConflict(
+        f"the task keys ({task_keys[0]}, ...) kept changing while writing the signed "
+        f"message; gave up after {SIGNED_SEND_ATTEMPTS} attempts"
+    )
 
 
 @dataclass(frozen=True)
