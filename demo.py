@@ -6,8 +6,10 @@
 4. gleam-reconcile --once --wait: the manifests go into etcd, the agents run them;
 5. gleam-client status: what ran where;
 6. change a manifest, commit, reconcile again: the plan shows the change;
-7. send a task by hand with gleam-client -wait;
-8. stop everything and remove the temporary files.
+7. a staged rollout to region web whose canary fails: it halts, web-2 is untouched, and
+   a revert commit rolls out cleanly;
+8. send a task by hand with gleam-client -wait;
+9. stop everything and remove the temporary files.
 
 Run it with `make demo` (which builds the virtualenv first).
 """
@@ -121,6 +123,23 @@ def main() -> int:
         doc["data"] = {"message": "hello again", "changed_by": "the demo"}
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
         git(ops, "commit", "-q", "-am", f"Change {manifest.name}")
+        run(str(BIN / "gleam-reconcile"), "--repo", str(ops), "--once", "--wait", "30", cwd=work)
+
+        step("A rollout in waves: a broken change to region web halts at its canary web-1")
+        web = ops / "tasks" / "regions" / "web.yaml"
+        web.write_text(
+            "# config::sync of an etcd key that does not exist: fails on every host\n"
+            "name: config::sync\ndata: missing.conf\n"
+            "rollout:\n  waves: [1, '100%']\n  first: [web-1]\n"
+        )
+        git(ops, "commit", "-q", "-am", "A broken change to region web, in waves")
+        code = run(str(BIN / "gleam-reconcile"), "--repo", str(ops), "--once", "--wait", "30",
+                   cwd=work, check=False)  # fmt: skip
+        print(f"(exit {code}: the rollout halted; web-2 still holds the task and ran nothing)")
+        run(str(BIN / "gleam-client"), "rollout", "status", cwd=work, check=False)
+
+        step("Reverting the commit: the old task (no rollout section) runs on both hosts")
+        git(ops, "revert", "--no-edit", "HEAD")
         run(str(BIN / "gleam-reconcile"), "--repo", str(ops), "--once", "--wait", "30", cwd=work)
 
         step("Sending a task by hand with gleam-client and waiting for the result")

@@ -312,8 +312,9 @@ def _pass(config: Config, etcd: Any) -> int:
         if any(r.outcome is not client.Outcome.OK for r in reports) or not rollouts.exit_ok(gates):
             status = EXIT_ERROR
         if config.output == "text":
-            lines = render.report_lines(reports, timeout=config.wait, written=len(plain))
-            print("\n".join(lines))
+            if plain or not staged:
+                lines = render.report_lines(reports, timeout=config.wait, written=len(plain))
+                print("\n".join(lines))
         else:
             doc = render.as_json(result, reports=reports, ok=status == EXIT_OK)
             print(render.dumps({**doc, "rollouts": rollouts.as_json(gates)}))
