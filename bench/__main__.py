@@ -24,6 +24,7 @@ from bench import (
     harness,
     reconcile,
     report,
+    rollout,
     signing,
     throughput,
 )
@@ -39,6 +40,7 @@ WORKLOADS: dict[str, ModuleType] = {
     "commit": commit_to_exec,
     "signing": signing,
     "fleet": fleet,
+    "rollout": rollout,
 }
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROFILE = RESULTS.with_name("PROFILE.md")

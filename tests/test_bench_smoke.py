@@ -26,6 +26,7 @@ WORKLOADS = {
     "commit": "commit → exec",
     "signing": "signing",
     "fleet": "fleet",
+    "rollout": "rollout",
 }
 
 
