@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gleam import keys, rollout, rollout_driver
+from gleam import keys, rollout, rollout_cli, rollout_driver
 
 
 def staged_written(
@@ -42,21 +42,5 @@ def exit_ok(gates: Mapping[str, rollout.Gate | None]) -> bool:
 
 
 def as_json(gates: Mapping[str, rollout.Gate | None]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for region, gate in sorted(gates.items()):
-        if gate is None:
-            out.append({"region": region, "state": "unknown"})
-            continue
-        out.append(
-            {
-                "region": region,
-                "key": gate.key,
-                "revision": gate.revision,
-                "state": gate.state.value,
-                "wave": gate.wave,
-                "waves": gate.waves,
-                "failed": list(gate.failed),
-                "reason": gate.reason,
-            }
-        )
-    return out
+    """The rollouts for `--output json`, as `gleam-client rollout status` gives them."""
+    return [rollout_cli.gate_json(region, gate) for region, gate in sorted(gates.items())]
