@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +17,7 @@ from gleam import cli, keys, rollout, rollout_driver
 from gleam.embedded import EtcdServer
 from tests.reconcile_support import OpsRepo, run_cli
 from tests.rollout_support import Region, gate, send_staged, wait_registered
-from tests.support import AgentProcess, wait_until
+from tests.support import ROOT, AgentProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +193,46 @@ def test_the_client_sends_a_staged_task_drives_it_and_status_shows_held_agents(
         assert client(*bad)[0] == 2
     assert client("-target", "node/web-1", "-fn", "roll", "-rollout", "1,100%")[0] == 2
     assert client("-target", "region/web", "-fn", "roll", "-rollout", "5,2,100%")[0] == 2
+
+
+def test_the_reconcile_daemon_drives_a_rollout_and_a_killed_daemon_is_replaced(
+    web: Region, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, tmp_path: Path
+) -> None:
+    repo = OpsRepo(tmp_path / "ops")
+    repo.write(
+        "tasks/regions/web.yaml",
+        "name: roll\ndata: {n: 1}\nrollout:\n  waves: [1, 2, 4, '100%']\n  bake: 0.5\n",
+    )
+    repo.commit("staged")
+
+    def daemon(name: str) -> subprocess.Popen[bytes]:
+        with open(tmp_path / name, "wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "reconciler.cli", "-etcd", etcd_server.endpoint,
+                 "-prefix", layout.prefix, "--repo", str(repo.path), "--interval", "60"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )  # fmt: skip
+
+    first = daemon("first.log")
+    try:
+        wait_until(lambda: (g := gate(etcd, layout)) is not None and g.wave >= 2, what="wave 2")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = daemon("second.log")
+        try:
+            wait_until(
+                lambda: (g := gate(etcd, layout)) is not None and g.state is rollout.State.COMPLETE,
+                what="the rollout complete",
+            )
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    logs = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
+    for wave in range(1, 5):
+        assert logs.count(f"wave {wave}/4 admitted") == 1, logs
+    wait_until(lambda: web.ran(1) == set(IDS), what="every agent ran n=1")
+    assert all(web.runs(a) == [1] for a in IDS)
