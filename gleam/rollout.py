@@ -220,9 +220,11 @@ class Gate:
     reason: str = ""
     started: str = ""
     updated: str = ""
-    # When the last wave was admitted (for `timeout`); not part of the contract's list
-    # of fields, an addition readers may ignore.
+    # When the last wave was admitted (for `timeout`); with `tolerated`, not part of the
+    # contract's list of fields: additions readers may ignore.
     wave_started: str = ""
+    # Failures a promote after a halt accepted: the halt rule counts only those beyond.
+    tolerated: int = 0
     version: int = GATE_VERSION
 
     def admits(self, agent_id: str, revision: int) -> bool:
@@ -247,6 +249,7 @@ class Gate:
             "started": self.started,
             "updated": self.updated,
             "wave_started": self.wave_started,
+            "tolerated": self.tolerated,
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -271,6 +274,7 @@ def decode_gate(raw: bytes) -> Gate:
             started=str(doc.get("started", "")),
             updated=str(doc.get("updated", "")),
             wave_started=str(doc.get("wave_started", "")),
+            tolerated=_int(doc.get("tolerated", 0)),
             version=_int(doc.get("version", GATE_VERSION)),
         )
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
@@ -392,7 +396,7 @@ def advance(
     if gate.state is not State.PROGRESSING:
         return progress
     at = stamp(now)
-    if len(failed) > plan.max_failed:
+    if len(failed) > plan.max_failed + gate.tolerated:
         culprit = next((m for m in failed if m in errors), failed[0])
         reason = f"{' '.join(failed)} failed: {first_line(errors.get(culprit, 'failed'))}"
         halted = replace(gate, state=State.HALTED, failed=tuple(failed), reason=reason, updated=at)
@@ -442,6 +446,8 @@ def promote(gate: Gate, plan: Plan, *, now: datetime) -> Gate:
     """Admit the next wave now (a paused rollout, or going on after a halt)."""
     if gate.finished:
         raise RolloutError((), f"the rollout of {gate.key} @{gate.revision} is {gate.state.value}")
+    if gate.state is State.HALTED:  # going on anyway: the failures so far are accepted
+        gate = replace(gate, tolerated=max(0, len(gate.failed) - plan.max_failed))
     return next_wave(gate, now=now, waves=plan.waves)
 
 

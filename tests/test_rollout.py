@@ -3,10 +3,14 @@ and the manifest section: pure table tests, no etcd."""
 
 from __future__ import annotations
 
+import contextlib
+
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import holding, pending
 from gleam import keys, messages, rollout
@@ -167,6 +171,14 @@ def test_a_failure_over_max_failed_halts_naming_the_agent_and_the_first_error_li
     assert halted is not None and halted.state is rollout.State.HALTED
     assert halted.reason == "a failed: boom" and halted.admitted == ("a", "b")
     assert _step(halted, plan, {"a": BAD, "b": OK}).gate is None  # halted stays halted
+    # A promote goes on past the halt: a's failure is accepted, a new one halts again.
+    promoted = rollout.promote(halted, plan, now=T0)
+    assert (promoted.state, promoted.wave, promoted.tolerated) == (rollout.State.PROGRESSING, 2, 1)
+    done = _step(promoted, plan, {"a": BAD, "b": OK, "c": OK}).gate
+    assert done is not None and done.state is rollout.State.COMPLETE
+    again = _step(promoted, plan, {"a": BAD, "b": OK, "c": BAD}).gate
+    assert again is not None and again.state is rollout.State.HALTED
+    assert again.reason == "a c failed: boom"
 
 
 def test_max_failed_tolerates_that_many_and_the_wave_still_advances() -> None:
@@ -311,3 +323,26 @@ def test_bad_rollout_sections_are_errors_with_file_and_line(
     with pytest.raises(manifests.InvalidManifests) as caught:
         manifests.load([(path, raw)])
     assert str(caught.value.errors[0]).startswith(error)
+
+
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_any_bytes_give_a_gate_or_a_rollout_error_and_staged_never_raises(raw: bytes) -> None:
+    with contextlib.suppress(rollout.RolloutError):
+        rollout.decode_gate(raw)
+    rollout.staged(raw)
+
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+
+
+@given(
+    st.recursive(
+        SCALARS,
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_any_section_is_a_plan_or_a_rollout_error(section: Any) -> None:
+    for value in (section, {"waves": section}, {"waves": ["100%"], "first": section}):
+        with contextlib.suppress(rollout.RolloutError):
+            rollout.parse_plan(value)
