@@ -4,7 +4,6 @@ and the manifest section: pure table tests, no etcd."""
 from __future__ import annotations
 
 import contextlib
-
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
