@@ -301,14 +301,26 @@ def drive(
 
 
 class DriverThread:
-    """The reconcile daemon's driver: every rollout under the prefix, continuously."""
+    """The reconcile daemon's driver: every rollout under the prefix, continuously.
+
+    Every `scan` seconds it looks at every region task (a range read of them all); in
+    between, every `poll` seconds, only at the regions whose rollout is running, so a
+    fleet with many region keys does not have them all read twenty times a second."""
 
     def __init__(
-        self, driver: Driver, *, stop: threading.Event, poll: float = POLL_SECONDS
+        self,
+        driver: Driver,
+        *,
+        stop: threading.Event,
+        poll: float = POLL_SECONDS,
+        scan: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._driver = driver
         self._stop = stop
         self._poll = poll
+        self._scan = scan
+        self._clock = clock
         self._thread = threading.Thread(target=self._run, name="gleam-rollouts", daemon=True)
 
     def start(self) -> None:
@@ -318,10 +330,22 @@ class DriverThread:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        active: list[str] = []
+        next_scan = self._clock()
         while not self._stop.is_set():
             try:
-                self._driver.step_all()
+                if self._clock() >= next_scan:
+                    gates = self._driver.step_all()
+                    next_scan = self._clock() + self._scan
+                else:
+                    gates = self._driver.step_all(active)
+                active = [region for region, gate in gates.items() if running(gate)]
             except Exception:  # noqa: BLE001 - an etcd outage or a bug must not end the driver
                 log.warning("driving rollouts failed; retrying", exc_info=True)
                 self._stop.wait(1.0)
             self._stop.wait(self._poll)
+
+
+def running(gate: rollout.Gate | None) -> bool:
+    """Does this rollout need a driver's eye (None: not started yet)?"""
+    return gate is None or gate.state is rollout.State.PROGRESSING
