@@ -41,6 +41,10 @@ class Rejected(StoreError):
     """etcd answered and refused the request (too large, not permitted); do not retry."""
 
 
+class LeaseNotFound(Rejected):
+    """A write bound to a lease etcd no longer has (revoked, or expired): it was refused."""
+
+
 class Compacted(StoreError):
     """A watch asked for a revision etcd has already compacted away."""
 
@@ -51,6 +55,10 @@ class Compacted(StoreError):
 
 # etcd's default limit of operations in one transaction (--max-txn-ops).
 MAX_TXN_OPS = 128
+
+# Records read per request by `read_records`: a result may be up to 1 MiB, so a few at a
+# time keep each response small.
+RECORDS_PER_READ = 8
 
 # gRPC codes that mean the request itself is at fault (too large, malformed, a revision
 # that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
@@ -69,6 +77,9 @@ def translate(exc: BaseException) -> StoreError:
     if isinstance(exc, etcd_exceptions.RevisionCompactedError):
         return Compacted(int(exc.compacted_revision))
     text = connection.describe_error(exc)
+    rpc = isinstance(exc, grpc.RpcError)
+    if rpc and _code(exc) is grpc.StatusCode.NOT_FOUND and "lease not found" in text:
+        return LeaseNotFound(text)
     if isinstance(exc, grpc.RpcError) and _code(exc) in _REJECTED_CODES:
         return Rejected(text)
     return Unavailable(text)
@@ -106,6 +117,28 @@ class WatchBroken:
 
 
 WatchMessage = WatchBatch | WatchBroken
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """One guarded write: put `value` at `key` only if the key's mod_revision is still
+    `mod_revision` (0: only if the key does not exist), bound to `lease` when not 0."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class TxnOutcome:
+    """A guarded transaction's answer: on success the write's revision (the new
+    mod_revision of every key written); on failure each key's mod_revision now (0 for a
+    key that does not exist), from the same transaction, and nothing was written."""
+
+    ok: bool
+    revision: int
+    current: dict[str, int]
 
 
 class Store:
@@ -211,6 +244,66 @@ class Store:
         """Write `key`; returns the write's revision."""
         response = self._call(lambda c: c.put(key, value, lease=lease))
         return int(response.header.revision)
+
+    def read_records(self, keys: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
+        """key -> (value or None, mod_revision or 0), a few keys per request: the values
+        may be large (a result record may be 1 MiB)."""
+        found: dict[str, tuple[bytes | None, int]] = {}
+        for start in range(0, len(keys), RECORDS_PER_READ):
+            for seen in self.read_keys(keys[start : start + RECORDS_PER_READ]).keys:
+                found[seen.key] = (seen.value, seen.revision if seen.value is not None else 0)
+        return found
+
+    def put_guarded(self, items: Sequence[Guarded]) -> TxnOutcome:
+        """Write every item in one transaction if every key's mod_revision is still the
+        one given, or nothing at all. A request etcd applies late (after our client gave
+        up on it, or after our process died) then fails its compare instead of
+        overwriting what was written since: see the README, "When etcd misbehaves"."""
+        if not items or len(items) > MAX_TXN_OPS:
+            raise ValueError(f"put_guarded takes 1 to {MAX_TXN_OPS} keys")
+        encoded = [item.key.encode("utf-8") for item in items]
+        request = etcdrpc.TxnRequest(
+            compare=[
+                etcdrpc.Compare(
+                    result=etcdrpc.Compare.EQUAL,
+                    target=etcdrpc.Compare.MOD,
+                    key=key,
+                    mod_revision=item.mod_revision,
+                )
+                for key, item in zip(encoded, items, strict=True)
+            ],
+            success=[
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(key=key, value=item.value, lease=item.lease)
+                )
+                for key, item in zip(encoded, items, strict=True)
+            ],
+            # Keys only: what changed is all the caller needs to learn (values may be large).
+            failure=[
+                etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, keys_only=True))
+                for key in encoded
+            ],
+        )
+
+        def send(client: Client) -> TxnOutcome:
+            # Made on the KV stub: the response header's revision is the write's revision.
+            response = client.kvstub.Txn(
+                request,
+                client.timeout,
+                credentials=client.call_credentials,
+                metadata=client.metadata,
+            )
+            revision = int(response.header.revision)
+            if response.succeeded:
+                return TxnOutcome(True, revision, {})
+            current = {}
+            for item, op in zip(items, response.responses, strict=True):
+                kvs = op.response_range.kvs
+                current[item.key] = int(kvs[0].mod_revision) if kvs else 0
+            return TxnOutcome(False, revision, current)
+
+        outcome: TxnOutcome = self._call(send)
+        return outcome
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Write several keys in one transaction (at most MAX_TXN_OPS of them): one
