@@ -174,6 +174,10 @@ class SendOutcomeUnknown(pyetcd_exceptions.Etcd3Exception):  # type: ignore[misc
     attempt was guarded by the keys' mod_revisions as read before the first."""
 
 
+class SendConflict(pyetcd_exceptions.Etcd3Exception):  # type: ignore[misc]
+    """The keys changed between reading and writing them, every time: nothing written."""
+
+
 def _uncertain(exc: BaseException) -> bool:
     if isinstance(exc, pyetcd_exceptions.Etcd3Exception):
         return not isinstance(exc, pyetcd_exceptions.RevisionCompactedError)
@@ -225,8 +229,6 @@ def send_tasks(
     task_keys = sorted({layout.task_key(t) for t in targets})
     if not task_keys:
         raise ValueError("send_tasks: no target given")
-    if len(task_keys) > MAX_TXN_OPS:
-        raise ValueError(f"send_tasks: at most {MAX_TXN_OPS} targets in one transaction")
     t = etcd.transactions
     seen = {key: (s.revision if s else 0) for key, s in _stored(etcd, task_keys).items()}
     doubt: BaseException | None = None  # why an earlier attempt's outcome is unknown
@@ -260,11 +262,16 @@ def send_tasks(
             f"({connection.describe_error(doubt)}): the task may or may not have been "
             "written before that; it was not sent again"
         )
+    if doubt is None:
+        raise SendConflict(
+            f"{_keys_text(task_keys)} changed under every one of {SEND_ATTEMPTS} attempts "
+            "(someone else keeps writing them); the task was not written"
+        )
     raise SendOutcomeUnknown(
         f"no answer from etcd for {_keys_text(task_keys)} after {SEND_ATTEMPTS} attempts "
-        f"({connection.describe_error(doubt) if doubt else 'the keys kept changing'}): the "
-        "task may or may not have been written, and may still be, at most once; check the "
-        "key's revision with 'gleam-client list' or 'status' before sending it again"
+        f"({connection.describe_error(doubt)}): the task may or may not have been written, "
+        "and may still be, at most once; check the key's revision with 'gleam-client node', "
+        "'region' or 'status' before sending it again"
     )
 
 
