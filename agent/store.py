@@ -184,7 +184,7 @@ class Store:
         except connection.ETCD_ERRORS as exc:
             raise translate(exc) from None
 
-    # Key-value ---------------------------------------------------------------
+    # Key-value: no blind put here; every write is `put_guarded` ------------
     def read_keys(self, keys: Sequence[str]) -> Snapshot:
         """Read `keys` at one revision (the first read's), so that together they are a
         consistent picture that a watch from `revision + 1` continues exactly. One
@@ -239,11 +239,6 @@ class Store:
     def get(self, key: str) -> bytes | None:
         value, _meta = self._call(lambda c: c.get(key))
         return None if value is None else bytes(value)
-
-    def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
-        """Write `key`; returns the write's revision."""
-        response = self._call(lambda c: c.put(key, value, lease=lease))
-        return int(response.header.revision)
 
     def read_records(self, keys: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
         """key -> (value or None, mod_revision or 0), a few keys per request: the values
@@ -304,19 +299,6 @@ class Store:
 
         outcome: TxnOutcome = self._call(send)
         return outcome
-
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Write several keys in one transaction (at most MAX_TXN_OPS of them): one
-        round trip instead of one each."""
-        if len(items) > MAX_TXN_OPS:
-            raise ValueError(f"put_many takes at most {MAX_TXN_OPS} keys")
-        self._call(
-            lambda c: c.transaction(
-                compare=[],
-                success=[c.transactions.put(key, value) for key, value in items],
-                failure=[],
-            )
-        )
 
     # Leases ------------------------------------------------------------------
     def grant_lease(self, ttl: int) -> tuple[int, int]:

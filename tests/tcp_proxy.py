@@ -116,10 +116,7 @@ class Proxy:
     def _forward(self, link: Link) -> None:
         """Client -> etcd. When the client goes, etcd's side is left open on purpose."""
         while True:
-            try:
-                chunk = link.client.recv(65536)
-            except OSError:
-                chunk = b""
+            chunk = _recv(link.client)
             if not chunk:
                 link.client_gone = True
                 return
@@ -133,10 +130,7 @@ class Proxy:
     def _backward(self, link: Link) -> None:
         """etcd -> client, dropped once the client is gone (but still read and parsed)."""
         while True:
-            try:
-                chunk = link.upstream.recv(65536)
-            except OSError:
-                chunk = b""
+            chunk = _recv(link.upstream)
             if not chunk:
                 _close(link.client)
                 return
@@ -171,6 +165,14 @@ class Proxy:
         for link in links:
             _close(link.client)
             _close(link.upstream)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    """The next bytes; b"" once the connection is closed or broken."""
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
 
 
 def _close(sock: socket.socket) -> None:

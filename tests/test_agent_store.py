@@ -118,13 +118,14 @@ def test_an_unreachable_etcd_is_unavailable() -> None:
     dead.close()
 
 
-def test_read_keys_and_put_many_handle_more_keys_than_one_transaction_takes(
+def test_read_keys_and_put_guarded_handle_more_keys_than_one_transaction_takes(
     seam: store.Store, etcd: Any, layout: keys.Layout
 ) -> None:
     names = [layout.region_key(f"r{i}") for i in range(store.MAX_TXN_OPS * 2 + 5)]
     present = names[::3]
     for start in range(0, len(present), store.MAX_TXN_OPS):
-        seam.put_many([(key, key.encode()) for key in present[start : start + store.MAX_TXN_OPS]])
+        chunk = present[start : start + store.MAX_TXN_OPS]
+        assert seam.put_guarded([store.Guarded(key, key.encode(), 0) for key in chunk]).ok
     snapshot = seam.read_keys(names)
     assert [o.key for o in snapshot.keys] == names
     for observed in snapshot.keys:
