@@ -4,20 +4,23 @@
 
 Faults, one at a time, a few seconds apart: a member SIGKILLed and restarted, the leader
 SIGKILLed and restarted, a member frozen (SIGSTOP) and thawed, an agent SIGKILLed and
-restarted, a compaction, and the late write of issue 15 (agent s4 talks to member m1
-through a proxy that keeps a dead client's requests alive: m1 is frozen, s4 is SIGKILLed
-with its writes in flight, and m1 is thawed after s4's successor has written newer
-results). A sender writes a task every ~0.2 s to a node key or to the region all four
-agents watch (through `gleam.client.send_task`, which retries a timed-out write under its
-guard).
+restarted, a compaction, and the late write of issue 15. For that one, agent s4 is
+restarted talking to member m1 through a proxy that keeps a dead client's requests alive
+(tests.tcp_proxy); it runs a slow task from region `late4` (which only s4 watches and
+nothing else writes); m1 is frozen; s4's result write goes out to m1 and s4 is
+SIGKILLed; a newer task is written to `late4`, and s4, restarted on the other members,
+runs it and records it; then m1 is thawed and answers the late write. The record must
+still name the newer run. A sender writes a task every ~0.2 s to a node key or to the
+region all four agents watch (through `gleam.client.send_task`), and a monitor polls the
+result records all along: a record must never go back to an older revision.
 
 At the end every fault is healed, sending stops, and the run waits until each agent's
 record for each key covers the key's last write. It reports, as JSON on the last line:
 faults injected (by kind), tasks sent, lost (an agent never recorded a result covering a
 task it watches), duplicates (a (key, revision) run twice in one agent process, from the
-agents' logs), and results older than the last run (a record naming an older revision
-than its agent last ran for that key: what a late write would do). Exit status 0 when
-lost, duplicates and older results are all zero.
+agents' logs), results older than the last run (a record naming an older revision than
+its agent last ran for that key), records seen going back, and late writes refused.
+Exit status 0 when lost, duplicates, older results and records going back are all zero.
 """
 
 from __future__ import annotations
@@ -45,11 +48,25 @@ from tests.tcp_proxy import Proxy
 LAYOUT = keys.Layout("/gleam")
 AGENTS = ("s1", "s2", "s3", "s4")
 REGION = "all"
+LATE_REGION = "late4"  # watched by s4 only, written only by the late-write fault
+LATE_AGENT = "s4"
+PAD = 4096  # the late-write fault's result is bigger than this: no other write is
 SCRIPTS = {
     "echo": "return gleam.Data",
     # A task that takes a while, so that faults land while tasks run.
     "nap": 'gleam.exec({"sleep", "0.3"})\nreturn gleam.Data',
+    "slow": "gleam.exec({'sleep', tostring(gleam.Data.sleep)})\nreturn gleam.Data",
 }
+
+
+FAULT_KINDS = (
+    "agent-sigkill",
+    "compaction",
+    "late-write",
+    "leader-sigkill",
+    "member-sigkill",
+    "member-sigstop",
+)
 
 
 def say(text: str) -> None:
@@ -65,14 +82,15 @@ class Agent:
     logs: list[Path] = field(default_factory=list)
     proc: AgentProcess | None = None
 
-    def start(self) -> None:
+    def start(self, endpoints: str | None = None) -> None:
         log_path = self.log_dir / f"{self.agent_id}-{len(self.logs)}.log"
         self.logs.append(log_path)
+        regions = f"{REGION},{LATE_REGION}" if self.agent_id == LATE_AGENT else REGION
         self.proc = AgentProcess(
             [
-                "-etcd", self.endpoints, "-prefix", LAYOUT.prefix, "-id", self.agent_id,
-                "-region", REGION, "-script", str(self.script_dir), "-ttl", "5",
-                "-check_interval", "2",
+                "-etcd", endpoints or self.endpoints, "-prefix", LAYOUT.prefix,
+                "-id", self.agent_id, "-region", regions, "-script", str(self.script_dir),
+                "-ttl", "5", "-check_interval", "2",
             ],
             log_path=log_path,
         )  # fmt: skip
@@ -132,13 +150,15 @@ class Sender:
 
 
 class Soak:
-    def __init__(self, work: Path, rng: random.Random) -> None:
+    def __init__(self, work: Path, rng: random.Random, kinds: frozenset[str]) -> None:
         self.work = work
         self.rng = rng
+        self.kinds = kinds  # the fault kinds to choose from; empty: all
         self.cluster = EtcdCluster(3, root=str(work / "etcd"))
         self.faults: Counter[str] = Counter()
         self.proxy: Proxy | None = None
         self.agents: list[Agent] = []
+        self.late_checks: list[tuple[int, int, int]] = []  # (in flight, newer, recorded)
 
     def start(self) -> None:
         self.cluster.start()
@@ -208,23 +228,52 @@ class Soak:
         finally:
             etcd.close()
 
-    def late_write(self) -> None:
-        """Issue 15: s4's writes in flight to a frozen m1, s4 SIGKILLed and restarted,
-        m1 thawed only after s4's successor has run and written newer results."""
+    def late_write(self) -> str:
+        """Issue 15, as tests/test_agent_faults.py reproduces it (see the docstring).
+        Afterwards s4 runs on the other members (until its next restart)."""
+        proxy = self.proxy
+        assert proxy is not None
         m1, s4 = self.cluster.members[0], self.agents[3]
-        say("fault: late write (m1 frozen, s4 SIGKILLed with writes in flight)")
-        m1.pause()
+        direct = ",".join(m.endpoint for m in self.cluster.members[1:])
+        target = keys.Target.region(LATE_REGION)
+        key = LAYOUT.result_key(LATE_AGENT, target)
+        etcd = client_for(direct)
         try:
-            self._pause(0.5, 3)
             s4.kill()
-            s4.start()
-            self._pause(4, 12)
+            s4.start(proxy.endpoint)  # every loop of s4 talks to m1, through the proxy
+            slow = messages.Task("slow", {"sleep": 1.5, "pad": "x" * PAD})
+            dead_run = client.send_task(etcd, LAYOUT, target, slow)
+            if not wait_for(lambda: f"at revision {dead_run}" in s4.texts()[-1], 30):
+                s4.kill()
+                s4.start(direct)
+                return "late-write-not-run"
+            before = set(proxy.requests_over(PAD))
+            m1.pause()
+            try:
+                fresh = wait_for(lambda: set(proxy.requests_over(PAD)) - before, 15)
+                s4.kill()
+                newer = client.send_task(etcd, LAYOUT, target, messages.Task("echo", "newer"))
+                s4.start(direct)
+                if not fresh:
+                    return "late-write-nothing-in-flight"
+                (link, stream), *_ = fresh
+                if not wait_for(lambda: recorded_revision(etcd, key) >= newer, 60):
+                    say(f"late write: s4 did not record revision {newer} in time")
+            finally:
+                m1.resume()
+            self.cluster.wait_healthy(self.cluster.members)
+            if not wait_for(lambda: stream in link.answered_streams(), 60):
+                say(f"late write: m1 never answered the late write of run {dead_run}")
+                return "late-write-unanswered"
+            held = recorded_revision(etcd, key)
+            self.late_checks.append((dead_run, newer, held))
+            say(f"late write: run {dead_run} in flight, newer {newer}, record holds {held}")
+            return "late-write"
         finally:
-            m1.resume()
-        self.cluster.wait_healthy(self.cluster.members)
+            etcd.close()
 
     def inject(self) -> None:
-        faults: dict[str, Callable[[], None]] = {
+        faults: dict[str, Callable[[], str | None]] = {
             "member-sigkill": self.kill_member,
             "leader-sigkill": self.kill_leader,
             "member-sigstop": self.freeze_member,
@@ -232,9 +281,8 @@ class Soak:
             "compaction": self.compact,
             "late-write": self.late_write,
         }
-        kind = self.rng.choice(sorted(faults))
-        faults[kind]()
-        self.faults[kind] += 1
+        kind = self.rng.choice(sorted(k for k in faults if not self.kinds or k in self.kinds))
+        self.faults[faults[kind]() or kind] += 1
 
     def close(self) -> None:
         for agent in self.agents:
@@ -242,6 +290,65 @@ class Soak:
         if self.proxy is not None:
             self.proxy.close()
         self.cluster.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float) -> Any:
+    """The predicate's first truthy value within `timeout` seconds, or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except connection.ETCD_ERRORS:
+            value = None
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.05)
+
+
+def recorded_revision(etcd: Any, result_key: str) -> int:
+    value, _meta = etcd.get(result_key)
+    return 0 if value is None else messages.decode_result(value).revision
+
+
+class Monitor:
+    """Polls every result record: a record must never name an older revision than it
+    named before (what a late write would do, however briefly)."""
+
+    def __init__(self, endpoints: str) -> None:
+        self._etcd = client_for(endpoints)
+        self._stop = threading.Event()
+        self.highest: dict[str, int] = {}
+        self.went_back: list[tuple[str, int, int]] = []
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.check(
+                    {
+                        meta.key.decode(): messages.decode_result(value).revision
+                        for value, meta in self._etcd.get_prefix(LAYOUT.results_prefix)
+                    }
+                )
+            except connection.ETCD_ERRORS:
+                continue
+
+    def check(self, now: dict[str, int]) -> None:
+        for key, revision in now.items():
+            before = self.highest.get(key, 0)
+            if revision < before and (key, before, revision) not in self.went_back:
+                self.went_back.append((key, before, revision))
+                say(f"monitor: {key} went back from revision {before} to {revision}")
+            self.highest[key] = max(before, revision)
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(30)
+            self._etcd.close()
 
 
 def final_state(etcd: Any) -> dict[str, int]:
@@ -256,7 +363,9 @@ def final_state(etcd: Any) -> dict[str, int]:
 def watchers(task_key: str) -> list[str]:
     target = LAYOUT.parse_task_key(task_key)
     assert target is not None
-    return list(AGENTS) if target.kind is keys.Kind.REGION else [target.name]
+    if target.kind is keys.Kind.NODE:
+        return [target.name]
+    return [LATE_AGENT] if target.name == LATE_REGION else list(AGENTS)
 
 
 def lost_tasks(
@@ -312,19 +421,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to inject faults")
     parser.add_argument("--out", type=Path, help="directory for etcd data and agent logs")
     parser.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    parser.add_argument(
+        "--faults",
+        default="",
+        help=f"only these fault kinds, comma-separated ({', '.join(FAULT_KINDS)}; default all)",
+    )
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be more than 0")
+    kinds = frozenset(k for k in args.faults.split(",") if k)
+    if kinds - set(FAULT_KINDS):
+        parser.error(f"--faults: unknown kind(s) {', '.join(sorted(kinds - set(FAULT_KINDS)))}")
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     work = args.out or Path(tempfile.mkdtemp(prefix="gleam-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     say(f"fault soak: {args.minutes:g} minutes, seed {seed}, work directory {work}")
-    soak = Soak(work, rng)
+    soak = Soak(work, rng, kinds)
     started = time.monotonic()
     sender: Sender | None = None
+    monitor: Monitor | None = None
     try:
         soak.start()
+        monitor = Monitor(",".join(soak.cluster.endpoints))
+        monitor.start()
         sender = Sender(",".join(soak.cluster.endpoints), rng)
         sender.start()
         end = started + args.minutes * 60
@@ -339,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if sender is not None:
             sender.stop()
+        if monitor is not None:
+            monitor.stop()
         soak.close()
+    late_overwrites = [c for c in soak.late_checks if c[2] != c[1]]
     summary = {
         "seed": seed,
         "minutes": round((time.monotonic() - started) / 60, 1),
@@ -352,12 +475,21 @@ def main(argv: list[str] | None = None) -> int:
         "lost": len(report["lost"]),
         "duplicates": sum(len(v) for v in report["duplicates"].values()),
         "older_than_last_run": sum(len(v) for v in report["older_than_last_run"].values()),
+        "records_went_back": len(monitor.went_back) if monitor else 0,
+        "late_writes_refused": len(soak.late_checks) - len(late_overwrites),
+        "late_writes_applied": len(late_overwrites),
     }
     for what in ("lost", "duplicates", "older_than_last_run"):
         if report[what]:
             say(f"{what}: {report[what]}")
     say("summary: " + json.dumps(summary))
-    bad = summary["lost"] or summary["duplicates"] or summary["older_than_last_run"]
+    bad = (
+        summary["lost"]
+        or summary["duplicates"]
+        or summary["older_than_last_run"]
+        or summary["records_went_back"]
+        or summary["late_writes_applied"]
+    )
     return 1 if bad else 0
 
 
