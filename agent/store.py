@@ -4,7 +4,11 @@ Each of the agent's loops (watch, registration, result writer) owns a Store, and
 own client and gRPC channels: a loop that resets its connection after a failure does not
 disturb the others. Errors come out as two typed exceptions, never as pyetcd's or gRPC's:
 `Unavailable` (worth retrying after `reset()`) and `Rejected` (etcd refused the request
-itself; retrying cannot help). A compacted watch start gives `Compacted`.
+itself; retrying cannot help; `LeaseNotFound` is one: a write bound to a lease that is
+gone). A compacted watch start gives `Compacted`.
+
+There is no blind put: every write is `put_guarded`, a transaction that compares each
+key's mod_revision, so that a request etcd applies late cannot overwrite a newer write.
 """
 
 from __future__ import annotations
