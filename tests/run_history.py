@@ -16,7 +16,7 @@ from typing import Any
 from gleam import keys, messages
 
 _RUN = re.compile(
-    r"running \S+ from (?P<key>\S+) at revision (?P<rev>\d+)$"
+    r"running \S+ from (?P<key>\S+) at revision (?P<rev>\d+)\b"
     r"|(?P<bad>\S+) at revision (?P<badrev>\d+): bad task message"
 )
 
