@@ -83,8 +83,10 @@ def main() -> int:
             log = open(work / f"{agent_id}.log", "wb")  # noqa: SIM115 - the child keeps it
             argv = [str(BIN / "gleam-agent"), "-id", agent_id, "-region", regions,
                     "-script", str(ROOT / "scripts"), "-log_level", "info"]  # fmt: skip
-            print("$ " + " ".join(argv), flush=True)
-            agents.append(subprocess.Popen(argv, cwd=home, env=env, stdout=log, stderr=log))
+            # config::sync writes only under the directory its operator gives it.
+            print(f"$ GLEAM_SYNC_DIR={home} " + " ".join(argv), flush=True)
+            agent_env = {**env, "GLEAM_SYNC_DIR": str(home)}
+            agents.append(subprocess.Popen(argv, cwd=home, env=agent_env, stdout=log, stderr=log))
             log.close()
         wait_for_agents(endpoint, len(AGENTS))
         run(str(BIN / "gleam-client"), "info", cwd=work)
@@ -100,8 +102,8 @@ def main() -> int:
         run("git", "-C", str(ops), "log", "--oneline", "--stat", cwd=work)
 
         step("Putting the content config::sync will write (tasks/nodes/app-1.yaml)")
-        run(str(BIN / "etcdctl"), "--endpoints", endpoint, "put", "app.conf", "listen = 8080",
-            cwd=work)  # fmt: skip
+        run(str(BIN / "etcdctl"), "--endpoints", endpoint, "put", "/config/app.conf",
+            "listen = 8080", cwd=work)  # fmt: skip
 
         step("gleam-reconcile --once --wait: manifests into etcd, agents run them")
         run(str(BIN / "gleam-reconcile"), "--repo", str(ops), "--once", "--prune", "--wait", "30",

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gleam import connection, flags, keys
+from gleam import connection, flags, keys, metrics
 from gleam.version import VERSION
 
 PROG = "gleam-agent"
@@ -53,7 +53,12 @@ AGENT_FLAGS: tuple[flags.Flag, ...] = (
     ),
 )
 
-ALL_FLAGS: tuple[flags.Flag, ...] = (*flags.CONNECTION_FLAGS, *AGENT_FLAGS, *flags.LOG_FLAGS)
+ALL_FLAGS: tuple[flags.Flag, ...] = (
+    *flags.CONNECTION_FLAGS,
+    *AGENT_FLAGS,
+    *flags.LOG_FLAGS,
+    metrics.FLAG,  # -metrics HOST:PORT (agent/observe.py)
+)
 
 _ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import results, store
+from agent import observe, results, store
 from agent.config import AgentConfig
 from agent.registration import Registrar
 from agent.task_queue import TaskQueue
@@ -83,8 +83,10 @@ class Agent:
             check_interval=config.check_interval,
         )
         self.writer = results.ResultWriter(new_store())
+        # Results pass a tap on their way to the writer: -metrics counts them there.
+        self.results_tap = observe.ResultTap(self.writer)
         self.worker = Worker(
-            self.tasks, runner, self.writer, agent_id=config.agent_id, layout=config.layout
+            self.tasks, runner, self.results_tap, agent_id=config.agent_id, layout=config.layout
         )
         self._threads: dict[str, threading.Thread] = {}
 
@@ -100,6 +102,10 @@ class Agent:
             thread = threading.Thread(target=target, name=f"gleam-{name}", daemon=True)
             self._threads[name] = thread
             thread.start()
+
+    def dead_loops(self) -> tuple[str, ...]:
+        """The loops whose thread has ended while the agent runs (for the watchdog)."""
+        return tuple(name for name, t in self._threads.items() if not t.is_alive())
 
     def shutdown(self) -> bool:
         """Stop taking tasks, let the running one finish (bounded by the task timeout),

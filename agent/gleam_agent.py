@@ -17,9 +17,9 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import lua_exec, pidfile, store
+from agent import lua_exec, observe, pidfile, store
 from agent.daemon import Agent
-from gleam import connection, flags
+from gleam import connection, flags, logformat, metrics
 from gleam.version import VERSION
 
 log = logging.getLogger("agent")
@@ -90,6 +90,9 @@ def _fatal(message: str, *, to_log_file: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, values = agent_config.parse(argv)
+        flags.drop_credentials()  # parsed: from here on only `config` holds them
+        metrics_address = metrics.parse_address(values.get("metrics"))
+        logformat.set_process_fields(agent=config.agent_id)
         flags.setup_logging(values, name=agent_config.PROG)
         if not config.script_dir.is_dir():
             raise flags.FlagError(f"-script: {str(config.script_dir)!r} is not a directory")
@@ -97,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{agent_config.PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    if warning := config.settings.clear_text_auth_warning():
+        log.warning("%s", warning)
     if config.pid_file is not None:
         try:
             pidfile.acquire(config.pid_file)
@@ -111,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fatal(f"cannot start the Lua runtime: {exc}", to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
         agent = Agent(config, runner)
+        observer = observe.Observer(agent, runner=runner)  # systemd, /healthz, -metrics
+        try:
+            observer.start(metrics_address)
+        except (metrics.ListenError, flags.FlagError) as exc:
+            _fatal(str(exc), to_log_file=bool(values.get("log")))
+            runner.close()
+            return EXIT_FAILURE
         log.info(
             "gleam-agent %s starting: id %s, regions %s, scripts %s, etcd %s, prefix %s",
             VERSION,
@@ -134,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 break
         threading.Thread(target=_exit_on_second_signal, args=(signals, config), daemon=True).start()
+        observer.stopping()  # STOPPING=1
         clean = agent.shutdown()
+        observer.close()
         runner.close()
         log.info("stopped%s", "" if clean else " (not everything finished in time)")
         return EXIT_OK

@@ -14,6 +14,9 @@ local type, tostring, select, setmetatable, next = type, tostring, select, setme
 local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
 local string_format, string_gsub, table_concat = string.format, string.gsub, table.concat
 local math_huge, utf8_len = math.huge, utf8.len
+local raw_getmetatable, raw_randomseed, raw_setlocale = getmetatable, math.randomseed, os.setlocale
+local io_type, io_input, io_output, io_stdin, io_stdout = io.type, io.input, io.output, io.stdin, io.stdout
+local file_close = io_stdout.close
 
 -- Nothing from Python stays reachable through the real globals or require's cache.
 python = nil
@@ -224,15 +227,119 @@ end
 
 gleam_base.id = agent_id
 
+-- What a run leaves behind ----------------------------------------------------------
+--
+-- One Lua state serves run after run, so whatever the standard library keeps between
+-- calls is shared: the FILE* and string metatables, the default input and output files,
+-- the random generator, the process's locale, open files. Each is either out of reach or
+-- put back when the run ends (end_of_run), so that nothing one task does reaches the next.
+
+-- Every open file shares one metatable, every string another. A script that could get at
+-- them could swap a file method or add a __gc (which runs with hooks off, past the time
+-- limit) for every later run; getmetatable only shows scripts the metatables of tables.
+raw_getmetatable(io_stdout).__metatable = false
+raw_getmetatable("").__metatable = false
+local function getmetatable_(value)
+  if type(value) ~= "table" then
+    return nil
+  end
+  return raw_getmetatable(value)
+end
+
+-- Files a run opened and did not close are closed when it ends: the agent's descriptors
+-- are not the script's to use up. Weak keys, so a closed, dropped file is not kept alive.
+local opened = setmetatable({}, { __mode = "k" })
+local function track(file, ...)
+  if io_type(file) == "file" then
+    opened[file] = true
+  end
+  return file, ...
+end
+
+-- The wrappers call the library function protected and raise its error again at the
+-- script's line, as if the script had called it (not at a line of this prelude).
+local function rethrow(ok, ...)
+  if ok then
+    return ...
+  end
+  check(false, ...)  -- a limit error stays a limit error
+  raw_error((...), 3)
+end
+
+local function tracking(open)
+  return function(...)
+    return track(rethrow(raw_pcall(open, ...)))
+  end
+end
+
+-- io.lines(name) hands its file back as a fourth value (for the generic for to close).
+local raw_lines = io.lines
+local function lines_(...)
+  local iterate, a, b, file = rethrow(raw_pcall(raw_lines, ...))
+  if file == nil then
+    return iterate
+  end
+  track(file)
+  return iterate, a, b, file
+end
+
+-- io.input(name) and io.output(name) open a file and make it the default.
+local function default_file(set)
+  return function(file)
+    local current = rethrow(raw_pcall(set, file))
+    if type(file) == "string" then
+      track(current)
+    end
+    return current
+  end
+end
+
+-- math.randomseed(42) would make the next run's math.random predictable.
+local reseeded = false
+local function randomseed_(...)
+  reseeded = true
+  return raw_randomseed(...)
+end
+
+-- The locale belongs to the whole agent process (it changes how numbers are read and
+-- written everywhere); a script may read it, not change it.
+local function setlocale_(locale, category)
+  if locale ~= nil then
+    raw_error("os.setlocale can only read the locale in gleam scripts (it is the whole agent's)", 2)
+  end
+  return raw_setlocale(nil, category)
+end
+
+local function end_of_run()
+  io_input(io_stdin)
+  io_output(io_stdout)
+  if next(opened) ~= nil then
+    for file in next, opened do
+      if io_type(file) == "file" then
+        raw_pcall(file_close, file)
+      end
+      opened[file] = nil
+    end
+  end
+  if reseeded then
+    reseeded = false
+    raw_randomseed()
+  end
+end
+
 -- The environment --------------------------------------------------------------------
 
--- Library tables are shared by every run; a script gets a fresh proxy per run, so what
--- it assigns into `string` or `os` stays in its own run.
+-- Library tables are shared by every run; a script gets a fresh, empty proxy per run, so
+-- what it assigns into `string` or `os` stays in its own run. pairs() walks the library
+-- without handing the library table out: the state it returns is the proxy itself.
 local function proxy_meta(lib)
+  local function walk(_, key)
+    return next(lib, key)
+  end
   return {
     __index = lib,
-    __pairs = function()
-      return next, lib, nil
+    __pairs = function(proxy)
+      return walk, proxy, nil
     end,
     __metatable = false,
   }
@@ -252,12 +359,20 @@ end
 local libraries = {
   string = proxy_meta(string),
   table = proxy_meta(table),
-  math = proxy_meta(math),
+  math = proxy_meta(with(math, { randomseed = randomseed_ })),
   utf8 = proxy_meta(utf8),
-  io = proxy_meta(with(io, { popen = not_allowed("io.popen", ": use gleam.exec") })),
+  io = proxy_meta(with(io, {
+    popen = not_allowed("io.popen", ": use gleam.exec"),
+    open = tracking(io.open),
+    tmpfile = tracking(io.tmpfile),
+    lines = lines_,
+    input = default_file(io_input),
+    output = default_file(io_output),
+  })),
   os = proxy_meta(with(os, {
     exit = not_allowed("os.exit"),
     execute = not_allowed("os.execute", ": use gleam.exec"),
+    setlocale = setlocale_,
   })),
   coroutine = proxy_meta(with(coroutine, {
     create = co_create_, resume = co_resume_, wrap = co_wrap_, close = co_close_,
@@ -265,13 +380,10 @@ local libraries = {
   debug = proxy_meta({ traceback = debug_traceback }),
 }
 
--- The string metatable would otherwise hand out the real string table.
-getmetatable("").__metatable = false
-
 local base = {
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
   pcall = pcall_, xpcall = xpcall_, rawequal = rawequal, rawget = rawget, rawlen = rawlen,
-  rawset = rawset, select = select, setmetatable = setmetatable_, getmetatable = getmetatable,
+  rawset = rawset, select = select, setmetatable = setmetatable_, getmetatable = getmetatable_,
   tonumber = tonumber, tostring = tostring, type = type, collectgarbage = collectgarbage_,
   load = load_, print = gleam_base.Message, _VERSION = _VERSION,
 }
@@ -336,6 +448,7 @@ end
 local function finish(ok, value)
   local limit = tripped
   tripped, deadline, current_env = nil, math_huge, nil
+  end_of_run()
   -- Always three values, so that Python always gets a tuple.
   if limit ~= nil then
     return limit, nil, nil

@@ -47,12 +47,35 @@ def acquire(path: Path, *, pid: int | None = None) -> None:
         )
     tmp = path.with_name(f".{path.name}.{own}.tmp")
     try:
-        tmp.write_text(f"{own}\n", encoding="ascii")
+        _write_new(tmp, f"{own}\n".encode("ascii"))
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise PidFileError(f"-pid: cannot write {str(path)!r}: {exc.strerror}") from None
+
+
+# The temporary's name is predictable, and the pid file's folder may be one others can
+# write to. O_EXCL never opens a file that is already there, O_NOFOLLOW never follows a
+# symlink planted at the name (which would make the agent write wherever it points).
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _write_new(tmp: Path, data: bytes) -> None:
+    try:
+        fd = os.open(tmp, _CREATE_FLAGS, 0o644)
+    except FileExistsError:
+        # Left by an agent that died with our pid, or planted. unlink removes the name
+        # itself, never what a symlink points to; then one more try, which fails if
+        # something is planted again.
+        tmp.unlink()
+        fd = os.open(tmp, _CREATE_FLAGS, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def release(path: Path, *, pid: int | None = None) -> None:

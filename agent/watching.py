@@ -22,6 +22,7 @@ thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from agent import pending, store
 from agent.backoff import Backoff
 from agent.task_queue import TaskQueue
+from gleam import testhooks
 
 log = logging.getLogger("agent.watch")
 
@@ -76,6 +78,13 @@ class WatchLoop:
         self.synced = threading.Event()
         self.restarts = 0
         self.checks = 0
+        # For the watchdog, /healthz and metrics (agent/observe.py): when the loop last
+        # went round, when etcd last answered it, whether its watches are up, and why
+        # they were restarted.
+        self.alive_at = clock()
+        self.answered_at: float | None = None
+        self.connected = False
+        self.restart_reasons: collections.Counter[str] = collections.Counter()
 
     def stop(self) -> None:
         self._stop.set()
@@ -87,6 +96,7 @@ class WatchLoop:
         resume: dict[str, int] | None = None  # None: (re-)read every key first
         self._before_first_read()
         while not self._stop.is_set():
+            self.alive_at = self._clock()
             try:
                 if not done_loaded:
                     self._tasks.load_done(self._read_done(self._etcd))
@@ -94,6 +104,7 @@ class WatchLoop:
                 if resume is None:
                     resume = self._read_all()
                 self._start_watches(resume)
+                self.connected, self.answered_at = True, self._clock()
                 if self._backoff.failures:
                     log.info("etcd is reachable again")
                 self._backoff.reset()
@@ -101,28 +112,28 @@ class WatchLoop:
             except store.Compacted as exc:
                 log.warning("watch: %s; re-reading the task keys", exc)
                 resume = None
-                self._restart()
+                self._restart("compacted")
             except Stalled as exc:
                 log.warning("watch: %s; restarting it", exc)
-                self._restart()
+                self._restart("stalled")
             except Rewound as exc:
                 log.warning("%s; forgetting what was seen and re-reading everything", exc)
                 self._tasks.reset()
                 done_loaded = False
                 resume = None
-                self._restart()
+                self._restart("rewound")
             except store.StoreError as exc:
                 # One warning per outage; the retries that follow are debug lines.
                 level = logging.DEBUG if self._backoff.failures else logging.WARNING
                 delay = self._backoff.next_delay()
                 log.log(level, "etcd: %s; reconnecting in %.1fs", exc, delay)
-                self._restart()
+                self._restart("etcd")
                 self._stop.wait(delay)
             except Exception:  # noqa: BLE001 - a bug here must not end the agent's watch
                 delay = self._backoff.next_delay()
                 log.exception("watch loop failed; restarting it in %.1fs", delay)
                 resume = None
-                self._restart()
+                self._restart("error")
                 self._stop.wait(delay)
         self._etcd.reset()
         log.info("watch stopped")
@@ -149,9 +160,11 @@ class WatchLoop:
             ", ".join(f"{key} from revision {resume[key]}" for key in self._keys),
         )
 
-    def _restart(self) -> None:
+    def _restart(self, reason: str) -> None:
         """Drop the client and its watches; responses of the old ones are ignored."""
         self.restarts += 1
+        self.restart_reasons[reason] += 1
+        self.connected = False
         self._generation += 1
         self._etcd.reset()
 
@@ -161,6 +174,8 @@ class WatchLoop:
         next_check = self._clock() + self._check_interval
         suspects: dict[str, Suspect] = {}
         while not self._stop.is_set():
+            self.alive_at = self._clock()
+            testhooks.wedge_point("watch")
             try:
                 message = self._inbox.get(timeout=max(0.0, next_check - self._clock()))
             except queue.Empty:
@@ -170,6 +185,7 @@ class WatchLoop:
                     continue  # from a watch already replaced
                 if isinstance(message, store.WatchBroken):
                     raise message.error
+                self.answered_at = self._clock()
                 self._tasks.observe(message.changes)
                 resume[message.key] = next_resume(resume[message.key], message)
             if self._clock() >= next_check:
@@ -183,6 +199,7 @@ class WatchLoop:
         suspects; suspects from the previous check still missing mean a stall."""
         snapshot = self._etcd.read_keys(self._keys)
         self.checks += 1
+        self.answered_at = self._clock()
         seen_up_to = max(resume.values(), default=1) - 1
         if snapshot.revision < seen_up_to:
             raise Rewound(

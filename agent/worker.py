@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from agent import pending, results
 from agent.task_queue import TaskQueue
-from gleam import keys, messages
+from gleam import keys, logformat, messages, testhooks
 
 log = logging.getLogger("agent.worker")
 
@@ -70,6 +70,8 @@ class Worker:
         self._wall_clock = wall_clock
         self._clock = clock
         self.ran = 0
+        # When the job in hand was taken (None: idle), for the watchdog (agent/observe.py).
+        self.busy_since: float | None = None
 
     def run(self) -> None:
         """Run jobs until the queue is closed; the job in hand is always finished."""
@@ -78,12 +80,17 @@ class Worker:
             if job is None:
                 log.info("worker stopped")
                 return
+            self.busy_since = self._clock()
             try:
-                record = self.execute(job)
+                testhooks.wedge_point("worker")
+                # Every line logged while the job runs (the script's too) names it.
+                with logformat.context(key=job.key, revision=job.revision):
+                    record = self.execute(job)
                 target = self._layout.parse_task_key(job.key)
                 if target is not None:
                     self._sink.submit(self._layout.result_key(self._agent_id, target), record)
             finally:
+                self.busy_since = None
                 self._tasks.complete(job)
                 self.ran += 1
 
@@ -105,6 +112,7 @@ class Worker:
             return self._record(
                 job, raw_name(job.value), False, None, f"bad task message: {exc}", started, t0
             )
+        logformat.add_to_context(function=task.name)
         log.info("running %s from %s at revision %d", task.name, job.key, job.revision)
         try:
             outcome = self._runner.run(task.name, task.data)
@@ -120,6 +128,7 @@ class Worker:
                 job.key,
                 job.revision,
                 outcome.duration_ms,
+                extra={"duration_ms": outcome.duration_ms},
             )
         else:
             log.warning(
@@ -128,6 +137,7 @@ class Worker:
                 job.key,
                 job.revision,
                 outcome.error,
+                extra={"duration_ms": outcome.duration_ms},
             )
         return results.build_result(
             agent_id=self._agent_id,

@@ -11,6 +11,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         "run of every workload; nowhere otherwise)",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work directory (repos, logs)")
+    parser.add_argument(
+        "--metrics", action="store_true",
+        help="start every agent with -metrics 127.0.0.1:0 (compare with a run without)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--agent-arg", action="append", default=[], metavar="ARG",
+        help="one more argument for every agent the workloads start (repeatable)",
+    )  # fmt: skip
     return parser
 
 
@@ -87,6 +96,10 @@ def run_workloads(
             detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
             progress(f"   failed: {detail}")
             new_rows = [report.Row(name, "workload failed", "", None, error=str(exc) or repr(exc))]
+        if ctx.agent_args and name != "reconcile":
+            # Say in the table which agent flags this run measured.
+            flags = " ".join(ctx.agent_args)
+            new_rows = [replace(row, case=f"{row.case} (agents: {flags})") for row in new_rows]
         for row in new_rows:
             progress("   " + report.table([row]).splitlines()[-1])
         progress(f"   ({time.perf_counter() - started:.0f} s)")
@@ -114,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         etcd = connection.connect(connection.make_settings(server.endpoint))
-        ctx = harness.Context(server.endpoint, etcd, workdir, sizes, reps)
+        agent_args = (*(["-metrics", "127.0.0.1:0"] if args.metrics else []), *args.agent_arg)
+        ctx = harness.Context(
+            server.endpoint, etcd, workdir, sizes, reps, agent_args=tuple(agent_args)
+        )
         try:
             rows = run_workloads(ctx, names, progress=progress)
         finally:

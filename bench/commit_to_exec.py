@@ -46,7 +46,7 @@ def _measure(ctx: Context, *, name: str, daemon_flags: tuple[str, ...]) -> tuple
     watch = ResultWatch(ctx.etcd, layout)
     agent = start_agent(
         endpoint=ctx.endpoint, prefix=layout.prefix, agent_id=agent_id, regions=(),
-        script_dir=ctx.script_dir, log_dir=ctx.log_dir,
+        script_dir=ctx.script_dir, log_dir=ctx.log_dir, extra=ctx.agent_args,
     )  # fmt: skip
     daemons = [agent]
     latencies = []

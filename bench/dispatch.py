@@ -92,7 +92,7 @@ def run(ctx: Context) -> list[Row]:
     marks = MarkerLines.fifo(fifo)
     agent = start_agent(
         endpoint=ctx.endpoint, prefix=layout.prefix, agent_id=agent_id, regions=(),
-        script_dir=ctx.script_dir, log_dir=ctx.log_dir,
+        script_dir=ctx.script_dir, log_dir=ctx.log_dir, extra=ctx.agent_args,
     )  # fmt: skip
     lines = MarkerLines.pipe()
     base_key = ctx.layout("dispatch-etcdctl").node_key("watched")

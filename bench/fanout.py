@@ -98,6 +98,7 @@ def run(ctx: Context) -> list[Row]:
                     regions=(region,),
                     script_dir=ctx.script_dir,
                     log_dir=ctx.log_dir,
+                    extra=ctx.agent_args,
                 )  # fmt: skip
             )
         for i in range(count):

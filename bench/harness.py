@@ -50,6 +50,8 @@ class Context:
     sizes: Sizes
     reps: int
     script_dir: Path = SCRIPTS
+    # Extra flags for every agent the workloads start (`--metrics`, `--agent-arg`).
+    agent_args: tuple[str, ...] = ()
     _counter: itertools.count[int] = field(default_factory=itertools.count)
 
     @property

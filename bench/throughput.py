@@ -87,7 +87,7 @@ def run(ctx: Context) -> list[Row]:
     agent_id = "throughput-1"
     agent = start_agent(
         endpoint=ctx.endpoint, prefix=layout.prefix, agent_id=agent_id, regions=regions,
-        script_dir=ctx.script_dir, log_dir=ctx.log_dir,
+        script_dir=ctx.script_dir, log_dir=ctx.log_dir, extra=ctx.agent_args,
     )  # fmt: skip
     lines = MarkerLines.pipe()
     watcher = start_etcdctl_watch(

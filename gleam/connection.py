@@ -7,6 +7,7 @@ looks at URLs, certificates or channel options.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,6 +47,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 # endpoint, and a lone endpoint is tried again almost at once.
 ENDPOINT_RETRY_SECONDS = 1.0
 
+# A password file holds one password; anything this large is the wrong file.
+MAX_PASSWORD_FILE_BYTES = 64 * 1024
+
 
 class ConfigError(ValueError):
     """A connection setting that cannot work; the text names the flag."""
@@ -80,6 +84,15 @@ class Settings:
     def describe(self) -> str:
         return ",".join(str(a) for a in self.addresses)
 
+    def clear_text_auth_warning(self) -> str | None:
+        """The warning to log once at start when etcd auth goes over plain http://."""
+        if self.user is None or self.secure:
+            return None
+        return (
+            f"etcd authentication over http:// ({self.describe()}): the password, and the "
+            "token etcd returns for it, cross the network in clear text; use https:// endpoints"
+        )
+
 
 def parse_endpoints(value: str, *, tls: bool) -> tuple[Address, ...]:
     """`http://a:2379,https://b:2379,c:2379` -> addresses; bare host:port follows `tls`."""
@@ -111,10 +124,12 @@ def make_settings(
     key: str | None = None,
     user: str | None = None,
     password: str | None = None,
+    password_file: str | None = None,
     timeout: float = 5.0,
 ) -> Settings:
     """Validate connection flags. A partial TLS or auth setting is an error, never a
-    silent fall back to plain text (the original's weakness)."""
+    silent fall back to plain text (the original's weakness). `password_file` is read
+    here (see read_password_file)."""
     if bool(cert) != bool(key):
         given, missing = ("-cert", "-key") if cert else ("-key", "-cert")
         raise ConfigError(f"{given} was given without {missing}: a client certificate needs both")
@@ -131,9 +146,17 @@ def make_settings(
             "-etcd: TLS files (-cacert/-cert/-key) were given but the endpoints are http://; "
             "use https:// endpoints"
         )
-    if bool(user) != bool(password):
-        given, missing = ("-user", "-password") if user else ("-password", "-user")
+    if password and password_file:
+        raise ConfigError(
+            "-password and -password_file were both given; give one (-password_file keeps the "
+            "password out of ps and shell history)"
+        )
+    if bool(user) != bool(password or password_file):
+        secret = "-password_file" if password_file else "-password"
+        given, missing = ("-user", "-password or -password_file") if user else (secret, "-user")
         raise ConfigError(f"{given} was given without {missing}")
+    if password_file:
+        password = read_password_file(password_file)
     return Settings(
         addresses=addresses,
         cacert=cacert or None,
@@ -143,6 +166,59 @@ def make_settings(
         password=password or None,
         timeout=timeout,
     )
+
+
+def read_password_file(path: str) -> str:
+    """The password in `path` (one trailing newline dropped). As ssh does for a private
+    key, the file is refused unless it is a regular file owned by this user that nobody
+    else may read or write (mode 0600 or stricter). Checked on the open file, so the file
+    read is the file checked; raises ConfigError naming -password_file."""
+    flag = "-password_file"
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot open {path!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        _check_password_file(path, st, uid=os.geteuid())
+        data = b""
+        while chunk := os.read(fd, MAX_PASSWORD_FILE_BYTES + 1 - len(data)):
+            data += chunk
+            if len(data) > MAX_PASSWORD_FILE_BYTES:
+                raise ConfigError(f"{flag}: {path!r} is over {MAX_PASSWORD_FILE_BYTES} bytes")
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return _password_from(path, data)
+
+
+def _check_password_file(path: str, st: os.stat_result, *, uid: int) -> None:
+    flag = "-password_file"
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{flag}: {path!r} is not a regular file")
+    if st.st_uid != uid:
+        raise ConfigError(
+            f"{flag}: {path!r} is owned by uid {st.st_uid}, not by this user (uid {uid}); "
+            "a password file must belong to the user that reads it"
+        )
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{flag}: {path!r} has mode {stat.S_IMODE(st.st_mode):04o}, so other users may "
+            f"read or change it; make it 0600 or stricter (chmod 600 {path})"
+        )
+
+
+def _password_from(path: str, data: bytes) -> str:
+    if data.endswith(b"\n"):
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if not data:
+        raise ConfigError(f"-password_file: {path!r} is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"-password_file: {path!r} is not UTF-8 text") from None
 
 
 def _credentials(settings: Settings) -> grpc.ChannelCredentials:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gleam import connection, keys
+from gleam import connection, keys, logformat, proc_environ
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,9 @@ class Flag:
     default: str | None = None
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
+    # Removed from the environment once parsed (drop_credentials): children, scripts and
+    # gleam.exec programs must not see it.
+    credential: bool = False
 
     @property
     def env(self) -> str:
@@ -39,18 +41,41 @@ CONNECTION_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("prefix", "key prefix", keys.DEFAULT_PREFIX),
     Flag(
-        "cacert", "CA bundle to verify etcd's TLS certificate", aliases=("ca-file",), metavar="FILE"
+        "cacert",
+        "CA bundle to verify etcd's TLS certificate",
+        aliases=("ca-file",),
+        metavar="FILE",
+        credential=True,
     ),
-    Flag("cert", "client certificate for TLS", aliases=("cert-file",), metavar="FILE"),
-    Flag("key", "client private key for TLS", aliases=("key-file",), metavar="FILE"),
-    Flag("user", "etcd user name (etcd auth)"),
-    Flag("password", "etcd password (etcd auth)"),
+    Flag(
+        "cert",
+        "client certificate for TLS",
+        aliases=("cert-file",),
+        metavar="FILE",
+        credential=True,
+    ),
+    Flag(
+        "key", "client private key for TLS", aliases=("key-file",), metavar="FILE", credential=True
+    ),
+    Flag("user", "etcd user name (etcd auth)", credential=True),
+    Flag(
+        "password",
+        "etcd password (etcd auth); -password_file keeps it out of ps and shell history",
+        credential=True,
+    ),
+    Flag(
+        "password_file",
+        "file holding the etcd password (mode 0600 or stricter, owned by this user)",
+        metavar="FILE",
+        credential=True,
+    ),
     Flag("config", "YAML file with flag values (keys are flag names)", metavar="FILE"),
 )
 
 LOG_FLAGS: tuple[Flag, ...] = (
     Flag("log", "write the log to this file instead of standard error", metavar="FILE"),
     Flag("log_level", "debug, info, warning or error", "info", metavar="LEVEL"),
+    Flag("log_format", "text, or json: one JSON object per line", "text", metavar="FORMAT"),
 )
 
 
@@ -126,7 +151,23 @@ def connection_settings(values: Mapping[str, str | None]) -> connection.Settings
         key=values.get("key"),
         user=values.get("user"),
         password=values.get("password"),
+        password_file=values.get("password_file"),
     )
+
+
+def drop_credentials() -> tuple[str, ...]:
+    """Remove the credential flags' variables (GLEAM_PASSWORD, GLEAM_USER, GLEAM_KEY, ...)
+    from the environment, once the flags have been parsed, so that no child process, Lua
+    `os.getenv` or `gleam.exec` program sees them; returns the names removed.
+
+    Removing a variable leaves its text in the environment block the process started
+    with, which /proc/<pid>/environ shows to every process of the same user (a script's
+    `cat /proc/$PPID/environ`), so that text is wiped too."""
+    names = tuple(f.env for f in CONNECTION_FLAGS if f.credential and f.env in os.environ)
+    for name in names:
+        del os.environ[name]
+    proc_environ.wipe(names)
+    return names
 
 
 def layout(values: Mapping[str, str | None]) -> keys.Layout:
@@ -146,18 +187,16 @@ def setup_logging(values: Mapping[str, str | None], *, name: str) -> None:
         raise FlagError(
             f"-log_level: {values.get('log_level')!r} is not one of debug, info, warning, error"
         )
+    try:
+        formatter = logformat.formatter(values.get("log_format"), name=name)
+    except ValueError as exc:
+        raise FlagError(f"-log_format: {exc}") from None
     path = values.get("log")
     try:
-        handler: logging.Handler = (
-            logging.FileHandler(path, encoding="utf-8")
-            if path
-            else logging.StreamHandler(sys.stderr)
-        )
+        handler = logformat.handler(path)  # a -log file is reopened after logrotate moves it
     except OSError as exc:
         raise FlagError(f"-log: cannot open {path!r}: {exc.strerror}") from None
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s")
-    )
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

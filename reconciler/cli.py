@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gleam import client, connection, flags
+from gleam import client, connection, flags, metrics
 from reconciler import gitsource, manifests, reconcile, render, state, sync
 
 log = logging.getLogger("gleam.reconcile")
@@ -62,7 +62,12 @@ SWITCHES: tuple[tuple[str, str], ...] = (
     ("no_cache", "parse every manifest again instead of using the parse cache in .git"),
 )
 
-ALL_FLAGS = (*flags.CONNECTION_FLAGS, *flags.LOG_FLAGS, *RECONCILE_FLAGS)
+ALL_FLAGS = (
+    *flags.CONNECTION_FLAGS,
+    *flags.LOG_FLAGS,
+    *RECONCILE_FLAGS,
+    metrics.FLAG,  # daemon: -metrics HOST:PORT (reconciler/observe.py)
+)
 
 
 class UsageError(ValueError):
@@ -113,6 +118,7 @@ class Config:
     debounce: float
     pull: bool
     log_values: Mapping[str, str | None]
+    metrics: tuple[str, int] | None = None
 
 
 def _number(values: dict[str, str | None], name: str, *, integer: bool = False) -> float:
@@ -157,6 +163,9 @@ def parse(argv: Sequence[str] | None) -> Config:
         raise flags.FlagError("--detailed-exitcode goes with --dry-run")
     if values.get("wait") and not (args.once or args.dry_run):
         raise flags.FlagError("--wait goes with --once (the daemon does not wait)")
+    metrics_address = metrics.parse_address(values.get("metrics"))
+    if metrics_address is not None and (args.once or args.dry_run):
+        raise flags.FlagError("-metrics goes with the daemon, not --once or --dry-run")
     options = reconcile.Options(
         repo=Path(values.get("repo") or "."),
         prune=args.prune,
@@ -180,7 +189,8 @@ def parse(argv: Sequence[str] | None) -> Config:
         full_every=int(_number(values, "full_every", integer=True)),
         debounce=_number(values, "debounce"),
         pull=args.pull,
-        log_values={name: values.get(name) for name in ("log", "log_level")},
+        log_values={name: values.get(name) for name in ("log", "log_level", "log_format")},
+        metrics=metrics_address,
     )
 
 
@@ -202,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         full_every=config.full_every,
         debounce=config.debounce,
         pull=config.pull,
+        metrics=config.metrics,
     )
     return daemon.main(config.settings, config.layout, config.options, settings)
 

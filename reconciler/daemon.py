@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from gleam import connection, keys
+from gleam import connection, keys, logformat
 from reconciler import diff, gitsource, manifests, reconcile, render, state, sync
 
 log = logging.getLogger("gleam.reconcile")
@@ -47,6 +47,7 @@ class Settings:
     debounce: float = 0.1
     pull: bool = False
     retry: float = RETRY_SECONDS  # after a failed pass, try again this soon
+    metrics: tuple[str, int] | None = None  # -metrics HOST:PORT (reconciler/observe.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class PassReport:
     reason: Reason
     result: reconcile.Result | None
     error: str | None = None
+    cause: BaseException | None = None  # what ended a failed pass (for metrics and health)
+    seconds: float = 0.0  # how long the pass took
 
 
 class CheckoutWatch:
@@ -138,6 +141,10 @@ class Daemon:
         self._desired: reconcile.Desired | None = None  # last full desired state
         self._passes = 0
         self.source: gitsource.Source | None = None
+        # For the watchdog (reconciler/observe.py): when the loop last went round, and
+        # when the pass in progress began (None: between passes).
+        self.alive_at = clock()
+        self.busy_since: float | None = None
 
     # The loop ---------------------------------------------------------------------------
     def run(self, *, max_passes: int | None = None) -> None:
@@ -178,11 +185,13 @@ class Daemon:
         seconds, so a burst of ref updates gives one pass) or stop is asked."""
         deadline = self._clock() + seconds
         while not self.stop.is_set():
+            self.alive_at = self._clock()
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return Reason.INTERVAL
             if watch.changed.wait(min(remaining, 0.5)):
                 while not self.stop.is_set():
+                    self.alive_at = self._clock()
                     watch.changed.clear()
                     if not watch.changed.wait(self.settings.debounce):
                         break
@@ -194,6 +203,7 @@ class Daemon:
         """Run one pass; errors are logged, never raised. True if it succeeded."""
         self._passes += 1
         number = self._passes
+        self.busy_since = self._clock()
         # A full read at start (and whenever the cached state was dropped) gives the
         # state that later interval passes compare with etcd.
         full = number % self.settings.full_every == 0 or self._desired is None
@@ -209,12 +219,14 @@ class Daemon:
         except manifests.InvalidManifests as exc:
             for error in exc.errors:
                 log.error("%s", error)
-            return self._report(number, reason, None, f"{len(exc.errors)} invalid manifest(s)")
+            return self._report(
+                number, reason, None, f"{len(exc.errors)} invalid manifest(s)", cause=exc
+            )
         except sync.LockTimeout as exc:
             if self.stop.is_set():
                 return self._report(number, reason, None, "stopped while waiting for the lock")
             log.warning("%s", exc)
-            return self._report(number, reason, None, str(exc))
+            return self._report(number, reason, None, str(exc), cause=exc)
         except (
             reconcile.ReconcileError,
             gitsource.GitError,
@@ -222,13 +234,13 @@ class Daemon:
             sync.SyncError,
         ) as exc:
             log.error("%s", exc)
-            return self._report(number, reason, None, str(exc))
+            return self._report(number, reason, None, str(exc), cause=exc)
         except connection.ETCD_ERRORS as exc:
             log.error("etcd: %s", connection.describe_error(exc))
-            return self._report(number, reason, None, connection.describe_error(exc))
+            return self._report(number, reason, None, connection.describe_error(exc), cause=exc)
         except Exception as exc:  # noqa: BLE001 - a bug in one pass must not end the daemon
             log.exception("pass %d failed unexpectedly", number)
-            return self._report(number, reason, None, f"{type(exc).__name__}: {exc}")
+            return self._report(number, reason, None, f"{type(exc).__name__}: {exc}", cause=exc)
         self._log_result(result, reason)
         return self._report(number, reason, result, None)
 
@@ -280,6 +292,10 @@ class Daemon:
         )
 
     def _log_result(self, result: reconcile.Result, reason: Reason) -> None:
+        with logformat.context(commit=result.desired.commit):  # a field of JSON log lines
+            self._log_changes(result, reason)
+
+    def _log_changes(self, result: reconcile.Result, reason: Reason) -> None:
         drift = result.previous is not None and result.previous.commit == result.desired.commit
         for change in result.applied:
             for line in render.change_lines(change):
@@ -292,10 +308,18 @@ class Daemon:
             log.info("%s [%s]", render.summary(result), reason.value)
 
     def _report(
-        self, number: int, reason: Reason, result: reconcile.Result | None, error: str | None
+        self,
+        number: int,
+        reason: Reason,
+        result: reconcile.Result | None,
+        error: str | None,
+        *,
+        cause: BaseException | None = None,
     ) -> bool:
+        started, self.busy_since = self.busy_since, None
+        seconds = self._clock() - started if started is not None else 0.0
         if self.on_pass is not None:
-            self.on_pass(PassReport(number, reason, result, error))
+            self.on_pass(PassReport(number, reason, result, error, cause, seconds))
         return error is None
 
 
@@ -323,11 +347,22 @@ def main(
             connection.describe_error(exc),
         )
         return 1
+    from reconciler import observe  # systemd readiness and watchdog, /healthz, -metrics
+
+    daemon = Daemon(etcd, layout, options, settings, stop=stop)
+    observer = observe.Observer(daemon, etcd=etcd)
     try:
-        Daemon(etcd, layout, options, settings, stop=stop).run()
+        observer.start(settings.metrics)
+    except observe.ListenError as exc:
+        log.error("%s", exc)
+        etcd.close()
+        return 1
+    try:
+        daemon.run()
     except gitsource.GitError as exc:
         log.error("%s", exc)
         return 1
     finally:
+        observer.stop()  # STOPPING=1
         etcd.close()
     return 0

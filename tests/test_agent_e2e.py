@@ -255,14 +255,16 @@ def test_each_bad_input_gives_a_failed_result_and_the_agent_keeps_serving(
     assert "Traceback" not in agent.log()
 
 
-def test_the_original_example_scripts_run_unchanged(
+def test_the_example_scripts_run_in_a_real_agent(
     etcd_server: EtcdServer,
     etcd: Any,
     layout: keys.Layout,
     start_agent: StartAgent,
     tmp_path: Path,
 ) -> None:
-    start_agent(etcd_server.endpoint, "-id", "ex", layout=layout)
+    files = f"{layout.prefix}-files/"  # config::sync's key prefix and directory
+    sync_env = {"GLEAM_SYNC_PREFIX": files, "GLEAM_SYNC_DIR": str(tmp_path)}
+    start_agent(etcd_server.endpoint, "-id", "ex", layout=layout, env=sync_env)
     revision = send(etcd, layout, node("ex"), "print", {"hello": "world"})
     got = wait_result(etcd, layout, "ex", node("ex"), revision)
     assert (got.ok, got.result) == (True, {"hello": "world"})
@@ -272,12 +274,14 @@ def test_the_original_example_scripts_run_unchanged(
     assert (got.ok, got.result) == (True, "some config"), got.error
     assert etcd.get("/foobar/config1")[0] == b"some config"
 
-    target_file = tmp_path / "app.conf"
-    etcd.put(str(target_file), b"key = value\n")
-    revision = send(etcd, layout, node("ex"), "config::sync", str(target_file))
+    etcd.put(f"{files}app.conf", b"key = value\n")
+    revision = send(etcd, layout, node("ex"), "config::sync", "app.conf")
     got = wait_result(etcd, layout, "ex", node("ex"), revision)
-    assert got.ok, got.error
-    assert target_file.read_text() == "key = value\n"
+    assert (got.ok, got.result) == (True, {"file": "app.conf", "bytes": 12}), got.error
+    assert (tmp_path / "app.conf").read_text() == "key = value\n"
+    revision = send(etcd, layout, node("ex"), "config::sync", "../escape.conf")
+    got = wait_result(etcd, layout, "ex", node("ex"), revision)
+    assert got.error is not None and "has a '..' segment" in got.error
 
 
 # Signals and the pid file ---------------------------------------------------------------
@@ -413,6 +417,8 @@ def test_flags_from_environment_and_config_file_and_a_filtered_log_file(
         (["-etcd", "ftp://x"], "-etcd"),
         (["-log_level", "loud"], "-log_level"),
         (["-bogus"], "-bogus"),
+        (["-user", "u", "-password_file", "/etc/passwd"], "-password_file: '/etc/passwd'"),
+        (["-user", "u", "-password", "p", "-password_file", "/x"], "-password and -password_file"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv: list[str], message: str) -> None:

@@ -8,6 +8,7 @@ names the revision the agent last ran for that key (from its own log), never an 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -290,15 +291,20 @@ def test_etcd_restored_from_an_older_backup_is_noticed_and_new_tasks_run(
     assert_results_follow_runs(etcd, "rw", agent)
 
 
+def enable_auth(server: EtcdServer, password: str) -> Any:
+    """Turn etcd auth on (user root) and return a client logged in as root."""
+    etcdctl = [str(Path(sys.executable).parent / "etcdctl"), "--endpoints", server.endpoint]
+    for args in (["user", "add", f"root:{password}"], ["auth", "enable"]):
+        subprocess.run([*etcdctl, *args], check=True, capture_output=True, timeout=30)
+    return connection.connect(
+        connection.make_settings(server.endpoint, user="root", password=password)
+    )
+
+
 def test_an_agent_with_etcd_auth_runs_tasks_and_scripts_reach_etcd(
     private_etcd: EtcdServer, start_agent: StartAgent, lua_dir: Path
 ) -> None:
-    etcdctl = [str(Path(sys.executable).parent / "etcdctl"), "--endpoints", private_etcd.endpoint]
-    for args in (["user", "add", "root:secret"], ["auth", "enable"]):
-        subprocess.run([*etcdctl, *args], check=True, capture_output=True, timeout=30)
-    authed = connection.connect(
-        connection.make_settings(private_etcd.endpoint, user="root", password="secret")
-    )
+    authed = enable_auth(private_etcd, "secret")
     try:
         agent = start_agent(
             private_etcd.endpoint, "-id", "auth", "-user", "root", "-password", "secret",
@@ -310,6 +316,57 @@ def test_an_agent_with_etcd_auth_runs_tasks_and_scripts_reach_etcd(
         assert (got.ok, got.result) == (True, "behind auth"), got.error
         assert authed.get("/foobar/config1")[0] == b"behind auth"
         assert agent.proc.poll() is None
+        log = agent.log()
+        assert log.count("etcd authentication over http://") == 1, log
+    finally:
+        authed.close()
+
+
+# Everywhere a script, or a program it runs, could look for the agent's credentials.
+LOOK_FOR_SECRETS = r"""
+local _, env = gleam.exec({"env"})
+local _, runner = gleam.exec({"sh", "-c", "tr '\\0' '\\n' < /proc/$PPID/environ"})
+local f = assert(io.open("/proc/self/environ", "rb"))
+local own = f:read("a"):gsub("%z", "\n")
+f:close()
+return {
+  getenv = {os.getenv("GLEAM_PASSWORD") or false, os.getenv("GLEAM_USER") or false},
+  exec_env = env, runner_environ = runner, own_environ = own,
+}
+"""
+
+
+def test_credentials_stay_with_the_agent(
+    private_etcd: EtcdServer, start_agent: StartAgent, lua_dir: Path, tmp_path: Path
+) -> None:
+    password = "pw-that-must-not-leak"
+    (lua_dir / "secrets.lua").write_text(LOOK_FOR_SECRETS)
+    password_file = tmp_path / "etcd-password"
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    authed = enable_auth(private_etcd, password)
+    try:
+        from_env = start_agent(
+            private_etcd.endpoint, "-id", "env", layout=LAYOUT, script_dir=lua_dir,
+            env={"GLEAM_USER": "root", "GLEAM_PASSWORD": password},
+        )  # fmt: skip
+        from_file = start_agent(
+            private_etcd.endpoint, "-id", "file", "-user", "root",
+            "-password_file", str(password_file), layout=LAYOUT, script_dir=lua_dir,
+        )  # fmt: skip
+        for agent_id, agent in (("env", from_env), ("file", from_file)):
+            wait_registered(authed, LAYOUT, agent_id)
+            revision = send(authed, LAYOUT, node(agent_id), "secrets")
+            got = wait_result(authed, LAYOUT, agent_id, node(agent_id), revision)
+            assert got.ok, got.error
+            assert got.result["getenv"] == [False, False]
+            assert all(
+                "PATH=" in got.result[k] for k in ("exec_env", "runner_environ", "own_environ")
+            )
+            assert password not in json.dumps(got.result)
+            # Nor can any other process of the agent's user read it from /proc.
+            for what in ("environ", "cmdline"):
+                assert password.encode() not in Path(f"/proc/{agent.pid}/{what}").read_bytes()
     finally:
         authed.close()
 

@@ -50,6 +50,38 @@ def test_an_unwritable_pid_file_is_a_clear_error(tmp_path: Path) -> None:
         pidfile.acquire(tmp_path / "missing-dir" / "agent.pid")
 
 
+@pytest.mark.parametrize("planted", ["symlink to a file", "dangling symlink", "stale file"])
+def test_something_at_the_temporarys_name_never_makes_the_agent_write_elsewhere(
+    tmp_path: Path, planted: str
+) -> None:
+    # The temporary's name is predictable: .<name>.<pid>.tmp beside the pid file.
+    path, victim = tmp_path / "agent.pid", tmp_path / "elsewhere" / "crontab"
+    victim.parent.mkdir()
+    tmp = tmp_path / ".agent.pid.4242.tmp"
+    if planted == "stale file":
+        tmp.write_text("left over\n")
+    else:
+        if planted == "symlink to a file":
+            victim.write_text("precious\n")
+        tmp.symlink_to(victim)
+    pidfile.acquire(path, pid=4242)
+    assert path.read_text() == "4242\n" and not path.is_symlink()
+    assert not tmp.exists() and not tmp.is_symlink()
+    if planted == "symlink to a file":
+        assert victim.read_text() == "precious\n"
+    else:
+        assert not victim.exists()
+
+
+def test_a_pid_file_that_is_a_symlink_is_replaced_not_written_through(tmp_path: Path) -> None:
+    path, victim = tmp_path / "agent.pid", tmp_path / "victim"
+    victim.write_text("precious\n")
+    path.symlink_to(victim)
+    pidfile.acquire(path, pid=4242)
+    assert victim.read_text() == "precious\n"
+    assert path.read_text() == "4242\n" and not path.is_symlink()
+
+
 def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
     low = Backoff(initial=0.1, cap=2.0, rng=lambda: 0.0)
     high = Backoff(initial=0.1, cap=2.0, rng=lambda: 1.0)

@@ -90,3 +90,16 @@ def test_table_shows_median_spread_ratio_and_errors() -> None:
     text = report.table(rows)
     assert "| 2.00 (1.00–4.00) | 3 runs | 20.0 [1]: loop | 10.0× | ≤ 3 s | yes |" in text
     assert "error: agent exited with 1 |" in text and "**error**" in text
+
+
+@pytest.mark.slow
+def test_bench_metrics_variant_starts_agents_with_metrics_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    argv = [sys.executable, "-m", "bench", "--sizes", "smoke", "--reps", "1", "--only", "dispatch"]
+    done = subprocess.run(
+        [*argv, "--metrics", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+        timeout=150,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| dispatch |")]
+    assert rows and all("(agents: -metrics 127.0.0.1:0)" in line for line in rows)

@@ -20,7 +20,8 @@ from tests.support import ROOT
 @pytest.fixture(autouse=True)
 def _no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # A GLEAM_* variable in the developer's shell must not steer these tests.
-    for name in ("ETCD", "PREFIX", "CONFIG", "CACERT", "CERT", "KEY", "USER", "PASSWORD"):
+    for name in ("ETCD", "PREFIX", "CONFIG", "CACERT", "CERT", "KEY", "USER", "PASSWORD",
+                 "PASSWORD_FILE"):  # fmt: skip
         monkeypatch.delenv(f"GLEAM_{name}", raising=False)
 
 
@@ -201,6 +202,7 @@ def test_data_from_a_file(run: Cli, etcd: Any, layout: keys.Layout, tmp_path: Pa
             "-wait: SECONDS must not be negative",
         ),
         (["-prefix", "gleam/", "info"], "-prefix"),
+        (["-user", "u", "-password_file", "/etc/passwd", "info"], "-password_file: '/etc/passwd'"),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(

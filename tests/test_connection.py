@@ -3,7 +3,9 @@ silent fall back to plain text; several endpoints fail over against a real etcd.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +92,109 @@ def test_a_client_fails_over_to_a_live_endpoint(etcd_server: EtcdServer) -> None
         assert client.get("/failover-test")[0] == b"ok"
     finally:
         client.close()
+
+
+# -password_file -------------------------------------------------------------------------
+
+
+def secret_file(tmp_path: Path, content: bytes = b"s3cret\n", mode: int = 0o600) -> Path:
+    path = tmp_path / "etcd-password"
+    path.write_bytes(content)
+    path.chmod(mode)
+    return path
+
+
+def with_file(path: Path) -> connection.Settings:
+    return connection.make_settings("http://a:2379", user="root", password_file=str(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "password"),
+    [
+        (b"s3cret\n", "s3cret"),
+        (b"s3cret", "s3cret"),
+        (b"s3cret\r\n", "s3cret"),
+        (b" two words \n\n", " two words \n"),  # one newline dropped, nothing else
+        ("pässwörd\n".encode(), "pässwörd"),
+    ],
+)
+def test_password_file_gives_the_password_without_its_trailing_newline(
+    tmp_path: Path, content: bytes, password: str
+) -> None:
+    assert with_file(secret_file(tmp_path, content)).password == password
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_password_file_of_mode_0600_or_stricter_is_accepted(tmp_path: Path, mode: int) -> None:
+    assert with_file(secret_file(tmp_path, mode=mode)).password == "s3cret"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o610, 0o601, 0o666])
+def test_password_file_others_may_read_or_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = secret_file(tmp_path, mode=mode)
+    with pytest.raises(connection.ConfigError, match=f"-password_file: .* has mode {mode:04o}"):
+        with_file(path)
+
+
+def test_password_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    st = secret_file(tmp_path).stat()
+    # The check itself, for a file owned by uid st_uid read by someone else.
+    with pytest.raises(connection.ConfigError, match="owned by uid .*not by this user"):
+        connection._check_password_file("f", st, uid=st.st_uid + 1)
+    if os.geteuid() == 0:  # and for real, where the test may give the file away
+        path = secret_file(tmp_path)
+        os.chown(path, 4242, 4242)
+        with pytest.raises(connection.ConfigError, match="owned by uid 4242"):
+            with_file(path)
+
+
+def test_password_file_may_be_a_symlink_to_a_safe_file(tmp_path: Path) -> None:
+    # Kubernetes and systemd hand secrets out through symlinks; the file itself is checked.
+    link = tmp_path / "link"
+    link.symlink_to(secret_file(tmp_path))
+    assert with_file(link).password == "s3cret"
+    (tmp_path / "etcd-password").chmod(0o644)
+    with pytest.raises(connection.ConfigError, match="has mode 0644"):
+        with_file(link)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing", "cannot open .*No such file"),
+        (lambda p: p, "is not a regular file"),  # a directory
+        (lambda p: Path("/dev/null"), "is not a regular file"),
+        (lambda p: (os.mkfifo(p / "fifo", 0o600), p / "fifo")[1], "is not a regular file"),
+        (lambda p: secret_file(p, b""), "is empty"),
+        (lambda p: secret_file(p, b"\n"), "is empty"),
+        (lambda p: secret_file(p, b"\xff\xfe\n"), "is not UTF-8 text"),
+        (lambda p: secret_file(p, b"x" * (64 * 1024 + 1)), "is over 65536 bytes"),
+    ],
+)
+def test_password_file_that_cannot_hold_a_password_is_named(
+    tmp_path: Path, make: Any, message: str
+) -> None:
+    path = make(tmp_path)
+    with pytest.raises(connection.ConfigError, match=f"^-password_file: .*{message}"):
+        with_file(path)
+
+
+def test_password_and_password_file_together_are_an_error(tmp_path: Path) -> None:
+    path = secret_file(tmp_path)
+    with pytest.raises(connection.ConfigError, match="-password and -password_file were both"):
+        connection.make_settings("http://a:2379", user="u", password="p", password_file=str(path))
+
+
+def test_password_file_without_user_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(connection.ConfigError, match="-password_file was given without -user"):
+        connection.make_settings("http://a:2379", password_file=str(secret_file(tmp_path)))
+
+
+def test_auth_over_http_gets_a_warning_and_over_https_none(tmp_path: Path) -> None:
+    plain = connection.make_settings("http://a:2379", user="u", password="p")
+    assert "clear text" in (plain.clear_text_auth_warning() or "")
+    assert connection.make_settings("http://a:2379").clear_text_auth_warning() is None
+    pem = tmp_path / "ca.pem"
+    pem.write_text("x")
+    tls = connection.make_settings("https://a:2379", cacert=str(pem), user="u", password="p")
+    assert tls.clear_text_auth_warning() is None

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,213 @@ def test_globals_and_library_changes_do_not_leak_between_runs(
     write(scripts, "b.lua", "return {leaked == nil, string.format('%s', 1), gleam.id}")
     assert ok(runner.run("a", None)) is True
     assert ok(runner.run("b", None)) == [True, "1", "web-1"]
+
+
+# Nothing a task does reaches the next one ---------------------------------------------------
+
+# A clean task that looks at everything a hostile one might have changed: the libraries
+# (through their tables and through string methods), the default files, the metatables.
+_CLEAN = """
+local function builtin(f) return not pcall(string.dump, f) end  -- C functions cannot be dumped
+local names = {}
+for _, lib in ipairs({string, table, math, io, os, utf8, coroutine, debug}) do
+  for k, v in pairs(lib) do names[#names + 1] = type(v) end
+end
+return {
+  string.upper("x"), ("x"):upper(), ("%d"):format(7), table.concat({1, 2}, ","),
+  math.floor(2.5), utf8.char(233), type(os.time()), io.type(io.stdout),
+  io.output() == io.stdout, io.input() == io.stdin, #names,
+  gleam.id, type(gleam.Get), builtin(io.stdout.write), builtin(("").upper),
+}
+"""
+_CLEAN_RESULT = [
+    "X", "X", "7", "1,2", 2, "é", "number", "file", True, True, 91, "web-1", "function",
+    True, True,
+]  # fmt: skip
+
+_POISON = "function() return 'POISONED' end"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The library table itself, through the state pairs() returns.
+        f"local _, real = pairs(string); real.upper = {_POISON}",
+        f"local _, real = pairs(string); rawset(real, 'upper', {_POISON})",
+        "local _, real = pairs(string); real.format = nil",
+        f"local _, real = pairs(gleam); real.Get = {_POISON}; real.id = 'x'",
+        """
+        for _, lib in ipairs({string, table, math, io, os, utf8, coroutine, debug, gleam, _G}) do
+          local _, real = pairs(lib)
+          for k in next, real do rawset(real, k, nil) end
+          for k, v in pairs(lib) do
+            if type(v) == "table" then for j in next, v do v[j] = nil end end
+          end
+        end
+        """,
+        # The iterator pairs() returns hands out keys and values only.
+        f"local walk = pairs(string); local k, v = walk(nil, nil); string[k] = {_POISON}",
+        # The shared metatables: strings', files', the environment's, the libraries'.
+        f"getmetatable('').__index.upper = {_POISON}",
+        f"rawset(getmetatable('').__index, 'upper', {_POISON})",
+        f"getmetatable(io.stdout).__index.write = {_POISON}",
+        "getmetatable(io.stdout).__gc = function() while true do end end",
+        "getmetatable(io.tmpfile()).__gc = function() while true do end end",
+        "getmetatable(io.stdout).__metatable = nil",
+        f"setmetatable(string, {{__index = {{upper = {_POISON}}}}})",
+        "setmetatable(_ENV, {})",
+        "setmetatable(gleam, {})",
+        f"getmetatable(_ENV).__index.pairs = {_POISON}",
+        # load with another environment, and a binary chunk.
+        f"load('upper = {_POISON}', 'x', 't', string)()",
+        f"load('upper = {_POISON}', 'x', 't', select(2, pairs(string)))()",
+        "assert(load(string.dump(function() end), 'x', 'b'))()",
+        # Coroutines see the same proxies.
+        f"coroutine.wrap(function() local _, real = pairs(string); real.upper = {_POISON} end)()",
+        f"local co = coroutine.create(function() string.upper = {_POISON}; coroutine.yield() end)"
+        " coroutine.resume(co)",
+        # Library state kept between calls.
+        "io.output(io.tmpfile()); io.input(io.tmpfile())",
+        "os.setlocale('C')",
+    ],
+)
+def test_what_a_task_does_does_not_reach_the_next_one(
+    make_runner: Factory, scripts: Path, text: str
+) -> None:
+    runner = make_runner(scripts)
+    write(scripts, "hostile.lua", text)
+    write(scripts, "clean.lua", _CLEAN)
+    assert ok(runner.run("clean", None)) == _CLEAN_RESULT
+    runner.run("hostile", None)  # succeeds or fails: either way, nothing sticks
+    assert ok(runner.run("clean", None)) == _CLEAN_RESULT
+
+
+def test_pairs_on_a_library_walks_it_without_handing_it_out(
+    make_runner: Factory, scripts: Path
+) -> None:
+    text = """
+    local walk, state, first = pairs(string)
+    local n = 0
+    for k, v in pairs(string) do n = n + 1 end
+    return {n, state == string, first == nil, rawget(string, "upper") == nil}
+    """
+    assert ok(run_text(make_runner(scripts), scripts, text)) == [17, True, True, True]
+
+
+def test_getmetatable_shows_a_scripts_own_metatables_only(
+    make_runner: Factory, scripts: Path
+) -> None:
+    text = """
+    local mt = {}
+    return {
+      getmetatable(setmetatable({}, mt)) == mt, getmetatable(_ENV), getmetatable(string),
+      getmetatable(gleam), getmetatable("x") == nil, getmetatable(io.stdout) == nil,
+      getmetatable(coroutine.create(print)) == nil,
+    }
+    """
+    assert ok(run_text(make_runner(scripts), scripts, text)) == [
+        True, False, False, False, True, True, True,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "install",
+    [
+        # __gc added to a metatable after setmetatable: Lua does not mark the object.
+        "local mt = {} local t = setmetatable({}, mt) mt.__gc = finaliser",
+        # __gc reached through the metatable's own __index: Lua looks __gc up raw.
+        "setmetatable({}, setmetatable({}, {__index = {__gc = finaliser}}))",
+        # The files' metatable: protected.
+        "pcall(function() getmetatable(io.stdout).__gc = finaliser end)",
+        "pcall(function() local f = io.tmpfile() getmetatable(f).__gc = finaliser end)",
+        "pcall(setmetatable, {}, {__gc = finaliser})",
+        "pcall(setmetatable, {}, setmetatable({__gc = finaliser}, {}))",
+    ],
+)
+def test_no_route_installs_a_finaliser(
+    make_runner: Factory, scripts: Path, tmp_path: Path, install: str
+) -> None:
+    # The finaliser, if it ever ran, would leave a file behind.
+    marker = tmp_path / "finalised"
+    runner = make_runner(scripts)
+    text = f"""
+    local function finaliser() io.open({str(marker)!r}, "w"):close() end
+    {install}
+    collectgarbage() collectgarbage()
+    return true
+    """
+    assert ok(run_text(runner, scripts, text)) is True
+    assert ok(run_text(runner, scripts, "collectgarbage() collectgarbage() return 1")) == 1
+    assert not marker.exists()
+
+
+def test_a_close_metamethod_that_loops_is_stopped_by_the_time_limit(
+    make_runner: Factory, scripts: Path
+) -> None:
+    # Unlike __gc, __close runs in the script's own thread, with the count hook on.
+    runner = make_runner(scripts, time_limit=0.5)
+    text = "local x <close> = setmetatable({}, {__close = function() while true do end end})"
+    assert failed(run_text(runner, scripts, text)) == "time limit of 0.5 s exceeded"
+    assert ok(run_text(runner, scripts, _CLEAN)) == _CLEAN_RESULT
+
+
+def test_files_a_task_leaves_open_are_closed_when_it_ends(
+    make_runner: Factory, scripts: Path, tmp_path: Path
+) -> None:
+    runner = make_runner(scripts)
+    written, read = tmp_path / "written", tmp_path / "read"
+    read.write_text("line\n")
+    fds = len(os.listdir("/proc/self/fd"))
+    text = f"""
+    Kept = io.open({str(written)!r}, "w")
+    Kept:write("buffered")
+    for i = 1, 200 do
+      local f = io.open({str(read)!r})
+      local lines = io.lines({str(read)!r})
+    end
+    io.output({str(tmp_path / "default")!r})
+    return io.type(Kept)
+    """
+    assert ok(run_text(runner, scripts, text)) == "file"
+    # Closing flushed what the task wrote; no descriptor is left behind.
+    assert written.read_text() == "buffered"
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_task_that_seeds_the_random_generator_does_not_fix_the_next_ones(
+    make_runner: Factory, scripts: Path
+) -> None:
+    runner = make_runner(scripts)
+    draw = "return {math.random(1 << 40), math.random(1 << 40)}"
+    seeded = ok(run_text(runner, scripts, "math.randomseed(42) " + draw))
+    # Seeding inside a task still gives that task a repeatable sequence...
+    assert ok(run_text(runner, scripts, "math.randomseed(42) " + draw)) == seeded
+    # ...but the next task does not inherit it.
+    ok(run_text(runner, scripts, "math.randomseed(42)"))
+    assert ok(run_text(runner, scripts, draw)) != seeded
+
+
+def test_os_setlocale_reads_but_does_not_change_the_locale(
+    make_runner: Factory, scripts: Path
+) -> None:
+    runner = make_runner(scripts)
+    assert isinstance(ok(run_text(runner, scripts, "return os.setlocale()")), str)
+    error = failed(run_text(runner, scripts, "os.setlocale('C')"))
+    assert "os.setlocale can only read the locale" in error
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("io.open('/x', 'zz')", "Lua error: t.lua:1: bad argument #2 to 'io.open' (invalid mode)"),
+        ("io.lines('/nonexistent/x')", "Lua error: t.lua:1: cannot open file '/nonexistent/x'"),
+        ("io.output({})", "Lua error: t.lua:1: bad argument #1 to 'io.output' (FILE* expected"),
+    ],
+)
+def test_io_errors_name_the_scripts_line(
+    make_runner: Factory, scripts: Path, text: str, expected: str
+) -> None:
+    assert failed(run_text(make_runner(scripts), scripts, text)).startswith(expected)
 
 
 # Names and files ------------------------------------------------------------------------
@@ -673,22 +881,94 @@ def test_example_etcd(examples: LuaRunner, etcd: Any) -> None:
         etcd.delete_prefix("/foobar")
 
 
-def test_example_config_sync(examples: LuaRunner, etcd: Any, tmp_path: Path) -> None:
-    target = tmp_path / "app.conf"
-    etcd.put(str(target), "listen = 8080\n")
+@pytest.fixture
+def sync_setup(
+    monkeypatch: pytest.MonkeyPatch, etcd: Any, tmp_path: Path
+) -> Iterator[tuple[str, Path]]:
+    """config::sync's two places, set through the agent's environment: a key prefix of
+    this test's own and a directory under tmp_path."""
+    prefix, directory = f"/sync-{uuid.uuid4().hex[:12]}/", tmp_path / "sync"
+    directory.mkdir()
+    monkeypatch.setenv("GLEAM_SYNC_PREFIX", prefix)
+    monkeypatch.setenv("GLEAM_SYNC_DIR", str(directory))
+    yield prefix, directory
+    etcd.delete_prefix(prefix)
+
+
+def test_example_config_sync(examples: LuaRunner, etcd: Any, sync_setup: tuple[str, Path]) -> None:
+    prefix, directory = sync_setup
+    (directory / "app").mkdir()
+    etcd.put(f"{prefix}app.conf", "listen = 8080\n")
+    etcd.put(f"{prefix}app/nested.conf", "nested\n")
+    assert ok(examples.run("config::sync", "app.conf")) == {"file": "app.conf", "bytes": 14}
+    assert ok(examples.run("config::sync", "app/nested.conf"))["file"] == "app/nested.conf"
+    assert (directory / "app.conf").read_text() == "listen = 8080\n"
+    assert (directory / "app" / "nested.conf").read_text() == "nested\n"
+    assert sorted(p.name for p in directory.rglob("*")) == ["app", "app.conf", "nested.conf"]
+
+
+def test_example_config_sync_of_missing_key_fails(
+    examples: LuaRunner, sync_setup: tuple[str, Path]
+) -> None:
+    prefix, directory = sync_setup
+    error = failed(examples.run("config::sync", "missing.conf"))
+    assert error == f"Lua error: config::sync: gleam.Get {prefix}missing.conf: key not found"
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("/etc/cron.d/evil", "is an absolute path"),
+        ("../escape.conf", "has a '..' segment"),
+        ("app/../../escape.conf", "has a '..' segment"),
+        ("./app.conf", "has a '.' segment"),
+        ("app//x.conf", "has an empty segment"),
+        ("app/", "has an empty segment"),
+        ("app.conf\0.txt", "character other than"),
+        ("app\nconf", "character other than"),
+        ("a b", "character other than"),
+        ("..\\escape", "character other than"),
+        ("", "must be a name of 1 to 255 bytes"),
+        ("x" * 256, "must be a name of 1 to 255 bytes"),
+        ({"path": "/etc/app.conf"}, "Data must be a file name"),
+        (7, "Data must be a file name"),
+        (None, "Data must be a file name"),
+    ],
+)
+def test_example_config_sync_refuses_names_that_leave_its_places(
+    examples: LuaRunner, etcd: Any, sync_setup: tuple[str, Path], tmp_path: Path, data: Any,
+    message: str,
+) -> None:  # fmt: skip
+    prefix, directory = sync_setup
+    # Every key it could be tricked into reading holds something.
+    for key in ("/etc/cron.d/evil", f"{prefix}../escape.conf", "escape.conf"):
+        etcd.put(key, "* * * * * root rm -rf /\n")
     try:
-        result = ok(examples.run("config::sync", str(target)))
+        error = failed(examples.run("config::sync", data))
     finally:
-        etcd.delete(str(target))
-    assert target.read_text() == "listen = 8080\n"
-    assert result == {"file": str(target), "bytes": 14}
+        for key in ("/etc/cron.d/evil", f"{prefix}../escape.conf", "escape.conf"):
+            etcd.delete(key)
+    assert error.startswith("Lua error: config::sync: ") and message in error
+    assert "\n" not in error and "\0" not in error
+    assert [p.name for p in tmp_path.rglob("*")] == ["sync"]
+    assert not Path("/etc/cron.d/evil").exists()
 
 
-def test_example_config_sync_of_missing_key_fails(examples: LuaRunner, tmp_path: Path) -> None:
-    target = tmp_path / "missing.conf"
-    error = failed(examples.run("config::sync", str(target)))
-    assert "key not found" in error
-    assert not target.exists()
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GLEAM_SYNC_DIR", "relative/dir", 'DIRECTORY "relative/dir" must be an absolute path'),
+        ("GLEAM_SYNC_DIR", "/", "must be an absolute path below /"),
+        ("GLEAM_SYNC_PREFIX", "config", "KEY_PREFIX \"config\" must start and end with '/'"),
+    ],
+)
+def test_example_config_sync_refuses_a_setup_that_would_reach_everywhere(
+    examples: LuaRunner, sync_setup: tuple[str, Path], monkeypatch: pytest.MonkeyPatch,
+    variable: str, value: str, message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv(variable, value)
+    assert message in failed(examples.run("config::sync", "app.conf"))
 
 
 def test_floats_survive(make_runner: Factory, scripts: Path) -> None:
