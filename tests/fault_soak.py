@@ -242,7 +242,7 @@ class Soak:
             s4.kill()
             s4.start(proxy.endpoint)  # every loop of s4 talks to m1, through the proxy
             slow = messages.Task("slow", {"sleep": 1.5, "pad": "x" * PAD})
-            dead_run = client.send_task(etcd, LAYOUT, target, slow)
+            dead_run = send_until_written(etcd, target, slow)
             if not wait_for(lambda: f"at revision {dead_run}" in s4.texts()[-1], 30):
                 s4.kill()
                 s4.start(direct)
@@ -252,7 +252,7 @@ class Soak:
             try:
                 fresh = wait_for(lambda: set(proxy.requests_over(PAD)) - before, 15)
                 s4.kill()
-                newer = client.send_task(etcd, LAYOUT, target, messages.Task("echo", "newer"))
+                newer = send_until_written(etcd, target, messages.Task("echo", "newer"))
                 s4.start(direct)
                 if not fresh:
                     return "late-write-nothing-in-flight"
@@ -265,7 +265,7 @@ class Soak:
             if not wait_for(lambda: stream in link.answered_streams(), 60):
                 say(f"late write: m1 never answered the late write of run {dead_run}")
                 return "late-write-unanswered"
-            held = recorded_revision(etcd, key)
+            held = wait_for(lambda: recorded_revision(etcd, key), 30)
             self.late_checks.append((dead_run, newer, held))
             say(f"late write: run {dead_run} in flight, newer {newer}, record holds {held}")
             return "late-write"
@@ -282,7 +282,23 @@ class Soak:
             "late-write": self.late_write,
         }
         kind = self.rng.choice(sorted(k for k in faults if not self.kinds or k in self.kinds))
-        self.faults[faults[kind]() or kind] += 1
+        try:
+            self.faults[faults[kind]() or kind] += 1
+        except Exception as exc:  # noqa: BLE001 - a harness hiccup must not end the run
+            say(f"fault {kind} broke off: {exc!r}; healing")
+            self.faults[f"{kind}-broken-off"] += 1
+            self.heal()
+
+    def heal(self) -> None:
+        """Every member thawed and running, every agent running."""
+        for member in self.cluster.members:
+            member.resume()
+            if not member.running():
+                self.cluster.restart(member)
+        self.cluster.wait_healthy(self.cluster.members)
+        for agent in self.agents:
+            if agent.proc is None or agent.proc.proc.poll() is not None:
+                agent.start()
 
     def close(self) -> None:
         for agent in self.agents:
@@ -303,6 +319,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float) -> Any:
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(0.05)
+
+
+def send_until_written(etcd: Any, target: keys.Target, task: messages.Task) -> int:
+    """Send, trying again through leader changes and outages (within a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.send_task(etcd, LAYOUT, target, task)
+        except connection.ETCD_ERRORS:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def recorded_revision(etcd: Any, result_key: str) -> int:
@@ -462,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         if monitor is not None:
             monitor.stop()
         soak.close()
-    late_overwrites = [c for c in soak.late_checks if c[2] != c[1]]
+    late_overwrites = [c for c in soak.late_checks if c[2] < c[1]]
     summary = {
         "seed": seed,
         "minutes": round((time.monotonic() - started) / 60, 1),
