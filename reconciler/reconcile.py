@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,15 @@ class PruneRefused(ReconcileError):
 
 class Conflict(ReconcileError):
     """Keys kept changing under us; gave up after MAX_ATTEMPTS plans."""
+
+
+def resource_failure(exc: BaseException) -> str:
+    """One line for a pass stopped by Python's own limits. The inputs are bounded
+    (manifests.MAX_FILE_BYTES, aliases, depth; messages are decoded strictly), so this
+    is the last line of defence: an error line, never a traceback."""
+    if isinstance(exc, MemoryError):
+        return "the pass ran out of memory and stopped"
+    return "the pass met a value nested too deeply for Python and stopped"
 
 
 @dataclass(frozen=True)
@@ -105,8 +114,11 @@ def worktree_digest(values: Mapping[str, bytes]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _entries(layout: keys.Layout, files: Any) -> dict[str, manifests.Manifest]:
-    loaded = manifests.load(files)
+def _entries(
+    layout: keys.Layout, files: Any, problems: Iterable[manifests.ManifestError] = ()
+) -> dict[str, manifests.Manifest]:
+    # A refused path may be reported by two listings (the diff and the tree): once.
+    loaded = manifests.load(files, problems=dict.fromkeys(problems))
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
@@ -145,7 +157,7 @@ def read_desired(
     GuardRefused or gitsource.GitError before anything is written."""
     if options.worktree:
         snapshot = gitsource.read_worktree(options.repo)
-        entries = _entries(layout, snapshot.files)
+        entries = _entries(layout, snapshot.files, snapshot.problems)
         head = None
         if source is not None:
             try:
@@ -180,32 +192,34 @@ def read_desired(
     # Incremental: only the manifests that changed since the recorded commit. For each
     # target touched, both spellings (.yaml, .yml) are read from HEAD, so a rename between
     # them, or a duplicate, is seen whole.
+    # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
+    # as errors like any invalid manifest, before anything is read.
     changed = source.changed(recorded, head)
     targets: dict[keys.Target, None] = {}
-    misplaced: list[str] = []  # read too, so that load() reports them with the rest
+    problems = list(changed.problems)
     delta = 0
-    for entry in changed:
+    for entry in changed.paths:
         target = manifests.classify(entry.path)
         if isinstance(target, keys.Target):
             targets[target] = None
             delta += {"A": 1, "D": -1}.get(entry.status, 0)
         elif isinstance(target, manifests.ManifestError) and entry.status != "D":
-            misplaced.append(entry.path)
-    paths = misplaced + [
+            problems.append(target)
+    paths = [
         f"{manifests.TASKS_DIR}/{dirname}/{t.name}{ext}"
         for t in targets
         for dirname, kind in manifests.KIND_DIRS.items()
         if kind is t.kind
         for ext in manifests.EXTENSIONS
     ]
-    snapshot = source.read_paths(head, paths)
-    entries = _entries(layout, snapshot.files)
+    listing = source.list_paths(head, paths)
+    entries = _entries(layout, source.read_blobs(listing.blobs), [*problems, *listing.problems])
     return Desired(
         entries=entries,
         scope=frozenset(layout.task_key(t) for t in targets),
         source="commit",
         commit=head,
-        digest=f"git-tree:{snapshot.tree or 'none'}",
+        digest=f"git-tree:{listing.tree or 'none'}",
         total=record.last.keys + delta,
         mode="incremental",
     )
@@ -216,13 +230,13 @@ def read_full(
 ) -> Desired:
     """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
     the others are read from git and parsed."""
-    tree, blobs = source.list_tree(commit)
+    listing = source.list_tree(commit)
+    blobs = listing.blobs
     cache_path = parsecache.path_for(source.git_dir)
     cached = parsecache.load(cache_path) if cache else {}
     known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
     missing = [(path, sha) for path, sha in blobs if sha not in cached]
-    contents = source.read_blobs(sha for _, sha in missing)
-    loaded = manifests.load(((path, contents[sha]) for path, sha in missing), known=known)
+    loaded = manifests.load(source.read_blobs(missing), known=known, problems=listing.problems)
     entries = {layout.task_key(target): m for target, m in loaded.items()}
     if cache and missing:
         by_path = {m.path: m.value for m in loaded.values()}
@@ -239,7 +253,7 @@ def read_full(
         scope=None,
         source="commit",
         commit=commit,
-        digest=f"git-tree:{tree or 'none'}",
+        digest=f"git-tree:{listing.tree or 'none'}",
         total=len(entries),
         mode="full",
     )

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gleam import keys, leases, testhooks
+from gleam import keys, leases, messages, testhooks
+from gleam import render as gleam_render
 from reconciler import diff, state
 
 log = logging.getLogger("gleam.reconcile")
@@ -305,10 +306,10 @@ class Holder:
         """The holder a lock value names; None for any other value (written by an older
         version, or by hand): such a lock is only ever freed by its lease."""
         try:
-            body = json.loads(raw)
+            body = messages.load_json(raw, what="the lock's value")
             host, pid = body["host"], body["pid"]
             pidns, start = body.get("pidns", ""), body.get("start", "")
-        except (ValueError, TypeError, KeyError):
+        except (messages.MessageError, TypeError, KeyError, AttributeError):
             return None
         if not (isinstance(host, str) and type(pid) is int and pid > 0):
             return None
@@ -423,6 +424,8 @@ class Lock:
                 raw, meta = responses[0][0]
                 holder = Holder.decode(raw)
                 who = str(holder) if holder else (raw.decode("utf-8", "replace") or "someone")
+                # Anyone who can write to etcd picks this value: one short printable line.
+                who = gleam_render.printable(who if len(who) <= 100 else who[:97] + "...")
                 if holder is not None and self._break_if_gone(holder, meta):
                     continue
             if not waiting_logged:
