@@ -347,9 +347,10 @@ def _convert(loader: _Loader, root: yaml.Node) -> Any:
             if tag == _STR:
                 return text
             if tag == _INT:
-                if text.isascii() and text.isdigit() and (text[0] != "0" or len(text) == 1):
-                    if len(text) <= messages.MAX_INT_DIGITS:
-                        return int(text)
+                # A plain decimal (not octal); anything else the constructor reads.
+                simple = text.isascii() and text.isdigit() and (text[0] != "0" or text == "0")
+                if simple and len(text) <= messages.MAX_INT_DIGITS:
+                    return int(text)
                 return loader.construct_yaml_int(node)
             if tag == _NULL:
                 return None
