@@ -51,10 +51,12 @@ def raw_name(value: bytes) -> str | None:
     the failed result still says what was asked for."""
     try:
         parsed = json.loads(value)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, MemoryError):
         return None
     if isinstance(parsed, dict) and isinstance(parsed.get("Name"), str):
-        name: str = parsed["Name"][:256]
+        # A lone surrogate ("\ud800") is not text and would make the failed result
+        # itself impossible to encode: it is kept escaped.
+        name: str = parsed["Name"][:256].encode("utf-8", "backslashreplace").decode("utf-8")
         return name
     return None
 
