@@ -67,6 +67,15 @@ AGENT_FLAGS: tuple[flags.Flag, ...] = (
     ),
 )
 
+# A switch (no value): `-takeover` on the command line, GLEAM_TAKEOVER=1 or `takeover:
+# true` in the -config file (agent/preflight.py says what it does).
+TAKEOVER = flags.Flag(
+    "takeover",
+    "start even if another live agent holds this id's registration; that agent then exits",
+)
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
 ALL_FLAGS: tuple[flags.Flag, ...] = (
     *flags.CONNECTION_FLAGS,
     *AGENT_FLAGS,
@@ -94,6 +103,7 @@ class AgentConfig:
     ttl: int
     check_interval: float
     trust_file: Path | None = None  # -trust: only signed tasks run (agent/trust.py)
+    takeover: bool = False  # -takeover: replace another live agent's registration
 
     @property
     def targets(self) -> tuple[keys.Target, ...]:
@@ -128,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     flags.add_flags(parser, ALL_FLAGS)
+    parser.add_argument(
+        "-takeover",
+        "--takeover",
+        dest=TAKEOVER.name,
+        action="store_const",
+        const="1",
+        default=None,
+        help=f"{TAKEOVER.help}; env {TAKEOVER.env}",
+    )
     parser.add_argument("-version", "--version", action="version", version=f"{PROG} {VERSION}")
     return parser
 
@@ -179,7 +198,15 @@ def from_values(
         ttl=int(_number(values, "ttl", integer=True, minimum=1)),
         check_interval=_number(values, "check_interval", integer=False, minimum=0.1),
         trust_file=Path(trust).expanduser().absolute() if (trust := values.get("trust")) else None,
+        takeover=_switch(values, TAKEOVER),
     )
+
+
+def _switch(values: Mapping[str, str | None], flag: flags.Flag) -> bool:
+    word = (values.get(flag.name) or "").strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise flags.FlagError(f"-{flag.name}: {word!r} is not true or false ({flag.env})")
+    return word in TRUE_WORDS
 
 
 def parse(
@@ -193,7 +220,7 @@ def parse(
 
     An unknown flag exits 2 through argparse; a bad value raises FlagError/ConfigError."""
     args = build_parser().parse_args(argv)
-    values = flags.resolve(args, ALL_FLAGS, environ=environ)
+    values = flags.resolve(args, (*ALL_FLAGS, TAKEOVER), environ=environ)
     config = from_values(
         values,
         hostname=socket.gethostname() if hostname is None else hostname,

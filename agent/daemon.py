@@ -82,6 +82,7 @@ class Agent:
                 config, hostname=socket.gethostname(), pid=os.getpid(), started=wall_clock()
             ),
             ttl=config.ttl,
+            takeover=config.takeover,
         )
         self.watch = WatchLoop(
             new_store(),

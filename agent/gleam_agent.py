@@ -10,16 +10,18 @@ Lua executor process. The agent itself is agent.daemon.Agent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
 from agent import executor, inflight, lua_api, observe, pidfile, preflight, store, trust
-from agent.daemon import Agent
+from agent.daemon import Agent, agent_info
 from gleam import connection, flags, logformat, metrics, signing
 from gleam.version import VERSION
 
@@ -94,14 +96,24 @@ def _open_state(config: agent_config.AgentConfig) -> inflight.StartedTasks:
         return inflight.StartedTasks()
 
 
-def _unreadable_task_key(config: agent_config.AgentConfig) -> str | None:
-    """With an etcd identity (a user or a client certificate), roles may hide a task key
-    from this agent: checked once at start (agent/preflight.py)."""
-    if not (config.settings.user or config.settings.cert):
+def _refusal(config: agent_config.AgentConfig) -> str | None:
+    """Why the agent must not start, checked once (agent/preflight.py): a task key its
+    etcd identity may not read (with a user or a client certificate), or its id's
+    registration held by another live agent (unless -takeover). etcd slow or down is no
+    reason: the check gives up after at most 2 s and the agent starts as always."""
+    identity = bool(config.settings.user or config.settings.cert)
+    if not identity and config.takeover:
         return None
-    check = store.Store(config.settings)
+    check = store.Store(
+        dataclasses.replace(config.settings, timeout=min(config.settings.timeout, 2.0))
+    )
     try:
-        return preflight.unreadable(check, config.task_keys)
+        if identity and (denied := preflight.unreadable(check, config.task_keys)) is not None:
+            return denied
+        if config.takeover:
+            return None
+        me = agent_info(config, hostname=socket.gethostname(), pid=os.getpid(), started=0.0)
+        return preflight.held_by_another(check, config.layout.info_key(config.agent_id), me)
     finally:
         check.close()
 
@@ -165,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if warning := config.settings.clear_text_auth_warning():
         log.warning("%s", warning)
-    if (denied := _unreadable_task_key(config)) is not None:
-        _fatal(denied, to_log_file=bool(values.get("log")))
+    if (refused := _refusal(config)) is not None:
+        _fatal(refused, to_log_file=bool(values.get("log")))
         return EXIT_USAGE
     if config.pid_file is not None:
         try:

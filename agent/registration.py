@@ -4,6 +4,16 @@ A dead agent's lease expires and its record disappears. If the lease is lost whi
 agent lives (etcd lost it, or the agent was cut off for longer than the TTL), the loop
 grants a new lease and registers again. A clean shutdown revokes the lease, so the
 record goes at once.
+
+Every write of the record is guarded twice against landing late (etcd may apply a
+request after its client gave up, or died): by the record's mod_revision as last seen, so
+that a late write cannot replace a newer registration, and by its lease, so that a late
+write whose lease is gone (revoked or expired) fails instead of bringing the record back.
+
+The record is this agent's alone: if it finds the record held by another live agent
+(one started with -takeover, or a duplicate that registered while this one was cut off),
+it stops instead of writing it back, and the agent exits 1; the rule is
+agent/preflight.py's `other_holder`.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from agent import store
+from agent import preflight, store
 from agent.backoff import Backoff
 from gleam import messages
 
@@ -27,6 +37,14 @@ def refresh_interval(granted_ttl: int) -> float:
     return max(0.5, granted_ttl / 3)
 
 
+class TakenOver(Exception):
+    """The registration is held by another live agent: this one must stop."""
+
+    def __init__(self, holder: messages.AgentInfo) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
 class Registrar:
     def __init__(
         self,
@@ -36,8 +54,11 @@ class Registrar:
         info: messages.AgentInfo,
         ttl: int,
         backoff: Backoff | None = None,
+        takeover: bool = False,
     ) -> None:
         self._etcd = etcd
+        self._takeover = takeover  # the first registration may replace another holder's
+        self.taken_over: messages.AgentInfo | None = None
         self._key = key
         self._info = info
         self._ttl = ttl
@@ -75,6 +96,13 @@ class Registrar:
                         self._ensure_record(self.lease_id)
                     pause = interval
                 self._backoff.reset()
+            except TakenOver as exc:
+                self.taken_over = exc.holder
+                log.critical(
+                    "%s; this agent stops (its lease is revoked, the record stays theirs)",
+                    preflight.taken_message(self._key, exc.holder),
+                )
+                break
             except store.Denied as exc:
                 log.error("registration: cannot write %s: %s; not registering", self._key, exc)
                 self._revoke()
@@ -94,38 +122,49 @@ class Registrar:
 
     def _ensure_record(self, lease_id: int) -> None:
         """Put the record back if it was deleted (or overwritten) while the lease lives:
-        a live agent must stay listed."""
-        if self._etcd.get(self._key) != self._info.encode():
+        a live agent must stay listed. A lease found gone means registering anew; a
+        record now held by another live agent means this one stops (TakenOver)."""
+        value, mod_revision = self._etcd.read_records([self._key])[self._key]
+        if value != self._info.encode():
+            if (holder := preflight.other_holder(value, self._info)) is not None:
+                raise TakenOver(holder)
             log.warning("%s was deleted or changed; registering again", self._key)
-            self._etcd.put(self._key, self._info.encode(), lease=lease_id)
+            try:
+                self._put_record(lease_id, mod_revision)
+            except store.LeaseNotFound:
+                log.warning("lease %x is gone; registering again", lease_id)
+                self.lease_id = None
+                self.registered.clear()
+                return
             self.registrations += 1
 
+    def _put_record(self, lease_id: int, mod_revision: int) -> None:
+        """Write the record bound to `lease_id` over the one seen at `mod_revision`. The
+        live agent's record replaces whatever is there: if the compare fails (the record
+        changed since it was read), it is tried again over the new one, a few times."""
+        for _attempt in range(3):
+            outcome = self._etcd.put_guarded(
+                [store.Guarded(self._key, self._info.encode(), mod_revision, lease_id)]
+            )
+            if outcome.ok:
+                return
+            mod_revision = outcome.current[self._key]
+        raise store.Unavailable(f"{self._key} keeps changing while it is written")
+
     def _register(self) -> tuple[int, float]:
-        previous = self._etcd.get(self._key)
-        if previous is not None:
-            self._warn_if_taken(previous)
+        previous, mod_revision = self._etcd.read_records([self._key])[self._key]
+        holder = preflight.other_holder(previous, self._info)
+        if holder is not None:
+            if self.registrations or not self._takeover:
+                raise TakenOver(holder)
+            log.warning("-takeover: replacing %s", preflight.taken_message(self._key, holder))
         lease_id, granted = self._etcd.grant_lease(self._ttl)
-        self._etcd.put(self._key, self._info.encode(), lease=lease_id)
+        self._put_record(lease_id, mod_revision)
         self.lease_id = lease_id
         self.registrations += 1
         self.registered.set()
         log.info("registered %s with lease %x (TTL %ds)", self._key, lease_id, granted)
         return lease_id, refresh_interval(granted)
-
-    def _warn_if_taken(self, raw: bytes) -> None:
-        try:
-            other = messages.decode_agent_info(raw)
-        except messages.MessageError:
-            return
-        if (other.hostname, other.pid) != (self._info.hostname, self._info.pid):
-            log.warning(
-                "%s is already registered by pid %d on %s: another agent with this id "
-                "(two agents with one id share one node key and one set of results), or "
-                "this agent's previous run whose lease has not expired yet",
-                self._key,
-                other.pid,
-                other.hostname,
-            )
 
     def _revoke(self) -> None:
         if self.lease_id is None:

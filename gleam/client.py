@@ -13,16 +13,20 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from gleam import keys, messages, signing
+import grpc
+from pyetcd import exceptions as pyetcd_exceptions
+
+from gleam import connection, keys, messages, signing
 
 Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
 def send_task(etcd: Etcd, layout: keys.Layout, target: keys.Target, task: messages.Task) -> int:
     """Write `task` to the target's key; returns the write's revision (the key's new
-    mod_revision, which agents put in their results)."""
-    response = etcd.put(layout.task_key(target), task.encode())
-    return int(response.header.revision)
+    mod_revision, which agents put in their results). See `send_tasks`."""
+    return send_tasks(etcd, layout, [target], task)
 
 
 def list_agents(etcd: Etcd, layout: keys.Layout) -> list[messages.AgentInfo]:
@@ -148,6 +152,95 @@ def wait_for_results(
 # Several targets at once, listings and whole-fleet snapshots ----------------------------
 
 
+# Attempts at one send: a timed-out attempt is sent again (pyetcd moves on to another
+# endpoint), under the same guard, so that at most one of them can ever be applied.
+SEND_ATTEMPTS = 3
+
+# Errors after which a write may or may not have been applied: the request may have
+# reached etcd, and etcd may apply it even after the client gave up.
+_UNCERTAIN_CODES = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+class SendOutcomeUnknown(pyetcd_exceptions.Etcd3Exception):  # type: ignore[misc]
+    """etcd did not say whether the task was written. It is written at most once: every
+    attempt was guarded by the keys' mod_revisions as read before the first."""
+
+
+class SendConflict(pyetcd_exceptions.Etcd3Exception):  # type: ignore[misc]
+    """The keys changed between reading and writing them, every time: nothing written."""
+
+
+def _uncertain(exc: BaseException) -> bool:
+    if isinstance(exc, pyetcd_exceptions.Etcd3Exception):
+        return not isinstance(exc, pyetcd_exceptions.RevisionCompactedError)
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code in _UNCERTAIN_CODES
+
+
+def _stored(etcd: Etcd, task_keys: Sequence[str]) -> dict[str, Stored | None]:
+    """The keys' values and mod_revisions now (None for a missing key), at one revision."""
+    t = etcd.transactions
+    found: dict[str, Stored | None] = {}
+    for start in range(0, len(task_keys), MAX_TXN_OPS):
+        chunk = task_keys[start : start + MAX_TXN_OPS]
+        _ok, responses = etcd.transaction(compare=[], success=[t.get(k) for k in chunk], failure=[])
+        for key, response in zip(chunk, responses, strict=True):
+            found[key] = None
+            for value, meta in response:
+                found[key] = Stored(bytes(value), int(meta.mod_revision))
+    return found
+
+
+def _prepare(
+    etcd: Etcd,
+    task_keys: Sequence[str],
+    task: messages.Task,
+    signer: signing.Signer | None,
+    *,
+    stored: Mapping[str, Stored | None] | None = None,
+) -> tuple[dict[str, int], dict[str, bytes]]:
+    """The guard (each key's mod_revision now, 0 for a missing key) and the value to
+    write to each key. Signed, a message names the revision it replaces as P: the key's
+    mod_revision, or for a missing key etcd's revision read after it was seen missing
+    (the guard makes both true when the write lands; README, "Securing a fleet")."""
+    if stored is None:
+        stored = _stored(etcd, task_keys)
+    seen = {key: (s.revision if s else 0) for key, s in stored.items()}
+    if signer is None:
+        value = task.encode()
+        return seen, dict.fromkeys(task_keys, value)
+    current = 0
+    if not all(seen.values()):
+        current = int(etcd.get_response(task_keys[0]).header.revision)
+    values = {
+        key: signing.sign_task(task, key=key, prev=seen[key] or current, signer=signer)
+        for key in task_keys
+    }
+    return seen, values
+
+
+def landed(
+    values: Mapping[str, bytes], seen: Mapping[str, int], now: Mapping[str, Stored | None]
+) -> int | None:
+    """Pure: the revision our write got, if the keys show it landed (every key holds our
+    value at one mod_revision newer than the one our guard named); None otherwise."""
+    revisions = set()
+    for key, was in seen.items():
+        stored = now.get(key)
+        if stored is None or stored.value != values[key] or stored.revision <= was:
+            return None
+        revisions.add(stored.revision)
+    return revisions.pop() if len(revisions) == 1 else None
+
+
 def send_tasks(
     etcd: Etcd,
     layout: keys.Layout,
@@ -157,57 +250,69 @@ def send_tasks(
     signer: signing.Signer | None = None,
 ) -> int:
     """Write `task` to every target's key in ONE etcd transaction: all keys or none.
-    With `signer`, each key gets the message signed for it (see `send_signed`).
+    With `signer`, each key gets the message signed for it (see `_prepare`).
 
     Returns the transaction's revision, which is every written key's new mod_revision
-    (what agents put in their results, and what `wait_for_results` waits for)."""
-    value = task.encode()
+    (what agents put in their results, and what `wait_for_results` waits for).
+
+    The write is guarded by each key's mod_revision as read just before, so a request
+    etcd applies late can never land as a second revision: when an attempt times out,
+    the next one (on another endpoint) carries the same guard, and at most one of them is
+    applied. If the keys then show our value at a newer revision, that is our write. If
+    etcd never answers, or the keys were changed meanwhile by someone else, the outcome
+    is unknown: SendOutcomeUnknown says so (see the README, "When etcd misbehaves")."""
     task_keys = sorted({layout.task_key(t) for t in targets})
     if not task_keys:
         raise ValueError("send_tasks: no target given")
-    if signer is not None:
-        return send_signed(etcd, task_keys, task, signer)
-    _ok, responses = etcd.transaction(
-        compare=[],
-        success=[etcd.transactions.put(key, value) for key in task_keys],
-        failure=[],
-    )
-    return int(responses[0].response_put.header.revision)
-
-
-class SendConflict(RuntimeError):
-    """The task keys kept changing while a signed message was being written."""
-
-
-SIGNED_SEND_ATTEMPTS = 5
-
-
-def send_signed(
-    etcd: Etcd, task_keys: Sequence[str], task: messages.Task, signer: signing.Signer
-) -> int:
-    """Write `task` signed for each key with P = the key's mod_revision as read (etcd's
-    revision for a key that does not exist), in one transaction that compares each key
-    with what was read, so that every P is true when the write lands; read again and
-    retried when someone wrote a key meanwhile."""
     t = etcd.transactions
-    for _attempt in range(SIGNED_SEND_ATTEMPTS):
-        compares, puts = [], []
-        for key in task_keys:
-            response = etcd.get_response(key)
-            if response.kvs:
-                prev = int(response.kvs[0].mod_revision)
-                compares.append(t.mod(key) == prev)
-            else:
-                prev = int(response.header.revision)
-                compares.append(t.version(key) == 0)
-            puts.append(t.put(key, signing.sign_task(task, key=key, prev=prev, signer=signer)))
-        ok, responses = etcd.transaction(compare=compares, success=puts, failure=[])
-        if ok:
-            return int(responses[0].response_put.header.revision)
-    raise SendConflict(
-        f"the task keys ({task_keys[0]}, ...) kept changing while writing the signed "
-        f"message; gave up after {SIGNED_SEND_ATTEMPTS} attempts"
+    seen, values = _prepare(etcd, task_keys, task, signer)
+    doubt: BaseException | None = None  # why an earlier attempt's outcome is unknown
+    for _attempt in range(SEND_ATTEMPTS):
+        try:
+            ok, responses = etcd.transaction(
+                compare=[t.mod(key) == seen[key] for key in task_keys],
+                success=[t.put(key, values[key]) for key in task_keys],
+                failure=[],
+            )
+            if ok:
+                return int(responses[0].response_put.header.revision)
+            now = _stored(etcd, task_keys)
+        except connection.ETCD_ERRORS as exc:
+            if not _uncertain(exc):
+                if doubt is None:
+                    raise
+                break
+            doubt = exc
+            continue
+        if doubt is None:
+            # Written by someone else between our read and our write, and ours cannot
+            # have landed: write over it, as a plain put would have (a signed message is
+            # signed again, for the revision it now replaces).
+            seen, values = _prepare(etcd, task_keys, task, signer, stored=now)
+            continue
+        revision = landed(values, seen, now)
+        if revision is not None:
+            return revision
+        raise SendOutcomeUnknown(
+            f"{_keys_text(task_keys)} changed while the write was in doubt "
+            f"({connection.describe_error(doubt)}): the task may or may not have been "
+            "written before that; it was not sent again"
+        )
+    if doubt is None:
+        raise SendConflict(
+            f"{_keys_text(task_keys)} changed under every one of {SEND_ATTEMPTS} attempts "
+            "(someone else keeps writing them); the task was not written"
+        )
+    raise SendOutcomeUnknown(
+        f"no answer from etcd for {_keys_text(task_keys)} after {SEND_ATTEMPTS} attempts "
+        f"({connection.describe_error(doubt)}): the task may or may not have been written, "
+        "and may still be, at most once; check the key's revision with 'gleam-client node', "
+        "'region' or 'status' before sending it again"
     )
+
+
+def _keys_text(task_keys: Sequence[str]) -> str:
+    return task_keys[0] if len(task_keys) == 1 else f"{len(task_keys)} keys ({task_keys[0]}, ...)"
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,28 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+class _FastLoader(_Loader):
+    """_Loader with a memo of the implicit tags of plain scalars: the C parser asks the
+    (Python) resolver for every node, and a fleet's manifests repeat the same keys and
+    values. The tag depends on the text only (no path resolvers), so the memo changes
+    nothing but the time."""
+
+    def resolve(self, kind: type[yaml.Node], value: str, implicit: tuple[bool, bool]) -> str:
+        if kind is yaml.ScalarNode and implicit[0]:
+            tag = _PLAIN_TAGS.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+                if len(value) <= 64 and len(_PLAIN_TAGS) < 1 << 16:
+                    _PLAIN_TAGS[value] = tag
+            return tag
+        other: str = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+        return other
+
+
+_PLAIN_TAGS: dict[str, str] = {}
+assert not _Loader.yaml_path_resolvers, "the tag memo assumes no path resolvers"
+
+
 @dataclass(frozen=True)
 class ManifestError:
     """One problem in one file; `line` is 1-based, None where YAML cannot say."""
@@ -183,6 +205,8 @@ def display_path(raw: bytes) -> str:
     return render.printable(text)
 
 
+# The tree listing classifies every path and load() again: cached, the second is free.
+@functools.lru_cache(maxsize=1 << 17)
 def classify(path: str) -> keys.Target | ManifestError | None:
     """The target a repository path stands for, a ManifestError for a YAML file in the
     wrong place or with an invalid name, or None for a file that is no manifest (a README
@@ -253,10 +277,11 @@ def _mib(size: int) -> str:
     return f"{size / (1024 * 1024):g} MiB"
 
 
-def _load_yaml(path: str, raw: bytes) -> Any:
+def _load_yaml(path: str, raw: bytes, *, fast: bool = True) -> Any:
     """The YAML document, or a ManifestError. The node graph is checked before it is
-    constructed (see the module docstring)."""
-    loader = _Loader(raw)
+    constructed (see the module docstring). `fast=False` is PyYAML's constructor alone,
+    the reference the fast path is tested against."""
+    loader = _FastLoader(raw) if fast else _Loader(raw)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -266,7 +291,14 @@ def _load_yaml(path: str, raw: bytes) -> Any:
             if refused is not None:
                 message, where = refused
                 return ManifestError(path, where.start_mark.line + 1, message)
-        return loader.construct_document(node)
+        if not fast:
+            return loader.construct_document(node)
+        try:
+            return _convert(loader, node)
+        except _CONVERT_FALLBACK:
+            # Something _convert does not handle (an explicit tag, a nested merge) or an
+            # error: PyYAML's own constructor gives the value, or the error, exactly.
+            return loader.construct_document(node)
     except _TooLong as exc:
         mark = exc.problem_mark
         return ManifestError(path, mark.line + 1 if mark else None, str(exc.problem))
@@ -289,6 +321,117 @@ def _load_yaml(path: str, raw: bytes) -> Any:
         )
     finally:
         loader.dispose()
+
+
+# The fast converter ----------------------------------------------------------------
+#
+# PyYAML's constructor is generic Python (a lookup per node, generators, state kept for
+# recursive objects) and was most of a manifest's parse. _convert builds the same values
+# from the composed nodes for the tags manifests use: the YAML 1.1 scalars as the
+# resolver tagged them (null, bool, int, float, str), sequences, and mappings with
+# `<<` merges whose sources hold no merge of their own. It raises _Unusual for anything
+# else (an explicit `!!binary`, `!!set`, a non-scalar key, a nested merge, `=`), and
+# then the caller runs PyYAML's constructor on the same untouched graph; its errors are
+# raised the same way. tests/test_manifests_convert.py holds the two equal on random
+# documents.
+
+_NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_STR = "tag:yaml.org,2002:str"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Unusual(Exception):
+    """A node _convert leaves to PyYAML's constructor."""
+
+
+# What makes _load_yaml fall back to PyYAML's constructor: _Unusual, and every error a
+# conversion can raise, so that the error the user sees is the constructor's own.
+_CONVERT_FALLBACK = (_Unusual, yaml.YAMLError, ValueError, KeyError, TypeError, IndexError)
+
+
+def _convert(loader: _Loader, root: yaml.Node) -> Any:
+    """The value PyYAML's constructor would build from `root` (see above). Recursive:
+    the caller has bounded the depth (graph_problem, or too few indicators to nest
+    deep) and refused recursive aliases. Does not modify the nodes."""
+    bools = loader.bool_values
+    shared: dict[int, Any] = {}  # aliased collections are built once, as PyYAML does
+
+    def convert(node: yaml.Node) -> Any:
+        tag = node.tag
+        if type(node) is yaml.ScalarNode:
+            text: str = node.value
+            if tag == _STR:
+                return text
+            if tag == _INT:
+                # A plain decimal (not octal); anything else the constructor reads.
+                simple = text.isascii() and text.isdigit() and (text[0] != "0" or text == "0")
+                if simple and len(text) <= messages.MAX_INT_DIGITS:
+                    return int(text)
+                return loader.construct_yaml_int(node)
+            if tag == _NULL:
+                return None
+            if tag == _BOOL:
+                return bools[text.lower()]
+            if tag == _FLOAT:
+                return loader.construct_yaml_float(node)
+            raise _Unusual(tag)
+        key = id(node)
+        if key in shared:
+            return shared[key]
+        if type(node) is yaml.SequenceNode and tag == _SEQ:
+            items: list[Any] = []
+            shared[key] = items
+            items.extend(convert(child) for child in node.value)
+            return items
+        if type(node) is yaml.MappingNode and tag == _MAP:
+            mapping: dict[Any, Any] = {}
+            shared[key] = mapping
+            for key_node, value_node in _pairs(node):
+                if type(key_node) is not yaml.ScalarNode:
+                    raise _Unusual("a key that is not a scalar")
+                mapping[convert(key_node)] = convert(value_node)
+            return mapping
+        raise _Unusual(tag)
+
+    return convert(root)
+
+
+def _pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+    """A mapping's (key, value) nodes as PyYAML's constructor takes them: a key given
+    twice (by its text, `<<` aside) is _Unusual (the constructor reports it); the pairs
+    of a merged mapping come first, so that the mapping's own keys win. One merge source
+    only, with distinct keys: how several sources, or a source's repeated keys, combine
+    changed between PyYAML 6.0 releases, so those are left to the installed PyYAML."""
+    pairs: list[tuple[yaml.Node, yaml.Node]] = node.value
+    if len(pairs) > 1:
+        seen: set[str] = set()
+        for key_node, _value in pairs:
+            if type(key_node) is yaml.ScalarNode:
+                text = key_node.value
+                if text in seen and text != "<<":
+                    raise _Unusual("a key given twice")
+                seen.add(text)
+    merges = [value_node for key_node, value_node in pairs if key_node.tag == _MERGE]
+    if not merges:
+        return pairs
+    source = merges[0]
+    if type(source) is yaml.SequenceNode and len(source.value) == 1:
+        source = source.value[0]
+    if len(merges) > 1 or type(source) is not yaml.MappingNode or source.tag != _MAP:
+        raise _Unusual("a merge of several mappings or of something else")
+    merged: list[tuple[yaml.Node, yaml.Node]] = source.value
+    texts = {key_node.value for key_node, _value in merged}
+    if len(texts) != len(merged) or any(
+        key_node.tag in (_MERGE, "tag:yaml.org,2002:value") for key_node, _value in merged
+    ):
+        raise _Unusual("a merged mapping with a repeated key, or that merges itself")
+    own = [(key_node, value_node) for key_node, value_node in pairs if key_node.tag != _MERGE]
+    return merged + own
 
 
 # Each YAML collection needs at least one indicator of its own: a bracket, or the `-`,
