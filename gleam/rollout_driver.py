@@ -162,7 +162,7 @@ class Driver:
     ) -> None:
         self._etcd = etcd
         self._layout = layout
-        self._say = say
+        self.say = say
         self._clock = clock
         # (region, revision, wave) -> when this driver first saw the wave done (bake)
         self._done_since: dict[tuple[str, int, int], datetime] = {}
@@ -223,7 +223,7 @@ class Driver:
         mark = (region, gate.revision, gate.wave, what)
         if mark not in self._said:
             self._said.add(mark)
-            self._say(line)
+            self.say(line)
 
     def _announce(
         self, region: str, gate: rollout.Gate, *, before: rollout.Gate | None = None

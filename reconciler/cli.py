@@ -288,8 +288,7 @@ def _pass(config: Config, etcd: Any) -> int:
     staged = rollouts.staged_written(config.layout, result.revisions, result.desired.values)
     lines: list[str] = []
     try:
-        driver = rollouts.start(etcd, config.layout, staged, say=lines.append)
-        gates = {region: driver.step(region) for region in staged}
+        driver, gates = rollouts.start(etcd, config.layout, staged, say=lines.append)
     except connection.ETCD_ERRORS as exc:
         return _fail(config, f"rollouts: etcd: {connection.describe_error(exc)}")
 
@@ -303,8 +302,8 @@ def _pass(config: Config, etcd: Any) -> int:
         # Staged keys are waited for through their rollouts, not agent by agent.
         plain = {k: r for k, r in result.revisions.items() if k not in staged_keys(config, staged)}
         try:
-            say = print if config.output == "text" else lines.append
-            driver = rollout_driver.Driver(etcd, config.layout, say=lambda line: say(line))
+            # The per-wave lines as they come (text), or none (json: `rollouts`).
+            driver.say = print if config.output == "text" else lines.append
             gates = rollout_driver.drive(driver, staged, timeout=config.wait) if staged else {}
             reports = client.wait_for_results(etcd, config.layout, plain, timeout=config.wait)
         except connection.ETCD_ERRORS as exc:

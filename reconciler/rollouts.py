@@ -30,11 +30,10 @@ def staged_written(
 
 def start(
     etcd: Any, layout: keys.Layout, regions: list[str], *, say: Callable[[str], None]
-) -> rollout_driver.Driver:
-    """Write the first gate of each region's new rollout; returns the driver for more."""
+) -> tuple[rollout_driver.Driver, dict[str, rollout.Gate | None]]:
+    """Write the first gate of each region's new rollout: the driver, and the gates."""
     driver = rollout_driver.Driver(etcd, layout, say=say)
-    driver.step_all(regions)
-    return driver
+    return driver, driver.step_all(regions)
 
 
 def exit_ok(gates: Mapping[str, rollout.Gate | None]) -> bool:
