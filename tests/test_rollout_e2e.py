@@ -17,7 +17,7 @@ from gleam import cli, keys, rollout, rollout_driver
 from gleam.embedded import EtcdServer
 from tests.reconcile_support import OpsRepo, run_cli
 from tests.rollout_support import Region, gate, send_staged, wait_registered
-from tests.support import ROOT, AgentProcess, wait_until
+from tests.support import ROOT, AgentProcess, client_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +236,32 @@ def test_the_reconcile_daemon_drives_a_rollout_and_a_killed_daemon_is_replaced(
         assert logs.count(f"wave {wave}/4 admitted") == 1, logs
     wait_until(lambda: web.ran(1) == set(IDS), what="every agent ran n=1")
     assert all(web.runs(a) == [1] for a in IDS)
+
+
+def test_an_agent_frozen_while_holding_finds_its_gate_after_a_compaction_and_runs_once(
+    private_etcd: EtcdServer,
+    layout: keys.Layout,
+    tmp_path: Path,
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    etcd = client_for(private_etcd.endpoint)
+    try:
+        region = Region(tmp_path, private_etcd.endpoint, layout, start_agent)
+        agent = region.start("web-1", "-ttl", "30")
+        wait_registered(etcd, layout, 1)
+        send_staged(etcd, layout, n=1, waves=["100%"])
+        wait_until(lambda: "holding" in agent.log(), what="web-1 holding")
+        agent.signal(signal.SIGSTOP)
+        try:
+            private_etcd.kill()
+            private_etcd.start()
+            started = rollout_driver.Driver(etcd, layout).step("web")
+            assert started is not None and started.admitted == ("web-1",)
+            revision = int(etcd.put("/compaction-marker", b"x").header.revision)
+            etcd.compact(revision, physical=True)
+        finally:
+            agent.signal(signal.SIGCONT)
+        wait_until(lambda: region.runs("web-1") == [1], timeout=40, what="web-1 ran n=1")
+        assert "compacted" in agent.log()
+    finally:
+        etcd.close()
