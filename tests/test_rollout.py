@@ -4,6 +4,7 @@ and the manifest section: pure table tests, no etcd."""
 from __future__ import annotations
 
 import contextlib
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -345,3 +346,22 @@ def test_any_section_is_a_plan_or_a_rollout_error(section: Any) -> None:
     for value in (section, {"waves": section}, {"waves": ["100%"], "first": section}):
         with contextlib.suppress(rollout.RolloutError):
             rollout.parse_plan(value)
+
+
+def test_a_signed_staged_task_signs_its_rollout_section() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gleam import signing
+
+    signer = signing.Signer.from_key(Ed25519PrivateKey.generate())
+    trusted = {signer.fingerprint: signer.key.public_key()}
+    key = LAYOUT.region_key("web")
+    task = messages.Task("print", 1, rollout=rollout.parse_plan({"waves": ["100%"]}).to_json())
+    raw = signing.sign_task(task, key=key, prev=7, signer=signer)
+    assert messages.decode_task(raw).rollout == task.rollout
+    assert signing.verify(raw, key=key, trusted=trusted).prev == 7
+    # Dropping the rollout (to run everywhere at once) breaks the signature.
+    doc = json.loads(raw)
+    del doc["Rollout"]
+    with pytest.raises(signing.SignatureError):
+        signing.verify(messages.canonical_json(doc).encode(), key=key, trusted=trusted)
