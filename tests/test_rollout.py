@@ -108,7 +108,7 @@ def test_the_gate_record_round_trips_and_refuses_garbage() -> None:
         plan, key="/gleam/region/web", revision=9, region="web", agents=["a", "b"], now=T0
     )
     assert rollout.decode_gate(gate.encode()) == gate
-    assert set(__import__("json").loads(gate.encode())) >= {
+    assert set(json.loads(gate.encode())) >= {
         "version",
         "key",
         "revision",
