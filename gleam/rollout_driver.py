@@ -321,10 +321,16 @@ class DriverThread:
         self._poll = poll
         self._scan = scan
         self._clock = clock
+        self._kicked = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gleam-rollouts", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def kick(self) -> None:
+        """Scan every region task now (a pass has just written some): the gates of new
+        staged tasks follow their write at once, not up to `scan` seconds later."""
+        self._kicked.set()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -334,7 +340,8 @@ class DriverThread:
         next_scan = self._clock()
         while not self._stop.is_set():
             try:
-                if self._clock() >= next_scan:
+                if self._clock() >= next_scan or self._kicked.is_set():
+                    self._kicked.clear()
                     gates = self._driver.step_all()
                     next_scan = self._clock() + self._scan
                 else:
@@ -343,7 +350,7 @@ class DriverThread:
             except Exception:  # noqa: BLE001 - an etcd outage or a bug must not end the driver
                 log.warning("driving rollouts failed; retrying", exc_info=True)
                 self._stop.wait(1.0)
-            self._stop.wait(self._poll)
+            self._kicked.wait(self._poll)
 
 
 def running(gate: rollout.Gate | None) -> bool:

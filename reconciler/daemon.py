@@ -355,9 +355,10 @@ def main(
         return 1
     from reconciler import observe  # systemd readiness and watchdog, /healthz, -metrics
 
-    daemon = Daemon(etcd, layout, options, settings, stop=stop)
-    # Rollouts (gleam.rollout): started and moved on by their own thread, all of them.
+    # Rollouts (gleam.rollout): started and moved on by their own thread, all of them;
+    # each pass wakes it, so a staged task's gate follows the pass that wrote it.
     driver = rollout_driver.DriverThread(rollout_driver.Driver(etcd, layout), stop=stop)
+    daemon = Daemon(etcd, layout, options, settings, stop=stop, on_pass=lambda _: driver.kick())
     driver.start()
     observer = observe.Observer(daemon, etcd=etcd)
     try:
