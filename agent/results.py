@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from agent import pending, store
 from agent.backoff import Backoff
-from gleam import keys, messages
+from gleam import connection, keys, messages
 
 log = logging.getLogger("agent.results")
 
@@ -117,7 +117,7 @@ def read_completions(
 
 # A batch stays well under etcd's request limit (1.5 MiB by default) and its operation
 # limit; a single result may be up to messages.MAX_MESSAGE_BYTES on its own.
-BATCH_MAX_RESULTS = store.MAX_TXN_OPS
+BATCH_MAX_RESULTS = connection.MAX_TXN_OPS
 BATCH_MAX_BYTES = 1024 * 1024
 
 

@@ -27,8 +27,7 @@ from gleam import connection
 
 log = logging.getLogger("agent.store")
 
-Client = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
-Connector = Callable[[connection.Settings], Client]
+Connector = Callable[[connection.Settings], connection.Client]
 
 
 class StoreError(Exception):
@@ -50,9 +49,6 @@ class Compacted(StoreError):
         super().__init__(f"revision compacted (etcd keeps revisions from {compacted_revision})")
         self.compacted_revision = compacted_revision
 
-
-# etcd's default limit of operations in one transaction (--max-txn-ops).
-MAX_TXN_OPS = 128
 
 # gRPC codes that mean the request itself is at fault (too large, malformed, a revision
 # that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
@@ -116,12 +112,12 @@ class Store:
     ) -> None:
         self._settings = settings
         self._connector = connector
-        self._client: Client | None = None
+        self._client: connection.Client | None = None
         self._lock = threading.Lock()
         self._connects = 0
 
     # Connection --------------------------------------------------------------
-    def _get(self) -> Client:
+    def _get(self) -> connection.Client:
         with self._lock:
             if self._client is None:
                 turn, self._connects = self._connects, self._connects + 1
@@ -146,7 +142,7 @@ class Store:
 
     close = reset
 
-    def _call(self, what: Callable[[Client], Any]) -> Any:
+    def _call(self, what: Callable[[connection.Client], Any]) -> Any:
         client = self._get()
         try:
             return what(client)
@@ -157,13 +153,13 @@ class Store:
     def read_keys(self, keys: Sequence[str]) -> Snapshot:
         """Read `keys` at one revision (the first read's), so that together they are a
         consistent picture that a watch from `revision + 1` continues exactly. One
-        transaction per MAX_TXN_OPS keys (an agent may watch many regions)."""
+        transaction per connection.MAX_TXN_OPS keys (an agent may watch many regions)."""
 
-        def read(client: Client) -> Snapshot:
+        def read(client: connection.Client) -> Snapshot:
             revision = 0
             seen: list[Observed] = []
-            for start in range(0, len(keys), MAX_TXN_OPS):
-                chunk = keys[start : start + MAX_TXN_OPS]
+            for start in range(0, len(keys), connection.MAX_TXN_OPS):
+                chunk = keys[start : start + connection.MAX_TXN_OPS]
                 # pyetcd's transaction() drops the response header, whose revision is the
                 # point of this read, so the request is made on its KV stub directly.
                 request = etcdrpc.TxnRequest(
@@ -196,7 +192,7 @@ class Store:
         return result
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
-        def read(client: Client) -> dict[str, bytes]:
+        def read(client: connection.Client) -> dict[str, bytes]:
             return {
                 meta.key.decode("utf-8", "replace"): bytes(value)
                 for value, meta in client.get_prefix(prefix)
@@ -215,10 +211,10 @@ class Store:
         return int(response.header.revision)
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Write several keys in one transaction (at most MAX_TXN_OPS of them): one
+        """Write several keys in one transaction (at most connection.MAX_TXN_OPS of them): one
         round trip instead of one each."""
-        if len(items) > MAX_TXN_OPS:
-            raise ValueError(f"put_many takes at most {MAX_TXN_OPS} keys")
+        if len(items) > connection.MAX_TXN_OPS:
+            raise ValueError(f"put_many takes at most {connection.MAX_TXN_OPS} keys")
         self._call(
             lambda c: c.transaction(
                 compare=[],
@@ -236,7 +232,7 @@ class Store:
     def keep_alive(self, lease_id: int) -> int:
         """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
 
-        def refresh(client: Client) -> int:
+        def refresh(client: connection.Client) -> int:
             responses = list(client.refresh_lease(lease_id))
             return int(responses[-1].TTL) if responses else 0
 
@@ -290,7 +286,7 @@ class Store:
         )
 
 
-def _start_at(client: Client, turn: int) -> None:
+def _start_at(client: connection.Client, turn: int) -> None:
     """Each new client starts at the next endpoint in turn, the first one first (pyetcd
     picks one at random and fails over from there), so that reconnecting after
     failures tries every endpoint rather than maybe the same dead one again."""

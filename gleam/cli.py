@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import pyetcd.exceptions
-
 from gleam import client, connection, flags, keys, messages, render, status, targeting
 from gleam.version import VERSION
 
@@ -186,7 +184,7 @@ def parse_call_key(value: str, layout: keys.Layout) -> keys.Target:
 
 
 def _deliver(
-    etcd: client.Etcd,
+    etcd: connection.Client,
     layout: keys.Layout,
     targets: Sequence[keys.Target],
     task: messages.Task,
@@ -221,7 +219,7 @@ def _deliver(
 
 
 def cmd_send(
-    args: argparse.Namespace, etcd: client.Etcd, layout: keys.Layout, output: Output
+    args: argparse.Namespace, etcd: connection.Client, layout: keys.Layout, output: Output
 ) -> int:
     specs = targeting.split_specs(args.target)
     if not specs:
@@ -236,7 +234,7 @@ def cmd_send(
 
 
 def cmd_call(
-    args: argparse.Namespace, etcd: client.Etcd, layout: keys.Layout, output: Output
+    args: argparse.Namespace, etcd: connection.Client, layout: keys.Layout, output: Output
 ) -> int:
     if len(args.args) not in (2, 3):
         raise UsageError("call: expected KEY FN [DATA], e.g. call /gleam/node/web-1 print '{}'")
@@ -246,7 +244,7 @@ def cmd_call(
     return _deliver(etcd, layout, [target], task, wait=args.wait, output=output)
 
 
-def cmd_info(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     agents = client.list_agents(etcd, layout)
     if output.json:
         output.document(render.agents_document(agents))
@@ -257,7 +255,7 @@ def cmd_info(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
     return EXIT_OK
 
 
-def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+def cmd_list(kind: keys.Kind, etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     entries = client.list_tasks(etcd, layout, kind)
     if output.json:
         output.document(render.tasks_document(entries))
@@ -268,7 +266,7 @@ def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Ou
     return EXIT_OK
 
 
-def cmd_status(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     snapshot = client.read_snapshot(etcd, layout)
     fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC))
     if output.json:
@@ -335,19 +333,11 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         return EXIT_FAILURE
 
 
-# What pyetcd raises when no endpoint answers (its own classes, or gRPC's UNAVAILABLE).
-_UNREACHABLE = (
-    pyetcd.exceptions.ConnectionFailedError,
-    pyetcd.exceptions.ConnectionTimeoutError,
-    pyetcd.exceptions.NoServerAvailableError,
-)
-
-
 def etcd_failure(settings: connection.Settings, exc: BaseException) -> str:
     """One line naming the endpoints: unreachable, or what etcd answered."""
     code = getattr(exc, "code", None)
     unavailable = callable(code) and getattr(code(), "name", "") == "UNAVAILABLE"
-    if isinstance(exc, _UNREACHABLE) or unavailable:
+    if isinstance(exc, connection.UNREACHABLE_ERRORS) or unavailable:
         return f"cannot reach etcd at {settings.describe()} ({connection.describe_error(exc)})"
     return f"etcd at {settings.describe()} failed: {connection.describe_error(exc)}"
 

@@ -13,19 +13,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from gleam import keys, messages
-
-Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
+from gleam import connection, keys, messages
 
 
-def send_task(etcd: Etcd, layout: keys.Layout, target: keys.Target, task: messages.Task) -> int:
+def send_task(
+    etcd: connection.Client, layout: keys.Layout, target: keys.Target, task: messages.Task
+) -> int:
     """Write `task` to the target's key; returns the write's revision (the key's new
     mod_revision, which agents put in their results)."""
     response = etcd.put(layout.task_key(target), task.encode())
     return int(response.header.revision)
 
 
-def list_agents(etcd: Etcd, layout: keys.Layout) -> list[messages.AgentInfo]:
+def list_agents(etcd: connection.Client, layout: keys.Layout) -> list[messages.AgentInfo]:
     """Live agents: those whose lease-bound registration is present, sorted by id.
     A registration that cannot be decoded is skipped rather than failing the listing."""
     return _decode_agents(value for value, _meta in etcd.get_prefix(layout.info_prefix))
@@ -41,7 +41,7 @@ def _decode_agents(values: Iterable[bytes]) -> list[messages.AgentInfo]:
     return sorted(agents, key=lambda a: a.id)
 
 
-def read_results(etcd: Etcd, layout: keys.Layout) -> list[messages.Result]:
+def read_results(etcd: connection.Client, layout: keys.Layout) -> list[messages.Result]:
     """Every result record under the prefix (including those of departed agents)."""
     return _decode_results(
         ((_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix)), layout
@@ -122,7 +122,7 @@ def judge(
 
 
 def wait_for_results(
-    etcd: Etcd,
+    etcd: connection.Client,
     layout: keys.Layout,
     expected: Mapping[str, int],
     *,
@@ -149,7 +149,10 @@ def wait_for_results(
 
 
 def send_tasks(
-    etcd: Etcd, layout: keys.Layout, targets: Iterable[keys.Target], task: messages.Task
+    etcd: connection.Client,
+    layout: keys.Layout,
+    targets: Iterable[keys.Target],
+    task: messages.Task,
 ) -> int:
     """Write `task` to every target's key in ONE etcd transaction: all keys or none.
 
@@ -210,7 +213,7 @@ def _task_entries(items: Iterable[tuple[str, bytes, int]], layout: keys.Layout) 
     return sorted(entries, key=lambda e: (e.target.kind.value, e.target.name))
 
 
-def list_tasks(etcd: Etcd, layout: keys.Layout, kind: keys.Kind) -> list[TaskEntry]:
+def list_tasks(etcd: connection.Client, layout: keys.Layout, kind: keys.Kind) -> list[TaskEntry]:
     """The task keys of one kind (`node` or `region`) with their values and revisions."""
     return _task_entries(
         (
@@ -221,7 +224,7 @@ def list_tasks(etcd: Etcd, layout: keys.Layout, kind: keys.Kind) -> list[TaskEnt
     )
 
 
-def read_snapshot(etcd: Etcd, layout: keys.Layout) -> Snapshot:
+def read_snapshot(etcd: connection.Client, layout: keys.Layout) -> Snapshot:
     """One consistent read of the whole prefix (see Snapshot)."""
     response = etcd.get_prefix_response(layout.prefix + "/")
     items = [

@@ -9,14 +9,29 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
+import pyetcd.exceptions
 
 # What etcd trouble looks like from pyetcd: its own exceptions for the codes it knows,
 # raw gRPC errors for the rest (unauthenticated, lease not found, ...).
 ETCD_ERRORS: tuple[type[BaseException], ...] = (pyetcd.Etcd3Exception, grpc.RpcError)
+
+# What pyetcd raises when no endpoint answers (its own classes; gRPC says UNAVAILABLE).
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
+    pyetcd.exceptions.ConnectionFailedError,
+    pyetcd.exceptions.ConnectionTimeoutError,
+    pyetcd.exceptions.NoServerAvailableError,
+)
+
+# A connected client: pyetcd.MultiEndpointEtcd3Client (pyetcd ships no type hints).
+Client = Any
+
+# etcd's default limit of operations (and of compares) in one transaction (--max-txn-ops).
+MAX_TXN_OPS = 128
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 

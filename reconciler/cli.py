@@ -249,9 +249,9 @@ def run_once(config: Config) -> int:
         etcd.close()
 
 
-def _pass(config: Config, etcd: Any) -> int:
+def _pass(config: Config, etcd: connection.Client) -> int:
     try:
-        result = reconcile.run(etcd, config.layout, config.options)
+        result = reconcile.run(sync.Store.over(etcd, config.layout), config.options)
     except manifests.InvalidManifests as exc:
         if config.output == "json":
             print(render.dumps(render.errors_json(exc.errors)))
@@ -264,12 +264,10 @@ def _pass(config: Config, etcd: Any) -> int:
                 file=sys.stderr,
             )
         return EXIT_ERROR
+    except sync.EtcdFailed as exc:
+        return _fail(config, f"etcd at {config.settings.describe()}: {exc}")
     except PASS_ERRORS as exc:
         return _fail(config, str(exc))
-    except connection.ETCD_ERRORS as exc:
-        return _fail(
-            config, f"etcd at {config.settings.describe()}: {connection.describe_error(exc)}"
-        )
 
     reports = None
     status = EXIT_OK

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gleam import connection, keys, logformat
-from reconciler import diff, gitsource, manifests, reconcile, render, state, sync
+from reconciler import desired, diff, gitsource, manifests, reconcile, render, state, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -122,8 +122,7 @@ class CheckoutWatch:
 class Daemon:
     def __init__(
         self,
-        etcd: Any,
-        layout: keys.Layout,
+        store: sync.Store,
         options: reconcile.Options,
         settings: Settings,
         *,
@@ -131,14 +130,14 @@ class Daemon:
         on_pass: Callable[[PassReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.etcd = etcd
-        self.layout = layout
+        self.store = store
+        self.layout = store.layout
         self.options = options
         self.settings = settings
         self.stop = stop or threading.Event()
         self.on_pass = on_pass
         self._clock = clock
-        self._desired: reconcile.Desired | None = None  # last full desired state
+        self._desired: desired.Desired | None = None  # last full desired state
         self._passes = 0
         self.source: gitsource.Source | None = None
         # For the watchdog (reconciler/observe.py): when the loop last went round, and
@@ -227,6 +226,9 @@ class Daemon:
                 return self._report(number, reason, None, "stopped while waiting for the lock")
             log.warning("%s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
+        except sync.EtcdFailed as exc:
+            log.error("etcd: %s", exc)
+            return self._report(number, reason, None, str(exc), cause=exc)
         except (
             reconcile.ReconcileError,
             gitsource.GitError,
@@ -235,9 +237,6 @@ class Daemon:
         ) as exc:
             log.error("%s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
-        except connection.ETCD_ERRORS as exc:
-            log.error("etcd: %s", connection.describe_error(exc))
-            return self._report(number, reason, None, connection.describe_error(exc), cause=exc)
         except Exception as exc:  # noqa: BLE001 - a bug in one pass must not end the daemon
             log.exception("pass %d failed unexpectedly", number)
             return self._report(number, reason, None, f"{type(exc).__name__}: {exc}", cause=exc)
@@ -260,36 +259,23 @@ class Daemon:
         if use_cache:
             # HEAD has not moved: compare every key with the state read before (drift).
             return reconcile.run(
-                self.etcd,
-                self.layout,
+                self.store,
                 options,
                 source=self.source,
                 desired=cached,
                 cancel=self.stop,
             )
-        result = reconcile.run(
-            self.etcd, self.layout, options, source=self.source, cancel=self.stop
-        )
+        result = reconcile.run(self.store, options, source=self.source, cancel=self.stop)
         self._remember(result)
         return result
 
     def _remember(self, result: reconcile.Result) -> None:
-        """Keep the full desired state for the next pass: as read (full pass), or the
-        cached state with the changed keys replaced (incremental pass from it)."""
-        desired = result.desired
-        if desired.scope is None:
-            self._desired = desired if desired.source == "commit" else None
-            return
-        cached = self._desired
-        previous = result.previous.commit if result.previous else None
-        if cached is None or cached.commit != previous:
-            self._desired = None  # cannot merge; the next pass reads everything
-            return
-        entries = {k: m for k, m in cached.entries.items() if k not in desired.scope}
-        entries.update(desired.entries)
-        self._desired = replace(
-            desired, entries=entries, scope=None, total=len(entries), mode="full"
-        )
+        """Keep the full desired state for the next pass (see Desired.merge)."""
+        newer = result.desired
+        if self._desired is None and newer.scope is not None:
+            return  # nothing to merge an incremental read into: the next pass reads all
+        base = result.previous.commit if result.previous else None
+        self._desired = (self._desired or newer).merge(newer, base_commit=base)
 
     def _log_result(self, result: reconcile.Result, reason: Reason) -> None:
         with logformat.context(commit=result.desired.commit):  # a field of JSON log lines
@@ -349,7 +335,7 @@ def main(
         return 1
     from reconciler import observe  # systemd readiness and watchdog, /healthz, -metrics
 
-    daemon = Daemon(etcd, layout, options, settings, stop=stop)
+    daemon = Daemon(sync.Store.over(etcd, layout), options, settings, stop=stop)
     observer = observe.Observer(daemon, etcd=etcd)
     try:
         observer.start(settings.metrics)

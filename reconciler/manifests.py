@@ -15,6 +15,7 @@ that failed the quick check.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import posixpath
@@ -126,6 +127,29 @@ def classify(path: str) -> keys.Target | ManifestError | None:
         return keys.Target(kind, stem)
     except keys.InvalidName as exc:
         return ManifestError(path, None, f"file name: {exc}")
+
+
+def paths_for(target: keys.Target) -> list[str]:
+    """The repository paths that can hold `target`'s manifest (the reverse of classify):
+    one per spelling of the extension, so a rename between them, or a duplicate, is
+    seen whole."""
+    return [
+        f"{TASKS_DIR}/{dirname}/{target.name}{ext}"
+        for dirname, kind in KIND_DIRS.items()
+        if kind is target.kind
+        for ext in EXTENSIONS
+    ]
+
+
+@functools.cache
+def rules_fingerprint() -> str:
+    """Changes whenever the rules that turn a file into bytes (this module and the
+    schema) change. Recorded with each apply, so that an upgrade that changes them gets
+    one full pass, and kept in the parse cache, so that such an upgrade empties it."""
+    h = hashlib.sha256(b"parsecache-1\0")
+    for path in (Path(__file__), SCHEMA_PATH):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[ManifestError]:

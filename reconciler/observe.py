@@ -63,7 +63,7 @@ def classify(report: PassReport) -> PassResult:
 
 def etcd_failure(report: PassReport) -> bool:
     """The pass failed because of etcd (not the repository, not another reconciler)."""
-    return isinstance(report.cause, (*connection.ETCD_ERRORS, sync.LockLost))
+    return isinstance(report.cause, (*connection.ETCD_ERRORS, sync.EtcdFailed, sync.LockLost))
 
 
 def drift_corrections(result: reconcile.Result) -> int:

@@ -8,17 +8,16 @@ decisions are the pure functions of manifests, diff and state.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from gleam import keys
-from reconciler import diff, gitsource, manifests, parsecache, state, sync
+from reconciler import desired as desired_state
+from reconciler import diff, gitsource, manifests, state, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -56,27 +55,10 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Desired:
-    """The desired state for the keys in scope (all keys when `scope` is None)."""
-
-    entries: dict[str, manifests.Manifest]
-    scope: frozenset[str] | None
-    source: str  # "commit" or "worktree"
-    commit: str | None
-    digest: str
-    total: int  # manifests in the whole tree
-    mode: str  # "full" or "incremental"
-
-    @property
-    def values(self) -> dict[str, bytes]:
-        return {key: m.value for key, m in self.entries.items()}
-
-
-@dataclass(frozen=True)
 class Result:
     """What a pass saw and did, for rendering and exit codes."""
 
-    desired: Desired
+    desired: desired_state.Desired
     previous: state.Record | None
     plan: diff.Plan  # the first plan (what --dry-run shows)
     applied: tuple[diff.Change, ...] = ()
@@ -91,19 +73,7 @@ class Result:
         return self.plan.changes if self.dry_run else self.applied
 
 
-# Desired state -------------------------------------------------------------------------
-
-
-def worktree_digest(values: Mapping[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(values):
-        h.update(key.encode("utf-8") + b"\0" + values[key] + b"\n")
-    return f"sha256:{h.hexdigest()}"
-
-
-def _entries(layout: keys.Layout, files: Any) -> dict[str, manifests.Manifest]:
-    loaded = manifests.load(files)
-    return {layout.task_key(target): m for target, m in loaded.items()}
+# The commit guard and the desired state --------------------------------------------
 
 
 def check_guard(
@@ -136,109 +106,22 @@ def read_desired(
     record: state.Record | None,
     *,
     source: gitsource.Source | None,
-) -> Desired:
+) -> desired_state.Desired:
     """Desired state plus the commit guard. Raises manifests.InvalidManifests,
     GuardRefused or gitsource.GitError before anything is written."""
     if options.worktree:
-        snapshot = gitsource.read_worktree(options.repo)
-        entries = _entries(layout, snapshot.files)
-        head = None
-        if source is not None:
-            try:
-                head = source.head()
-            except gitsource.GitError:
-                head = None
-        return Desired(
-            entries=entries,
-            scope=None,
-            source="worktree",
-            commit=head,
-            digest=worktree_digest({k: m.value for k, m in entries.items()}),
-            total=len(entries),
-            mode="full",
-        )
+        return desired_state.read_worktree(layout, options.repo, source)
     assert source is not None
     head = source.head()
-    recorded = record.commit if record is not None else None
-    incremental = False
     check_guard(source, record, head, force=options.force)
-    if recorded is not None and not options.force:
-        last = record.last if record is not None else None
-        incremental = (
-            not options.full
-            and last is not None
-            and last.from_git
-            and (last.pruned or not options.prune)
-            and last.rules == parsecache.fingerprint()
-        )
-    if not incremental or recorded is None or record is None or record.last is None:
-        return read_full(layout, source, head, cache=options.cache)
-    # Incremental: only the manifests that changed since the recorded commit. For each
-    # target touched, both spellings (.yaml, .yml) are read from HEAD, so a rename between
-    # them, or a duplicate, is seen whole.
-    changed = source.changed(recorded, head)
-    targets: dict[keys.Target, None] = {}
-    misplaced: list[str] = []  # read too, so that load() reports them with the rest
-    delta = 0
-    for entry in changed:
-        target = manifests.classify(entry.path)
-        if isinstance(target, keys.Target):
-            targets[target] = None
-            delta += {"A": 1, "D": -1}.get(entry.status, 0)
-        elif isinstance(target, manifests.ManifestError) and entry.status != "D":
-            misplaced.append(entry.path)
-    paths = misplaced + [
-        f"{manifests.TASKS_DIR}/{dirname}/{t.name}{ext}"
-        for t in targets
-        for dirname, kind in manifests.KIND_DIRS.items()
-        if kind is t.kind
-        for ext in manifests.EXTENSIONS
-    ]
-    snapshot = source.read_paths(head, paths)
-    entries = _entries(layout, snapshot.files)
-    return Desired(
-        entries=entries,
-        scope=frozenset(layout.task_key(t) for t in targets),
-        source="commit",
-        commit=head,
-        digest=f"git-tree:{snapshot.tree or 'none'}",
-        total=record.last.keys + delta,
-        mode="incremental",
+    mode = desired_state.choose_mode(
+        record,
+        full=options.full,
+        prune=options.prune,
+        force=options.force,
+        rules=manifests.rules_fingerprint(),
     )
-
-
-def read_full(
-    layout: keys.Layout, source: gitsource.Source, commit: str, *, cache: bool = True
-) -> Desired:
-    """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
-    the others are read from git and parsed."""
-    tree, blobs = source.list_tree(commit)
-    cache_path = parsecache.path_for(source.git_dir)
-    cached = parsecache.load(cache_path) if cache else {}
-    known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
-    missing = [(path, sha) for path, sha in blobs if sha not in cached]
-    contents = source.read_blobs(sha for _, sha in missing)
-    loaded = manifests.load(((path, contents[sha]) for path, sha in missing), known=known)
-    entries = {layout.task_key(target): m for target, m in loaded.items()}
-    if cache and missing:
-        by_path = {m.path: m.value for m in loaded.values()}
-        parsecache.save(cache_path, {sha: by_path[path] for path, sha in blobs if path in by_path})
-    log.debug(
-        "read %d manifests at %s (%d parsed, %d cached)",
-        len(entries),
-        commit[:12],
-        len(missing),
-        len(known),
-    )
-    return Desired(
-        entries=entries,
-        scope=None,
-        source="commit",
-        commit=commit,
-        digest=f"git-tree:{tree or 'none'}",
-        total=len(entries),
-        mode="full",
-    )
+    return desired_state.read_commit(layout, source, head, record, mode=mode, cache=options.cache)
 
 
 # The pass ---------------------------------------------------------------------------------
@@ -248,21 +131,15 @@ def read_full(
 POINT_READS_MAX = 1024
 
 
-def _observe(etcd: Any, layout: keys.Layout, scope: frozenset[str] | None) -> sync.Observed:
+def _observe(store: sync.Store, scope: frozenset[str] | None) -> sync.Observed:
     if scope is not None and len(scope) <= POINT_READS_MAX:
-        return sync.read_keys(etcd, layout, scope)
-    observed = sync.read_all(etcd, layout)
-    if scope is None:
-        return observed
-    return sync.Observed(
-        actual={k: v for k, v in observed.actual.items() if k in scope},
-        owned={k: v for k, v in observed.owned.items() if k in scope},
-    )
+        return store.read_keys(scope)
+    observed = store.read_all()
+    return observed if scope is None else observed.within(scope)
 
 
 def _check_prune(
-    etcd: Any,
-    layout: keys.Layout,
+    store: sync.Store,
     plan: diff.Plan,
     observed: sync.Observed,
     options: Options,
@@ -272,7 +149,7 @@ def _check_prune(
     removing = plan.count(diff.Action.DELETE) + plan.count(diff.Action.FORGET)
     if not removing or options.allow_empty:
         return
-    owned_total = len(observed.owned) if full else sync.count_owned(etcd, layout)
+    owned_total = len(observed.owned) if full else store.count_owned()
     gaining = sum(
         1
         for c in plan.changes
@@ -286,12 +163,11 @@ def _check_prune(
 
 
 def run(
-    etcd: Any,
-    layout: keys.Layout,
+    store: sync.Store,
     options: Options,
     *,
     source: gitsource.Source | None = None,
-    desired: Desired | None = None,
+    desired: desired_state.Desired | None = None,
     before_apply: Callable[[diff.Plan], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     cancel: threading.Event | None = None,
@@ -309,12 +185,11 @@ def run(
             source = None
     lock = None
     if not options.dry_run:
-        lock = sync.Lock(etcd, layout, ttl=options.lock_ttl)
+        lock = store.lock(ttl=options.lock_ttl)
         lock.acquire(timeout=options.lock_timeout, cancel=cancel)
     try:
         return _run_locked(
-            etcd,
-            layout,
+            store,
             options,
             source=source,
             desired=desired,
@@ -328,26 +203,26 @@ def run(
 
 
 def _run_locked(
-    etcd: Any,
-    layout: keys.Layout,
+    store: sync.Store,
     options: Options,
     *,
     source: gitsource.Source | None,
-    desired: Desired | None,
+    desired: desired_state.Desired | None,
     lock: sync.Lock | None,
     before_apply: Callable[[diff.Plan], None] | None,
     clock: Callable[[], datetime],
 ) -> Result:
-    record, record_revision = sync.read_record(etcd, layout)
+    layout = store.layout
+    record, record_revision = store.read_record()
     if desired is None:
         desired = read_desired(layout, options, record, source=source)
     elif desired.source == "commit":
         check_guard(source, record, desired.commit, force=options.force)
     values = desired.values
     scope = desired.scope
-    observed = _observe(etcd, layout, scope)
+    observed = _observe(store, scope)
     first = diff.plan(values, observed.actual, observed.owned, prune=options.prune)
-    _check_prune(etcd, layout, first, observed, options, full=scope is None)
+    _check_prune(store, first, observed, options, full=scope is None)
     if before_apply is not None:
         before_apply(first)
     if options.dry_run:
@@ -358,9 +233,7 @@ def _run_locked(
     current = first
     replans = 0
     while True:
-        written = sync.apply_changes(
-            etcd,
-            layout,
+        written = store.apply_changes(
             current.changes,
             fence=lock,
             origin=state.origin_record(source=desired.source, commit=desired.commit),
@@ -382,7 +255,7 @@ def _run_locked(
             len(conflict_keys),
             min(conflict_keys),
         )
-        observed = sync.read_keys(etcd, layout, conflict_keys)
+        observed = store.read_keys(conflict_keys)
         current = diff.plan(
             {k: v for k, v in values.items() if k in conflict_keys},
             observed.actual,
@@ -396,7 +269,7 @@ def _run_locked(
         bool(applied)
         or last is None
         or (last.source, last.commit, last.digest, last.pruned or not options.prune, last.rules)
-        != (desired.source, desired.commit, desired.digest, True, parsecache.fingerprint())
+        != (desired.source, desired.commit, desired.digest, True, manifests.rules_fingerprint())
     )
     if changed_state:
         entry = state.Apply(
@@ -407,10 +280,10 @@ def _run_locked(
             digest=desired.digest,
             mode=desired.mode,
             pruned=options.prune,
-            rules=parsecache.fingerprint(),
+            rules=manifests.rules_fingerprint(),
         )
-        if not sync.write_record(
-            etcd, layout, state.after(record, entry), seen_revision=record_revision, fence=lock
+        if not store.write_record(
+            state.after(record, entry), seen_revision=record_revision, fence=lock
         ):
             raise ReconcileError(
                 f"{layout.applied_key} was changed by someone else during this apply "

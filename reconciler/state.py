@@ -1,6 +1,6 @@
 """The reconciler's own records under `<prefix>/meta/`: which task keys it owns, what
-it applied last, and the apply lock's key. Pure: key names and record codecs only (the
-etcd calls are in sync.py).
+it applied last, and the apply lock (their key names are in gleam/keys.Layout). Pure:
+record codecs only (the etcd calls are in sync.py).
 
 - `<prefix>/meta/owned/node/<id>`, `<prefix>/meta/owned/region/<name>`: one small key
   per owned task key, `{"commit": <sha>, "source": "commit"}` (or
@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gleam import keys, messages
+from gleam import messages
 
 RECORD_VERSION = 1
 HISTORY = 10
@@ -36,19 +36,6 @@ def origin_record(*, source: str, commit: str | None) -> bytes:
     if source == "commit" and commit:
         body["commit"] = commit
     return messages.canonical_json(body).encode("utf-8")
-
-
-def task_key_of(layout: keys.Layout, owned: str) -> str | None:
-    """The task key an ownership record stands for, or None for a stray key."""
-    head = layout.owned_prefix
-    if not owned.startswith(head):
-        return None
-    key = f"{layout.prefix}/{owned[len(head) :]}"
-    return key if layout.parse_task_key(key) is not None else None
-
-
-def lock_key(layout: keys.Layout) -> str:
-    return f"{layout.meta_prefix}lock"
 
 
 @dataclass(frozen=True)

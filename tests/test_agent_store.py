@@ -117,10 +117,12 @@ def test_an_unreachable_etcd_is_unavailable() -> None:
 def test_read_keys_and_put_many_handle_more_keys_than_one_transaction_takes(
     seam: store.Store, etcd: Any, layout: keys.Layout
 ) -> None:
-    names = [layout.region_key(f"r{i}") for i in range(store.MAX_TXN_OPS * 2 + 5)]
+    names = [layout.region_key(f"r{i}") for i in range(connection.MAX_TXN_OPS * 2 + 5)]
     present = names[::3]
-    for start in range(0, len(present), store.MAX_TXN_OPS):
-        seam.put_many([(key, key.encode()) for key in present[start : start + store.MAX_TXN_OPS]])
+    for start in range(0, len(present), connection.MAX_TXN_OPS):
+        seam.put_many(
+            [(key, key.encode()) for key in present[start : start + connection.MAX_TXN_OPS]]
+        )
     snapshot = seam.read_keys(names)
     assert [o.key for o in snapshot.keys] == names
     for observed in snapshot.keys:

@@ -32,8 +32,7 @@ class Running:
         options = reconcile.Options(repo=repo, prune=True, lock_timeout=60, worktree=worktree)
         defaults = {"interval": 60.0, "debounce": 0.05, "full_every": 1000}
         self.daemon = daemon.Daemon(
-            etcd,
-            layout,
+            sync.Store.over(etcd, layout),
             options,
             daemon.Settings(**{**defaults, **settings}),
             stop=self.stop,
@@ -134,7 +133,7 @@ def test_a_held_apply_lock_keeps_the_daemon_from_applying(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gleam.reconcile")
-    other = sync.Lock(etcd, layout, holder="other-reconciler")
+    other = sync.Store.over(etcd, layout).lock(holder="other-reconciler")
     other.acquire(timeout=5)
     try:
         d = Running(etcd, layout, repo.path)
@@ -194,7 +193,7 @@ def test_sigterm_stops_the_daemon_process_cleanly_after_it_followed_a_commit(
             proc.wait()
     text = log_path.read_text()
     assert "SIGTERM: stopping" in text and "stopped" in text
-    assert state.lock_key(layout) not in values(etcd, layout.meta_prefix)
+    assert layout.lock_key not in values(etcd, layout.meta_prefix)
 
 
 def test_an_invalid_commit_is_logged_and_skipped_and_the_next_good_one_applied(
