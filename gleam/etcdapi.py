@@ -77,6 +77,18 @@ class TxnResult:
 
 
 @dataclass(frozen=True)
+class Range:
+    """A read of one key, or of every key under a prefix; at a past revision (0: now),
+    keys without values, or only their count."""
+
+    key: str
+    prefix: bool = False
+    revision: int = 0
+    keys_only: bool = False
+    count_only: bool = False
+
+
+@dataclass(frozen=True)
 class RangeResult:
     revision: int  # the store's revision the range was read at
     kvs: tuple[KeyValue, ...]
@@ -84,15 +96,7 @@ class RangeResult:
 
 
 class Backend(Protocol):
-    def range(
-        self,
-        key: str,
-        *,
-        prefix: bool = False,
-        revision: int = 0,
-        keys_only: bool = False,
-        count_only: bool = False,
-    ) -> RangeResult: ...
+    def range(self, query: Range) -> RangeResult: ...
 
     def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
@@ -112,7 +116,7 @@ class Backend(Protocol):
 
 
 def get_one(backend: Backend, key: str) -> KeyValue | None:
-    found = backend.range(key)
+    found = backend.range(Range(key))
     return found.kvs[0] if found.kvs else None
 
 
@@ -130,23 +134,15 @@ class Pyetcd:
     def __init__(self, client: connection.Client) -> None:
         self.client = client
 
-    def range(
-        self,
-        key: str,
-        *,
-        prefix: bool = False,
-        revision: int = 0,
-        keys_only: bool = False,
-        count_only: bool = False,
-    ) -> RangeResult:
-        options: dict[str, Any] = {"keys_only": keys_only, "count_only": count_only}
-        if revision:
-            options["revision"] = revision
+    def range(self, query: Range) -> RangeResult:
+        options: dict[str, Any] = {"keys_only": query.keys_only, "count_only": query.count_only}
+        if query.revision:
+            options["revision"] = query.revision
         with _translated():
-            if prefix:
-                response = self.client.get_prefix_response(key, **options)
+            if query.prefix:
+                response = self.client.get_prefix_response(query.key, **options)
             else:
-                response = self.client.get_response(key, **options)
+                response = self.client.get_response(query.key, **options)
         # Raw protobuf responses, not pyetcd's per-key objects: 10,000 keys in a few
         # tens of milliseconds.
         kvs = tuple(

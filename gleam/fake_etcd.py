@@ -25,6 +25,7 @@ from gleam.etcdapi import (
     KeyValue,
     Op,
     Put,
+    Range,
     RangeResult,
     Target,
     TxnResult,
@@ -57,15 +58,8 @@ class FakeEtcd:
 
     # etcdapi.Backend ----------------------------------------------------------------
 
-    def range(
-        self,
-        key: str,
-        *,
-        prefix: bool = False,
-        revision: int = 0,
-        keys_only: bool = False,
-        count_only: bool = False,
-    ) -> RangeResult:
+    def range(self, query: Range) -> RangeResult:
+        key, prefix, revision = query.key, query.prefix, query.revision
         with self._lock:
             self._enter("range")
             if revision > self.revision:
@@ -73,9 +67,9 @@ class FakeEtcd:
             at = revision or self.revision
             names = sorted(k for k in self._history if (k.startswith(key) if prefix else k == key))
             found = [kv for kv in (self._at(name, at) for name in names) if kv is not None]
-            if keys_only:
+            if query.keys_only:
                 found = [kv._replace(value=b"") for kv in found]
-            return RangeResult(self.revision, () if count_only else tuple(found), len(found))
+            return RangeResult(self.revision, () if query.count_only else tuple(found), len(found))
 
     def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
@@ -134,7 +128,7 @@ class FakeEtcd:
         return self.txn([], [Delete(key)]).revision
 
     def values(self, prefix: str) -> dict[str, bytes]:
-        return {kv.key.decode(): kv.value for kv in self.range(prefix, prefix=True).kvs}
+        return {kv.key.decode(): kv.value for kv in self.range(Range(prefix, True)).kvs}
 
     # Inside --------------------------------------------------------------------------
 

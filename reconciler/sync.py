@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from gleam import connection, etcdapi, keys, lease
-from gleam.etcdapi import Compare, Delete, Get, Op, Put, Target
+from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target
 from reconciler import diff, state
 
 log = logging.getLogger("gleam.reconcile")
@@ -191,13 +191,15 @@ class Store:
         Keys are not validated here: the plan only looks at desired and owned keys, and
         both are valid names by construction; a stray key just never matches."""
         layout = self.layout
-        first = self.backend.range(layout.tasks_prefix(keys.Kind.NODE), prefix=True)
+        first = self.backend.range(Range(layout.tasks_prefix(keys.Kind.NODE), prefix=True))
         revision = first.revision
         region = self.backend.range(
-            layout.tasks_prefix(keys.Kind.REGION), prefix=True, revision=revision
+            Range(layout.tasks_prefix(keys.Kind.REGION), prefix=True, revision=revision)
         )
         owned_head = layout.owned_prefix
-        records = self.backend.range(owned_head, prefix=True, revision=revision, keys_only=True)
+        records = self.backend.range(
+            Range(owned_head, prefix=True, revision=revision, keys_only=True)
+        )
         actual = {
             _text(kv.key): diff.Actual(kv.value, kv.mod_revision)
             for response in (first, region)
@@ -237,7 +239,8 @@ class Store:
 
     @_translated
     def count_owned(self) -> int:
-        return self.backend.range(self.layout.owned_prefix, prefix=True, count_only=True).count
+        owned = Range(self.layout.owned_prefix, prefix=True, count_only=True)
+        return self.backend.range(owned).count
 
     # Writing ----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gleam import etcdapi, keys
-from gleam.etcdapi import Compare, Delete, Get, Put, Target
+from gleam.etcdapi import Compare, Delete, Get, Put, Range, Target
 from gleam.fake_etcd import FakeEtcd
 
 
@@ -42,7 +42,7 @@ def test_writes_bump_the_revision_and_keep_the_create_revision(
 ) -> None:
     key = layout.prefix + "/a"
     first = put(backend, key, b"1")
-    assert first > 0 and backend.range(key).revision == first
+    assert first > 0 and backend.range(Range(key)).revision == first
     kv = one(backend, key)
     assert kv is not None and (kv.value, kv.mod_revision, kv.create_revision) == (
         b"1",
@@ -63,7 +63,7 @@ def test_a_read_only_transaction_does_not_bump_the_revision(
     result = backend.txn([], [Get(key), Get(layout.prefix + "/missing")])
     assert result.succeeded and result.revision == 0
     assert [[kv.value for kv in got] for got in result.gets] == [[b"1"], []]
-    assert backend.range(key).revision == written
+    assert backend.range(Range(key)).revision == written
 
 
 def test_a_stale_mod_revision_fails_the_guard_writes_nothing_and_runs_failure(
@@ -107,13 +107,15 @@ def test_prefix_reads_are_sorted_and_can_be_keys_only_or_a_count(
     for name in ("b", "a", "c"):
         put(backend, head + name, name.encode())
     put(backend, layout.prefix + "/dirt", b"not under dir/")
-    got = backend.range(head, prefix=True)
+    got = backend.range(Range(head, prefix=True))
     assert [(kv.key, kv.value) for kv in got.kvs] == [
         (f"{head}{n}".encode(), n.encode()) for n in "abc"
     ]
     assert got.count == 3
-    assert [kv.value for kv in backend.range(head, prefix=True, keys_only=True).kvs] == [b""] * 3
-    counted = backend.range(head, prefix=True, count_only=True)
+    assert [kv.value for kv in backend.range(Range(head, prefix=True, keys_only=True)).kvs] == [
+        b""
+    ] * 3
+    counted = backend.range(Range(head, prefix=True, count_only=True))
     assert (counted.kvs, counted.count) == ((), 3)
 
 
@@ -125,12 +127,12 @@ def test_a_read_at_a_past_revision_sees_the_past(
     then = put(backend, head + "b", b"b")
     put(backend, head + "a", b"new")
     backend.txn([], [Delete(head + "b")])
-    past = backend.range(head, prefix=True, revision=then)
+    past = backend.range(Range(head, prefix=True, revision=then))
     assert [(kv.key, kv.value) for kv in past.kvs] == [
         ((head + "a").encode(), b"old"),
         ((head + "b").encode(), b"b"),
     ]
-    assert [kv.value for kv in backend.range(head, prefix=True).kvs] == [b"new"]
+    assert [kv.value for kv in backend.range(Range(head, prefix=True)).kvs] == [b"new"]
 
 
 def test_a_revoked_lease_takes_its_keys_and_cannot_be_kept_alive(
@@ -143,7 +145,7 @@ def test_a_revoked_lease_takes_its_keys_and_cannot_be_kept_alive(
     written = backend.txn([], [Put(key, b"mine", lease=lease)]).revision
     backend.revoke_lease(lease)
     assert one(backend, key) is None
-    assert backend.range(key).revision == written + 1  # the deletion is a revision
+    assert backend.range(Range(key)).revision == written + 1  # the deletion is a revision
     assert backend.keep_alive(lease) <= 0
 
 
@@ -168,5 +170,5 @@ def test_an_expired_lease_deletes_its_keys_at_a_new_revision(layout: keys.Layout
     assert one(fake, "/k") is not None
     clock.now += 1
     assert one(fake, "/k") is None
-    assert fake.range("/k").revision == written + 1
+    assert fake.range(Range("/k")).revision == written + 1
     assert fake.keep_alive(lease) <= 0

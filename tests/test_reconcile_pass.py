@@ -186,10 +186,10 @@ def test_an_incremental_pass_reads_only_its_keys_a_full_one_reads_all() -> None:
     ranges: list[str] = []
     real_range = fake.range
 
-    def range_(key: str, **options: Any) -> Any:
-        if options.get("prefix"):
-            ranges.append(key)
-        return real_range(key, **options)
+    def range_(query: etcdapi.Range) -> Any:
+        if query.prefix:
+            ranges.append(query.key)
+        return real_range(query)
 
     fake.range = range_  # type: ignore[method-assign]
     incremental = run(fake, wanted("a", commit="c2", scope=frozenset({node("a")})))
