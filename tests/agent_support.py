@@ -3,12 +3,9 @@ records, writing task values."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from gleam import client, keys, messages
 from tests.support import AgentProcess, wait_until
@@ -125,20 +122,3 @@ def node(agent_id: str) -> keys.Target:
 
 def region(name: str) -> keys.Target:
     return keys.Target.region(name)
-
-
-# Fixtures the agent test modules import ------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GLEAM_* variables in the developer's shell must not change the agents under test."""
-    for name in list(os.environ):
-        if name.startswith("GLEAM_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def lua_dir(tmp_path: Path) -> Path:
-    """A script directory with TEST_SCRIPTS."""
-    return write_scripts(tmp_path / "scripts")

@@ -1,8 +1,6 @@
 """gleam-agent under etcd trouble: killed, frozen, compacted, leases lost. Each test has
 an etcd of its own (private_etcd) and real agent subprocesses."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import json
@@ -18,11 +16,9 @@ import pytest
 
 from gleam import connection, keys, messages
 from gleam.embedded import EtcdServer
-from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+from tests.agent_support import (
     StartAgent,
     info,
-    lua_dir,
-    no_gleam_environment,
     node,
     result,
     send,
@@ -32,7 +28,7 @@ from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment:
 )
 from tests.support import client_for, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
 
 LAYOUT = keys.Layout("/gleam")
 

@@ -27,13 +27,6 @@ Factory = Callable[..., LuaRunner]
 
 
 @pytest.fixture
-def scripts(tmp_path: Path) -> Path:
-    root = tmp_path / "scripts"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def make_runner(etcd: Any) -> Iterator[Factory]:
     runners: list[LuaRunner] = []
 
