@@ -30,6 +30,15 @@ class KV(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def dir_prefix(key: str) -> str:
+    """The prefix a KV "directory" covers: GetDir reads it, Delete removes it with the
+    key itself (an etcd v2 directory, as the original had)."""
+    stripped = key.rstrip("/")
+    if not stripped:
+        raise ValueError(f"refusing to use {key!r} as a directory: it is the root of etcd")
+    return stripped + "/"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one run of a function gave."""

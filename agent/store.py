@@ -21,7 +21,7 @@ from pyetcd import etcdrpc
 from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 
-from agent.lua_api import KVError
+from agent.lua_api import KVError, dir_prefix
 from agent.pending import Observed
 from gleam import connection
 
@@ -313,7 +313,7 @@ class EtcdKV:
 
     def get_dir(self, key: str) -> dict[str, str]:
         with _kv_errors():
-            prefix = _dir_prefix(key)
+            prefix = dir_prefix(key)
             return {
                 bytes(meta.key).decode("utf-8", errors="replace"): bytes(value).decode(
                     "utf-8", errors="replace"
@@ -328,7 +328,7 @@ class EtcdKV:
 
     def delete(self, key: str) -> None:
         with _kv_errors():
-            prefix = _dir_prefix(key)
+            prefix = dir_prefix(key)
             self._client.delete(key)
             self._client.delete_prefix(prefix)
 
@@ -339,13 +339,6 @@ def _kv_errors() -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 - every failure is the script's error value
         raise KVError(connection.describe_error(exc)) from None
-
-
-def _dir_prefix(key: str) -> str:
-    stripped = key.rstrip("/")
-    if not stripped:
-        raise ValueError(f"refusing to use {key!r} as a directory: it is the root of etcd")
-    return stripped + "/"
 
 
 class LazyClient:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent import lua_api
 from gleam import client, keys, messages
 from tests.support import AgentProcess, wait_until
 
@@ -122,3 +123,34 @@ def node(agent_id: str) -> keys.Target:
 
 def region(name: str) -> keys.Target:
     return keys.Target.region(name)
+
+
+class MemoryKV:
+    """`agent.lua_api.KV` in a dict, with EtcdKV's rules (GetDir reads `key/`, Delete
+    removes the key and everything under `key/`; a TTL is accepted and ignored), for Lua
+    tests that need no etcd. tests/test_lua_exec.py checks that both answer alike."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+
+    def get(self, key: str) -> str | None:
+        return self.data.get(key)
+
+    def get_dir(self, key: str) -> dict[str, str]:
+        prefix = self._prefix(key)
+        return {k: v for k, v in sorted(self.data.items()) if k.startswith(prefix)}
+
+    def set(self, key: str, value: str, ttl: int | None) -> None:
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        prefix = self._prefix(key)
+        for name in [k for k in self.data if k == key or k.startswith(prefix)]:
+            del self.data[name]
+
+    @staticmethod
+    def _prefix(key: str) -> str:
+        try:
+            return lua_api.dir_prefix(key)
+        except ValueError as exc:
+            raise lua_api.KVError(f"ValueError: {exc}") from None
