@@ -1,9 +1,9 @@
 """The Lua runner's interface: what it is given (a KV for gleam.Get/GetDir/Set/Delete)
-and what a run gives back (an Outcome).
+and what a run gives back (a RunOutcome).
 
 Three sides meet here: `agent.lua_exec` runs Lua and calls a KV; `agent.store.EtcdKV` is
 a KV over a real etcd client, in the agent process; `agent.lua_child`'s KV asks the agent
-over the executor's channel, and `agent.executor` returns the same Outcome the in-process
+over the executor's channel, and `agent.executor` returns the same RunOutcome the in-process
 runner does. Standard library only: both processes import it.
 """
 
@@ -40,7 +40,7 @@ def dir_prefix(key: str) -> str:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class RunOutcome:
     """What one run of a function gave."""
 
     ok: bool

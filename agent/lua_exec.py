@@ -1,7 +1,7 @@
 """Running gleam's Lua functions: `a::b` runs `<script dir>/a/b.lua` in a Lua 5.4 state.
 
 The one module of the agent that talks to Lua. `LuaRunner.run(name, data)` never
-raises for anything a script or its name does: every failure is an `Outcome` with a
+raises for anything a script or its name does: every failure is an `RunOutcome` with a
 clear error. The script side (environment, limits, the `gleam` table) is built by
 `lua_prelude.lua` once per Lua runtime.
 
@@ -38,7 +38,7 @@ from typing import Any
 from lupa import lua54
 
 from agent import lua_values, processes
-from agent.lua_api import KV, KVError, Outcome
+from agent.lua_api import KV, KVError, RunOutcome
 from gleam import keys
 from gleam.messages import JSON
 
@@ -159,7 +159,7 @@ class LuaRunner:
     def script_dir(self) -> Path:
         return self._root
 
-    def run(self, name: str, data: JSON) -> Outcome:
+    def run(self, name: str, data: JSON) -> RunOutcome:
         """Run function `name` with `data`; never raises for what a script or name does."""
         started = time.perf_counter()
         try:
@@ -171,7 +171,7 @@ class LuaRunner:
             ok, result, error = False, None, f"internal error running {name!r}: {exc!r}"
         self._release()
         duration_ms = (time.perf_counter() - started) * 1000.0
-        return Outcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
+        return RunOutcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
 
     def reload(self) -> None:
         """Drop every cached chunk before the next run (safe from any thread)."""

@@ -11,9 +11,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from agent import inflight, pending, results
+from agent import inflight, lua_api, pending, results
 from agent.task_queue import TaskQueue
 from gleam import keys, logformat, messages, testhooks
 
@@ -25,21 +25,8 @@ RESULT_GROUP = 128
 RESULT_GROUP_SECONDS = 0.02
 
 
-class Outcome(Protocol):
-    """What `agent.lua_exec.Outcome` offers."""
-
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def result(self) -> Any: ...
-    @property
-    def error(self) -> str | None: ...
-    @property
-    def duration_ms(self) -> float: ...
-
-
 class Runner(Protocol):
-    def run(self, name: str, data: messages.JSON) -> Outcome: ...
+    def run(self, name: str, data: messages.JSON) -> lua_api.RunOutcome: ...
 
 
 class ResultSink(Protocol):

@@ -131,7 +131,7 @@ def read_desired(
 POINT_READS_MAX = 1024
 
 
-def _observe(store: sync.Store, scope: frozenset[str] | None) -> sync.Observed:
+def _observe(store: sync.Store, scope: frozenset[str] | None) -> sync.EtcdState:
     if scope is not None and len(scope) <= POINT_READS_MAX:
         return store.read_keys(scope)
     observed = store.read_all()
@@ -141,7 +141,7 @@ def _observe(store: sync.Store, scope: frozenset[str] | None) -> sync.Observed:
 def _check_prune(
     store: sync.Store,
     plan: diff.Plan,
-    observed: sync.Observed,
+    observed: sync.EtcdState,
     options: Options,
     *,
     full: bool,

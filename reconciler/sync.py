@@ -74,14 +74,14 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
 
 
 @dataclass(frozen=True)
-class Observed:
+class EtcdState:
     """What etcd holds for the keys in scope."""
 
     actual: dict[str, diff.Actual]
     owned: dict[str, int]
 
-    def within(self, scope: frozenset[str]) -> Observed:
-        return Observed(
+    def within(self, scope: frozenset[str]) -> EtcdState:
+        return EtcdState(
             actual={k: v for k, v in self.actual.items() if k in scope},
             owned={k: v for k, v in self.owned.items() if k in scope},
         )
@@ -184,7 +184,7 @@ class Store:
         return state.decode(found.value), found.mod_revision
 
     @_translated
-    def read_all(self) -> Observed:
+    def read_all(self) -> EtcdState:
         """Every task key and ownership record under the prefix, at one revision: the
         first range read fixes the revision and the others read at it.
 
@@ -215,10 +215,10 @@ class Store:
             # region/, such as an agent's registration, for --prune to delete.
             if kind in TASK_KINDS and name and "/" not in name:
                 owned[tasks_head + rest] = kv.mod_revision
-        return Observed(actual=actual, owned=owned)
+        return EtcdState(actual=actual, owned=owned)
 
     @_translated
-    def read_keys(self, task_keys: Iterable[str]) -> Observed:
+    def read_keys(self, task_keys: Iterable[str]) -> EtcdState:
         """The named task keys and their ownership records (a few transactions of gets)."""
         wanted = sorted(set(task_keys))
         actual: dict[str, diff.Actual] = {}
@@ -235,7 +235,7 @@ class Store:
                     actual[key] = diff.Actual(kv.value, kv.mod_revision)
                 for kv in gets[2 * index + 1]:
                     owned[key] = kv.mod_revision
-        return Observed(actual=actual, owned=owned)
+        return EtcdState(actual=actual, owned=owned)
 
     @_translated
     def count_owned(self) -> int:

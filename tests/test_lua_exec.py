@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.lua_api import KV, KVError
-from agent.lua_exec import LuaRunner, Outcome
+from agent.lua_exec import LuaRunner, RunOutcome
 from agent.store import EtcdKV
 from gleam import keys
 from tests.agent_support import MemoryKV
@@ -53,18 +53,18 @@ def write(root: Path, relative: str, text: str) -> Path:
     return path
 
 
-def run_text(runner: LuaRunner, scripts: Path, text: str, data: Any = None) -> Outcome:
+def run_text(runner: LuaRunner, scripts: Path, text: str, data: Any = None) -> RunOutcome:
     write(scripts, "t.lua", text)
     return runner.run("t", data)
 
 
-def ok(outcome: Outcome) -> Any:
+def ok(outcome: RunOutcome) -> Any:
     assert outcome.ok, outcome.error
     assert outcome.error is None
     return outcome.result
 
 
-def failed(outcome: Outcome) -> str:
+def failed(outcome: RunOutcome) -> str:
     assert not outcome.ok, outcome
     assert outcome.result is None
     assert outcome.error

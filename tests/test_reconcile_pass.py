@@ -93,7 +93,7 @@ def test_keys_that_keep_changing_end_the_pass_with_conflict() -> None:
     store = sync.Store(fake, LAYOUT)
     real_read = store.read_keys
 
-    def read_then_meddle(task_keys: Any) -> sync.Observed:
+    def read_then_meddle(task_keys: Any) -> sync.EtcdState:
         observed = real_read(task_keys)
         fake.put(node("a"), b"again")  # after every read: each plan is stale
         return observed
