@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_once(config)
     from reconciler import daemon  # watchdog and the loop are not needed for --once
 
-    settings = daemon.Settings(
+    settings = daemon.LoopSettings(
         interval=config.interval,
         full_every=config.full_every,
         debounce=config.debounce,

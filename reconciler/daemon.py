@@ -41,7 +41,7 @@ class Reason(StrEnum):
 
 
 @dataclass(frozen=True)
-class Settings:
+class LoopSettings:
     interval: float = 300.0
     full_every: int = 12
     debounce: float = 0.1
@@ -124,7 +124,7 @@ class Daemon:
         self,
         store: sync.Store,
         options: reconcile.Options,
-        settings: Settings,
+        settings: LoopSettings,
         *,
         stop: threading.Event | None = None,
         on_pass: Callable[[PassReport], None] | None = None,
@@ -313,7 +313,7 @@ def main(
     etcd_settings: connection.Settings,
     layout: keys.Layout,
     options: reconcile.Options,
-    settings: Settings,
+    settings: LoopSettings,
 ) -> int:
     """The daemon's entry point from cli.main: connect, trap signals, loop."""
     stop = threading.Event()

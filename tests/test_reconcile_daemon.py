@@ -34,7 +34,7 @@ class Running:
         self.daemon = daemon.Daemon(
             sync.Store.over(etcd, layout),
             options,
-            daemon.Settings(**{**defaults, **settings}),
+            daemon.LoopSettings(**{**defaults, **settings}),
             stop=self.stop,
             on_pass=self.reports.append,
         )
