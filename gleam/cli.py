@@ -150,6 +150,12 @@ def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
         ) from None
     except RecursionError:
         raise DataError(f"{flag}: {source} is nested too deeply") from None
+    except ValueError as exc:  # json.loads raises a bare ValueError past Python's digit limit
+        if "integer string conversion" in str(exc):
+            raise DataError(
+                f"{flag}: {source} holds an integer of more than {messages.MAX_INT_DIGITS} digits"
+            ) from None
+        raise DataError(f"{flag}: {source} cannot be read as JSON: {exc}") from None
 
 
 def make_task(function: str | None, data: messages.JSON, *, flag: str = "-fn") -> messages.Task:
@@ -354,6 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RecursionError) as exc:
+        # Stored values are decoded strictly and bounded, so this is the last line of
+        # defence: one line, never a traceback.
+        what = (
+            "ran out of memory" if isinstance(exc, MemoryError) else "met a value nested too deeply"
+        )
+        print(f"{PROG}: {what}; stopped", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 

@@ -7,8 +7,11 @@ registrations are JSON objects with lower-case keys. Pure: no I/O, no clock.
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from gleam import keys
 
@@ -18,6 +21,15 @@ JSON: TypeAlias = None | bool | int | float | str | list[Any] | dict[str, Any]
 # etcd refuses requests over 1.5 MiB by default; a task message is capped below that so
 # that a message, its result and the transaction around it always fit.
 MAX_MESSAGE_BYTES = 1024 * 1024
+
+# Arrays and objects nested inside a task's data (or a result's value): the agent's Lua
+# results have the same cap. Deeper values would reach Python's recursion limit in the
+# encoder, the diff or the renderers, so every decoder and the encoder refuse them.
+MAX_DEPTH = 200
+
+# Python refuses to turn longer digit strings into an int (sys.get_int_max_str_digits);
+# json.loads then raises a plain ValueError, which is turned into a MessageError here.
+MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
 
 
 class MessageError(ValueError):
@@ -29,16 +41,98 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _loads(raw: bytes | str, *, what: str) -> Any:
+class _Refused(Exception):
+    """Raised from inside json.loads by the hooks below; carries the reason."""
+
+
+def _no_constant(word: str) -> NoReturn:
+    raise _Refused(f"holds {word}, which is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Refused(f"holds the number {_clip(text)}, too large for a float")
+    return value
+
+
+def _clip(text: str, width: int = 24) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): only then can a decoded string hold
+# a lone surrogate, which cannot be encoded as UTF-8 (printing it, or writing it to etcd
+# or to Lua, would fail far from here).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_TOO_DEEP = f"is nested deeper than {MAX_DEPTH} levels"
+
+
+def _tree_problem(value: Any, *, start: int, surrogates: bool) -> str | None:
+    """Why a JSON value is unusable (more than MAX_DEPTH arrays and objects nested, the
+    value itself being at depth `start`: -1 for a record whose fields hold the data, 0
+    for the data; or, when `surrogates`, a lone surrogate in a string), or None.
+    Iterative: a deep value must not hit the recursion limit here either."""
+    stack: list[tuple[Any, int]] = [(value, start)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth >= MAX_DEPTH:
+                return _TOO_DEEP
+            if surrogates and any(_SURROGATE.search(k) for k in item):
+                return "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth >= MAX_DEPTH:
+                return _TOO_DEEP
+            stack.extend((v, depth + 1) for v in item)
+        elif surrogates and isinstance(item, str) and _SURROGATE.search(item):
+            return "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+    return None
+
+
+def _could_nest(raw: bytes) -> bool:
+    """False when `raw` cannot hold more than MAX_DEPTH arrays and objects nested: it has
+    no more brackets than that (counted in C, so that most values skip the walk)."""
+    return raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
+
+
+def load_json(raw: bytes | str, *, what: str) -> Any:
+    """Strict JSON: any input gives a value or a MessageError, never another exception.
+    Refused: invalid UTF-8, lone surrogates, NaN and Infinity (and numbers that overflow
+    to them), integers longer than MAX_INT_DIGITS, and data (the values inside the
+    record's object) nested more than MAX_DEPTH deep."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError(f"{what} holds a lone UTF-16 surrogate, which is not text") from None
     try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text)
+        value = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
     except UnicodeDecodeError as exc:
         raise MessageError(f"{what} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise MessageError(f"{what} is not JSON: {exc}") from None
+    except _Refused as exc:
+        raise MessageError(f"{what} {exc}") from None
     except RecursionError:
-        raise MessageError(f"{what} is nested too deeply") from None
+        raise MessageError(f"{what} {_TOO_DEEP}") from None
+    except MemoryError:
+        raise MessageError(f"{what} is too large to decode") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise MessageError(
+                f"{what} holds an integer of more than {MAX_INT_DIGITS} digits"
+            ) from None
+        raise MessageError(f"{what} is not usable JSON: {exc}") from None
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None
+    if surrogates or _could_nest(raw):
+        problem = _tree_problem(value, start=-1, surrogates=surrogates)
+        if problem is not None:
+            raise MessageError(f"{what} {problem}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,17 +143,49 @@ class Task:
     data: JSON = None
 
     def encode(self) -> bytes:
-        """The canonical message bytes, as the reconciler and the client write them."""
+        """The canonical message bytes, as the reconciler and the client write them.
+        Raises MessageError for data that decode_task would refuse (so nothing that
+        agents reject is ever written): NaN or infinity, a lone surrogate, an integer
+        past MAX_INT_DIGITS, nesting past MAX_DEPTH, a value that holds itself, or a
+        message over MAX_MESSAGE_BYTES."""
         keys.validate_function(self.name)
         try:
-            raw = canonical_json({"Name": self.name, "Data": self.data}).encode("utf-8")
+            raw = json.dumps(
+                {"Name": self.name, "Data": self.data},
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+                allow_nan=False,
+            ).encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError(
+                "task data holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+            ) from None
+        except RecursionError:
+            raise MessageError(f"task data {_TOO_DEEP}") from None
         except (TypeError, ValueError) as exc:
-            raise MessageError(f"task data is not JSON-serialisable: {exc}") from None
+            raise MessageError(f"task data {_unencodable(exc)}") from None
         if len(raw) > MAX_MESSAGE_BYTES:
             raise MessageError(
                 f"task message is {len(raw)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit"
             )
+        if _could_nest(raw):
+            problem = _tree_problem(self.data, start=0, surrogates=False)
+            if problem is not None:
+                raise MessageError(f"task data {problem}")
         return raw
+
+
+def _unencodable(exc: Exception) -> str:
+    """Why json.dumps refused a value, in words."""
+    text = str(exc)
+    if "Out of range float" in text:
+        return "holds NaN or infinity (.nan or .inf in YAML), which is not JSON"
+    if "integer string conversion" in text:
+        return f"holds an integer of more than {MAX_INT_DIGITS} digits"
+    if "Circular reference" in text:
+        return "holds itself (a value that contains itself cannot be JSON)"
+    return f"is not JSON-serialisable: {text}"
 
 
 def decode_task(raw: bytes | str) -> Task:
@@ -69,7 +195,7 @@ def decode_task(raw: bytes | str) -> Task:
         raise MessageError(f"message is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
     if not raw.strip():
         raise MessageError("message is empty")
-    value = _loads(raw, what="message")
+    value = load_json(raw, what="message")
     if value is None:
         raise MessageError('message is JSON null, not an object {"Name": ..., "Data": ...}')
     if not isinstance(value, dict):
@@ -127,7 +253,8 @@ class Result:
 
 
 def decode_result(raw: bytes | str) -> Result:
-    value = _loads(raw, what="result")
+    """Parse a result record; any bytes give a Result or a MessageError."""
+    value = load_json(raw, what="result")
     if not isinstance(value, dict):
         raise MessageError("result is not a JSON object")
     try:
@@ -135,16 +262,36 @@ def decode_result(raw: bytes | str) -> Result:
             agent=str(value["agent"]),
             key=str(value["key"]),
             revision=int(value["revision"]),
-            name=value.get("name"),
-            ok=bool(value["ok"]),
+            name=_optional_text(value.get("name"), "name"),
+            ok=_boolean(value["ok"], "ok"),
             result=value.get("result"),
-            error=value.get("error"),
+            error=_optional_text(value.get("error"), "error"),
             started=str(value.get("started", "")),
             duration_ms=float(value.get("duration_ms", 0.0)),
-            skipped=[int(r) for r in value.get("skipped") or []],
+            skipped=[int(r) for r in _array(value.get("skipped"), "skipped")],
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MessageError(f"result is missing or has a bad field: {exc}") from None
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{name} is a JSON {_json_type(value)}, not a string")
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"{name} is a JSON {_json_type(value)}, not true or false")
+
+
+def _array(value: Any, name: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    raise TypeError(f"{name} is a JSON {_json_type(value)}, not an array")
 
 
 @dataclass(frozen=True)
@@ -164,7 +311,8 @@ class AgentInfo:
 
 
 def decode_agent_info(raw: bytes | str) -> AgentInfo:
-    value = _loads(raw, what="registration")
+    """Parse an agent's registration; any bytes give an AgentInfo or a MessageError."""
+    value = load_json(raw, what="registration")
     if not isinstance(value, dict):
         raise MessageError("registration is not a JSON object")
     try:
@@ -172,10 +320,10 @@ def decode_agent_info(raw: bytes | str) -> AgentInfo:
             id=str(value["id"]),
             hostname=str(value.get("hostname", "")),
             pid=int(value.get("pid", 0)),
-            regions=[str(r) for r in value.get("regions") or []],
+            regions=[str(r) for r in _array(value.get("regions"), "regions")],
             version=str(value.get("version", "")),
             started=str(value.get("started", "")),
             script_dir=str(value.get("script_dir", "")),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MessageError(f"registration is missing or has a bad field: {exc}") from None

@@ -18,12 +18,11 @@ since the reconciler wrote it: it shows no commit. A key the reconciler does not
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gleam import client, keys
+from gleam import client, keys, messages
 
 _RECORD_VERSION = 1  # the meta/applied record version this reader understands
 
@@ -55,8 +54,8 @@ def _applied(stored: client.Stored | None) -> _Applied | None:
     if stored is None:
         return None
     try:
-        body: Any = json.loads(stored.value)
-    except (ValueError, UnicodeDecodeError):
+        body: Any = messages.load_json(stored.value, what="record")
+    except messages.MessageError:
         return None
     if not isinstance(body, dict) or body.get("version") != _RECORD_VERSION:
         return None
@@ -73,8 +72,8 @@ def _text(value: object) -> str | None:
 
 def _own_record(stored: client.Stored) -> dict[str, Any] | None:
     try:
-        body: Any = json.loads(stored.value) if stored.value else None
-    except (ValueError, UnicodeDecodeError):
+        body: Any = messages.load_json(stored.value, what="record") if stored.value else None
+    except messages.MessageError:
         return None
     return body if isinstance(body, dict) else None
 

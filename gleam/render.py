@@ -29,15 +29,43 @@ _RESET = "\033[0m"
 _VALUE_WIDTH = 120  # longer results are cut in text output (JSON has them whole)
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal line: control and invisible characters (a newline, an
+    escape sequence that would repaint the screen, a right-to-left override) are shown
+    escaped. Cells come from etcd, which anyone with write access can fill."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def table(
     headers: Sequence[str],
     rows: Iterable[Sequence[str]],
     *,
     paint: Callable[[str, str], str] | None = None,
 ) -> list[str]:
-    """Left-aligned columns two spaces apart; the last column is not padded.
-    `paint(header, padded_cell)` may decorate a cell after padding (for colour)."""
-    all_rows = [list(headers), *[list(r) for r in rows]]
+    """Left-aligned columns two spaces apart; the last column is not padded; every cell
+    made `printable`. `paint(header, padded_cell)` may decorate a cell after padding
+    (for colour)."""
+    all_rows = [list(headers), *[[printable(cell) for cell in r] for r in rows]]
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(all_rows):

@@ -245,6 +245,8 @@ def run_once(config: Config) -> int:
         )
     try:
         return _pass(config, etcd)
+    except (MemoryError, RecursionError) as exc:
+        return _fail(config, reconcile.resource_failure(exc))
     finally:
         etcd.close()
 

@@ -16,6 +16,7 @@ also while it waits for the lock.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -94,7 +95,8 @@ class CheckoutWatch:
                 if event.event_type not in WRITE_EVENTS:
                     return
                 for raw in (event.src_path, getattr(event, "dest_path", "")):
-                    path = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+                    # fsdecode: a file name that is not UTF-8 must not kill this thread.
+                    path = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw or "")
                     if path and watch.relevant(path):
                         watch.changed.set()
                         return
@@ -237,6 +239,10 @@ class Daemon:
         ) as exc:
             log.error("%s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
+        except (MemoryError, RecursionError) as exc:
+            message = reconcile.resource_failure(exc)
+            log.error("%s", message)
+            return self._report(number, reason, None, message, cause=exc)
         except Exception as exc:  # noqa: BLE001 - a bug in one pass must not end the daemon
             log.exception("pass %d failed unexpectedly", number)
             return self._report(number, reason, None, f"{type(exc).__name__}: {exc}", cause=exc)

@@ -79,16 +79,20 @@ def worktree_digest(values: Mapping[str, bytes]) -> str:
 
 
 def _entries(
-    layout: keys.Layout, files: Iterable[tuple[str, bytes]]
+    layout: keys.Layout,
+    files: Iterable[tuple[str, bytes]],
+    problems: Iterable[manifests.ManifestError] = (),
 ) -> dict[str, manifests.Manifest]:
-    loaded = manifests.load(files)
+    # A refused path may be reported by two listings (the diff and the tree): once.
+    loaded = manifests.load(files, problems=dict.fromkeys(problems))
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
 def read_worktree(layout: keys.Layout, repo: Path, source: gitsource.Source | None) -> Desired:
     """Every manifest as the files are on disk; `commit` is the HEAD they sit on, if
     any, for information only."""
-    entries = _entries(layout, gitsource.read_worktree(repo).files)
+    snapshot = gitsource.read_worktree(repo)
+    entries = _entries(layout, snapshot.files, snapshot.problems)
     head = None
     if source is not None:
         try:
@@ -120,25 +124,27 @@ def read_commit(
     or gitsource.GitError."""
     if mode == FULL or record is None or record.commit is None or record.last is None:
         return read_full(layout, source, head, cache=cache)
+    # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
+    # as errors like any invalid manifest, before anything is read.
     changed = source.changed(record.commit, head)
     targets: dict[keys.Target, None] = {}
-    misplaced: list[str] = []  # read too, so that load() reports them with the rest
+    problems = list(changed.problems)
     delta = 0
-    for entry in changed:
+    for entry in changed.paths:
         target = manifests.classify(entry.path)
         if isinstance(target, keys.Target):
             targets[target] = None
             delta += {"A": 1, "D": -1}.get(entry.status, 0)
         elif isinstance(target, manifests.ManifestError) and entry.status != "D":
-            misplaced.append(entry.path)
-    paths = misplaced + [path for t in targets for path in manifests.paths_for(t)]
-    snapshot = source.read_paths(head, paths)
+            problems.append(target)
+    paths = [path for t in targets for path in manifests.paths_for(t)]
+    listing = source.list_paths(head, paths)
     return Desired(
-        entries=_entries(layout, snapshot.files),
+        entries=_entries(layout, source.read_blobs(listing.blobs), [*problems, *listing.problems]),
         scope=frozenset(layout.task_key(t) for t in targets),
         source="commit",
         commit=head,
-        digest=f"git-tree:{snapshot.tree or 'none'}",
+        digest=f"git-tree:{listing.tree or 'none'}",
         total=record.last.keys + delta,
         mode=INCREMENTAL,
     )
@@ -149,13 +155,13 @@ def read_full(
 ) -> Desired:
     """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
     the others are read from git and parsed."""
-    tree, blobs = source.list_tree(commit)
+    listing = source.list_tree(commit)
+    blobs = listing.blobs
     cache_path = parsecache.path_for(source.git_dir)
     cached = parsecache.load(cache_path) if cache else {}
     known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
     missing = [(path, sha) for path, sha in blobs if sha not in cached]
-    contents = source.read_blobs(sha for _, sha in missing)
-    loaded = manifests.load(((path, contents[sha]) for path, sha in missing), known=known)
+    loaded = manifests.load(source.read_blobs(missing), known=known, problems=listing.problems)
     entries = {layout.task_key(target): m for target, m in loaded.items()}
     if cache and missing:
         by_path = {m.path: m.value for m in loaded.values()}
@@ -172,7 +178,7 @@ def read_full(
         scope=None,
         source="commit",
         commit=commit,
-        digest=f"git-tree:{tree or 'none'}",
+        digest=f"git-tree:{listing.tree or 'none'}",
         total=len(entries),
         mode=FULL,
     )

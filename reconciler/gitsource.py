@@ -1,23 +1,48 @@
 """The one module that talks to git (through GitPython): the manifests of a commit, the
-paths changed between two commits, ancestry, and fetch plus fast-forward for `--pull`.
+paths changed between two commits, ancestry, and fetch plus fast-forward for `--pull`;
+and the one that reads a work tree's manifests from disk (`--worktree`).
 
 Reading 10,000 manifests takes two git processes, not 10,000: one `git ls-tree -r` lists
 the blobs under tasks/, and one `git cat-file --batch` is fed every blob id at once and
-streams all their contents back. Changed files are read the same way, by `<commit>:<path>`.
+streams all their contents back. A pass after a change lists only the changed paths
+(`git diff --raw`) and reads those the same way.
+
+Exact plumbing, because the repository is input from whoever can open a pull request:
+every listing is NUL-separated (`-z`), blobs are asked for by object id only (never by a
+path typed into a batch command, where a newline in a file name once shifted the
+replies and published one file's contents under another's name), and each reply's
+object id is checked against the one asked for. A path that is not valid UTF-8 or holds
+a control character, a symbolic link (mode 120000) or a submodule under tasks/ is
+reported as a manifest error naming it; nothing is read from it. Contents are read up to
+manifests.MAX_FILE_BYTES + 1 bytes, so an oversized file is refused without holding it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 import subprocess
-from collections.abc import Iterable
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from reconciler import manifests
 
 TASKS = manifests.TASKS_DIR
+# More paths than this in one incremental pass: list the whole tree instead of passing
+# them all on one command line.
+MAX_LISTED_PATHS = 2000
+# What is kept of a file: one byte more than a manifest may have, so that parse() sees
+# it is too large without anyone holding the rest.
+READ_LIMIT = manifests.MAX_FILE_BYTES + 1
+
+_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+MODE_SYMLINK = "120000"
+MODE_SUBMODULE = "160000"
 
 
 class GitError(Exception):
@@ -26,13 +51,25 @@ class GitError(Exception):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Manifest files read from one commit (or the work tree, commit None)."""
+    """Manifest files read from the work tree (commit and tree None there), and the
+    paths refused while listing them."""
 
     commit: str | None
     # The git tree id of tasks/ (None when reading the work tree or tasks/ is missing):
     # a digest of the desired state's source that git computes for free.
     tree: str | None
     files: tuple[tuple[str, bytes], ...]
+    problems: tuple[manifests.ManifestError, ...] = ()
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Part of a commit's tasks/ tree: the tree id of tasks/, the manifest files as
+    (path, blob id), and the entries refused (bad names, symbolic links, submodules)."""
+
+    tree: str | None
+    blobs: tuple[tuple[str, str], ...]
+    problems: tuple[manifests.ManifestError, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +78,85 @@ class ChangedPath:
 
     status: str
     path: str
+
+
+@dataclass(frozen=True)
+class Changes:
+    paths: tuple[ChangedPath, ...]
+    problems: tuple[manifests.ManifestError, ...] = field(default=())
+
+
+def entry_problem(raw_path: bytes, mode: str) -> str | manifests.ManifestError:
+    """A tree entry's path as text, or the error that refuses it: a name that is not
+    UTF-8 or holds a control character, a symbolic link or a submodule. Pure."""
+    path = manifests.decode_path(raw_path)
+    if isinstance(path, manifests.ManifestError):
+        return path
+    if mode == MODE_SYMLINK:
+        return manifests.ManifestError(
+            path,
+            None,
+            "is a symbolic link (git mode 120000); tasks/ may hold regular files only; not read",
+        )
+    if mode == MODE_SUBMODULE:
+        return manifests.ManifestError(
+            path, None, "is a git submodule; tasks/ may hold regular files only; not read"
+        )
+    return path
+
+
+def parse_tree(listing: bytes) -> Listing:
+    """`git ls-tree -r -t -z` output under tasks/ as a Listing. Pure."""
+    tree: str | None = None
+    blobs: list[tuple[str, str]] = []
+    problems: list[manifests.ManifestError] = []
+    for entry in listing.split(b"\0"):
+        if not entry:
+            continue
+        meta, tab, raw_path = entry.partition(b"\t")
+        fields = meta.decode("ascii", "replace").split(" ")
+        if not tab or len(fields) != 3 or not _OID.fullmatch(fields[2]):
+            raise GitError(f"unexpected git ls-tree output: {manifests.display_path(entry[:200])}")
+        mode, kind, oid = fields
+        if kind == "tree":
+            if raw_path == TASKS.encode():
+                tree = oid
+            continue
+        path = entry_problem(raw_path, mode)
+        if isinstance(path, manifests.ManifestError):
+            problems.append(path)
+        elif kind != "blob":
+            problems.append(manifests.ManifestError(path, None, f"is a git {kind}; not read"))
+        elif manifests.classify(path) is not None:
+            blobs.append((path, oid))
+    return Listing(tree=tree, blobs=tuple(blobs), problems=tuple(problems))
+
+
+def parse_diff(raw: bytes) -> Changes:
+    """`git diff --raw -z --no-renames` output as changed paths; a path present after
+    the change (added, modified, type changed) with a refused name or mode is a problem
+    instead. Pure."""
+    parts = raw.split(b"\0")
+    paths: list[ChangedPath] = []
+    problems: list[manifests.ManifestError] = []
+    for meta, raw_path in zip(parts[0::2], parts[1::2], strict=False):
+        if not meta:
+            continue
+        fields = meta.decode("ascii", "replace").split(" ")
+        if len(fields) != 5 or not fields[0].startswith(":") or not fields[4]:
+            raise GitError(f"unexpected git diff output: {manifests.display_path(meta[:200])}")
+        letter = fields[4][0]
+        if letter == "D":
+            path = manifests.decode_path(raw_path)
+            if isinstance(path, str):
+                paths.append(ChangedPath("D", path))
+            continue
+        checked = entry_problem(raw_path, fields[1])
+        if isinstance(checked, manifests.ManifestError):
+            problems.append(checked)
+            continue
+        paths.append(ChangedPath("M" if letter == "T" else letter, checked))
+    return Changes(paths=tuple(paths), problems=tuple(problems))
 
 
 def _git() -> Any:
@@ -93,67 +209,51 @@ class Source:
             ) from None
 
     # Reading ---------------------------------------------------------------------------
-    def list_tree(self, commit: str) -> tuple[str | None, list[tuple[str, str]]]:
-        """(tree id of tasks/, [(path, blob id)] of its manifest files) at `commit`, from
-        one `git ls-tree`."""
-        listing = self._run("ls-tree", "-r", "-t", "-z", commit, "--", f"{TASKS}/")
-        tree: str | None = None
-        blobs: list[tuple[str, str]] = []
-        for entry in listing.split(b"\0"):
-            if not entry:
-                continue
-            meta, _, raw_path = entry.partition(b"\t")
-            _mode, kind, sha = meta.decode("ascii").split(" ")
-            path = raw_path.decode("utf-8", "surrogateescape")
-            if kind == "tree" and path == TASKS:
-                tree = sha
-            elif kind == "blob" and manifests.classify(path) is not None:
-                blobs.append((path, sha))
-        return tree, blobs
+    def list_tree(self, commit: str) -> Listing:
+        """Every entry under tasks/ at `commit`, from one `git ls-tree`."""
+        return parse_tree(self._run("ls-tree", "-r", "-t", "-z", commit, "--", TASKS))
 
-    def read_blobs(self, blob_ids: Iterable[str]) -> dict[str, bytes]:
-        """Contents by blob id, from one `git cat-file --batch`."""
-        return {spec: entry[1] for spec, entry in self._cat_batch(blob_ids).items()}
+    def list_paths(self, commit: str, paths: Iterable[str]) -> Listing:
+        """The named files (those that exist) at `commit`, and the tree id of tasks/."""
+        wanted = list(dict.fromkeys(paths))
+        if not wanted:
+            return parse_tree(self._run("ls-tree", "-z", commit, "--", TASKS))
+        if len(wanted) > MAX_LISTED_PATHS:
+            full = self.list_tree(commit)
+            keep = set(wanted)
+            return Listing(
+                tree=full.tree,
+                blobs=tuple((p, oid) for p, oid in full.blobs if p in keep),
+                problems=tuple(e for e in full.problems if e.path in keep),
+            )
+        # The paths are built from validated names; --literal-pathspecs makes sure that
+        # git matches them as they are all the same.
+        return parse_tree(
+            self._run("--literal-pathspecs", "ls-tree", "-r", "-t", "-z", commit, "--", *wanted)
+        )
 
-    def read_all(self, commit: str) -> Snapshot:
-        """Every manifest file under tasks/ at `commit`, in one ls-tree and one cat-file."""
-        tree, blobs = self.list_tree(commit)
-        contents = self.read_blobs(sha for _, sha in blobs)
-        return Snapshot(commit=commit, tree=tree, files=tuple((p, contents[s]) for p, s in blobs))
+    def read_blobs(self, blobs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, bytes]]:
+        """(path, contents) for (path, blob id) pairs, from one `git cat-file --batch`,
+        as they stream in: a file's bytes are held only until the caller moves on.
+        Contents are cut at READ_LIMIT bytes."""
+        by_oid: dict[str, list[str]] = {}
+        for path, oid in blobs:
+            by_oid.setdefault(oid, []).append(path)
+        for oid, contents in self._cat_blobs(list(by_oid)):
+            for path in by_oid[oid]:
+                yield path, contents
 
     @property
     def git_dir(self) -> Path:
         return Path(self.repo.git_dir)
 
-    def read_paths(self, commit: str, paths: Iterable[str]) -> Snapshot:
-        """Those of the named files that exist at `commit`, plus the tasks/ tree id."""
-        wanted = list(paths)
-        specs = [f"{commit}:{TASKS}", *(f"{commit}:{p}" for p in wanted)]
-        found = self._cat_batch(specs, allow_missing=True)
-        tree_entry = found.get(f"{commit}:{TASKS}")
-        files = []
-        for path in wanted:
-            entry = found.get(f"{commit}:{path}")
-            if entry is not None and entry[2] == "blob":
-                files.append((path, entry[1]))
-        tree = tree_entry[0] if tree_entry is not None else None
-        return Snapshot(commit=commit, tree=tree, files=tuple(files))
-
-    def changed(self, old: str, new: str) -> list[ChangedPath]:
-        """Paths under tasks/ that differ between two commits (renames as delete + add)."""
-        out = self._run("diff", "--name-status", "-z", "--no-renames", old, new, "--", f"{TASKS}/")
-        parts = out.split(b"\0")
-        changes: list[ChangedPath] = []
-        for status, raw_path in zip(parts[0::2], parts[1::2], strict=False):
-            if not status:
-                continue
-            letter = status.decode("ascii")[0]
-            changes.append(
-                ChangedPath(
-                    "M" if letter == "T" else letter, raw_path.decode("utf-8", "surrogateescape")
-                )
-            )
-        return changes
+    def changed(self, old: str, new: str) -> Changes:
+        """Paths under tasks/ that differ between two commits (renames as delete + add).
+        `tasks` itself is in the pathspec, so that tasks/ turned into a symbolic link is
+        seen too."""
+        return parse_diff(
+            self._run("diff", "--raw", "-z", "--no-renames", "--no-abbrev", old, new, "--", TASKS)
+        )
 
     # --pull ------------------------------------------------------------------------------
     def pull(self) -> tuple[str, str]:
@@ -178,63 +278,188 @@ class Source:
     # Plumbing ---------------------------------------------------------------------------
     def _run(self, *args: str) -> bytes:
         """Run one git command in the checkout; its stdout as bytes, untouched."""
+        command = next(a for a in args if not a.startswith("-"))
         try:
             out = self.repo.git.execute(
                 ["git", *args], stdout_as_string=False, strip_newline_in_stdout=False
             )
         except _git().exc.GitCommandError as exc:
             detail = exc.stderr if isinstance(exc.stderr, str) else str(exc)
-            raise GitError(f"git {args[0]} failed in {self.path}: {detail.strip()[:300]}") from None
+            raise GitError(f"git {command} failed in {self.path}: {detail.strip()[:300]}") from None
         assert isinstance(out, bytes)
         return out
 
-    def _cat_batch(
-        self, specs: Iterable[str], *, allow_missing: bool = False
-    ) -> dict[str, tuple[str, bytes, str]]:
-        """(object id, contents, object type) by spec (a blob id or `<commit>:<path>`) from one
-        `git cat-file --batch` that is handed every spec at once."""
-        unique = list(dict.fromkeys(specs))
-        if not unique:
-            return {}
+    def _cat_blobs(self, oids: list[str]) -> Iterator[tuple[str, bytes]]:
+        """(blob id, contents cut at READ_LIMIT) for each id, in order, from one `git
+        cat-file --batch`. Every reply's header must name the id asked for, as a blob."""
+        if not oids:
+            return
+        for oid in oids:
+            if not _OID.fullmatch(oid):
+                raise GitError(f"not a git object id: {oid[:80]!r}")
         proc = self.repo.git.cat_file("--batch", as_process=True, istream=subprocess.PIPE)
-        out, err = proc.proc.communicate("\n".join(unique).encode("utf-8") + b"\n")
-        if proc.proc.returncode != 0:
+        popen = proc.proc
+        # A thread feeds the ids while this one reads, so neither pipe can fill up and
+        # stall the other.
+        feeder = threading.Thread(
+            target=_feed, args=(popen.stdin, oids), name="git-cat-file-feed", daemon=True
+        )
+        feeder.start()
+        try:
+            for oid in oids:
+                yield oid, self._read_reply(popen.stdout, oid)
+        finally:
+            feeder.join(timeout=5)
+            popen.stdout.close()
+            if popen.poll() is None:
+                popen.kill()
+            popen.wait()
+
+    def _read_reply(self, out: IO[bytes], oid: str) -> bytes:
+        header = out.readline()
+        fields = header.rstrip(b"\n").decode("ascii", "replace").split(" ")
+        if not header.endswith(b"\n"):
+            raise GitError(f"git cat-file stopped before answering for {oid} in {self.path}")
+        if fields[-1] == "missing" and fields[0] == oid:
+            raise GitError(f"object {oid} is missing from {self.path}")
+        if len(fields) != 3 or fields[0] != oid or fields[1] != "blob" or not fields[2].isdigit():
             raise GitError(
-                f"git cat-file failed in {self.path}: {err.decode('utf-8', 'replace')[:300]}"
+                f"git cat-file answered {manifests.display_path(header[:120])!r} when asked "
+                f"for blob {oid} in {self.path}; refusing to read on"
             )
-        found: dict[str, tuple[str, bytes, str]] = {}
-        pos = 0
-        view = memoryview(out)
-        for spec in unique:
-            eol = out.index(b"\n", pos)
-            header = out[pos:eol].decode("utf-8", "surrogateescape")
-            pos = eol + 1
-            if header.endswith(" missing") or header.endswith(" ambiguous"):
-                if allow_missing:
-                    continue
-                raise GitError(f"{spec} is missing from {self.path}")
-            oid, kind, size_text = header.rsplit(" ", 2)
-            size = int(size_text)
-            found[spec] = (oid, bytes(view[pos : pos + size]), kind)
-            pos += size + 1  # contents are followed by a newline
-        return found
+        size = int(fields[2])
+        contents = _read_exactly(out, min(size, READ_LIMIT))
+        _skip(out, size - len(contents))
+        if out.read(1) != b"\n":
+            raise GitError(f"git cat-file's reply for {oid} in {self.path} is cut short")
+        return contents
+
+
+def _feed(stdin: IO[bytes], oids: list[str]) -> None:
+    try:
+        stdin.write("".join(f"{oid}\n" for oid in oids).encode("ascii"))
+        stdin.close()
+    except OSError:
+        pass  # git exited early; the reader reports what is missing
+
+
+def _read_exactly(out: IO[bytes], size: int) -> bytes:
+    data = out.read(size)
+    if len(data) != size:
+        raise GitError("git cat-file's output ended in the middle of an object")
+    return data
+
+
+def _skip(out: IO[bytes], size: int) -> None:
+    while size > 0:
+        chunk = out.read(min(size, 1 << 20))
+        if not chunk:
+            raise GitError("git cat-file's output ended in the middle of an object")
+        size -= len(chunk)
 
 
 def read_worktree(root: str | os.PathLike[str]) -> Snapshot:
-    """The manifest files under tasks/ as they are on disk (for `--worktree`)."""
+    """The manifest files under tasks/ as they are on disk (for `--worktree`).
+
+    Only regular files are read: a symbolic link (which could point outside the
+    repository, or at /dev/zero), a FIFO (which would block), a device or a socket
+    anywhere under tasks/ is a problem naming it, and so is tasks/ itself being one.
+    Directories whose name starts with a dot are skipped, as before."""
     base = Path(root)
-    tasks = base / TASKS
     files: list[tuple[str, bytes]] = []
-    if tasks.is_dir():
-        for dirpath, dirnames, filenames in os.walk(tasks):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                full = Path(dirpath) / name
-                rel = full.relative_to(base).as_posix()
-                if manifests.classify(rel) is None:
-                    continue
-                try:
-                    files.append((rel, full.read_bytes()))
-                except OSError as exc:
-                    raise GitError(f"cannot read {rel}: {exc.strerror}") from None
-    return Snapshot(commit=None, tree=None, files=tuple(files))
+    problems: list[manifests.ManifestError] = []
+    try:
+        top = os.lstat(base / TASKS)
+    except FileNotFoundError:
+        return Snapshot(commit=None, tree=None, files=())
+    except OSError as exc:
+        raise GitError(f"cannot read {TASKS}: {exc.strerror}") from None
+    if not stat.S_ISDIR(top.st_mode):
+        problems.append(
+            manifests.ManifestError(TASKS, None, f"is {_kind(top.st_mode)}, not a directory")
+        )
+        return Snapshot(commit=None, tree=None, files=(), problems=tuple(problems))
+    pending = [os.fsencode(TASKS)]
+    while pending:
+        rel_dir = pending.pop()
+        try:
+            with os.scandir(os.path.join(os.fsencode(base), rel_dir)) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise GitError(
+                f"cannot read {manifests.display_path(rel_dir)}: {exc.strerror}"
+            ) from None
+        subdirs = []
+        for entry in entries:
+            raw = rel_dir + b"/" + entry.name
+            path = manifests.decode_path(raw)
+            if entry.is_dir(follow_symlinks=False):
+                if not entry.name.startswith(b"."):
+                    subdirs.append(raw)
+                continue
+            if isinstance(path, manifests.ManifestError):
+                problems.append(path)
+                continue
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if not stat.S_ISREG(mode):
+                problems.append(_not_regular(path, mode))
+                continue
+            if manifests.classify(path) is None:
+                continue
+            contents = _read_regular(os.path.join(os.fsencode(base), raw), path)
+            if isinstance(contents, manifests.ManifestError):
+                problems.append(contents)
+            else:
+                files.append((path, contents))
+        pending.extend(reversed(subdirs))
+    files.sort()
+    return Snapshot(commit=None, tree=None, files=tuple(files), problems=tuple(problems))
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _not_regular(path: str, mode: int) -> manifests.ManifestError:
+    return manifests.ManifestError(
+        path, None, f"is {_kind(mode)}; tasks/ may hold regular files only; not read"
+    )
+
+
+def _read_regular(full: bytes, path: str) -> bytes | manifests.ManifestError:
+    """A regular file's first READ_LIMIT bytes. Opened without following a link and
+    without blocking, then checked again on the open file: what was checked with lstat
+    may have been swapped for something else since."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(full, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return _not_regular(path, stat.S_IFLNK)
+        return manifests.ManifestError(path, None, f"cannot be read: {exc.strerror}")
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return _not_regular(path, mode)
+        chunks: list[bytes] = []
+        left = READ_LIMIT
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        return manifests.ManifestError(path, None, f"cannot be read: {exc.strerror}")
+    finally:
+        os.close(fd)

@@ -10,6 +10,14 @@ YAML loader and checked against the schema's shape by a few lines of Python that
 exactly what `schemas/manifest.schema.json` accepts (a property test holds them equal).
 The jsonschema validator, slow to import and to run, is used only to explain a manifest
 that failed the quick check.
+
+Manifests come from whoever can open a pull request, so every input is bounded before
+it can cost much: a file over MAX_FILE_BYTES is refused unparsed; YAML aliases are
+counted and their expansion measured on the composed node graph (cheap: aliases are
+shared nodes there) before anything is built, so a "billion laughs" file is refused in
+microseconds; nesting deeper than messages.MAX_DEPTH is refused before the constructor,
+the JSON encoder or jsonschema could recurse that far; and a path that is not valid
+UTF-8 or holds a control character is an error naming it, escaped for display.
 """
 
 from __future__ import annotations
@@ -27,11 +35,24 @@ from typing import Any
 
 import yaml
 
-from gleam import keys, messages
+from gleam import keys, messages, render
 
 TASKS_DIR = "tasks"
 KIND_DIRS: Mapping[str, keys.Kind] = {"nodes": keys.Kind.NODE, "regions": keys.Kind.REGION}
 EXTENSIONS = (".yaml", ".yml")
+
+# Limits (the README's manifest section lists them with the error each gives). A file
+# may be larger than its message (comments, indentation), so twice the message limit.
+MAX_FILE_BYTES = 2 * messages.MAX_MESSAGE_BYTES
+# Alias uses (`*name`, `<<: *name`) in one file: sharing a few blocks of defaults is what
+# aliases are for.
+MAX_ALIASES = 100
+# Nodes in the document once every alias is replaced by what it names. A valid message
+# spends at least two bytes per node, so a document past this could not fit in the
+# 1 MiB message limit anyway; the check runs before anything is expanded.
+MAX_EXPANDED_NODES = messages.MAX_MESSAGE_BYTES // 2
+# The manifest mapping itself is one level; `data` may nest messages.MAX_DEPTH more.
+MAX_DOCUMENT_DEPTH = messages.MAX_DEPTH + 1
 
 
 def _schema_path() -> Path:
@@ -66,6 +87,35 @@ class _Loader(yaml.CSafeLoader):
                         )
                     seen.add(key_node.value)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # Python refuses to read a decimal integer past its digit limit (a ValueError);
+        # hexadecimal, octal and binary ones are read, but printing one fails wherever
+        # that happens (an error message that quotes it, say). Both are refused here.
+        too_long = _TooLong(
+            None,
+            None,
+            f"holds an integer of more than {messages.MAX_INT_DIGITS} digits",
+            node.start_mark,
+        )
+        try:
+            value: int = super().construct_yaml_int(node)
+        except ValueError as exc:
+            if "integer string conversion" in str(exc):
+                raise too_long from None
+            raise
+        if abs(value) >= _INT_LIMIT:
+            raise too_long
+        return value
+
+
+class _TooLong(yaml.constructor.ConstructorError):
+    """A value past a limit: reported as it is, not as invalid YAML."""
+
+
+# The smallest integer with more than messages.MAX_INT_DIGITS decimal digits.
+_INT_LIMIT = 10**messages.MAX_INT_DIGITS
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -106,6 +156,32 @@ class Manifest:
     @functools.cached_property
     def task(self) -> messages.Task:
         return messages.decode_task(self.value)
+
+
+def decode_path(raw: bytes) -> str | ManifestError:
+    """A path as git or the file system gives it (bytes) as text; a ManifestError naming
+    it, escaped for display, when it is not valid UTF-8 or holds a control or other
+    invisible character. Every path under tasks/ must pass, whatever its extension: a
+    newline in a file name once made one file's contents be read as another's."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ManifestError(display_path(raw), None, "file name is not valid UTF-8; not read")
+    if not text.isprintable():
+        return ManifestError(
+            display_path(raw),
+            None,
+            "file name holds a control or invisible character (shown escaped); not read",
+        )
+    return text
+
+
+def display_path(raw: bytes) -> str:
+    """`raw` as one printable line: bytes that are not UTF-8 as \\xNN, control and
+    invisible characters escaped (\\n, \\x1b, \\u202e), backslashes doubled so that
+    an escape cannot be mistaken for a name's own characters."""
+    text = raw.decode("utf-8", "surrogateescape").replace("\\", "\\\\")
+    return render.printable(text)
 
 
 def classify(path: str) -> keys.Target | ManifestError | None:
@@ -154,40 +230,152 @@ def rules_fingerprint() -> str:
 
 def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[ManifestError]:
     """Parse and validate one manifest's bytes."""
-    try:
-        doc = yaml.load(raw, Loader=_Loader)  # noqa: S506 - a CSafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        return [ManifestError(path, line, f"not valid YAML: {problem or exc}")]
-    except yaml.YAMLError as exc:
-        return [ManifestError(path, None, f"not valid YAML: {exc}")]
-    except (UnicodeDecodeError, ValueError) as exc:
-        return [ManifestError(path, None, f"cannot be read as text: {exc}")]
+    if len(raw) > MAX_FILE_BYTES:
+        return [
+            ManifestError(
+                path,
+                None,
+                f"file is over the {_mib(MAX_FILE_BYTES)} limit for a manifest; not parsed",
+            )
+        ]
+    loaded = _load_yaml(path, raw)
+    if isinstance(loaded, ManifestError):
+        return [loaded]
+    doc = loaded
     if not _quick_valid(doc):
         return _explain(path, raw, doc)
     task = messages.Task(doc["name"], doc.get("data"))
     try:
         value = task.encode()
-        if b"NaN" in value or b"Infinity" in value:
-            # json.dumps writes these bare words, which JSON (and the agent) refuse.
-            json.dumps(task.data, allow_nan=False)
     except (messages.MessageError, keys.InvalidName) as exc:
-        return [ManifestError(path, _line_of(raw, ("data",)), str(exc))]
-    except ValueError:
-        return [ManifestError(path, _line_of(raw, ("data",)), "data holds .nan or .inf: not JSON")]
+        return [ManifestError(path, _line_of(raw, ("data",)), _clip(str(exc)))]
     return Manifest(path=path, target=target, value=value)
 
 
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB"
+
+
+def _load_yaml(path: str, raw: bytes) -> Any:
+    """The YAML document, or a ManifestError. The node graph is checked before it is
+    constructed (see the module docstring)."""
+    loader = _Loader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if b"*" in raw or _indicators(raw) > MAX_DOCUMENT_DEPTH:
+            refused = graph_problem(node)
+            if refused is not None:
+                message, where = refused
+                return ManifestError(path, where.start_mark.line + 1, message)
+        return loader.construct_document(node)
+    except _TooLong as exc:
+        mark = exc.problem_mark
+        return ManifestError(path, mark.line + 1 if mark else None, str(exc.problem))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        return ManifestError(path, line, _clip(f"not valid YAML: {problem or exc}"))
+    except yaml.YAMLError as exc:
+        return ManifestError(path, None, _clip(f"not valid YAML: {exc}"))
+    except UnicodeDecodeError as exc:
+        return ManifestError(path, None, _clip(f"cannot be read as text: {exc}"))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        # PyYAML's constructors fail this way on explicit tags with values they do not
+        # expect (`!!timestamp x`, `!!bool maybe`): a per-file error like any other.
+        return ManifestError(
+            path,
+            None,
+            _clip(f"not valid YAML: a value cannot be built ({type(exc).__name__}: {exc})"),
+        )
+    finally:
+        loader.dispose()
+
+
+# Each YAML collection needs at least one indicator of its own: a bracket, or the `-`,
+# `:` or `?` of its entries. Without aliases, a document with no more of them than the
+# depth limit cannot be nested past it, which spares most files the graph walk.
+_NOT_INDICATORS = bytes(c for c in range(256) if c not in b"[{-:?")
+
+
+def _indicators(raw: bytes) -> int:
+    return len(raw.translate(None, _NOT_INDICATORS))  # one pass in C
+
+
+def graph_problem(root: yaml.Node) -> tuple[str, yaml.Node] | None:
+    """Why a composed YAML document must not be constructed, and the node where that
+    was found, or None: more than MAX_ALIASES alias uses, more than MAX_EXPANDED_NODES
+    nodes once aliases are expanded, nesting past MAX_DOCUMENT_DEPTH (counted through
+    aliases), or an alias inside the node it names. Iterative, and linear in the
+    distinct nodes: an alias is a shared node here, whose expanded size and depth are
+    computed once."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    aliases = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = (
+                (1 + max((depth[id(c)] for c in children), default=0))
+                if isinstance(node, yaml.CollectionNode)
+                else 0
+            )
+            if size[key] > MAX_EXPANDED_NODES:
+                return (
+                    f'aliases expand it past {MAX_EXPANDED_NODES:,} nodes (a "billion laughs"?);'
+                    " not read",
+                    node,
+                )
+            if depth[key] > MAX_DOCUMENT_DEPTH:
+                return f"data is nested deeper than {messages.MAX_DEPTH} levels; not read", node
+            continue
+        if key in size:
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                return f"more than {MAX_ALIASES} aliases; not read", node
+            continue
+        if key in open_nodes:
+            return "an alias refers to a node that contains it (a recursive alias); not read", node
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(children))
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _clip(text: str, width: int = 300) -> str:
+    """One line of at most `width` characters: an error is a line (YAML's own texts may
+    span two), and a huge value quoted in one (jsonschema's do) must not make a huge one."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def load(
-    files: Iterable[tuple[str, bytes]], *, known: Iterable[tuple[str, bytes]] = ()
+    files: Iterable[tuple[str, bytes]],
+    *,
+    known: Iterable[tuple[str, bytes]] = (),
+    problems: Iterable[ManifestError] = (),
 ) -> dict[keys.Target, Manifest]:
     """Every manifest among (path, file bytes) pairs by target; non-manifest files are
     skipped. `known` holds (path, message bytes) of files already parsed and valid (the
-    parse cache). Raises InvalidManifests with every error of every file if any is
-    invalid."""
-    errors: list[ManifestError] = []
+    parse cache); `problems` are errors found while listing the files (refused names,
+    links). Raises InvalidManifests with every error of every file if any is invalid."""
+    errors: list[ManifestError] = list(problems)
     out: dict[keys.Target, Manifest] = {}
     parsed = ((path, raw, False) for path, raw in files)
     cached = ((path, value, True) for path, value in known)
@@ -255,7 +443,8 @@ def _explain(path: str, raw: bytes, doc: Any) -> list[ManifestError]:
                     ManifestError(
                         path,
                         _line_of(raw, (*where, extra), key=True),
-                        f"unknown key {extra!r} (a manifest has `name` and `data` only)",
+                        f"unknown key {_clip(repr(extra), 80)} (a manifest has `name` and "
+                        "`data` only)",
                     )
                 )
             continue
@@ -272,7 +461,7 @@ def _explain(path: str, raw: bytes, doc: Any) -> list[ManifestError]:
             message = f"a manifest is a mapping with `name` and `data`, not {_yaml_type(doc)}"
         else:
             message = f"{label}: {message}"
-        errors.append(ManifestError(path, _line_of(raw, where), message))
+        errors.append(ManifestError(path, _line_of(raw, where), _clip(message)))
     if not errors:
         # The schema accepted what the quick check refused: a name that the shared
         # key rules refuse but the schema's pattern lets through (a trailing newline).
@@ -281,7 +470,7 @@ def _explain(path: str, raw: bytes, doc: Any) -> list[ManifestError]:
             message = "manifest refused"
         except keys.InvalidName as exc:
             message = str(exc)
-        errors.append(ManifestError(path, _line_of(raw, ("name",)), message))
+        errors.append(ManifestError(path, _line_of(raw, ("name",)), _clip(message)))
     return errors
 
 

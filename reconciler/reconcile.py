@@ -40,6 +40,15 @@ class Conflict(ReconcileError):
     """Keys kept changing under us; gave up after MAX_ATTEMPTS plans."""
 
 
+def resource_failure(exc: BaseException) -> str:
+    """One line for a pass stopped by Python's own limits. The inputs are bounded
+    (manifests.MAX_FILE_BYTES, aliases, depth; messages are decoded strictly), so this
+    is the last line of defence: an error line, never a traceback."""
+    if isinstance(exc, MemoryError):
+        return "the pass ran out of memory and stopped"
+    return "the pass met a value nested too deeply for Python and stopped"
+
+
 @dataclass(frozen=True)
 class Options:
     repo: Path

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gleam import client, messages
+from gleam import render as gleam_render
 from reconciler import diff, manifests, reconcile
 
 JSON_VERSION = 1
@@ -27,11 +28,14 @@ def _short(value: Any, width: int = 70) -> str:
 
 
 def _field_line(change: diff.FieldChange) -> str:
+    # Paths and old values come from etcd too (a value written by hand): shown escaped.
     if change.added:
-        return f"{change.path}: (added) {_short(change.new)}"
-    if change.removed:
-        return f"{change.path}: {_short(change.old)} (removed)"
-    return f"{change.path}: {_short(change.old)} -> {_short(change.new)}"
+        line = f"{change.path}: (added) {_short(change.new)}"
+    elif change.removed:
+        line = f"{change.path}: {_short(change.old)} (removed)"
+    else:
+        line = f"{change.path}: {_short(change.old)} -> {_short(change.new)}"
+    return gleam_render.printable(line)
 
 
 def _name(change: diff.Change) -> str:

@@ -14,7 +14,7 @@ record codecs only (the etcd calls are in sync.py).
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from gleam import messages
 
 RECORD_VERSION = 1
 HISTORY = 10
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 class StateError(ValueError):
@@ -95,13 +96,13 @@ def after(previous: Record | None, applied: Apply) -> Record:
 
 def decode(raw: bytes) -> Record:
     try:
-        body = json.loads(raw)
+        body = messages.load_json(raw, what="the record")
         if not isinstance(body, dict):
             raise TypeError("not a JSON object")
         version = body.get("version")
         if version != RECORD_VERSION:
             raise StateError(
-                f"meta/applied has record version {version!r}; this gleam-reconcile "
+                f"meta/applied has record version {repr(version)[:40]}; this gleam-reconcile "
                 f"reads version {RECORD_VERSION} (upgrade it, or --force)"
             )
         history = tuple(
@@ -118,10 +119,11 @@ def decode(raw: bytes) -> Record:
             for h in body.get("history") or []
         )
         commit = body.get("commit")
-        if commit is not None and not isinstance(commit, str):
-            raise TypeError("commit is not a string")
+        if commit is not None and not (isinstance(commit, str) and _COMMIT.fullmatch(commit)):
+            # It goes on git's command line (the commit guard): a hex id and nothing else.
+            raise TypeError("commit is not a git commit id")
         return Record(commit=commit, history=history)
     except StateError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise StateError(f"meta/applied is not a valid record: {exc}") from None

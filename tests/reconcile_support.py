@@ -54,6 +54,14 @@ class OpsRepo:
         return self.git("rev-parse", "HEAD")
 
 
+def first_commit(path: Path, data: str) -> OpsRepo:
+    """A repository whose first commit holds node web-1 with `data` (YAML lines)."""
+    repo = OpsRepo(path)
+    repo.node("web-1", "print", data)
+    repo.commit("first")
+    return repo
+
+
 def run_cli(
     capsys: pytest.CaptureFixture[str],
     endpoint: str,

@@ -340,3 +340,22 @@ def test_status_agrees_with_judge_for_live_agents(
     assert gone == {r.agent for r in results} - live
     # rendering never fails and shows one row per agent
     assert len(render.status_text(fleet).splitlines()) >= len(fleet.tasks[0].rows)
+
+
+def test_text_output_shows_control_characters_from_etcd_escaped() -> None:
+    # Anyone who can write to etcd picks these strings: they must not repaint a terminal.
+    hostile = messages.AgentInfo("a-ok", "\x1b[2J", 1, ["eu"], "\u202e1.0", "?", "/s")
+    fleet = build(
+        snapshot(
+            [hostile],
+            [task(EU, 10)],
+            [result("a-ok", EU, 10, ok=False, error="\x1b]0;pwned\x07 boom\nstack")],
+        )
+    )
+    text = render.status_text(fleet)
+    assert all(line.isprintable() for line in text.splitlines()), text
+    assert "\\x1b[2J" in text and "\\u202e1.0" in text and "\\x1b]0;pwned\\x07 boom" in text
+    entry = client.TaskEntry(LAYOUT.node_key("x"), keys.Target.node("x"), 3, b"\x1b[31m\xff")
+    listing = render.tasks_text([entry])
+    assert "\\x1b[31m\ufffd" in listing and all(line.isprintable() for line in listing.split("\n"))
+    assert render.printable("plain text") == "plain text"

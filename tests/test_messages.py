@@ -52,8 +52,18 @@ def test_encoding_is_canonical() -> None:
         (b'{"Name": null}', "null, not a string"),
         (b'{"Name": "../../etc/passwd"}', "invalid"),
         (b"\xff\xfe", "not UTF-8"),
-        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 200 levels"),
         (b'{"Name":"print","Data":"' + b"x" * messages.MAX_MESSAGE_BYTES + b'"}', "limit"),
+        (b'{"Name":"t::echo","Data":' + b"1" * 5000 + b"}", "integer of more than 4300 digits"),
+        (b'{"Name":"x","Data":-' + b"1" * 5000 + b"}", "integer of more than 4300 digits"),
+        (b'{"Name":"x","Data":NaN}', "holds NaN, which is not JSON"),
+        (b'{"Name":"x","Data":[-Infinity]}', "holds -Infinity"),
+        (b'{"Name":"x","Data":1e999}', "the number 1e999, too large"),
+        (b'{"Name":"x","Data":"\\ud800"}', "lone UTF-16 surrogate"),
+        (b'{"Name":"x","Data":{"\\udfff":1}}', "lone UTF-16 surrogate"),
+        (b'{"Name":"x","Data":"\xed\xa0\x80"}', "not UTF-8"),
+        (b'{"Name":"x","Data":' + b"[" * 201 + b"]" * 201 + b"}", "nested deeper than 200"),
+        (b'{"Name":"x","Data":' + b'{"a":' * 990 + b"1" + b"}" * 990 + b"}", "deeper than 200"),
     ],
 )
 def test_bad_messages_give_clear_errors(raw: bytes, error: str) -> None:
@@ -100,3 +110,80 @@ def test_results_and_registrations_round_trip() -> None:
 def test_a_broken_result_record_is_a_message_error() -> None:
     with pytest.raises(messages.MessageError):
         messages.decode_result(b'{"agent": "a"}')
+
+
+def test_data_nested_200_levels_decodes_and_encodes_back() -> None:
+    raw = b'{"Data":' + b"[" * 200 + b"]" * 200 + b',"Name":"x"}'
+    assert messages.decode_task(raw).encode() == raw
+
+
+def test_an_escaped_backslash_before_u_is_no_surrogate() -> None:
+    assert messages.decode_task(b'{"Name":"x","Data":"\\\\ud800"}').data == "\\ud800"
+
+
+def test_a_text_message_with_a_lone_surrogate_is_a_message_error() -> None:
+    with pytest.raises(messages.MessageError, match="surrogate"):
+        messages.decode_task('{"Name":"x","Data":"\ud800"}')
+
+
+def test_1_mib_of_tiny_tables_is_a_task() -> None:
+    raw = b'{"Name":"print","Data":[' + b"{}," * 349_000 + b"{}]}"
+    assert len(messages.decode_task(raw).data) == 349_001  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (float("nan"), "NaN or infinity"),
+        ([float("inf")], "NaN or infinity"),
+        ("\ud800", "surrogate"),
+        (b"bytes", "not JSON-serialisable"),
+        ({1: "a", "b": 2}, "not JSON-serialisable"),
+    ],
+)
+def test_encode_refuses_what_decode_would_refuse(data: object, error: str) -> None:
+    with pytest.raises(messages.MessageError, match=error):
+        messages.Task("x", data).encode()  # type: ignore[arg-type]
+
+
+def test_encode_refuses_data_deeper_than_the_limit_and_data_that_holds_itself() -> None:
+    deep: list[object] = []
+    for _ in range(messages.MAX_DEPTH):
+        deep = [deep]
+    with pytest.raises(messages.MessageError, match="nested deeper than 200 levels"):
+        messages.Task("x", deep).encode()
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(messages.MessageError, match="holds itself"):
+        messages.Task("x", loop).encode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"agent":"a","key":"k","revision":1,"ok":"false"}',
+        b'{"agent":"a","key":"k","revision":1,"ok":true,"error":["x"]}',
+        b'{"agent":"a","key":"k","revision":1,"ok":true,"name":{}}',
+        b'{"agent":"a","key":"k","revision":1,"ok":true,"skipped":5}',
+        b'{"agent":"a","key":"k","revision":1,"ok":true,"duration_ms":' + b"9" * 400 + b"}",
+        b'{"agent":"a","key":"k","revision":' + b"1" * 5000 + b',"ok":true}',
+        b'{"agent":"a","key":"k","revision":1,"ok":true,"result":' + b"[" * 900 + b"]" * 900 + b"}",
+    ],
+)
+def test_a_result_record_with_a_bad_field_is_a_message_error(raw: bytes) -> None:
+    with pytest.raises(messages.MessageError):
+        messages.decode_result(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"id":"a","regions":"eu"}',
+        b'{"id":"a","pid":1e999}',
+        b'{"id":"a","pid":"x"}',
+        b'{"id":"a","hostname":"\\udc00"}',
+    ],
+)
+def test_a_registration_with_a_bad_field_is_a_message_error(raw: bytes) -> None:
+    with pytest.raises(messages.MessageError):
+        messages.decode_agent_info(raw)

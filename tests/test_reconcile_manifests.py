@@ -109,3 +109,65 @@ def test_schema_file_is_a_valid_schema_that_rejects_unknown_keys() -> None:
     v = manifests.validator()
     assert v.is_valid({"name": "print", "data": {"any": ["json"]}})
     assert not v.is_valid({"name": "print", "extra": 1})
+
+
+# Limits (issue 9): every one a per-file error, before anything large is built. --------
+
+NODE = keys.Target.node("web-1")
+
+
+def refused(raw: bytes) -> str:
+    result = manifests.parse("tasks/nodes/web-1.yaml", raw, NODE)
+    assert isinstance(result, list), result
+    return str(result[0])
+
+
+def test_a_file_over_the_size_limit_is_refused_unparsed() -> None:
+    raw = b"name: print\n" + b"#" * manifests.MAX_FILE_BYTES
+    assert refused(raw) == (
+        "tasks/nodes/web-1.yaml: file is over the 2 MiB limit for a manifest; not parsed"
+    )
+
+
+def test_aliases_are_counted_and_their_expansion_measured() -> None:
+    uses = "\n".join(f"  k{i}: *a" for i in range(manifests.MAX_ALIASES + 1))
+    assert "more than 100 aliases" in refused(f"name: print\ndata:\n  a: &a 1\n{uses}\n".encode())
+    # A few shared blocks are fine, merge keys included.
+    ok = manifests.parse(
+        "x.yaml",
+        b"name: print\ndata:\n  base: &b {user: app, mode: '0644'}\n  one: {<<: *b, path: /a}\n",
+        NODE,
+    )
+    assert isinstance(ok, manifests.Manifest)
+    assert ok.task.data == {
+        "base": {"mode": "0644", "user": "app"},
+        "one": {"mode": "0644", "path": "/a", "user": "app"},
+    }
+    wide = "name: print\ndata:\n  a0: &a0 [" + ", ".join(["x"] * 60) + "]\n"
+    wide += "".join(
+        f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 20) + "]\n" for i in range(1, 5)
+    )
+    assert refused(wide.encode()).endswith('past 524,288 nodes (a "billion laughs"?); not read')
+
+
+def test_a_recursive_alias_is_refused() -> None:
+    assert "recursive alias" in refused(b"name: print\ndata: &a {b: *a}\n")
+
+
+def test_depth_counts_through_aliases() -> None:
+    deep = "[" * 150 + "]" * 150
+    raw = f"name: print\ndata:\n  a: &a {deep}\n  b: [[{'[' * 60}*a{']' * 60}]]\n"
+    assert "nested deeper than 200 levels" in refused(raw.encode())
+
+
+def test_paths_are_text_without_control_characters_or_an_error_naming_them() -> None:
+    assert manifests.decode_path(b"tasks/nodes/web-1.yaml") == "tasks/nodes/web-1.yaml"
+    assert manifests.decode_path("tasks/é.md".encode()) == "tasks/é.md"
+    for raw, shown in [
+        (b"tasks/nodes/z\n0123\n.yaml", "tasks/nodes/z\\n0123\\n.yaml"),
+        (b"tasks/nodes/\xff.yaml", "tasks/nodes/\\xff.yaml"),
+        (b"tasks/a\x1b[2J\\b.md", "tasks/a\\x1b[2J\\\\b.md"),
+        ("tasks/nodes/a\u202eb.yaml".encode(), "tasks/nodes/a\\u202eb.yaml"),
+    ]:
+        error = manifests.decode_path(raw)
+        assert isinstance(error, manifests.ManifestError) and error.path == shown

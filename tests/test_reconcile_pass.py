@@ -5,6 +5,7 @@ to end on a real etcd and a real git checkout."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,11 @@ from reconciler import desired as desired_state
 from reconciler import diff, manifests, reconcile, state, sync
 
 LAYOUT = keys.Layout("/gleam")
+
+
+def sha(name: str) -> str:
+    """A commit id for a short name (the applied record takes hex ids only)."""
+    return hashlib.sha1(name.encode()).hexdigest()
 
 
 def wanted(*names: str, commit: str = "c1", scope: frozenset[str] | None = None) -> Any:
@@ -30,7 +36,7 @@ def wanted(*names: str, commit: str = "c1", scope: frozenset[str] | None = None)
         entries=entries,
         scope=scope,
         source="commit",
-        commit=commit,
+        commit=sha(commit),
         digest=f"git-tree:{commit}",
         total=len(entries),
         mode="full" if scope is None else "incremental",
@@ -40,7 +46,7 @@ def wanted(*names: str, commit: str = "c1", scope: frozenset[str] | None = None)
 class History:
     """A stand-in for gitsource.Source: commits in one line, c1 before c2 before c3."""
 
-    order = ("c1", "c2", "c3")
+    order = tuple(sha(c) for c in ("c1", "c2", "c3"))
 
     def is_ancestor(self, older: str, newer: str) -> bool:
         return self.order.index(older) <= self.order.index(newer)
@@ -71,7 +77,7 @@ def test_a_pass_writes_keys_owns_them_and_records_the_commit() -> None:
     assert set(fake.values(LAYOUT.prefix + "/node/")) == {node("a"), node("b")}
     assert set(fake.values(LAYOUT.owned_prefix)) == {LAYOUT.owned_key(node(n)) for n in "ab"}
     record = state.decode(fake.values(LAYOUT.applied_key)[LAYOUT.applied_key])
-    assert record.commit == "c1" and result.recorded
+    assert record.commit == sha("c1") and result.recorded
     assert LAYOUT.lock_key not in fake.values(LAYOUT.meta_prefix)  # released
     # The same state again writes nothing, and need not record it again.
     again = run(fake, wanted("a", "b"))

@@ -1,0 +1,209 @@
+"""Hostile values stored in etcd (written with the raw client, as `etcdctl put` would):
+every gleam-client read command and gleam-reconcile show them as a marker for that key,
+with the rest of the output intact; none crashes (issue 8 item 4, issue 9)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gleam import cli, client, keys, messages
+from gleam.embedded import EtcdServer
+from tests.reconcile_support import OpsRepo
+from tests.support import ROOT
+
+# name -> the stored value. Each of these once crashed a command or the agent.
+HOSTILE: dict[str, bytes] = {
+    "huge-int": b'{"Name":"t::echo","Data":' + b"1" * 5000 + b"}",
+    "deep": b'{"Name":"print","Data":' + b"[" * 990 + b"]" * 990 + b"}",
+    "deeper": b'{"Name":"print","Data":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "nan": b'{"Name":"print","Data":[NaN,Infinity,1e999]}',
+    "surrogate": b'{"Name":"print","Data":"\\ud800"}',
+    "bad-utf8": b'{"Name":"print","Data":"\xff\xfe"}',
+    "utf8-surrogate": b'{"Name":"print","Data":"\xed\xa0\x80"}',
+    "terminal": b'{"Name":"print","Data":"\x1b[2J\x1b]0;pwned\x07"}',
+    "not-json": b"\x1b[31m" + b"x" * 1000,
+}
+# Valid, but large: 1 MiB of tiny tables decodes to a task like any other.
+TINY_TABLES = b'{"Name":"print","Data":[' + b"{}," * 349_000 + b"{}]}"
+GOOD = messages.Task("print", {"fine": True}).encode()
+
+
+def gleam_client(endpoint: str, layout: keys.Layout, *args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gleam.cli", "-etcd", endpoint, "-prefix", layout.prefix, *args],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    )
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def reconcile(endpoint: str, layout: keys.Layout, repo: Path, *args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", "-etcd", endpoint, "-prefix", layout.prefix]
+        + ["--repo", str(repo), "--once", *args],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def assert_clean(code: int, out: str, err: str, *, codes: tuple[int, ...] = (0,)) -> None:
+    assert code in codes, (code, err)
+    assert "Traceback" not in out + err, err
+    # No raw control character reached the terminal (colour is off: not a tty).
+    assert not any(ch in out for ch in "\x1b\x07"), out[:500]
+
+
+@pytest.fixture
+def stored(etcd: Any, layout: keys.Layout) -> dict[str, str]:
+    """Hostile task values under node/ and region/, hostile results and registrations,
+    broken reconciler records; returns {name: task key}."""
+    task_keys = {}
+    for name, value in HOSTILE.items():
+        for kind in keys.Kind:
+            key = layout.task_key(keys.Target(kind, name))
+            etcd.put(key, value)
+        task_keys[name] = layout.node_key(name)
+    etcd.put(layout.node_key("tiny-tables"), TINY_TABLES)
+    etcd.put(layout.node_key("good"), GOOD)
+    live = messages.AgentInfo("good", "host\x1b[2J", 1, ["eu"], "0.1", "2026-11-28T22:00:00Z", "/s")
+    etcd.put(layout.info_key("good"), live.encode())
+    for agent, value in {
+        "huge-int": b'{"id":"huge-int","pid":' + b"9" * 5000 + b"}",
+        "deep": b'{"id":"deep","regions":' + b"[" * 990 + b"]" * 990 + b"}",
+        "nan": b'{"id":"nan","pid":NaN}',
+        "regions": b'{"id":"regions","regions":"eu"}',
+    }.items():
+        etcd.put(layout.info_key(agent), value)
+    results = {
+        "huge-int": b'{"agent":"good","key":"k","revision":' + b"1" * 5000 + b',"ok":true}',
+        "deep": b'{"agent":"good","key":"k","revision":1,"ok":true,"result":'
+        + b"[" * 990
+        + b"]" * 990
+        + b"}",
+        "nan": b'{"agent":"good","key":"k","revision":1,"ok":true,"duration_ms":NaN}',
+        "terminal": b'{"agent":"good","key":"k","revision":99999,"ok":false,'
+        b'"error":"\\u001b]0;pwned\\u0007 boom"}',
+        "good": b'{"agent":"good","key":"k","revision":1,"ok":true,"error":["not","text"]}',
+    }
+    for name, value in results.items():
+        key = layout.node_key(name)
+        etcd.put(
+            f"{layout.prefix}/result/good/node/{name}", value.replace(b'"k"', f'"{key}"'.encode())
+        )
+    etcd.put(layout.applied_key, b'{"version":1,"commit":' + b"[" * 5000 + b"]" * 5000 + b"}")
+    etcd.put(layout.owned_key(layout.node_key("deep")), b'{"commit":' + b"1" * 5000 + b"}")
+    return task_keys
+
+
+def test_status_shows_every_hostile_task_value_as_invalid_and_the_rest_intact(
+    etcd_server: EtcdServer, layout: keys.Layout, stored: dict[str, str]
+) -> None:
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "status")
+    assert_clean(code, out, err, codes=(0, 1, 2))
+    lines = out.splitlines()
+    for key in stored.values():
+        row = next(line for line in lines if line.startswith(key + " "))
+        assert "(invalid)" in row and "invalid message:" in row, row
+    # Its result record is unreadable (an error that is not text): skipped, so pending.
+    good = [line for line in lines if line.split()[:2] == [layout.node_key("good"), "print"]]
+    assert len(good) == 1 and "pending" in good[0], good
+    assert any(line.split()[:2] == [layout.node_key("tiny-tables"), "print"] for line in lines)
+    assert "host\\x1b[2J" in out  # the hostile host name, shown escaped
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "status", "--output", "json")
+    assert_clean(code, out, err, codes=(0, 1, 2))
+    tasks = {t["key"]: t for t in json.loads(out)["tasks"]}
+    assert tasks[stored["huge-int"]]["invalid"] == (
+        "message holds an integer of more than 4300 digits"
+    )
+    assert tasks[stored["deep"]]["invalid"] == "message is nested deeper than 200 levels"
+    assert tasks[stored["nan"]]["invalid"] == "message holds NaN, which is not JSON"
+    assert "surrogate" in tasks[stored["surrogate"]]["invalid"]
+    assert "not UTF-8" in tasks[stored["bad-utf8"]]["invalid"]
+    assert tasks[layout.node_key("tiny-tables")]["invalid"] is None
+    assert tasks[layout.node_key("good")]["function"] == "print"
+
+
+@pytest.mark.parametrize("command", ["node", "region"])
+def test_node_and_region_list_hostile_values_escaped(
+    etcd_server: EtcdServer, layout: keys.Layout, stored: dict[str, str], command: str
+) -> None:
+    code, out, err = gleam_client(etcd_server.endpoint, layout, command)
+    assert_clean(code, out, err)
+    kind = keys.Kind(command)
+    for name in HOSTILE:
+        assert layout.task_key(keys.Target(kind, name)) in out
+    assert "\\x1b[2J" in out
+    code, out, err = gleam_client(etcd_server.endpoint, layout, command, "--output", "json")
+    assert_clean(code, out, err)
+    by_key = {t["key"]: t for t in json.loads(out)["tasks"]}
+    for name in HOSTILE:
+        item = by_key[layout.task_key(keys.Target(kind, name))]
+        assert item["name"] is None and item["invalid"], item
+
+
+def test_info_lists_the_good_registration_and_skips_the_broken_ones(
+    etcd_server: EtcdServer, layout: keys.Layout, stored: dict[str, str]
+) -> None:
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "info")
+    assert_clean(code, out, err)
+    assert layout.info_key("good") in out and "host\\u001b[2J" in out
+    for broken in ("huge-int", "deep", "nan", "regions"):
+        assert layout.info_key(broken) not in out
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "info", "--output", "json")
+    assert_clean(code, out, err)
+    assert [a["id"] for a in json.loads(out)["agents"]] == ["good"]
+
+
+def test_reconcile_dry_run_and_apply_show_hostile_current_values_without_crashing(
+    tmp_path: Path, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, stored: dict[str, str]
+) -> None:
+    repo = OpsRepo(tmp_path / "ops")
+    for name in [*HOSTILE, "tiny-tables"]:
+        repo.node(name, "print")
+    repo.commit("take them over")
+    # meta/applied is broken too: a clean error, nothing written.
+    code, out, err = reconcile(etcd_server.endpoint, layout, repo.path, "--dry-run")
+    assert code == 1 and "Traceback" not in out + err
+    assert "meta/applied is not a valid record" in err and "nested deeper" in err
+    etcd.delete(layout.applied_key)
+    code, out, err = reconcile(etcd_server.endpoint, layout, repo.path, "--dry-run")
+    assert_clean(code, out, err)
+    for key in stored.values():
+        assert f"~ {key}  print" in out, out
+    assert 'value: "<not a task message: message holds an integer of more than 4300' in out
+    code, out, err = reconcile(
+        etcd_server.endpoint, layout, repo.path, "--dry-run", "--output", "json"
+    )
+    assert_clean(code, out, err)
+    assert len(json.loads(out)["changes"]) == len(HOSTILE) + 1
+    code, out, err = reconcile(etcd_server.endpoint, layout, repo.path)
+    assert_clean(code, out, err)
+    value, _meta = etcd.get(stored["huge-int"])
+    assert value == b'{"Data":null,"Name":"print"}'
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError])
+def test_memory_and_recursion_errors_end_a_client_command_as_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    etcd_server: EtcdServer,
+    layout: keys.Layout,
+    error: type[BaseException],
+) -> None:
+    def explode(*_args: Any, **_kwargs: Any) -> Any:
+        raise error()
+
+    monkeypatch.setattr(client, "read_snapshot", explode)
+    code = cli.main(["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, "status"])
+    out, err = capsys.readouterr()
+    assert code == 1 and not out and err.startswith("gleam-client: ") and err.count("\n") == 1
