@@ -4,6 +4,11 @@ A dead agent's lease expires and its record disappears. If the lease is lost whi
 agent lives (etcd lost it, or the agent was cut off for longer than the TTL), the loop
 grants a new lease and registers again. A clean shutdown revokes the lease, so the
 record goes at once.
+
+Every write of the record is guarded twice against landing late (etcd may apply a
+request after its client gave up, or died): by the record's mod_revision as last seen, so
+that a late write cannot replace a newer registration, and by its lease, so that a late
+write whose lease is gone (revoked or expired) fails instead of bringing the record back.
 """
 
 from __future__ import annotations
@@ -87,18 +92,38 @@ class Registrar:
 
     def _ensure_record(self, lease_id: int) -> None:
         """Put the record back if it was deleted (or overwritten) while the lease lives:
-        a live agent must stay listed."""
-        if self._etcd.get(self._key) != self._info.encode():
+        a live agent must stay listed. A lease found gone means registering anew."""
+        value, mod_revision = self._etcd.read_records([self._key])[self._key]
+        if value != self._info.encode():
             log.warning("%s was deleted or changed; registering again", self._key)
-            self._etcd.put(self._key, self._info.encode(), lease=lease_id)
+            try:
+                self._put_record(lease_id, mod_revision)
+            except store.LeaseNotFound:
+                log.warning("lease %x is gone; registering again", lease_id)
+                self._session.id = 0
+                self.registered.clear()
+                return
             self.registrations += 1
 
+    def _put_record(self, lease_id: int, mod_revision: int) -> None:
+        """Write the record bound to `lease_id` over the one seen at `mod_revision`. The
+        live agent's record replaces whatever is there: if the compare fails (the record
+        changed since it was read), it is tried again over the new one, a few times."""
+        for _attempt in range(3):
+            outcome = self._etcd.put_guarded(
+                [store.Guarded(self._key, self._info.encode(), mod_revision, lease_id)]
+            )
+            if outcome.ok:
+                return
+            mod_revision = outcome.current[self._key]
+        raise store.Unavailable(f"{self._key} keeps changing while it is written")
+
     def _register(self) -> tuple[int, float]:
-        previous = self._etcd.get(self._key)
+        previous, mod_revision = self._etcd.read_records([self._key])[self._key]
         if previous is not None:
             self._warn_if_taken(previous)
         lease_id, granted = self._session.grant()
-        self._etcd.put(self._key, self._info.encode(), lease=lease_id)
+        self._put_record(lease_id, mod_revision)
         self.registrations += 1
         self.registered.set()
         log.info("registered %s with lease %x (TTL %ds)", self._key, lease_id, granted)

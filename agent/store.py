@@ -4,7 +4,11 @@ Each of the agent's loops (watch, registration, result writer) owns a Store, and
 own client and gRPC channels: a loop that resets its connection after a failure does not
 disturb the others. Errors come out as two typed exceptions, never as pyetcd's or gRPC's:
 `Unavailable` (worth retrying after `reset()`) and `Rejected` (etcd refused the request
-itself; retrying cannot help). A compacted watch start gives `Compacted`.
+itself; retrying cannot help; `LeaseNotFound` is one: a write bound to a lease that is
+gone). A compacted watch start gives `Compacted`.
+
+There is no blind put: every write is `put_guarded`, a transaction that compares each
+key's mod_revision, so that a request etcd applies late cannot overwrite a newer write.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class Rejected(StoreError):
     """etcd answered and refused the request (too large, not permitted); do not retry."""
 
 
+class LeaseNotFound(Rejected):
+    """A write bound to a lease etcd no longer has (revoked, or expired): it was refused."""
+
+
 class Compacted(StoreError):
     """A watch asked for a revision etcd has already compacted away."""
 
@@ -49,6 +57,10 @@ class Compacted(StoreError):
         super().__init__(f"revision compacted (etcd keeps revisions from {compacted_revision})")
         self.compacted_revision = compacted_revision
 
+
+# Records read per request by `read_records`: a result may be up to 1 MiB, so a few at a
+# time keep each response small.
+RECORDS_PER_READ = 8
 
 # gRPC codes that mean the request itself is at fault (too large, malformed, a revision
 # that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
@@ -67,6 +79,9 @@ def translate(exc: BaseException) -> StoreError:
     if isinstance(exc, etcd_exceptions.RevisionCompactedError):
         return Compacted(int(exc.compacted_revision))
     text = connection.describe_error(exc)
+    rpc = isinstance(exc, grpc.RpcError)
+    if rpc and _code(exc) is grpc.StatusCode.NOT_FOUND and "lease not found" in text:
+        return LeaseNotFound(text)
     if isinstance(exc, grpc.RpcError) and _code(exc) in _REJECTED_CODES:
         return Rejected(text)
     return Unavailable(text)
@@ -104,6 +119,28 @@ class WatchBroken:
 
 
 WatchMessage = WatchBatch | WatchBroken
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """One guarded write: put `value` at `key` only if the key's mod_revision is still
+    `mod_revision` (0: only if the key does not exist), bound to `lease` when not 0."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class TxnOutcome:
+    """A guarded transaction's answer: on success the write's revision (the new
+    mod_revision of every key written); on failure each key's mod_revision now (0 for a
+    key that does not exist), from the same transaction, and nothing was written."""
+
+    ok: bool
+    revision: int
+    current: dict[str, int]
 
 
 class Store:
@@ -149,7 +186,7 @@ class Store:
         except connection.ETCD_ERRORS as exc:
             raise translate(exc) from None
 
-    # Key-value ---------------------------------------------------------------
+    # Key-value: no blind put here; every write is `put_guarded` ------------
     def read_keys(self, keys: Sequence[str]) -> Snapshot:
         """Read `keys` at one revision (the first read's), so that together they are a
         consistent picture that a watch from `revision + 1` continues exactly. One
@@ -205,23 +242,65 @@ class Store:
         value, _meta = self._call(lambda c: c.get(key))
         return None if value is None else bytes(value)
 
-    def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
-        """Write `key`; returns the write's revision."""
-        response = self._call(lambda c: c.put(key, value, lease=lease))
-        return int(response.header.revision)
+    def read_records(self, keys: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
+        """key -> (value or None, mod_revision or 0), a few keys per request: the values
+        may be large (a result record may be 1 MiB)."""
+        found: dict[str, tuple[bytes | None, int]] = {}
+        for start in range(0, len(keys), RECORDS_PER_READ):
+            for seen in self.read_keys(keys[start : start + RECORDS_PER_READ]).keys:
+                found[seen.key] = (seen.value, seen.revision if seen.value is not None else 0)
+        return found
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Write several keys in one transaction (at most connection.MAX_TXN_OPS of them): one
-        round trip instead of one each."""
-        if len(items) > connection.MAX_TXN_OPS:
-            raise ValueError(f"put_many takes at most {connection.MAX_TXN_OPS} keys")
-        self._call(
-            lambda c: c.transaction(
-                compare=[],
-                success=[c.transactions.put(key, value) for key, value in items],
-                failure=[],
-            )
+    def put_guarded(self, items: Sequence[Guarded]) -> TxnOutcome:
+        """Write every item in one transaction if every key's mod_revision is still the
+        one given, or nothing at all. A request etcd applies late (after our client gave
+        up on it, or after our process died) then fails its compare instead of
+        overwriting what was written since: see the README, "When etcd misbehaves"."""
+        if not items or len(items) > connection.MAX_TXN_OPS:
+            raise ValueError(f"put_guarded takes 1 to {connection.MAX_TXN_OPS} keys")
+        encoded = [item.key.encode("utf-8") for item in items]
+        request = etcdrpc.TxnRequest(
+            compare=[
+                etcdrpc.Compare(
+                    result=etcdrpc.Compare.EQUAL,
+                    target=etcdrpc.Compare.MOD,
+                    key=key,
+                    mod_revision=item.mod_revision,
+                )
+                for key, item in zip(encoded, items, strict=True)
+            ],
+            success=[
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(key=key, value=item.value, lease=item.lease)
+                )
+                for key, item in zip(encoded, items, strict=True)
+            ],
+            # Keys only: what changed is all the caller needs to learn (values may be large).
+            failure=[
+                etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, keys_only=True))
+                for key in encoded
+            ],
         )
+
+        def send(client: connection.Client) -> TxnOutcome:
+            # Made on the KV stub: the response header's revision is the write's revision.
+            response = client.kvstub.Txn(
+                request,
+                client.timeout,
+                credentials=client.call_credentials,
+                metadata=client.metadata,
+            )
+            revision = int(response.header.revision)
+            if response.succeeded:
+                return TxnOutcome(True, revision, {})
+            current = {}
+            for item, op in zip(items, response.responses, strict=True):
+                kvs = op.response_range.kvs
+                current[item.key] = int(kvs[0].mod_revision) if kvs else 0
+            return TxnOutcome(False, revision, current)
+
+        outcome: TxnOutcome = self._call(send)
+        return outcome
 
     # Leases ------------------------------------------------------------------
     def grant_lease(self, ttl: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ pyetcd client (from `gleam.connection.connect`) and a `keys.Layout`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -20,9 +20,8 @@ def send_task(
     etcd: connection.Client, layout: keys.Layout, target: keys.Target, task: messages.Task
 ) -> int:
     """Write `task` to the target's key; returns the write's revision (the key's new
-    mod_revision, which agents put in their results)."""
-    response = etcd.put(layout.task_key(target), task.encode())
-    return int(response.header.revision)
+    mod_revision, which agents put in their results). See `send_tasks`."""
+    return send_tasks(etcd, layout, [target], task)
 
 
 def list_agents(etcd: connection.Client, layout: keys.Layout) -> list[messages.AgentInfo]:
@@ -148,6 +147,46 @@ def wait_for_results(
 # Several targets at once, listings and whole-fleet snapshots ----------------------------
 
 
+# Attempts at one send: a timed-out attempt is sent again (pyetcd moves on to another
+# endpoint), under the same guard, so that at most one of them can ever be applied.
+SEND_ATTEMPTS = 3
+
+
+class SendOutcomeUnknown(connection.WriteError):
+    """etcd did not say whether the task was written. It is written at most once: every
+    attempt was guarded by the keys' mod_revisions as read before the first."""
+
+
+class SendConflict(connection.WriteError):
+    """The keys changed between reading and writing them, every time: nothing written."""
+
+
+def _stored(etcd: connection.Client, task_keys: Sequence[str]) -> dict[str, Stored | None]:
+    """The keys' values and mod_revisions now (None for a missing key), at one revision."""
+    t = etcd.transactions
+    found: dict[str, Stored | None] = {}
+    for start in range(0, len(task_keys), connection.MAX_TXN_OPS):
+        chunk = task_keys[start : start + connection.MAX_TXN_OPS]
+        _ok, responses = etcd.transaction(compare=[], success=[t.get(k) for k in chunk], failure=[])
+        for key, response in zip(chunk, responses, strict=True):
+            found[key] = None
+            for value, meta in response:
+                found[key] = Stored(bytes(value), int(meta.mod_revision))
+    return found
+
+
+def landed(value: bytes, seen: Mapping[str, int], now: Mapping[str, Stored | None]) -> int | None:
+    """Pure: the revision our write got, if the keys show it landed (every key holds our
+    value at one mod_revision newer than the one our guard named); None otherwise."""
+    revisions = set()
+    for key, was in seen.items():
+        stored = now.get(key)
+        if stored is None or stored.value != value or stored.revision <= was:
+            return None
+        revisions.add(stored.revision)
+    return revisions.pop() if len(revisions) == 1 else None
+
+
 def send_tasks(
     etcd: connection.Client,
     layout: keys.Layout,
@@ -157,17 +196,66 @@ def send_tasks(
     """Write `task` to every target's key in ONE etcd transaction: all keys or none.
 
     Returns the transaction's revision, which is every written key's new mod_revision
-    (what agents put in their results, and what `wait_for_results` waits for)."""
+    (what agents put in their results, and what `wait_for_results` waits for).
+
+    The write is guarded by each key's mod_revision as read just before, so a request
+    etcd applies late can never land as a second revision: when an attempt times out,
+    the next one (on another endpoint) carries the same guard, and at most one of them is
+    applied. If the keys then show our value at a newer revision, that is our write. If
+    etcd never answers, or the keys were changed meanwhile by someone else, the outcome
+    is unknown: SendOutcomeUnknown says so (see the README, "When etcd misbehaves")."""
     value = task.encode()
     task_keys = sorted({layout.task_key(t) for t in targets})
     if not task_keys:
         raise ValueError("send_tasks: no target given")
-    _ok, responses = etcd.transaction(
-        compare=[],
-        success=[etcd.transactions.put(key, value) for key in task_keys],
-        failure=[],
+    t = etcd.transactions
+    seen = {key: (s.revision if s else 0) for key, s in _stored(etcd, task_keys).items()}
+    doubt: BaseException | None = None  # why an earlier attempt's outcome is unknown
+    for _attempt in range(SEND_ATTEMPTS):
+        try:
+            ok, responses = etcd.transaction(
+                compare=[t.mod(key) == seen[key] for key in task_keys],
+                success=[t.put(key, value) for key in task_keys],
+                failure=[],
+            )
+            if ok:
+                return int(responses[0].response_put.header.revision)
+            now = _stored(etcd, task_keys)
+        except connection.ETCD_ERRORS as exc:
+            if not connection.may_have_applied(exc):
+                if doubt is None:
+                    raise
+                break
+            doubt = exc
+            continue
+        if doubt is None:
+            # Written by someone else between our read and our write, and ours cannot
+            # have landed: write over it, as a plain put would have.
+            seen = {key: (s.revision if s else 0) for key, s in now.items()}
+            continue
+        revision = landed(value, seen, now)
+        if revision is not None:
+            return revision
+        raise SendOutcomeUnknown(
+            f"{_keys_text(task_keys)} changed while the write was in doubt "
+            f"({connection.describe_error(doubt)}): the task may or may not have been "
+            "written before that; it was not sent again"
+        )
+    if doubt is None:
+        raise SendConflict(
+            f"{_keys_text(task_keys)} changed under every one of {SEND_ATTEMPTS} attempts "
+            "(someone else keeps writing them); the task was not written"
+        )
+    raise SendOutcomeUnknown(
+        f"no answer from etcd for {_keys_text(task_keys)} after {SEND_ATTEMPTS} attempts "
+        f"({connection.describe_error(doubt)}): the task may or may not have been written, "
+        "and may still be, at most once; check the key's revision with 'gleam-client node', "
+        "'region' or 'status' before sending it again"
     )
-    return int(responses[0].response_put.header.revision)
+
+
+def _keys_text(task_keys: Sequence[str]) -> str:
+    return task_keys[0] if len(task_keys) == 1 else f"{len(task_keys)} keys ({task_keys[0]}, ...)"
 
 
 @dataclass(frozen=True)

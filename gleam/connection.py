@@ -33,6 +33,32 @@ Client = Any
 # etcd's default limit of operations (and of compares) in one transaction (--max-txn-ops).
 MAX_TXN_OPS = 128
 
+# Errors after which a write may or may not have been applied: the request may have
+# reached etcd, and etcd may apply it even after the client gave up.
+_UNCERTAIN_CODES = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+class WriteError(pyetcd.Etcd3Exception):  # type: ignore[misc]  # pyetcd is untyped
+    """A write that failed in a way pyetcd has no class for; ETCD_ERRORS catches it
+    with pyetcd's own."""
+
+
+def may_have_applied(exc: BaseException) -> bool:
+    """Whether a write that failed with `exc` may still have been applied."""
+    if isinstance(exc, pyetcd.Etcd3Exception):
+        return not isinstance(exc, pyetcd.exceptions.RevisionCompactedError)
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code in _UNCERTAIN_CODES
+
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
 # gRPC channel options. A frozen etcd (SIGSTOP, a dead host behind a live route) keeps

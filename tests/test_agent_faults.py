@@ -1,21 +1,27 @@
-"""gleam-agent under etcd trouble: killed, frozen, compacted, leases lost. Each test has
-an etcd of its own (private_etcd) and real agent subprocesses."""
+"""gleam-agent under etcd trouble: killed, frozen, compacted, leases lost, late writes.
+Each test has an etcd of its own (private_etcd, or a 3-member cluster) and real agent
+subprocesses. After healing, each test checks the agent's history: every result record
+names the revision the agent last ran for that key (from its own log), never an older one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import store
 from gleam import connection, keys, messages
 from gleam.embedded import EtcdServer
+from tests import run_history
 from tests.agent_support import (
     StartAgent,
     info,
@@ -26,7 +32,9 @@ from tests.agent_support import (
     wait_registered,
     wait_result,
 )
-from tests.support import client_for, wait_until
+from tests.etcd_cluster import EtcdCluster
+from tests.support import AgentProcess, client_for, wait_until
+from tests.tcp_proxy import Proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
 
@@ -40,6 +48,22 @@ def etcd(private_etcd: EtcdServer) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+def assert_results_follow_runs(etcd: Any, agent_id: str, *agents: AgentProcess) -> None:
+    """The history check: once settled, each of the agent's records names the revision it
+    last ran for that key, over its processes' logs in order (never an older one)."""
+
+    def mismatches() -> list[run_history.Mismatch]:
+        return run_history.check(etcd, LAYOUT, agent_id, [a.log() for a in agents])
+
+    # On a timeout the assertion just below reports the details.
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not mismatches(), timeout=30, what="the records to match the runs")
+    assert mismatches() == []
+    assert run_history.last_runs(a.log() for a in agents), "the agent ran nothing?"
+    for agent in agents:
+        assert run_history.duplicates(agent.log()) == []
 
 
 def test_etcd_killed_and_restarted_under_a_running_agent(
@@ -64,6 +88,7 @@ def test_etcd_killed_and_restarted_under_a_running_agent(
     _info, lease_after = wait_registered(etcd, LAYOUT, "k")
     wait_until(lambda: etcd.get_lease_info(lease_after).TTL > 0, what="a live lease")
     assert lease_before and lease_after
+    assert_results_follow_runs(etcd, "k", agent)
 
 
 def test_a_result_finished_while_etcd_is_down_is_written_when_it_returns(
@@ -83,6 +108,7 @@ def test_a_result_finished_while_etcd_is_down_is_written_when_it_returns(
     private_etcd.start()
     got = wait_result(etcd, LAYOUT, "w", node("w"), revision)
     assert (got.ok, got.result) == (True, 5)
+    assert_results_follow_runs(etcd, "w", agent)
 
 
 def test_a_frozen_etcd_is_noticed_and_the_agent_recovers(
@@ -106,6 +132,7 @@ def test_a_frozen_etcd_is_noticed_and_the_agent_recovers(
     assert (got.ok, got.result) == (True, "after")
     wait_registered(etcd, LAYOUT, "f")
     assert agent.proc.poll() is None
+    assert_results_follow_runs(etcd, "f", agent)
 
 
 def compact(etcd: Any) -> int:
@@ -130,10 +157,11 @@ def test_compaction_while_the_agent_was_stopped(
     for n in (2, 3):
         newest = send(etcd, LAYOUT, node("c1"), "count", {"file": str(counter), "n": n})
     compact(etcd)
-    start_agent(private_etcd.endpoint, *args, layout=LAYOUT, script_dir=lua_dir)
+    second = start_agent(private_etcd.endpoint, *args, layout=LAYOUT, script_dir=lua_dir)
     got = wait_result(etcd, LAYOUT, "c1", node("c1"), newest)
     assert (got.revision, got.result) == (newest, 3)
     assert counter.read_text().splitlines() == ["1", "3"]
+    assert_results_follow_runs(etcd, "c1", first, second)
 
 
 def test_compaction_while_the_watch_was_down_rereads_and_runs_what_changed(
@@ -165,6 +193,7 @@ def test_compaction_while_the_watch_was_down_rereads_and_runs_what_changed(
     assert (got.revision, got.result) == (newest, 3)
     assert counter.read_text().splitlines() == ["1", "3"]
     assert "compacted" in agent.log()
+    assert_results_follow_runs(etcd, "c2", agent)
 
 
 def test_a_lost_lease_is_replaced_and_the_agent_registers_again(
@@ -189,6 +218,7 @@ def test_a_lost_lease_is_replaced_and_the_agent_registers_again(
     assert wait_result(etcd, LAYOUT, "l", node("l"), revision).ok
     assert result(etcd, LAYOUT, "l", node("l")) is not None
     assert new_lease != lease
+    assert_results_follow_runs(etcd, "l", agent)
 
 
 def test_an_agent_started_before_etcd_waits_for_it(
@@ -201,6 +231,7 @@ def test_an_agent_started_before_etcd_waits_for_it(
     wait_registered(etcd, LAYOUT, "early")
     revision = send(etcd, LAYOUT, node("early"), "echo", "late etcd")
     assert wait_result(etcd, LAYOUT, "early", node("early"), revision).result == "late etcd"
+    assert_results_follow_runs(etcd, "early", agent)
 
 
 def test_sigterm_while_etcd_is_down_still_exits_cleanly(
@@ -253,6 +284,7 @@ def test_etcd_restored_from_an_older_backup_is_noticed_and_new_tasks_run(
     got = wait_result(etcd, LAYOUT, "rw", node("rw"), third, timeout=40)
     assert (got.revision, got.result) == (third, 3)
     assert counter.read_text().splitlines() == ["1", "2", "3"]
+    assert_results_follow_runs(etcd, "rw", agent)
 
 
 def enable_auth(server: EtcdServer, password: str) -> Any:
@@ -333,3 +365,139 @@ def test_credentials_stay_with_the_agent(
                 assert password.encode() not in Path(f"/proc/{agent.pid}/{what}").read_bytes()
     finally:
         authed.close()
+
+
+# Late writes on a 3-member etcd (issue 15) -----------------------------------------------
+
+
+@pytest.fixture
+def cluster() -> Iterator[EtcdCluster]:
+    with EtcdCluster(3) as started:
+        yield started
+
+
+@pytest.fixture
+def frozen_route(cluster: EtcdCluster) -> Iterator[tuple[Any, Proxy]]:
+    """A follower to freeze, behind a proxy that keeps a dead client's requests alive
+    (see tests.tcp_proxy); yields (that member, the proxy)."""
+    leader = cluster.wait_leader()
+    follower = next(m for m in cluster.members if m is not leader)
+    proxy = Proxy(follower.port)
+    try:
+        yield follower, proxy
+    finally:
+        follower.resume()
+        proxy.close()
+
+
+def others(cluster: EtcdCluster, member: Any) -> str:
+    return ",".join(m.endpoint for m in cluster.members if m is not member)
+
+
+# A result bigger than this is the one write of the test that carries it.
+PADDING = 8 * 1024
+
+
+def test_a_late_result_write_from_a_dead_agent_never_overwrites_a_newer_result(
+    cluster: EtcdCluster,
+    frozen_route: tuple[Any, Proxy],
+    start_agent: StartAgent,
+    lua_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Issue 15: a result write in flight to a member that is SIGSTOPped, the agent
+    SIGKILLed, a newer task run and recorded by the restarted agent, the member SIGCONTed:
+    the late write reaches etcd and fails its compare; the record names the newer run."""
+    frozen, proxy = frozen_route
+    etcd = client_for(others(cluster, frozen))
+    try:
+        gate = tmp_path / "gate"
+        first = start_agent(
+            f"{proxy.endpoint},{others(cluster, frozen)}", "-id", "late", "-ttl", "30",
+            layout=LAYOUT, script_dir=lua_dir,
+        )  # fmt: skip
+        oldest = send(etcd, LAYOUT, node("late"), "echo", "first")
+        wait_result(etcd, LAYOUT, "late", node("late"), oldest)
+        dead_run = send(etcd, LAYOUT, node("late"), "gate", {"gate": str(gate), "n": "x" * PADDING})
+        wait_log(first, "waiting at the gate")
+        frozen.pause()
+        gate.touch()
+        in_flight = wait_until(
+            lambda: proxy.requests_over(PADDING), what="the result write sent to the frozen member"
+        )
+        first.stop(sig=signal.SIGKILL)
+        (link, stream), *_ = in_flight
+        assert stream not in link.cancelled_streams(), "the client cancelled its write"
+
+        newer = send(etcd, LAYOUT, node("late"), "echo", "newer")
+        second = start_agent(
+            others(cluster, frozen), "-id", "late", layout=LAYOUT, script_dir=lua_dir
+        )
+        got = wait_result(etcd, LAYOUT, "late", node("late"), newer, timeout=60)
+        assert (got.revision, got.result) == (newer, "newer")
+
+        frozen.resume()
+        wait_until(
+            lambda: stream in link.answered_streams(),
+            timeout=60,
+            what="the thawed member's answer to the late write",
+        )
+        assert dead_run < newer
+        final = result(etcd, LAYOUT, "late", node("late"))
+        assert final is not None and (final.revision, final.result) == (newer, "newer")
+        assert_results_follow_runs(etcd, "late", first, second)
+        # The thawed member has the same record: the late write was refused, not outvoted.
+        thawed = client_for(frozen.endpoint)
+        try:
+            wait_until(
+                lambda: result(thawed, LAYOUT, "late", node("late")) == final,
+                what="the thawed member to catch up",
+            )
+        finally:
+            thawed.close()
+    finally:
+        etcd.close()
+
+
+def test_a_late_registration_put_with_a_revoked_lease_does_not_bring_the_record_back(
+    cluster: EtcdCluster, frozen_route: tuple[Any, Proxy]
+) -> None:
+    """The registration is lease-bound: a late put whose lease is gone fails (etcd
+    checks the lease when it applies the put), even when its compare still holds."""
+    frozen, proxy = frozen_route
+    etcd = client_for(others(cluster, frozen))
+    late = store.Store(connection.make_settings(proxy.endpoint, timeout=120.0))
+    key = LAYOUT.info_key("gone")
+    value = b"x" * PADDING
+    try:
+        late.read_keys([key])  # connected through the proxy while the member runs
+        lease = etcd.lease(30)
+        frozen.pause()
+        outcome: list[BaseException | store.TxnOutcome] = []
+
+        def put() -> None:
+            try:
+                outcome.append(late.put_guarded([store.Guarded(key, value, 0, lease.id)]))
+            except store.StoreError as exc:
+                outcome.append(exc)
+
+        writer = threading.Thread(target=put, daemon=True)
+        writer.start()
+        in_flight = wait_until(
+            lambda: proxy.requests_over(PADDING), what="the registration put in flight"
+        )
+        proxy.sever_clients()  # the process that sent it is gone
+        writer.join(30)
+        assert outcome and isinstance(outcome[0], store.StoreError)
+        etcd.revoke_lease(lease.id)
+        frozen.resume()
+        (link, stream), *_ = in_flight
+        wait_until(
+            lambda: stream in link.answered_streams(),
+            timeout=60,
+            what="the thawed member's answer to the late put",
+        )
+        assert etcd.get(key)[0] is None
+    finally:
+        late.close()
+        etcd.close()

@@ -1,9 +1,13 @@
 """Result records (agent.results, agent.worker): building them, reading what an agent has
-done from them, and failed results for bad input. Pure: a stand-in runner, no etcd."""
+done from them, and failed results for bad input (pure: a stand-in runner, no etcd); and
+the writer's guarded writes against a real etcd: a record is never replaced by an older
+run's result, whoever wrote it and however late."""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import pending, results
+from agent import pending, results, store
 from agent.task_queue import TaskQueue
 from agent.worker import Worker, raw_name
-from gleam import keys, messages
+from gleam import connection, keys, messages
+from gleam.embedded import EtcdServer
 
 LAYOUT = keys.Layout("/g")
 KEY = LAYOUT.node_key("web-1")
@@ -169,3 +174,90 @@ def test_next_batch_takes_the_oldest_results_that_fit_in_one_write() -> None:
     big = [("big", b"x" * 5000), *items]
     assert results.next_batch(big, max_results=10, max_bytes=1000) == big[:1]
     assert results.next_batch([], max_results=10, max_bytes=1000) == []
+
+
+def record(revision: int) -> messages.Result:
+    return messages.Result(agent="web-1", key=KEY, revision=revision, name="x", ok=True)
+
+
+def test_a_result_supersedes_only_a_missing_broken_or_older_record() -> None:
+    assert results.supersedes(5, None)
+    assert results.supersedes(5, b"not json")
+    assert results.supersedes(5, record(4).encode())
+    assert not results.supersedes(5, record(5).encode()), "our own write, landed after all"
+    assert not results.supersedes(5, record(6).encode()), "a newer run's record"
+
+
+class LostAnswers(store.Store):
+    """A real etcd whose first `lost` answers to guarded writes never arrive: the write
+    is applied, and the writer is told the request failed (a timeout)."""
+
+    def __init__(self, endpoint: str, lost: int) -> None:
+        super().__init__(connection.make_settings(endpoint))
+        self.lost = lost
+
+    def put_guarded(self, items: Sequence[store.Guarded]) -> store.TxnOutcome:
+        outcome = super().put_guarded(items)
+        if self.lost > 0:
+            self.lost -= 1
+            raise store.Unavailable("StatusCode.DEADLINE_EXCEEDED: the answer was lost")
+        return outcome
+
+
+def write_all(writer: results.ResultWriter, submitted: dict[str, int]) -> None:
+    for key, revision in submitted.items():
+        writer.submit(key, record(revision))
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    assert writer.close(timeout=20) == []
+    thread.join(10)
+
+
+def stored(etcd: Any, key: str) -> int:
+    return messages.decode_result(etcd.get(key)[0]).revision
+
+
+def test_the_writer_never_replaces_a_newer_record_and_replaces_older_ones(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    """One batch over records written by someone else (a previous process of this agent,
+    or a late write): absent and older ones are written, a newer one is kept."""
+    absent, older, newer = (layout.results_prefix + f"web-1/node/{n}" for n in "abc")
+    etcd.put(older, record(2).encode())
+    etcd.put(newer, record(9).encode())
+    writer = results.ResultWriter(store.Store(connection.make_settings(etcd_server.endpoint)))
+    write_all(writer, {absent: 5, older: 5, newer: 5})
+    assert (stored(etcd, absent), stored(etcd, older), stored(etcd, newer)) == (5, 5, 9)
+    assert (writer.written, writer.superseded) == (2, 1)
+
+
+def test_a_stale_writer_cannot_undo_a_newer_record(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    """The dead process's writer (guarded by what it last wrote) against its successor's
+    newer record: its older result fails its compare and is dropped."""
+    key = layout.results_prefix + "web-1/node/a"
+    settings = connection.make_settings(etcd_server.endpoint)
+    dead = results.ResultWriter(store.Store(settings))
+    write_all(dead, {key: 5})
+    write_all(results.ResultWriter(store.Store(settings)), {key: 9})
+    late = results.ResultWriter(store.Store(settings))
+    late._seen = dict(dead._seen)  # the dead writer's guard, replayed
+    write_all(late, {key: 7})
+    assert stored(etcd, key) == 9
+    assert (late.written, late.superseded) == (0, 1)
+
+
+def test_a_write_whose_answer_was_lost_is_not_written_twice(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    key = layout.results_prefix + "web-1/node/a"
+    writer = results.ResultWriter(LostAnswers(etcd_server.endpoint, lost=1))
+    write_all(writer, {key: 5})
+    value, meta = etcd.get(key)
+    assert messages.decode_result(value).revision == 5
+    assert int(meta.version) == 1, "one write, not two"
+    assert (writer.written, writer.superseded) == (0, 1)
+    # The writer learnt the record's revision from reading it: its next write is guarded
+    # by that and goes through at the first attempt.
+    assert writer._seen == {key: int(meta.mod_revision)}

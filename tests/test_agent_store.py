@@ -15,17 +15,19 @@ from agent import store
 from agent.pending import Observed
 from gleam import connection, keys
 from gleam.embedded import EtcdServer, free_port
+from tests.support import wait_until
 
 
 class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hints
-    def __init__(self, code: grpc.StatusCode) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str = "details") -> None:
         self._code = code
+        self._details = details
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
-        return "details"
+        return self._details
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,8 @@ class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hin
         (etcd_exceptions.NoServerAvailableError("none"), store.Unavailable),
         (etcd_exceptions.WatchTimedOut(), store.Unavailable),
         (etcd_exceptions.RevisionCompactedError(42), store.Compacted),
+        (FakeRpcError(grpc.StatusCode.NOT_FOUND, "requested lease not found"), store.LeaseNotFound),
+        (FakeRpcError(grpc.StatusCode.NOT_FOUND), store.Unavailable),
     ],
 )
 def test_errors_are_translated_to_retry_or_not(error: BaseException, kind: type) -> None:
@@ -114,15 +118,14 @@ def test_an_unreachable_etcd_is_unavailable() -> None:
     dead.close()
 
 
-def test_read_keys_and_put_many_handle_more_keys_than_one_transaction_takes(
+def test_read_keys_and_put_guarded_handle_more_keys_than_one_transaction_takes(
     seam: store.Store, etcd: Any, layout: keys.Layout
 ) -> None:
     names = [layout.region_key(f"r{i}") for i in range(connection.MAX_TXN_OPS * 2 + 5)]
     present = names[::3]
     for start in range(0, len(present), connection.MAX_TXN_OPS):
-        seam.put_many(
-            [(key, key.encode()) for key in present[start : start + connection.MAX_TXN_OPS]]
-        )
+        chunk = present[start : start + connection.MAX_TXN_OPS]
+        assert seam.put_guarded([store.Guarded(key, key.encode(), 0) for key in chunk]).ok
     snapshot = seam.read_keys(names)
     assert [o.key for o in snapshot.keys] == names
     for observed in snapshot.keys:
@@ -131,3 +134,71 @@ def test_read_keys_and_put_many_handle_more_keys_than_one_transaction_takes(
             assert 0 < observed.revision <= snapshot.revision
         else:
             assert (observed.value, observed.revision) == (None, snapshot.revision)
+
+
+def test_put_guarded_writes_all_or_nothing_and_says_what_changed(
+    seam: store.Store, etcd: Any, layout: keys.Layout
+) -> None:
+    a, b = layout.node_key("a"), layout.node_key("b")
+    first = seam.put_guarded([store.Guarded(a, b"1", 0), store.Guarded(b, b"1", 0)])
+    assert first.ok and first.revision == int(etcd.get(a)[1].mod_revision)
+    assert int(etcd.get(b)[1].mod_revision) == first.revision
+    # Someone else writes b: a batch still guarded by b's old revision writes nothing.
+    other = int(etcd.put(b, b"theirs").header.revision)
+    stale = seam.put_guarded(
+        [store.Guarded(a, b"2", first.revision), store.Guarded(b, b"2", first.revision)]
+    )
+    assert not stale.ok
+    assert stale.current == {a: first.revision, b: other}
+    assert (etcd.get(a)[0], etcd.get(b)[0]) == (b"1", b"theirs")
+    # "Must not exist" (0) fails on a key that exists, and reads 0 for one that does not.
+    gone = layout.node_key("gone")
+    refused = seam.put_guarded([store.Guarded(a, b"3", 0), store.Guarded(gone, b"3", 0)])
+    assert (refused.ok, refused.current) == (False, {a: first.revision, gone: 0})
+    assert seam.read_records([a, gone]) == {a: (b"1", first.revision), gone: (None, 0)}
+
+
+def test_a_replayed_guarded_write_fails_once_the_key_moved_on(
+    seam: store.Store, etcd: Any, layout: keys.Layout
+) -> None:
+    """What a late write is: the same request, applied after a newer write."""
+    key = layout.node_key("late")
+    late = [store.Guarded(key, b"old run", 0)]
+    newer = seam.put_guarded([store.Guarded(key, b"newer run", 0)])
+    assert newer.ok
+    assert not seam.put_guarded(late).ok
+    assert etcd.get(key)[0] == b"newer run"
+
+
+def test_a_put_bound_to_a_revoked_lease_fails_and_writes_nothing(
+    seam: store.Store, etcd: Any, layout: keys.Layout
+) -> None:
+    """The registration's second guard: a late put whose lease is gone is refused by
+    etcd even when its compare holds, so it cannot bring a dead agent's record back."""
+    key = layout.info_key("gone")
+    lease_id, _ttl = seam.grant_lease(30)
+    seam.revoke_lease(lease_id)
+    with pytest.raises(store.LeaseNotFound):
+        seam.put_guarded([store.Guarded(key, b"late", 0, lease_id)])
+    assert etcd.get(key)[0] is None
+    with pytest.raises(store.LeaseNotFound):
+        seam.put_guarded([store.Guarded(key, b"late", 0, 0x7FFF_FFFF_FFFF)])  # never granted
+
+
+def test_put_guarded_takes_one_to_max_txn_ops_keys(seam: store.Store) -> None:
+    with pytest.raises(ValueError, match="put_guarded"):
+        seam.put_guarded([])
+    too_many = [store.Guarded(f"/k{i}", b"", 0) for i in range(connection.MAX_TXN_OPS + 1)]
+    with pytest.raises(ValueError, match="put_guarded"):
+        seam.put_guarded(too_many)
+
+
+def test_a_put_bound_to_an_expired_lease_fails_too(
+    seam: store.Store, etcd: Any, layout: keys.Layout
+) -> None:
+    key = layout.info_key("expired")
+    lease_id, _ttl = seam.grant_lease(1)  # etcd may round a short TTL up to its minimum
+    wait_until(lambda: etcd.get_lease_info(lease_id).TTL < 0, what="the lease to expire")
+    with pytest.raises(store.LeaseNotFound):
+        seam.put_guarded([store.Guarded(key, b"late", 0, lease_id)])
+    assert etcd.get(key)[0] is None
