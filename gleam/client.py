@@ -93,16 +93,23 @@ class Report:
         return self.result.error if self.result is not None else None
 
 
+def outcome_of(result: messages.Result | None, revision: int) -> Outcome:
+    """Pure: what one agent's result (or none) says about a write at `revision`. A
+    result for a later revision also answers (the agent coalesced that write into a
+    newer one, or ran it and then a newer one)."""
+    if result is None or result.revision < revision:
+        return Outcome.PENDING
+    return Outcome.OK if result.ok else Outcome.FAILED
+
+
 def judge(
     expected: Mapping[str, int],
     agents: Iterable[messages.AgentInfo],
     results: Iterable[messages.Result],
     layout: keys.Layout,
 ) -> list[Report]:
-    """Pure: for each task key at its expected revision, each watching agent's outcome.
-
-    A result for a later revision also answers (the agent coalesced our write into a
-    newer one, or ran ours and then a newer one)."""
+    """Pure: for each task key at its expected revision, each watching agent's outcome
+    (see outcome_of)."""
     agent_list = list(agents)
     by_agent_key = {(r.agent, r.key): r for r in results}
     reports = []
@@ -112,11 +119,7 @@ def judge(
             raise keys.InvalidName(f"{key!r} is not a task key under {layout.prefix}")
         for agent_id in watchers(target, agent_list):
             result = by_agent_key.get((agent_id, key))
-            if result is None or result.revision < revision:
-                reports.append(Report(agent_id, key, revision, Outcome.PENDING, result))
-            else:
-                outcome = Outcome.OK if result.ok else Outcome.FAILED
-                reports.append(Report(agent_id, key, revision, outcome, result))
+            reports.append(Report(agent_id, key, revision, outcome_of(result, revision), result))
     return reports
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gleam import client, connection, flags, metrics
-from reconciler import gitsource, manifests, reconcile, render, state, sync
+from reconciler import manifests, reconcile, render, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -225,15 +225,6 @@ def _fail(config: Config, message: str) -> int:
     return EXIT_ERROR
 
 
-# The errors one pass can end with, turned into messages here and nowhere else.
-PASS_ERRORS: tuple[type[BaseException], ...] = (
-    reconcile.ReconcileError,
-    gitsource.GitError,
-    state.StateError,
-    sync.SyncError,
-)
-
-
 def run_once(config: Config) -> int:
     try:
         etcd = connection.connect(config.settings)
@@ -268,7 +259,7 @@ def _pass(config: Config, etcd: connection.Client) -> int:
         return EXIT_ERROR
     except sync.EtcdFailed as exc:
         return _fail(config, f"etcd at {config.settings.describe()}: {exc}")
-    except PASS_ERRORS as exc:
+    except reconcile.PASS_ERRORS as exc:
         return _fail(config, str(exc))
 
     reports = None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gleam import connection, keys, logformat
-from reconciler import desired, diff, gitsource, manifests, reconcile, render, state, sync
+from reconciler import desired, diff, gitsource, manifests, reconcile, render, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -231,12 +231,7 @@ class Daemon:
         except sync.EtcdFailed as exc:
             log.error("etcd: %s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
-        except (
-            reconcile.ReconcileError,
-            gitsource.GitError,
-            state.StateError,
-            sync.SyncError,
-        ) as exc:
+        except reconcile.PASS_ERRORS as exc:
             log.error("%s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
         except (MemoryError, RecursionError) as exc:

@@ -40,6 +40,16 @@ class Conflict(ReconcileError):
     """Keys kept changing under us; gave up after MAX_ATTEMPTS plans."""
 
 
+# The errors one pass can end with (besides manifests.InvalidManifests), each with a
+# message to show as it is; the CLI and the daemon catch these and nothing else.
+PASS_ERRORS: tuple[type[BaseException], ...] = (
+    ReconcileError,
+    gitsource.GitError,
+    state.StateError,
+    sync.SyncError,
+)
+
+
 def resource_failure(exc: BaseException) -> str:
     """One line for a pass stopped by Python's own limits. The inputs are bounded
     (manifests.MAX_FILE_BYTES, aliases, depth; messages are decoded strictly), so this
