@@ -11,6 +11,7 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeAlias
 
 from gleam import keys
@@ -327,3 +328,11 @@ def decode_agent_info(raw: bytes | str) -> AgentInfo:
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MessageError(f"registration is missing or has a bad field: {exc}") from None
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as RFC 3339 UTC with milliseconds, `2026-11-28T22:50:01.123Z`: the one
+    time format of Gleam's records (results, registrations, the applied record) and of
+    its JSON log lines."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

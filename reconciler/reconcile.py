@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gleam import keys
+from gleam import keys, messages
 from reconciler import desired as desired_state
 from reconciler import diff, gitsource, manifests, state, sync
 
@@ -294,7 +294,7 @@ def _run_locked(
         entry = state.Apply(
             source=desired.source,
             commit=desired.commit,
-            time=clock().isoformat(timespec="seconds"),
+            time=messages.rfc3339(clock().timestamp()),
             keys=desired.total,
             digest=desired.digest,
             mode=desired.mode,
