@@ -4,7 +4,7 @@
                 -script /etc/gleam/scripts
 
 This module is the entry point only: flags, logging, pid file, state file, signals, the
-Lua executor process. The agent itself is agent.daemon.Agent.
+Lua executor process. The agent itself is agent.threads.Agent.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from agent import config as agent_config
 from agent import executor, inflight, lua_api, observe, pidfile, store
-from agent.daemon import Agent
+from agent.threads import Agent
 from gleam import connection, flags, logformat, metrics
 from gleam.version import VERSION
 
@@ -79,13 +79,13 @@ def _make_runner(config: agent_config.AgentConfig) -> executor.LuaExecutor:
 
 
 def _open_state(config: agent_config.AgentConfig) -> inflight.StartedTasks:
-    """The state file; trouble with a -state_dir given is fatal (StateError), with the
+    """The state file; trouble with a -state_dir given is fatal (RecordError), with the
     default directory only a warning: the agent runs with in-memory records then."""
     try:
         return inflight.StartedTasks(config.state_file)
-    except inflight.StateError as exc:
+    except inflight.RecordError as exc:
         if config.state_dir_given:
-            raise inflight.StateError(f"-state_dir: {exc}") from None
+            raise inflight.RecordError(f"-state_dir: {exc}") from None
         log.warning(
             "state file: %s; a task that crashes the agent may run again at every start "
             "(set -state_dir to a directory of this user's)",
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             started = _open_state(config)
-        except inflight.StateError as exc:
+        except inflight.RecordError as exc:
             _fatal(str(exc), to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
         try:

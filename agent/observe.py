@@ -28,7 +28,7 @@ from gleam.liveness import Health
 from gleam.version import VERSION
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from agent.threads import Agent
     from gleam.health import Listener
 
 log = logging.getLogger("agent.observe")

@@ -4,7 +4,7 @@
     gleam-client [flags] info | node | region | status | call <key> <fn> [data]
 
 This module parses flags, talks to etcd through `gleam.client`, and prints what
-`gleam.render` makes of the answers; target resolution and the status model are pure
+`gleam.client_render` makes of the answers; target resolution and the status model are pure
 code elsewhere. Exit codes: 0 ok, 1 failure (etcd, a task that failed or did not
 answer), 2 usage (bad flags, data, function or target; nothing written); `status` exits
 2 also when a targeted agent is still pending.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gleam import client, connection, flags, keys, messages, render, status, targeting
+from gleam import client, client_render, connection, flags, keys, messages, status, targeting
 from gleam.version import VERSION
 
 PROG = "gleam-client"
@@ -73,7 +73,7 @@ class Output:
             print(f"{PROG}: {empty}", file=sys.stderr)
 
     def document(self, doc: Mapping[str, Any]) -> None:
-        print(render.to_json(doc), file=self.out)
+        print(client_render.to_json(doc), file=self.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,9 +202,9 @@ def _deliver(
     task_keys = sorted(layout.task_key(t) for t in targets)
     if wait is None:
         if output.json:
-            output.document(render.send_document(task_keys, revision, task))
+            output.document(client_render.send_document(task_keys, revision, task))
         else:
-            output.text(render.sent_text(task_keys, revision))
+            output.text(client_render.sent_text(task_keys, revision))
         return EXIT_OK
     reports = client.wait_for_results(
         etcd, layout, {key: revision for key in task_keys}, timeout=wait
@@ -213,12 +213,16 @@ def _deliver(
     unwatched = [key for key in task_keys if key not in answered]
     if output.json:
         output.document(
-            render.send_document(task_keys, revision, task, reports=reports, unwatched=unwatched)
+            client_render.send_document(
+                task_keys, revision, task, reports=reports, unwatched=unwatched
+            )
         )
     else:
-        output.text(render.sent_text(task_keys, revision))
+        output.text(client_render.sent_text(task_keys, revision))
         output.text(
-            render.reports_text(reports, timeout=wait, unwatched=unwatched, colour=output.colour)
+            client_render.reports_text(
+                reports, timeout=wait, unwatched=unwatched, colour=output.colour
+            )
         )
     all_ok = all(r.outcome is client.Outcome.OK for r in reports)
     return EXIT_OK if all_ok and not unwatched else EXIT_FAILURE
@@ -253,10 +257,11 @@ def cmd_call(
 def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     agents = client.list_agents(etcd, layout)
     if output.json:
-        output.document(render.agents_document(agents))
+        output.document(client_render.agents_document(agents))
     else:
         output.text(
-            render.agents_text(agents, layout), empty=f"no live agent under {layout.info_prefix}"
+            client_render.agents_text(agents, layout),
+            empty=f"no live agent under {layout.info_prefix}",
         )
     return EXIT_OK
 
@@ -264,10 +269,11 @@ def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> in
 def cmd_list(kind: keys.Kind, etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     entries = client.list_tasks(etcd, layout, kind)
     if output.json:
-        output.document(render.tasks_document(entries))
+        output.document(client_render.tasks_document(entries))
     else:
         output.text(
-            render.tasks_text(entries), empty=f"no task key under {layout.tasks_prefix(kind)}"
+            client_render.tasks_text(entries),
+            empty=f"no task key under {layout.tasks_prefix(kind)}",
         )
     return EXIT_OK
 
@@ -276,9 +282,9 @@ def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> 
     snapshot = client.read_snapshot(etcd, layout)
     fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC))
     if output.json:
-        output.document(render.status_document(fleet))
+        output.document(client_render.status_document(fleet))
     else:
-        output.text(render.status_text(fleet, colour=output.colour))
+        output.text(client_render.status_text(fleet, colour=output.colour))
     return fleet.exit_code
 
 

@@ -1,7 +1,7 @@
 """The fleet at a glance: live agents, and for each task key what each agent made of it.
 
 `build` turns one `client.Snapshot` (plus where each key came from, and the time) into a
-`FleetStatus`; `gleam.render` turns that into text or JSON. Pure: no etcd, no clock.
+`FleetStatus`; `gleam.client_render` turns that into text or JSON. Pure: no etcd, no clock.
 
 Who is "targeted": the live agents that watch a key (`client.watchers`). Each gets a row
 that says whether it ran the key's current revision ok, failed, or has not yet (pending).

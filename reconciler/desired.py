@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gleam import keys
-from reconciler import gitsource, manifests, parsecache, state
+from reconciler import gitsource, manifests, parsecache, records
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -58,7 +58,7 @@ class Desired:
 
 
 def choose_mode(
-    record: state.Record | None, *, full: bool, prune: bool, force: bool, rules: str
+    record: records.Record | None, *, full: bool, prune: bool, force: bool, rules: str
 ) -> str:
     """Read only the manifests changed since the recorded commit (INCREMENTAL) when the
     last apply came from git, with the same validation rules, and covered every owned
@@ -114,7 +114,7 @@ def read_commit(
     layout: keys.Layout,
     source: gitsource.Source,
     head: str,
-    record: state.Record | None,
+    record: records.Record | None,
     *,
     mode: str,
     cache: bool = True,

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from gleam import keys, messages, render
+from gleam import client_render, keys, messages
 
 TASKS_DIR = "tasks"
 KIND_DIRS: Mapping[str, keys.Kind] = {"nodes": keys.Kind.NODE, "regions": keys.Kind.REGION}
@@ -181,7 +181,7 @@ def display_path(raw: bytes) -> str:
     invisible characters escaped (\\n, \\x1b, \\u202e), backslashes doubled so that
     an escape cannot be mistaken for a name's own characters."""
     text = raw.decode("utf-8", "surrogateescape").replace("\\", "\\\\")
-    return render.printable(text)
+    return client_render.printable(text)
 
 
 def classify(path: str) -> keys.Target | ManifestError | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gleam import keys, messages
 from reconciler import desired as desired_state
-from reconciler import diff, gitsource, manifests, state, sync
+from reconciler import diff, gitsource, manifests, records, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -45,7 +45,7 @@ class Conflict(ReconcileError):
 PASS_ERRORS: tuple[type[BaseException], ...] = (
     ReconcileError,
     gitsource.GitError,
-    state.StateError,
+    records.RecordError,
     sync.SyncError,
 )
 
@@ -78,7 +78,7 @@ class Result:
     """What a pass saw and did, for rendering and exit codes."""
 
     desired: desired_state.Desired
-    previous: state.Record | None
+    previous: records.Record | None
     plan: diff.Plan  # the first plan (what --dry-run shows)
     applied: tuple[diff.Change, ...] = ()
     revisions: dict[str, int] = field(default_factory=dict)
@@ -96,7 +96,7 @@ class Result:
 
 
 def check_guard(
-    source: gitsource.Source | None, record: state.Record | None, head: str | None, *, force: bool
+    source: gitsource.Source | None, record: records.Record | None, head: str | None, *, force: bool
 ) -> None:
     """Refuse a commit that does not descend from the last commit applied from git (an
     older CI job finishing after a newer one), unless forced. Work-tree applies (head
@@ -122,7 +122,7 @@ def check_guard(
 def read_desired(
     layout: keys.Layout,
     options: Options,
-    record: state.Record | None,
+    record: records.Record | None,
     *,
     source: gitsource.Source | None,
 ) -> desired_state.Desired:
@@ -255,7 +255,7 @@ def _run_locked(
         written = store.apply_changes(
             current.changes,
             fence=lock,
-            origin=state.origin_record(source=desired.source, commit=desired.commit),
+            origin=records.origin_record(source=desired.source, commit=desired.commit),
         )
         applied += written.done
         revisions.update(written.revisions)
@@ -291,7 +291,7 @@ def _run_locked(
         != (desired.source, desired.commit, desired.digest, True, manifests.rules_fingerprint())
     )
     if changed_state:
-        entry = state.Apply(
+        entry = records.Apply(
             source=desired.source,
             commit=desired.commit,
             time=messages.rfc3339(clock().timestamp()),
@@ -302,7 +302,7 @@ def _run_locked(
             rules=manifests.rules_fingerprint(),
         )
         if not store.write_record(
-            state.after(record, entry), seen_revision=record_revision, fence=lock
+            records.after(record, entry), seen_revision=record_revision, fence=lock
         ):
             raise ReconcileError(
                 f"{layout.applied_key} was changed by someone else during this apply "

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gleam import client, messages
-from gleam import render as gleam_render
+from gleam import client_render as gleam_render
 from reconciler import diff, manifests, reconcile
 
 JSON_VERSION = 1

@@ -27,7 +27,7 @@ from typing import ParamSpec, TypeVar
 
 from gleam import connection, etcdapi, keys, lease
 from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target
-from reconciler import diff, state
+from reconciler import diff, records
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -176,12 +176,12 @@ class Store:
     # Reading ----------------------------------------------------------------------
 
     @_translated
-    def read_record(self) -> tuple[state.Record | None, int]:
+    def read_record(self) -> tuple[records.Record | None, int]:
         """The applied record and its mod_revision (None, 0 when there is none)."""
         found = etcdapi.get_one(self.backend, self.layout.applied_key)
         if found is None:
             return None, 0
-        return state.decode(found.value), found.mod_revision
+        return records.decode(found.value), found.mod_revision
 
     @_translated
     def read_all(self) -> EtcdState:
@@ -291,7 +291,7 @@ class Store:
 
     @_translated
     def write_record(
-        self, record: state.Record, *, seen_revision: int, fence: Lock | None = None
+        self, record: records.Record, *, seen_revision: int, fence: Lock | None = None
     ) -> bool:
         """Write the applied record if nobody else wrote it since we read it."""
         key = self.layout.applied_key

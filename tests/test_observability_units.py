@@ -288,7 +288,7 @@ def test_reconciler_is_unhealthy_before_its_first_pass_and_after_an_etcd_failure
 
 
 def test_drift_corrections_count_writes_of_an_already_applied_commit() -> None:
-    from reconciler import state
+    from reconciler import records
 
     wanted = desired.Desired({}, None, "commit", "c1", "d", 0, "full")
     changes = (
@@ -296,8 +296,8 @@ def test_drift_corrections_count_writes_of_an_already_applied_commit() -> None:
         diff.Change(diff.Action.ADOPT, "/g/node/b", b"y"),
     )
     plan = diff.Plan(changes)
-    same = state.Record(commit="c1", history=())
-    moved = state.Record(commit="c0", history=())
+    same = records.Record(commit="c1", history=())
+    moved = records.Record(commit="c0", history=())
     assert robserve.drift_corrections(reconcile.Result(wanted, same, plan, changes)) == 1
     assert robserve.drift_corrections(reconcile.Result(wanted, moved, plan, changes)) == 0
     assert robserve.drift_corrections(reconcile.Result(desired, None, plan, changes)) == 0

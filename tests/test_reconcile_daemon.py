@@ -16,7 +16,7 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from reconciler import daemon, diff, reconcile, state, sync
+from reconciler import daemon, diff, reconcile, records, sync
 from tests.reconcile_support import OpsRepo, values
 from tests.support import ROOT, client_for, wait_until
 
@@ -91,7 +91,7 @@ def test_daemon_applies_at_start_and_picks_up_a_new_commit(
         and change_pass.result.desired.commit == commit
     )
     assert change_pass.result.desired.mode == "incremental"
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.commit == commit
 
 
@@ -272,5 +272,5 @@ def test_with_worktree_the_daemon_applies_files_as_they_are_saved(
         ),
         what="the saved file applied",
     )
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.last is not None and record.last.source == "worktree"

@@ -19,7 +19,7 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from reconciler import daemon, gitsource, manifests, reconcile, state, sync
+from reconciler import daemon, gitsource, manifests, reconcile, records, sync
 from tests.reconcile_support import OpsRepo, first_commit, run_cli, values
 from tests.support import ROOT
 
@@ -152,7 +152,7 @@ def test_review_bypass_commit_is_refused_on_the_incremental_pass_naming_the_odd_
     after = snapshot(etcd, layout)
     assert after == before
     assert not any(b"envdump" in v for v in after.values())
-    record = state.decode(after[layout.applied_key])
+    record = records.decode(after[layout.applied_key])
     assert record.commit == repo.git("rev-parse", "HEAD~1")
     assert blob  # the blob is still in the repository: only the name kept it out
 

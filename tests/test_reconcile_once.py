@@ -12,7 +12,17 @@ import pytest
 
 from gleam import flags, keys
 from gleam.embedded import EtcdServer
-from reconciler import cli, desired, diff, gitsource, manifests, parsecache, reconcile, state, sync
+from reconciler import (
+    cli,
+    desired,
+    diff,
+    gitsource,
+    manifests,
+    parsecache,
+    reconcile,
+    records,
+    sync,
+)
 from tests.reconcile_support import OpsRepo, revisions, run_cli, values
 
 
@@ -42,7 +52,7 @@ def test_first_apply_writes_canonical_messages_ownership_and_the_record(
         f"{layout.prefix}/meta/owned/node/web-1",
         f"{layout.prefix}/meta/owned/region/eu",
     }
-    record = state.decode(got[layout.applied_key])
+    record = records.decode(got[layout.applied_key])
     assert record.commit == repo.head()
     assert record.last is not None and record.last.keys == 2
     assert record.last.digest == "git-tree:" + repo.git("rev-parse", "HEAD:tasks")
@@ -155,7 +165,7 @@ def test_commit_guard_refuses_a_commit_that_does_not_descend_from_the_applied_on
     code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--force")
     assert code == 0, err
     assert b"older" in values(etcd, layout.node_key("web-1"))[layout.node_key("web-1")]
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert [h.commit for h in record.history] == [older, newer]
 
 
@@ -284,7 +294,7 @@ def test_worktree_reads_uncommitted_files_and_the_next_commit_run_is_full(
     repo.node("web-1", "print", "data:\n  msg: trying\n")  # not committed
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--worktree")
     assert code == 0 and "the work tree" in out and "1 updated" in out
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.last is not None and record.last.source == "worktree"
     assert record.commit == repo.head()  # the guard's reference is still the last commit
     # Back to git: HEAD is the truth again, read in full because etcd held the work tree.
@@ -453,10 +463,10 @@ def test_after_an_upgrade_that_changes_the_rules_the_next_pass_is_full(
 ) -> None:
     assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
     key = layout.applied_key
-    record = state.decode(values(etcd, key)[key])
+    record = records.decode(values(etcd, key)[key])
     assert record.last is not None and record.last.rules == manifests.rules_fingerprint()
     older = dataclasses.replace(record.last, rules="older-rules")
-    etcd.put(key, state.Record(record.commit, (older,)).encode())
+    etcd.put(key, records.Record(record.commit, (older,)).encode())
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
     assert code == 0 and "full pass" in out
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)

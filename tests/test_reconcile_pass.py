@@ -14,7 +14,7 @@ import pytest
 from gleam import etcdapi, keys, messages
 from gleam.fake_etcd import FakeEtcd
 from reconciler import desired as desired_state
-from reconciler import diff, manifests, reconcile, state, sync
+from reconciler import diff, manifests, reconcile, records, sync
 
 LAYOUT = keys.Layout("/gleam")
 
@@ -76,7 +76,7 @@ def test_a_pass_writes_keys_owns_them_and_records_the_commit() -> None:
     assert {c.action for c in result.applied} == {diff.Action.CREATE}
     assert set(fake.values(LAYOUT.prefix + "/node/")) == {node("a"), node("b")}
     assert set(fake.values(LAYOUT.owned_prefix)) == {LAYOUT.owned_key(node(n)) for n in "ab"}
-    record = state.decode(fake.values(LAYOUT.applied_key)[LAYOUT.applied_key])
+    record = records.decode(fake.values(LAYOUT.applied_key)[LAYOUT.applied_key])
     assert record.commit == sha("c1") and result.recorded
     assert LAYOUT.lock_key not in fake.values(LAYOUT.meta_prefix)  # released
     # The same state again writes nothing, and need not record it again.

@@ -1,4 +1,4 @@
-"""The reconciler's meta records (reconciler/state.py) and its rendering of plans and
+"""The reconciler's meta records (reconciler/records.py) and its rendering of plans and
 results (reconciler/render.py), tested directly: pure values in, values or text out."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import json
 import pytest
 
 from gleam import client, keys, messages
-from reconciler import desired, diff, manifests, reconcile, render, state
+from reconciler import desired, diff, manifests, reconcile, records, render
 
 C1, C2 = "1" * 40, "2" * 40
 
 
-def apply(commit: str | None, *, source: str = "commit", keys_: int = 3) -> state.Apply:
-    return state.Apply(
+def apply(commit: str | None, *, source: str = "commit", keys_: int = 3) -> records.Apply:
+    return records.Apply(
         source=source, commit=commit, time="2026-01-01T00:00:00+00:00", keys=keys_, digest="d"
     )
 
@@ -23,35 +23,35 @@ def apply(commit: str | None, *, source: str = "commit", keys_: int = 3) -> stat
 
 
 def test_a_record_survives_encode_and_decode() -> None:
-    record = state.after(None, apply(C1))
-    assert state.decode(record.encode()) == record
+    record = records.after(None, apply(C1))
+    assert records.decode(record.encode()) == record
     assert record.commit == C1 and record.last == apply(C1)
 
 
 def test_history_is_newest_first_and_capped() -> None:
     record = None
-    for n in range(state.HISTORY + 3):
-        record = state.after(record, apply(C1, keys_=n))
-    assert record is not None and len(record.history) == state.HISTORY
-    assert [a.keys for a in record.history[:2]] == [state.HISTORY + 2, state.HISTORY + 1]
+    for n in range(records.HISTORY + 3):
+        record = records.after(record, apply(C1, keys_=n))
+    assert record is not None and len(record.history) == records.HISTORY
+    assert [a.keys for a in record.history[:2]] == [records.HISTORY + 2, records.HISTORY + 1]
 
 
 def test_a_worktree_apply_keeps_the_guards_commit() -> None:
-    record = state.after(state.after(None, apply(C1)), apply(C2, source="worktree"))
+    record = records.after(records.after(None, apply(C1)), apply(C2, source="worktree"))
     assert record.commit == C1  # the guard's reference: the last commit applied from git
     assert record.last is not None and not record.last.from_git
-    assert state.after(None, apply(None, source="worktree")).commit is None
+    assert records.after(None, apply(None, source="worktree")).commit is None
 
 
 def test_an_old_record_without_the_newer_fields_reads_with_defaults() -> None:
     raw = json.dumps(
         {
-            "version": state.RECORD_VERSION,
+            "version": records.RECORD_VERSION,
             "commit": C1,
             "history": [{"source": "commit", "commit": C1, "time": "t", "keys": 1, "digest": "d"}],
         }
     ).encode()
-    last = state.decode(raw).last
+    last = records.decode(raw).last
     assert last is not None and (last.mode, last.pruned, last.rules) == ("full", False, "")
 
 
@@ -69,17 +69,17 @@ def test_an_old_record_without_the_newer_fields_reads_with_defaults() -> None:
 def test_an_unreadable_record_is_a_state_error_naming_meta_applied(
     raw: bytes, message: str
 ) -> None:
-    with pytest.raises(state.StateError, match=message) as caught:
-        state.decode(raw)
+    with pytest.raises(records.RecordError, match=message) as caught:
+        records.decode(raw)
     assert "meta/applied" in str(caught.value)
 
 
 def test_an_ownership_record_names_the_commit_only_for_a_git_apply() -> None:
-    assert json.loads(state.origin_record(source="commit", commit=C1)) == {
+    assert json.loads(records.origin_record(source="commit", commit=C1)) == {
         "commit": C1,
         "source": "commit",
     }
-    assert json.loads(state.origin_record(source="worktree", commit=C1)) == {"source": "worktree"}
+    assert json.loads(records.origin_record(source="worktree", commit=C1)) == {"source": "worktree"}
 
 
 # render: plans and results as text and JSON -------------------------------------------

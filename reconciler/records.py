@@ -25,7 +25,7 @@ HISTORY = 10
 _COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
-class StateError(ValueError):
+class RecordError(ValueError):
     """A meta record that cannot be read; the text says which and why."""
 
 
@@ -101,7 +101,7 @@ def decode(raw: bytes) -> Record:
             raise TypeError("not a JSON object")
         version = body.get("version")
         if version != RECORD_VERSION:
-            raise StateError(
+            raise RecordError(
                 f"meta/applied has record version {repr(version)[:40]}; this gleam-reconcile "
                 f"reads version {RECORD_VERSION} (upgrade it, or --force)"
             )
@@ -123,7 +123,7 @@ def decode(raw: bytes) -> Record:
             # It goes on git's command line (the commit guard): a hex id and nothing else.
             raise TypeError("commit is not a git commit id")
         return Record(commit=commit, history=history)
-    except StateError:
+    except RecordError:
         raise
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise StateError(f"meta/applied is not a valid record: {exc}") from None
+        raise RecordError(f"meta/applied is not a valid record: {exc}") from None
