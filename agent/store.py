@@ -88,7 +88,7 @@ def translate(exc: BaseException) -> StoreError:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class KeysAtRevision:
     """Task keys read at one revision: each key's state (value None when absent)."""
 
     revision: int
@@ -187,12 +187,12 @@ class Store:
             raise translate(exc) from None
 
     # Key-value: no blind put here; every write is `put_guarded` ------------
-    def read_keys(self, keys: Sequence[str]) -> Snapshot:
+    def read_keys(self, keys: Sequence[str]) -> KeysAtRevision:
         """Read `keys` at one revision (the first read's), so that together they are a
         consistent picture that a watch from `revision + 1` continues exactly. One
         transaction per connection.MAX_TXN_OPS keys (an agent may watch many regions)."""
 
-        def read(client: connection.Client) -> Snapshot:
+        def read(client: connection.Client) -> KeysAtRevision:
             revision = 0
             seen: list[Observed] = []
             for start in range(0, len(keys), connection.MAX_TXN_OPS):
@@ -223,9 +223,9 @@ class Store:
                         seen.append(Observed(key, int(kvs[0].mod_revision), bytes(kvs[0].value)))
                     else:
                         seen.append(Observed(key, revision, None))
-            return Snapshot(revision, tuple(seen))
+            return KeysAtRevision(revision, tuple(seen))
 
-        result: Snapshot = self._call(read)
+        result: KeysAtRevision = self._call(read)
         return result
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:

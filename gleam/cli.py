@@ -50,11 +50,7 @@ exit codes:
 """
 
 
-class UsageError(ValueError):
-    """Something wrong in what was typed; the text names the flag, key or target."""
-
-
-class DataError(UsageError):
+class DataError(flags.UsageError):
     """`-data` (or call's DATA) is not JSON, or its file cannot be read."""
 
 
@@ -160,13 +156,13 @@ def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
 
 def make_task(function: str | None, data: messages.JSON, *, flag: str = "-fn") -> messages.Task:
     if not function:
-        raise UsageError(f"{flag}: a function name is required (e.g. {flag} config::sync)")
+        raise flags.UsageError(f"{flag}: a function name is required (e.g. {flag} config::sync)")
     try:
         keys.validate_function(function)
         task = messages.Task(function, data)
         task.encode()  # size and serialisability, checked before anything is written
     except (keys.InvalidName, messages.MessageError) as exc:
-        raise UsageError(f"{flag}: {exc}") from None
+        raise flags.UsageError(f"{flag}: {exc}") from None
     return task
 
 
@@ -175,7 +171,7 @@ def parse_call_key(value: str, layout: keys.Layout) -> keys.Target:
     if value.startswith("/"):
         target = layout.parse_task_key(value)
         if target is None:
-            raise UsageError(
+            raise flags.UsageError(
                 f"call: key {value!r} is not a task key under {layout.prefix}: use "
                 f"{layout.prefix}/node/<id> or {layout.prefix}/region/<name>"
             )
@@ -183,7 +179,7 @@ def parse_call_key(value: str, layout: keys.Layout) -> keys.Target:
     try:
         return keys.Target.parse(value)
     except keys.InvalidName as exc:
-        raise UsageError(f"call: key {value!r}: {exc}") from None
+        raise flags.UsageError(f"call: key {value!r}: {exc}") from None
 
 
 # Commands -------------------------------------------------------------------------------
@@ -233,13 +229,13 @@ def cmd_send(
 ) -> int:
     specs = targeting.split_specs(args.target)
     if not specs:
-        raise UsageError("-target: give at least one target (node/ID, region/NAME or a name)")
+        raise flags.UsageError("-target: give at least one target (node/ID, region/NAME or a name)")
     task = make_task(args.fn, parse_data(args.data))
     agents = client.list_agents(etcd, layout) if targeting.needs_agents(specs) else []
     try:
         targets = targeting.resolve(specs, agents)
     except targeting.TargetError as exc:
-        raise UsageError("\n".join(exc.problems)) from None
+        raise flags.UsageError("\n".join(exc.problems)) from None
     return _deliver(etcd, layout, targets, task, wait=args.wait, output=output)
 
 
@@ -247,7 +243,9 @@ def cmd_call(
     args: argparse.Namespace, etcd: connection.Client, layout: keys.Layout, output: Output
 ) -> int:
     if len(args.args) not in (2, 3):
-        raise UsageError("call: expected KEY FN [DATA], e.g. call /gleam/node/web-1 print '{}'")
+        raise flags.UsageError(
+            "call: expected KEY FN [DATA], e.g. call /gleam/node/web-1 print '{}'"
+        )
     target = parse_call_key(args.args[0], layout)
     data = parse_data(args.args[2] if len(args.args) == 3 else None, flag="call DATA")
     task = make_task(args.args[1], data, flag="call FN")
@@ -292,25 +290,25 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen command would silently ignore."""
     command = args.command
     if args.wait is not None and args.wait < 0:
-        raise UsageError("-wait: SECONDS must not be negative")
+        raise flags.UsageError("-wait: SECONDS must not be negative")
     if command is None:
         if args.args:
-            raise UsageError(f"unexpected argument {args.args[0]!r}")
+            raise flags.UsageError(f"unexpected argument {args.args[0]!r}")
         if not args.target and not args.fn:
-            raise UsageError(
+            raise flags.UsageError(
                 "nothing to do: give -target and -fn to send a task, or a command: "
                 + ", ".join(COMMANDS)
             )
         return
     if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+        raise flags.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
         if value:
-            raise UsageError(f"{flag} is for sending without a command, not with {command!r}")
+            raise flags.UsageError(f"{flag} is for sending without a command, not with {command!r}")
     if command != "call" and args.args:
-        raise UsageError(f"{command}: unexpected argument {args.args[0]!r}")
+        raise flags.UsageError(f"{command}: unexpected argument {args.args[0]!r}")
     if command != "call" and args.wait is not None:
-        raise UsageError(f"-wait is for sending a task, not with {command!r}")
+        raise flags.UsageError(f"-wait is for sending a task, not with {command!r}")
 
 
 def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
@@ -320,7 +318,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         layout = flags.layout(values)
         settings = flags.connection_settings(values)
     except (flags.FlagError, connection.ConfigError) as exc:
-        raise UsageError(str(exc)) from None
+        raise flags.UsageError(str(exc)) from None
     output = Output(
         out=out,
         json=args.output == "json",
@@ -362,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return run(args, environ=os.environ, out=sys.stdout)
-    except UsageError as exc:
+    except flags.UsageError as exc:
         for line in str(exc).splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)
         return EXIT_USAGE

@@ -70,14 +70,10 @@ ALL_FLAGS = (
 )
 
 
-class UsageError(ValueError):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     # argparse exits 2 on a usage error, which would read as "changes pending".
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+        raise flags.UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse(argv)
         flags.setup_logging(config.log_values, name="gleam-reconcile")
-    except (UsageError, flags.FlagError, connection.ConfigError) as exc:
+    except (flags.UsageError, flags.FlagError, connection.ConfigError) as exc:
         print(f"gleam-reconcile: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except SystemExit as exc:  # --help

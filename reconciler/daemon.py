@@ -57,7 +57,7 @@ class PassReport:
 
     number: int
     reason: Reason
-    result: reconcile.Result | None
+    result: reconcile.Pass | None
     error: str | None = None
     cause: BaseException | None = None  # what ended a failed pass (for metrics and health)
     seconds: float = 0.0  # how long the pass took
@@ -244,7 +244,7 @@ class Daemon:
         self._log_result(result, reason)
         return self._report(number, reason, result, None)
 
-    def _reconcile(self, *, full: bool) -> reconcile.Result:
+    def _reconcile(self, *, full: bool) -> reconcile.Pass:
         options = replace(self.options, full=self.options.full or full, dry_run=False)
         cached = self._desired
         head = None
@@ -270,7 +270,7 @@ class Daemon:
         self._remember(result)
         return result
 
-    def _remember(self, result: reconcile.Result) -> None:
+    def _remember(self, result: reconcile.Pass) -> None:
         """Keep the full desired state for the next pass (see Desired.merge)."""
         newer = result.desired
         if self._desired is None and newer.scope is not None:
@@ -278,11 +278,11 @@ class Daemon:
         base = result.previous.commit if result.previous else None
         self._desired = (self._desired or newer).merge(newer, base_commit=base)
 
-    def _log_result(self, result: reconcile.Result, reason: Reason) -> None:
+    def _log_result(self, result: reconcile.Pass, reason: Reason) -> None:
         with logformat.context(commit=result.desired.commit):  # a field of JSON log lines
             self._log_changes(result, reason)
 
-    def _log_changes(self, result: reconcile.Result, reason: Reason) -> None:
+    def _log_changes(self, result: reconcile.Pass, reason: Reason) -> None:
         drift = result.previous is not None and result.previous.commit == result.desired.commit
         for change in result.applied:
             for line in render.change_lines(change):
@@ -298,7 +298,7 @@ class Daemon:
         self,
         number: int,
         reason: Reason,
-        result: reconcile.Result | None,
+        result: reconcile.Pass | None,
         error: str | None,
         *,
         cause: BaseException | None = None,

@@ -66,7 +66,7 @@ def etcd_failure(report: PassReport) -> bool:
     return isinstance(report.cause, (*connection.ETCD_ERRORS, sync.EtcdFailed, sync.LockLost))
 
 
-def drift_corrections(result: reconcile.Result) -> int:
+def drift_corrections(result: reconcile.Pass) -> int:
     """Keys put back by a pass whose commit had already been applied (the daemon's drift
     rule: nothing changed in git, so every write undoes a change made by hand)."""
     if result.previous is None or result.previous.commit != result.desired.commit:

@@ -74,7 +74,7 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Result:
+class Pass:
     """What a pass saw and did, for rendering and exit codes."""
 
     desired: desired_state.Desired
@@ -190,7 +190,7 @@ def run(
     before_apply: Callable[[diff.Plan], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     cancel: threading.Event | None = None,
-) -> Result:
+) -> Pass:
     """One pass. `source` is the git checkout (None: opened from options.repo, or none
     for a --worktree directory that is not a repository). `desired` may be passed by a
     caller that already read it (the daemon's cache); `before_apply` is a test seam
@@ -230,7 +230,7 @@ def _run_locked(
     lock: sync.Lock | None,
     before_apply: Callable[[diff.Plan], None] | None,
     clock: Callable[[], datetime],
-) -> Result:
+) -> Pass:
     layout = store.layout
     record, record_revision = store.read_record()
     if desired is None:
@@ -245,7 +245,7 @@ def _run_locked(
     if before_apply is not None:
         before_apply(first)
     if options.dry_run:
-        return Result(desired=desired, previous=record, plan=first, dry_run=True)
+        return Pass(desired=desired, previous=record, plan=first, dry_run=True)
 
     applied: list[diff.Change] = []
     revisions: dict[str, int] = {}
@@ -309,7 +309,7 @@ def _run_locked(
                 "(another reconciler without the lock?); the keys are written, the record is not"
             )
         recorded = True
-    return Result(
+    return Pass(
         desired=desired,
         previous=record,
         plan=first,

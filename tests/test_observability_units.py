@@ -298,9 +298,9 @@ def test_drift_corrections_count_writes_of_an_already_applied_commit() -> None:
     plan = diff.Plan(changes)
     same = records.Record(commit="c1", history=())
     moved = records.Record(commit="c0", history=())
-    assert robserve.drift_corrections(reconcile.Result(wanted, same, plan, changes)) == 1
-    assert robserve.drift_corrections(reconcile.Result(wanted, moved, plan, changes)) == 0
-    assert robserve.drift_corrections(reconcile.Result(desired, None, plan, changes)) == 0
+    assert robserve.drift_corrections(reconcile.Pass(wanted, same, plan, changes)) == 1
+    assert robserve.drift_corrections(reconcile.Pass(wanted, moved, plan, changes)) == 0
+    assert robserve.drift_corrections(reconcile.Pass(desired, None, plan, changes)) == 0
 
 
 def test_once_stopping_it_says_so_once_and_pings_whatever_the_loops_do() -> None:

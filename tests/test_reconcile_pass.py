@@ -55,7 +55,7 @@ class History:
         return commit
 
 
-def run(fake: FakeEtcd, desired: Any, *, source: Any = None, **options: Any) -> reconcile.Result:
+def run(fake: FakeEtcd, desired: Any, *, source: Any = None, **options: Any) -> reconcile.Pass:
     before_apply = options.pop("before_apply", None)
     return reconcile.run(
         sync.Store(fake, LAYOUT),

@@ -89,10 +89,10 @@ PRINT = messages.Task("print", {"x": 1}).encode()
 PRINT2 = messages.Task("print", {"x": 2}).encode()
 
 
-def result(*changes: diff.Change, dry_run: bool = False, **plan: object) -> reconcile.Result:
+def result(*changes: diff.Change, dry_run: bool = False, **plan: object) -> reconcile.Pass:
     wanted = desired.Desired({}, None, "commit", C1, "git-tree:t", 4, "full")
     first = diff.Plan(tuple(changes), **plan)  # type: ignore[arg-type]
-    return reconcile.Result(
+    return reconcile.Pass(
         desired=wanted,
         previous=None,
         plan=first,
@@ -147,7 +147,7 @@ def test_kept_orphans_are_listed_up_to_a_few() -> None:
 def test_the_json_document_carries_every_field_and_revisions() -> None:
     create = diff.Change(diff.Action.CREATE, LAYOUT.node_key("a"), new=PRINT)
     done = result(create)
-    done = reconcile.Result(**{**done.__dict__, "revisions": {create.key: 42}})
+    done = reconcile.Pass(**{**done.__dict__, "revisions": {create.key: 42}})
     doc = json.loads(render.dumps(render.as_json(done)))
     assert doc["version"] == render.JSON_VERSION and doc["ok"] is True
     assert doc["changes"] == [
@@ -185,5 +185,5 @@ def test_wait_reports_read_one_line_each_and_a_total() -> None:
 
 def test_a_worktree_pass_names_the_work_tree() -> None:
     wanted = desired.Desired({}, None, "worktree", C1, "sha256:x", 0, "full")
-    done = reconcile.Result(desired=wanted, previous=None, plan=diff.Plan())
+    done = reconcile.Pass(desired=wanted, previous=None, plan=diff.Plan())
     assert f"the work tree (on {C1[:12]})" in render.summary(done)
