@@ -100,21 +100,23 @@ class KeysAtRevision:
 
 
 @dataclass(frozen=True)
-class WatchBatch:
+class _FromWatch:
+    generation: int  # which watch of the key (a restarted watch gets the next number)
+    key: str
+
+
+@dataclass(frozen=True)
+class WatchBatch(_FromWatch):
     """Changes a watch delivered for one key; no changes for a progress notification."""
 
-    generation: int
-    key: str
     changes: tuple[Observed, ...]
     header_revision: int
 
 
 @dataclass(frozen=True)
-class WatchBroken:
+class WatchBroken(_FromWatch):
     """A watch ended: the connection broke, or etcd cancelled it."""
 
-    generation: int
-    key: str
     error: StoreError
 
 

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from reconciler import manifests
 
@@ -67,8 +67,7 @@ class Listing:
     problems: tuple[manifests.ManifestError, ...] = ()
 
 
-@dataclass(frozen=True)
-class ChangedPath:
+class ChangedPath(NamedTuple):
     """A path under tasks/ that differs between two commits: status A, M or D."""
 
     status: str
