@@ -314,8 +314,7 @@ class Store:
         """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
 
         def refresh(client: connection.Client) -> int:
-            responses = list(client.refresh_lease(lease_id))
-            return int(responses[-1].TTL) if responses else 0
+            return connection.refresh_lease(client, lease_id)  # also through grpc-proxy
 
         try:
             result: int = self._call(refresh)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
-from bench import commit_to_exec, dispatch, fanout, harness, reconcile, report, throughput
+from bench import commit_to_exec, dispatch, fanout, fleet, harness, reconcile, report, throughput
 from bench.processes import ROOT, BenchError, etcdctl_binary
 from gleam import connection
 from gleam.embedded import EtcdServer, find_etcd
@@ -27,6 +27,7 @@ WORKLOADS: dict[str, ModuleType] = {
     "fanout": fanout,
     "throughput": throughput,
     "commit": commit_to_exec,
+    "fleet": fleet,
 }
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROFILE = RESULTS.with_name("PROFILE.md")
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}",
     )  # fmt: skip
     parser.add_argument("--reps", type=int, help="repetitions per measurement")
+    parser.add_argument(
+        "--agents", type=int, metavar="N",
+        help="agents in the large-fleet workload (default: 300 full, 30 quick)",
+    )  # fmt: skip
     parser.add_argument(
         "--out", type=Path,
         help=f"write the results here (default: {RESULTS.relative_to(ROOT)} after a full "
@@ -110,10 +115,14 @@ def run_workloads(
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     sizes = harness.PROFILES[args.sizes or ("quick" if args.quick else "full")]
+    if args.agents is not None:
+        if args.agents < 1:
+            _parser().error("--agents must be at least 1")
+        sizes = replace(sizes, fleet_agents=args.agents)
     reps = args.reps or sizes.reps
     names = args.only or list(WORKLOADS)
     out: Path | None = args.out
-    if out is None and sizes is harness.FULL and not args.only:
+    if out is None and sizes.name == harness.FULL.name and not args.only:
         out = RESULTS
 
     def progress(text: str) -> None:
@@ -129,7 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         etcd = connection.connect(connection.make_settings(server.endpoint))
         agent_args = (*(["-metrics", "127.0.0.1:0"] if args.metrics else []), *args.agent_arg)
         ctx = harness.Context(
-            server.endpoint, etcd, workdir, sizes, reps, agent_args=tuple(agent_args)
+            server.endpoint,
+            etcd,
+            workdir,
+            sizes,
+            reps,
+            agent_args=tuple(agent_args),
+            etcd_pid=server.proc.pid if server.proc else None,
         )
         try:
             rows = run_workloads(ctx, names, progress=progress)

@@ -46,7 +46,7 @@ def _wait_marks(lines: MarkerLines, count: int, *, timeout: float) -> list[float
     return [lines.next_mark(timeout=max(0.1, deadline - time.monotonic())) for _ in range(count)]
 
 
-def _gleam_round(
+def gleam_round(
     ctx: Context,
     watch: ResultWatch,
     layout: keys.Layout,
@@ -119,12 +119,12 @@ def run(ctx: Context) -> list[Row]:
         lines.close_writer()
         wait_registered(ctx, layout, agents, timeout=60 + 3 * count)
         fleet = dict(zip(ids, agents, strict=True))
-        _gleam_round(ctx, watch, layout, fleet, region, -1)  # warm-up: every agent watching
+        gleam_round(ctx, watch, layout, fleet, region, -1)  # warm-up: every agent watching
         rss_start = [a.rss_mib() for a in agents]
         warm_up_etcdctl(ctx, lines, base_key, count=count)
         g_all, g_mid, b_all, b_mid = [], [], [], []
         for rep in range(ctx.reps):
-            last, mid = _gleam_round(ctx, watch, layout, fleet, region, rep)
+            last, mid = gleam_round(ctx, watch, layout, fleet, region, rep)
             g_all.append(last)
             g_mid.append(mid)
             last, mid = _baseline_round(ctx, lines, base_key, count)

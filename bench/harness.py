@@ -31,12 +31,15 @@ class Sizes:
     commits: int
     commit_repo: int
     reps: int
+    # Agents of the large-fleet workload (`--agents N`): 300 processes swamp a 2-core
+    # machine shared with other work, and each agent may soon be two processes.
+    fleet_agents: int = 300
 
 
-FULL = Sizes("full", (1000, 10000), 1000, 500, 100, 1000, 15, 1000, reps=5)
-QUICK = Sizes("quick", (200, 1000), 100, 100, 20, 300, 5, 200, reps=3)
+FULL = Sizes("full", (1000, 10000, 100000), 1000, 500, 100, 1000, 15, 1000, reps=5)
+QUICK = Sizes("quick", (200, 1000), 100, 100, 20, 300, 5, 200, reps=3, fleet_agents=30)
 # For the smoke test: every code path, tiny sizes, seconds per workload.
-SMOKE = Sizes("smoke", (20,), 10, 5, 3, 20, 2, 10, reps=1)
+SMOKE = Sizes("smoke", (20,), 10, 5, 3, 20, 2, 10, reps=1, fleet_agents=3)
 PROFILES = {s.name: s for s in (FULL, QUICK, SMOKE)}
 
 
@@ -52,6 +55,7 @@ class Context:
     script_dir: Path = SCRIPTS
     # Extra flags for every agent the workloads start (`--metrics`, `--agent-arg`).
     agent_args: tuple[str, ...] = ()
+    etcd_pid: int | None = None  # the etcd the run started, for its memory
     _counter: itertools.count[int] = field(default_factory=itertools.count)
 
     @property

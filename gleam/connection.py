@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import grpc
 import pyetcd
 import pyetcd.exceptions
+from pyetcd import etcdrpc
 
 # What etcd trouble looks like from pyetcd: its own exceptions for the codes it knows,
 # raw gRPC errors for the rest (unauthenticated, lease not found, ...).
@@ -317,3 +320,38 @@ def describe_error(exc: BaseException) -> str:
         return f"{getattr(code, 'name', code)}: {details}"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Lease refresh ------------------------------------------------------------------------
+# pyetcd's `refresh_lease` sends its one LeaseKeepAlive request and closes its side of
+# the stream at once. etcd answers anyway, but etcd's grpc-proxy ends the stream as soon
+# as the client closes its side, before the answer comes back ("context canceled"):
+# behind a proxy every refresh failed and every lease (agent registrations, the apply
+# lock) expired. Here the request side stays open until the answer has arrived.
+
+REFRESH_TIMEOUT = 5.0
+
+
+def refresh_lease(client: Client, lease_id: int) -> int:
+    """Refresh a lease; its TTL now, 0 or less when etcd no longer has it. Errors are
+    pyetcd's exceptions, as from any other call on `client`."""
+    timeout = client.timeout or REFRESH_TIMEOUT
+    answered = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        yield etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+        answered.wait(timeout)  # gRPC reads this in its own thread: holds the stream open
+
+    call = client.leasestub.LeaseKeepAlive(
+        requests(), timeout, credentials=client.call_credentials, metadata=client.metadata
+    )
+    try:
+        for response in call:
+            return int(response.TTL)
+        return 0
+    except grpc.RpcError as exc:
+        client._manage_grpc_errors(exc)  # raises pyetcd's exception for it
+        raise
+    finally:
+        answered.set()
+        call.cancel()

@@ -59,6 +59,30 @@ class TLSFiles:
     client_key: str
 
 
+def wait_healthy(
+    endpoint: str,
+    proc: subprocess.Popen[bytes] | None,
+    *,
+    what: str,
+    log_path: str,
+    context: ssl.SSLContext | None = None,
+    timeout: float = 30.0,
+) -> None:
+    """Wait until `endpoint`/health says true (etcd and its grpc-proxy both serve it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/health", timeout=1, context=context) as resp:
+                if b'"true"' in resp.read():
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not become healthy within {timeout}s; see {log_path}")
+
+
 class EtcdServer:
     """One etcd member on loopback. Keeps its ports and data across stop/start, so a
     test can kill it and bring back the same server with the same data."""
@@ -129,20 +153,14 @@ class EtcdServer:
         return self
 
     def wait_ready(self, *, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        context = self._health_context()
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                url = f"{self.endpoint}/health"
-                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
-                    if b'"true"' in resp.read():
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"etcd did not become healthy within {timeout}s; see {self.log_path}")
+        wait_healthy(
+            self.endpoint,
+            self.proc,
+            what="etcd",
+            log_path=self.log_path,
+            context=self._health_context(),
+            timeout=timeout,
+        )
 
     def stop(self, *, sig: int = signal.SIGTERM) -> None:
         """Stop the server (SIGKILL for a crash); the data directory stays."""
@@ -188,3 +206,41 @@ class EtcdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EtcdGrpcProxy:
+    """`etcd grpc-proxy start` in front of an etcd (the same binary): what a large fleet
+    puts between its agents and etcd, coalescing their watches. Plain text only."""
+
+    def __init__(self, endpoints: str, *, data_dir: str, port: int | None = None) -> None:
+        # grpc-proxy takes host:port endpoints, without the scheme.
+        self.upstream = ",".join(e.split("://", 1)[-1] for e in endpoints.split(","))
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.log_path = os.path.join(data_dir, "grpc-proxy.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout: float = 30.0) -> EtcdGrpcProxy:
+        os.makedirs(self.data_dir, exist_ok=True)
+        args = [
+            find_etcd(), "grpc-proxy", "start",
+            "--endpoints", self.upstream,
+            "--listen-addr", f"127.0.0.1:{self.port}",
+            "--data-dir", os.path.join(self.data_dir, "proxy-data"),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        wait_healthy(
+            self.endpoint, self.proc, what="grpc-proxy", log_path=self.log_path, timeout=timeout
+        )
+        return self
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None

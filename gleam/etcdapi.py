@@ -197,8 +197,7 @@ class Pyetcd:
 
     def keep_alive(self, lease: int) -> int:
         with _translated():
-            responses = list(self.client.refresh_lease(lease))
-        return int(responses[-1].TTL) if responses else 0
+            return connection.refresh_lease(self.client, lease)  # also through grpc-proxy
 
     def revoke_lease(self, lease: int) -> None:
         with _translated():

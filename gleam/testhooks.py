@@ -1,8 +1,10 @@
 """Test-only fault injection. Nothing here does anything unless a test sets the variable.
 
-`GLEAM_TEST_WEDGE=watch` (or `worker`, `reconcile`; several with commas) makes that loop
-block forever the next time it reaches its wedge point, as a loop stuck in a call that
-never returns would: the tests use it to check that the systemd watchdog pings stop.
+`GLEAM_TEST_WEDGE=watch` (or `worker`, `reconcile`, `apply`; several with commas) makes
+that loop block forever the next time it reaches its wedge point, as a loop stuck in a
+call that never returns would: the tests use it to check that the systemd watchdog pings
+stop. `apply` stops gleam-reconcile after its first transaction of an apply, for a test to
+kill it between two transactions.
 Never set it in production.
 """
 

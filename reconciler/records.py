@@ -9,7 +9,8 @@ record codecs only (the etcd calls are in sync.py).
   describes, costs one keys-only range to read 10,000 of them (well under 1 MiB), and
   never grows one record past etcd's value limit.
 - `<prefix>/meta/applied`: a JSON record of the last apply and the nine before it.
-- `<prefix>/meta/lock`: held (bound to a lease) while a reconciler applies.
+- `<prefix>/meta/lock`: held (bound to a lease) while a reconciler applies; its value
+  names the holder (host, pid namespace, pid, start time), see sync.Holder.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ commits concurrent proposals together, which saves most of the disk syncs).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
@@ -23,9 +24,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from gleam import connection, etcdapi, keys, lease
+from gleam import connection, etcdapi, keys, lease, testhooks
 from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target
 from reconciler import diff, records
 
@@ -255,7 +257,11 @@ class Store:
     ) -> Written:
         """Send the changes in guarded transactions; see the module docstring."""
 
-        def send(batch: list[diff.Change]) -> tuple[list[diff.Change], bool, int]:
+        def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
+            index, batch = numbered
+            if index:
+                # Tests stop a reconciler here, between two committed transactions.
+                testhooks.wedge_point("apply")
             compares: list[Compare] = [fence.compare()] if fence is not None else []
             ops: list[Op] = []
             for change in batch:
@@ -268,12 +274,14 @@ class Store:
         done: list[diff.Change] = []
         conflicts: list[diff.Change] = []
         revisions: dict[str, int] = {}
-        groups = batches(changes)
+        groups = list(enumerate(batches(changes)))
         if len(groups) <= 1 or parallel <= 1:
             results = [send(g) for g in groups]
         else:
             with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
-                results = list(pool.map(send, groups))
+                # The first transaction alone, then the rest in parallel: a reconciler that
+                # is stopped or fails early has written one batch, not `parallel` of them.
+                results = [send(groups[0]), *pool.map(send, groups[1:])]
         for batch, ok, revision in results:
             if ok:
                 done += batch
@@ -307,10 +315,94 @@ class Store:
 # The apply lock -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who holds the apply lock: the lock key's value. `pidns` (the pid namespace) and
+    `start` (the process's start time, in clock ticks since boot) tell a dead holder
+    from a live one on the same host, and from a later process that got the same pid;
+    both are "" where the system does not say (not Linux)."""
+
+    host: str
+    pid: int
+    pidns: str = ""
+    start: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.host} pid {self.pid}"
+
+    def encode(self) -> bytes:
+        body = {"host": self.host, "pid": self.pid, "pidns": self.pidns, "start": self.start}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Holder | None:
+        """The holder a lock value names; None for any other value (written by an older
+        version, or by hand): such a lock is only ever freed by its lease."""
+        try:
+            body = json.loads(raw)
+            host, pid = body["host"], body["pid"]
+            pidns, start = body.get("pidns", ""), body.get("start", "")
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not (isinstance(host, str) and type(pid) is int and pid > 0):
+            return None
+        if not (isinstance(pidns, str) and isinstance(start, str)):
+            return None
+        return cls(host, pid, pidns, start)
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` (field 22 of /proc/<pid>/stat), "" where /proc
+    cannot say, None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def this_process() -> Holder:
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return Holder(socket.gethostname(), os.getpid(), pidns, process_start(os.getpid()) or "")
+
+
+def holder_gone(holder: Holder, here: Holder, start_of: Callable[[int], str | None]) -> bool:
+    """True only when the holder is known to have exited: it ran on this host, in this
+    pid namespace, and no process with its pid is there now (or one that started at
+    another time: the pid was reused). Any doubt (another host, another container, a
+    system without /proc) is False, and the lock is left to its lease."""
+    if not here.pidns or (holder.host, holder.pidns) != (here.host, here.pidns):
+        return False
+    start = start_of(holder.pid)
+    return start is None or (bool(start) and bool(holder.start) and start != holder.start)
+
+
+# (lock key, create_revision) of the locks this process holds now. A lock record that
+# names this very process but is not among them was left by an earlier pass of this
+# process (a daemon whose release failed while etcd restarted): it can be broken too.
+# Module state because the record names the process, not a Lock object.
+_HELD: set[tuple[str, int]] = set()
+_HELD_GUARD = threading.Lock()
+
+
 class Lock:
     """`<prefix>/meta/lock`, held by one reconciler (CI job or daemon) while it plans
-    and applies, bound to a lease so a crashed holder frees it after `ttl` seconds.
-    Created with a compare on create_revision == 0: at most one holder at a time."""
+    and applies, bound to a lease (a lease session) so a crashed holder frees it after
+    `ttl` seconds. Created with a compare on create_revision == 0: at most one holder at
+    a time.
+
+    Its value names the holder (`Holder`). A lock whose holder is known to be gone
+    (same host, process exited) is deleted at once instead of waiting out its lease,
+    with a compare on its mod_revision so that only that very record is deleted. Even a
+    wrong guess could not let two reconcilers write: every write also compares the
+    lock's create_revision, so a holder whose lock was deleted can write nothing more."""
 
     def __init__(
         self,
@@ -320,15 +412,19 @@ class Lock:
         holder: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        start_of: Callable[[int], str | None] = process_start,
     ) -> None:
         self.backend = store.backend
         self.key = store.layout.lock_key
         self.ttl = ttl
-        self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
+        self.me = this_process()
+        # `holder` (tests) names an opaque holder that is never judged gone.
+        self.value = holder.encode("utf-8") if holder is not None else self.me.encode()
         self.revision = 0
         self._session = lease.LeaseSession(self.backend, ttl=ttl, name="apply-lock")
         self._clock = clock
         self._sleep = sleep
+        self._start_of = start_of
 
     @_translated
     def acquire(
@@ -340,20 +436,27 @@ class Lock:
         lock is lost and the fencing compare stops every further write."""
         deadline = self._clock() + timeout
         lease_id = self._session.open()
-        holder = b""
+        who = "someone"
         waiting_logged = False
         while True:
-            result = self.backend.txn(
-                [Compare(self.key, Target.CREATE, 0)],
-                [Put(self.key, self.holder.encode("utf-8"), lease=lease_id)],
-                [Get(self.key)],
-            )
-            if result.succeeded:
-                self.revision = result.revision
-                return
+            # Under the guard, so that no other pass of this process sees our new lock
+            # before it is in _HELD (it would take it for one left by an earlier pass).
+            with _HELD_GUARD:
+                result = self.backend.txn(
+                    [Compare(self.key, Target.CREATE, 0)],
+                    [Put(self.key, self.value, lease=lease_id)],
+                    [Get(self.key)],
+                )
+                if result.succeeded:
+                    self.revision = result.revision
+                    _HELD.add((self.key, self.revision))
+                    return
             if result.gets and result.gets[0]:
-                holder = result.gets[0][0].value
-            who = holder.decode("utf-8", "replace") or "someone"
+                found = result.gets[0][0]
+                holder = Holder.decode(found.value)
+                who = str(holder) if holder else (found.value.decode("utf-8", "replace") or who)
+                if holder is not None and self._break_if_gone(holder, found):
+                    continue
             if not waiting_logged:
                 log.info("apply lock %s is held by %s; waiting up to %gs", self.key, who, timeout)
                 waiting_logged = True
@@ -370,6 +473,31 @@ class Lock:
             else:
                 self._sleep(poll)
 
+    def _break_if_gone(self, holder: Holder, found: etcdapi.KeyValue) -> bool:
+        """Delete a lock left by a process that is known to have exited, or by an
+        earlier pass of this process; True if it was deleted (try again at once)."""
+        with _HELD_GUARD:
+            left_by_us = holder == self.me and (self.key, found.create_revision) not in _HELD
+        if not left_by_us and not holder_gone(holder, self.me, self._start_of):
+            return False
+        deleted = self.backend.txn(
+            [Compare(self.key, Target.MOD, found.mod_revision)], [Delete(self.key)]
+        )
+        if deleted.succeeded:
+            why = "an earlier pass of this process" if left_by_us else "a process that has exited"
+            log.warning(
+                "broke the apply lock %s left by %s (%s) instead of waiting for its lease",
+                self.key,
+                holder,
+                why,
+            )
+        return True
+
+    @property
+    def lease_id(self) -> int:
+        """The lease the lock is bound to (0 when not held)."""
+        return self._session.id
+
     def compare(self) -> Compare:
         """A transaction compare that holds only while this lock is ours."""
         return Compare(self.key, Target.CREATE, self.revision)
@@ -380,8 +508,11 @@ class Lock:
 
     def release(self) -> None:
         """Delete the key if it is still ours, and revoke the lease (best effort: the
-        lease's expiry frees the lock anyway)."""
+        lease's expiry frees the lock anyway, and the next pass of this process, or on
+        this host once this process has exited, breaks it at once)."""
         if self.revision:
+            with _HELD_GUARD:
+                _HELD.discard((self.key, self.revision))
             try:
                 self.backend.txn([self.compare()], [Delete(self.key)])
             except etcdapi.EtcdError as exc:

@@ -14,6 +14,7 @@ import pytest
 from gleam import keys
 from gleam.embedded import EtcdServer
 from tests.agent_support import write_scripts
+from tests.embedded_cluster import EmbeddedCluster
 from tests.support import EXAMPLE_SCRIPTS, AgentProcess, client_for
 
 
@@ -29,6 +30,17 @@ def private_etcd() -> Iterator[EtcdServer]:
     """An etcd of this test's own, for tests that kill, freeze or compact it."""
     with EtcdServer() as server:
         yield server
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
+    """A 3-member etcd cluster of this test's own (tests/embedded_cluster.py)."""
+    cluster = EmbeddedCluster(tmp_path / "etcd-cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture
