@@ -214,3 +214,55 @@ def test_etcd_errors_come_out_as_etcd_failed() -> None:
     fake.fail = down
     with pytest.raises(sync.EtcdFailed, match="UNAVAILABLE"):
         run(fake, wanted("a"))
+
+
+# The desired state's pure rules --------------------------------------------------------
+
+RULES = "rules-1"
+
+
+def record_of(*, source: str = "commit", pruned: bool = False, rules: str = RULES) -> Any:
+    """A record whose guard commit is c1 and whose last apply is as given."""
+    from_git = records.Apply("commit", sha("c1"), "t", 2, "d", pruned=pruned, rules=rules)
+    last = records.Apply(source, sha("c1"), "t", 2, "d", pruned=pruned, rules=rules)
+    return records.after(records.after(None, from_git), last)
+
+
+@pytest.mark.parametrize(
+    ("record", "options", "mode"),
+    [
+        (None, {}, desired_state.FULL),  # nothing applied yet
+        (record_of(), {}, desired_state.INCREMENTAL),
+        (record_of(), {"full": True}, desired_state.FULL),
+        (record_of(), {"force": True}, desired_state.FULL),
+        (record_of(rules="older"), {}, desired_state.FULL),  # validation rules changed
+        (record_of(source="worktree"), {}, desired_state.FULL),  # last apply not from git
+        (record_of(), {"prune": True}, desired_state.FULL),  # may have left orphans
+        (record_of(pruned=True), {"prune": True}, desired_state.INCREMENTAL),
+    ],
+)
+def test_choose_mode(record: Any, options: dict[str, bool], mode: str) -> None:
+    chosen = desired_state.choose_mode(
+        record,
+        full=options.get("full", False),
+        prune=options.get("prune", False),
+        force=options.get("force", False),
+        rules=RULES,
+    )
+    assert chosen == mode
+
+
+def test_merge_replaces_the_keys_in_scope_of_an_incremental_read() -> None:
+    cached = wanted("a", "b", commit="c1")
+    newer = wanted("b", "c", commit="c2", scope=frozenset({node("b"), node("c"), node("a")}))
+    merged = cached.merge(newer, base_commit=sha("c1"))
+    assert merged is not None and merged.scope is None and merged.mode == desired_state.FULL
+    assert set(merged.entries) == {node("b"), node("c")} and merged.total == 2
+    assert merged.commit == sha("c2")
+    # Read on top of another commit than the cached one's: cannot be merged.
+    assert cached.merge(newer, base_commit=sha("c0")) is None
+    # A full read replaces the cache; a work tree's is never kept.
+    full = wanted("z", commit="c3")
+    assert cached.merge(full, base_commit=sha("c2")) is full
+    tree = desired_state.Desired({}, None, "worktree", None, "sha256:x", 0, desired_state.FULL)
+    assert cached.merge(tree, base_commit=None) is None
