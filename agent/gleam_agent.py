@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import executor, inflight, lua_api, observe, pidfile, store
+from agent import executor, inflight, observe, pidfile, store
 from agent.threads import Agent
 from gleam import connection, flags, logformat, metrics
 from gleam.version import VERSION
@@ -65,15 +65,10 @@ class SignalPipe:
 
 def _make_runner(config: agent_config.AgentConfig) -> executor.LuaExecutor:
     """The Lua executor process, started and ready (ExecutorError if it cannot be)."""
-    options = lua_api.ExecutorOptions(
-        script_dir=config.script_dir,
-        agent_id=config.agent_id,
-        regions=config.regions,
-        time_limit=config.task_timeout,
-        memory_limit=config.memory_limit,
-    )
     kv = store.EtcdKV(store.LazyClient(config.settings))
-    runner = executor.LuaExecutor(options, kv=kv, logger=logging.getLogger("agent.lua"))
+    runner = executor.LuaExecutor(
+        config.executor_options(), kv=kv, logger=logging.getLogger("agent.lua")
+    )
     runner.start()
     return runner
 
