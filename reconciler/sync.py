@@ -33,7 +33,6 @@ from reconciler import diff, records
 
 log = logging.getLogger("gleam.reconcile")
 
-MAX_TXN_OPS = connection.MAX_TXN_OPS
 MAX_TXN_BYTES = 1024 * 1024 + 256 * 1024  # below etcd's 1.5 MiB --max-request-bytes
 OP_OVERHEAD = 64  # protobuf framing per operation and compare, generously
 PARALLEL_TXNS = 4
@@ -118,7 +117,7 @@ def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[d
     out: list[list[diff.Change]] = []
     current: list[diff.Change] = []
     ops = compares = size = 0
-    limit = MAX_TXN_OPS - reserved
+    limit = connection.MAX_TXN_OPS - reserved
     for change in changes:
         c_ops, c_size = _cost(change)
         if current and (
@@ -225,7 +224,7 @@ class Store:
         wanted = sorted(set(task_keys))
         actual: dict[str, diff.Actual] = {}
         owned: dict[str, int] = {}
-        step = MAX_TXN_OPS // 2
+        step = connection.MAX_TXN_OPS // 2
         for start in range(0, len(wanted), step):
             chunk = wanted[start : start + step]
             ops: list[Op] = []

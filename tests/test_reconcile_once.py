@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gleam import flags, keys
+from gleam import connection, flags, keys
 from gleam.embedded import EtcdServer
 from reconciler import (
     cli,
@@ -208,9 +208,9 @@ def test_more_than_128_changes_go_in_several_guarded_transactions(
     assert "300 created" in out
     revs = revisions(etcd, layout.prefix + "/node/")
     assert len(revs) == 300
-    assert len(set(revs.values())) >= 300 * 2 // sync.MAX_TXN_OPS  # one revision per txn
+    assert len(set(revs.values())) >= 300 * 2 // connection.MAX_TXN_OPS  # one revision per txn
     for batch in sync.batches([diff.Change(diff.Action.CREATE, k, new=b"x" * 10) for k in revs]):
-        assert 2 * len(batch) <= sync.MAX_TXN_OPS - 1
+        assert 2 * len(batch) <= connection.MAX_TXN_OPS - 1
 
 
 def test_batches_respect_the_request_size_limit() -> None:
