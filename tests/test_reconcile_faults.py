@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gleam import keys
-from reconciler import gitsource, reconcile, sync
+from reconciler import desired, gitsource, reconcile, sync
 from tests.embedded_cluster import EmbeddedCluster
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT, client_for, wait_until
@@ -123,7 +123,7 @@ def etcd(etcd_cluster: EmbeddedCluster) -> Iterator[Any]:
 
 
 def expected(repo: Path, commit: str) -> dict[str, bytes]:
-    return reconcile.read_full(LAYOUT, gitsource.Source(repo), commit, cache=False).values
+    return desired.read_full(LAYOUT, gitsource.Source(repo), commit, cache=False).values
 
 
 def tasks_in_etcd(etcd: Any) -> dict[str, tuple[bytes, int]]:
