@@ -433,8 +433,17 @@ class Lock:
         LockTimeout names the holder. While held, the lease session refreshes the lease
         so a long apply keeps the lock; if the refresh fails for longer than the TTL the
         lock is lost and the fencing compare stops every further write."""
-        deadline = self._clock() + timeout
         lease_id = self._session.open()
+        try:
+            self._take(lease_id, timeout=timeout, poll=poll, cancel=cancel)
+        except BaseException:
+            self._session.close()  # its keep-alive too: nothing is bound to the lease
+            raise
+
+    def _take(
+        self, lease_id: int, *, timeout: float, poll: float, cancel: threading.Event | None
+    ) -> None:
+        deadline = self._clock() + timeout
         who = "someone"
         waiting_logged = False
         while True:
@@ -460,7 +469,6 @@ class Lock:
                 log.info("apply lock %s is held by %s; waiting up to %gs", self.key, who, timeout)
                 waiting_logged = True
             if self._clock() >= deadline or (cancel is not None and cancel.is_set()):
-                self._session.close()
                 reason = (
                     "stopping"
                     if cancel is not None and cancel.is_set()

@@ -266,3 +266,26 @@ def test_merge_replaces_the_keys_in_scope_of_an_incremental_read() -> None:
     assert cached.merge(full, base_commit=sha("c2")) is full
     tree = desired_state.Desired({}, None, "worktree", None, "sha256:x", 0, desired_state.FULL)
     assert cached.merge(tree, base_commit=None) is None
+
+
+def test_a_lock_that_could_not_be_taken_leaves_no_lease_behind() -> None:
+    fake = FakeEtcd()
+    store = sync.Store(fake, LAYOUT)
+    holder = store.lock(holder="ci-job-41")
+    holder.acquire(timeout=1)
+    waiting = store.lock()
+    with pytest.raises(sync.LockTimeout):
+        waiting.acquire(timeout=0, poll=0)
+    assert waiting.lease_id == 0
+    real_txn = fake.txn
+
+    def txn_fails(*args: Any) -> Any:
+        raise etcdapi.EtcdError("UNAVAILABLE: txn")
+
+    fake.txn = txn_fails  # type: ignore[method-assign]
+    failing = store.lock()
+    with pytest.raises(sync.EtcdFailed):
+        failing.acquire(timeout=1)
+    assert failing.lease_id == 0  # revoked, and its keep-alive stopped
+    fake.txn = real_txn  # type: ignore[method-assign]
+    holder.release()
