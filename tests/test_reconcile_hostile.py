@@ -81,25 +81,40 @@ class Run:
     max_rss_mib: float
 
 
+# Runs gleam-reconcile with an exit hook that writes the process's own peak resident
+# memory (VmHWM of /proc/self/status) to a file. wait4's ru_maxrss cannot be used: it
+# counts the parent's resident memory at fork, and this test process may be large by
+# the time the whole suite reaches it.
+_MEASURED = """
+import atexit, runpy, sys
+def _peak(path=sys.argv.pop(1)):
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(path, "w").write(line.split()[1])
+atexit.register(_peak)
+sys.argv[0] = "gleam-reconcile"
+runpy.run_module("reconciler.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_process(endpoint: str, layout: keys.Layout, repo: Path, *args: str) -> Run:
-    """gleam-reconcile --once as a real process, with its peak resident memory from
-    wait4 (ru_maxrss, KiB on Linux). Output goes to files, so that the child never
-    blocks on a full pipe while this process waits."""
-    argv = [sys.executable, "-m", "reconciler.cli", "-etcd", endpoint, "-prefix", layout.prefix]
-    argv += ["--repo", str(repo), "--once", *args]
+    """gleam-reconcile --once as a real process, with its own peak resident memory.
+    Output goes to files, so that the child never blocks on a full pipe while this
+    process waits."""
+    peak_path = repo.parent / "peak.txt"
+    argv = [sys.executable, "-c", _MEASURED, str(peak_path)]
+    argv += ["-etcd", endpoint, "-prefix", layout.prefix, "--repo", str(repo), "--once", *args]
     out_path, err_path = repo.parent / "out.txt", repo.parent / "err.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         started = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     return Run(
         proc.returncode,
         out_path.read_text(),
         err_path.read_text(),
         seconds,
-        usage.ru_maxrss / 1024,
+        int(peak_path.read_text()) / 1024,  # VmHWM is in KiB
     )
 
 
