@@ -54,6 +54,12 @@ AGENT_FLAGS: tuple[flags.Flag, ...] = (
         metavar="SECONDS",
     ),
     flags.Flag(
+        "trust",
+        "run only tasks signed by one of the ssh-ed25519 public keys in this file "
+        "(authorized_keys lines; re-read on SIGHUP)",
+        metavar="FILE",
+    ),
+    flags.Flag(
         "check_interval",
         "seconds between checks that the watch has delivered every change",
         "10",
@@ -87,6 +93,7 @@ class AgentConfig:
     memory_limit: int  # bytes
     ttl: int
     check_interval: float
+    trust_file: Path | None = None  # -trust: only signed tasks run (agent/trust.py)
 
     @property
     def targets(self) -> tuple[keys.Target, ...]:
@@ -177,6 +184,7 @@ def from_values(
         memory_limit=int(_number(values, "memory_limit", integer=True, minimum=1)) * 1024 * 1024,
         ttl=int(_number(values, "ttl", integer=True, minimum=1)),
         check_interval=_number(values, "check_interval", integer=False, minimum=0.1),
+        trust_file=Path(trust).expanduser().absolute() if (trust := values.get("trust")) else None,
     )
 
 

@@ -18,9 +18,9 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import executor, inflight, observe, pidfile, store
+from agent import executor, inflight, observe, pidfile, preflight, store, trust
 from agent.threads import Agent
-from gleam import connection, flags, logformat, metrics
+from gleam import connection, flags, logformat, metrics, signing
 from gleam.version import VERSION
 
 log = logging.getLogger("agent")
@@ -89,6 +89,29 @@ def _open_state(config: agent_config.AgentConfig) -> inflight.StartedTasks:
         return inflight.StartedTasks()
 
 
+def _unreadable_task_key(config: agent_config.AgentConfig) -> str | None:
+    """With an etcd identity (a user or a client certificate), roles may hide a task key
+    from this agent: checked once at start (agent/preflight.py)."""
+    if not (config.settings.user or config.settings.cert):
+        return None
+    check = store.Store(config.settings)
+    try:
+        return preflight.unreadable(check, config.task_keys)
+    finally:
+        check.close()
+
+
+def _trust_gate(config: agent_config.AgentConfig) -> trust.Gate | None:
+    """The -trust keys, or None without the flag (signatures ignored); FlagError if the
+    file has no usable key."""
+    if config.trust_file is None:
+        return None
+    try:
+        return trust.Gate(config.trust_file)
+    except signing.KeyError_ as exc:
+        raise flags.FlagError(f"-trust: {exc}") from None
+
+
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     """Any thread's uncaught exception goes to the log (the -log file), with its traceback."""
     if args.exc_type is SystemExit:
@@ -130,12 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.setup_logging(values, name=agent_config.PROG)
         if not config.script_dir.is_dir():
             raise flags.FlagError(f"-script: {str(config.script_dir)!r} is not a directory")
+        gate = _trust_gate(config)
     except (flags.FlagError, connection.ConfigError) as exc:
         print(f"{agent_config.PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     if warning := config.settings.clear_text_auth_warning():
         log.warning("%s", warning)
+    if (denied := _unreadable_task_key(config)) is not None:
+        _fatal(denied, to_log_file=bool(values.get("log")))
+        return EXIT_USAGE
     if config.pid_file is not None:
         try:
             pidfile.acquire(config.pid_file)
@@ -155,7 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - reported, not a traceback
             _fatal(f"cannot start the Lua executor: {exc}", to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
-        agent = Agent(config, runner, started=started, on_thread_death=lambda _name: signals.wake())
+        agent = Agent(
+            config,
+            runner,
+            started=started,
+            on_thread_death=lambda _name: signals.wake(),
+            gate=gate,
+        )
         observer = observe.Observer(agent, runner=runner)  # systemd, /healthz, -metrics
         try:
             observer.start(metrics_address)
@@ -172,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.settings.describe(),
             config.layout.prefix,
         )
+        if gate is not None:
+            log.info("-trust: only tasks signed by %s run", ", ".join(gate.fingerprints))
         agent.start()
         exit_code = EXIT_OK
         while True:
@@ -183,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: reloading the scripts")
                 runner.reload()
+                if gate is not None:
+                    gate.reload()
                 continue
             if signum in (signal.SIGTERM, signal.SIGINT, None):
                 log.info(

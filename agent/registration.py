@@ -77,6 +77,10 @@ class Registrar:
                         self._ensure_record(lease_id)
                     pause = interval
                 self._backoff.reset()
+            except store.Denied as exc:
+                log.error("registration: cannot write %s: %s; not registering", self._key, exc)
+                self._revoke()
+                self._stop.wait()
             except store.StoreError as exc:
                 # The lease may well outlive a short outage: keep it and refresh it as
                 # soon as etcd answers again; if it expired meanwhile, the refresh says so.

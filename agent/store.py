@@ -27,7 +27,7 @@ from pyetcd import exceptions as etcd_exceptions
 
 from agent.lua_api import KVError, dir_prefix
 from agent.pending import Observed
-from gleam import connection
+from gleam import access, connection
 
 log = logging.getLogger("agent.store")
 
@@ -50,6 +50,11 @@ class LeaseNotFound(Rejected):
     """A write bound to a lease etcd no longer has (revoked, or expired): it was refused."""
 
 
+class Denied(Rejected):
+    """etcd's roles do not let this agent's user make the request: logged naming the key
+    and the user, not retried (an operator fixes the role; agent/preflight.py)."""
+
+
 class Compacted(StoreError):
     """A watch asked for a revision etcd has already compacted away."""
 
@@ -63,8 +68,9 @@ class Compacted(StoreError):
 RECORDS_PER_READ = 8
 
 # gRPC codes that mean the request itself is at fault (too large, malformed, a revision
-# that is gone), so a retry would fail the same way. PERMISSION_DENIED is not one: an
-# operator can fix etcd's roles while the agent keeps retrying.
+# that is gone), so a retry would fail the same way. PERMISSION_DENIED becomes Denied, a
+# Rejected too: a denied write is dropped with an error naming the key and the user, while
+# the watch (which retries any StoreError) keeps trying its reads until the role is fixed.
 _REJECTED_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -74,14 +80,16 @@ _REJECTED_CODES = frozenset(
 )
 
 
-def translate(exc: BaseException) -> StoreError:
-    """pyetcd/gRPC errors -> Compacted, Rejected or Unavailable."""
+def translate(exc: BaseException, *, user: str = "") -> StoreError:
+    """pyetcd/gRPC errors -> Compacted, Denied, Rejected or Unavailable."""
     if isinstance(exc, etcd_exceptions.RevisionCompactedError):
         return Compacted(int(exc.compacted_revision))
     text = connection.describe_error(exc)
     rpc = isinstance(exc, grpc.RpcError)
     if rpc and _code(exc) is grpc.StatusCode.NOT_FOUND and "lease not found" in text:
         return LeaseNotFound(text)
+    if rpc and _code(exc) is grpc.StatusCode.PERMISSION_DENIED:
+        return Denied(f"permission denied for etcd user {user or '(unknown)'}")
     if isinstance(exc, grpc.RpcError) and _code(exc) in _REJECTED_CODES:
         return Rejected(text)
     return Unavailable(text)
@@ -151,6 +159,7 @@ class Store:
     ) -> None:
         self._settings = settings
         self._connector = connector
+        self.user = access.identity(settings)
         self._client: connection.Client | None = None
         self._lock = threading.Lock()
         self._connects = 0
@@ -186,7 +195,7 @@ class Store:
         try:
             return what(client)
         except connection.ETCD_ERRORS as exc:
-            raise translate(exc) from None
+            raise translate(exc, user=self.user) from None
 
     # Key-value: no blind put here; every write is `put_guarded` ------------
     def read_keys(self, keys: Sequence[str]) -> KeysAtRevision:

@@ -19,9 +19,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from agent import inflight, observe, results, store
+from agent import inflight, observe, pending, results, store, trust
 from agent.config import AgentConfig
 from agent.registration import Registrar
 from agent.task_queue import TaskQueue
@@ -60,6 +60,7 @@ class Agent:
         wall_clock: Callable[[], float] = time.time,
         started: inflight.StartedTasks | None = None,
         on_thread_death: Callable[[str], None] = lambda name: None,
+        gate: trust.Gate | None = None,
     ) -> None:
         self.config = config
         self._on_thread_death = on_thread_death
@@ -81,8 +82,8 @@ class Agent:
             new_store(),
             self.tasks,
             task_keys=config.task_keys,
-            read_done=lambda etcd: results.read_completions(
-                etcd, layout=config.layout, agent_id=config.agent_id
+            read_done=lambda etcd: _seeded(
+                gate, results.read_completions(etcd, layout=config.layout, agent_id=config.agent_id)
             ),
             # Register, then read: an agent that lists as registered has read its keys
             # or is about to. Bounded, so that a slow registration delays no task long.
@@ -99,6 +100,7 @@ class Agent:
             agent_id=config.agent_id,
             layout=config.layout,
             started=started,
+            gate=gate,
         )
         self._threads: dict[str, threading.Thread] = {}
 
@@ -151,6 +153,12 @@ class Agent:
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+
+def _seeded(
+    gate: trust.Gate | None, done: Mapping[str, pending.Completed]
+) -> Mapping[str, pending.Completed]:
+    return done if gate is None else gate.seed(done)
 
 
 def supervised(

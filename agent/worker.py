@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from agent import inflight, lua_api, pending, results
+from agent import inflight, lua_api, pending, results, trust
 from agent.task_queue import TaskQueue
 from gleam import keys, logformat, messages, testhooks
 
@@ -38,10 +38,12 @@ def raw_name(value: bytes) -> str | None:
     the failed result still says what was asked for."""
     try:
         parsed = json.loads(value)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, MemoryError):
         return None
     if isinstance(parsed, dict) and isinstance(parsed.get("Name"), str):
-        name: str = parsed["Name"][:256]
+        # A lone surrogate ("\ud800") is not text and would make the failed result
+        # itself impossible to encode: it is kept escaped.
+        name: str = parsed["Name"][:256].encode("utf-8", "backslashreplace").decode("utf-8")
         return name
     return None
 
@@ -56,6 +58,7 @@ class Worker:
         agent_id: str,
         layout: keys.Layout,
         started: inflight.StartedTasks | None = None,
+        gate: trust.Gate | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -64,6 +67,7 @@ class Worker:
         self._runner = runner
         self._sink = sink
         self._agent_id = agent_id
+        self._gate = gate
         self._layout = layout
         self._wall_clock = wall_clock
         self._clock = clock
@@ -158,6 +162,9 @@ class Worker:
             log.error("%s at revision %d: bad task message: %s", job.key, job.revision, exc)
             return self._failed(job, raw_name(job.value), f"bad task message: {exc}", started, t0)
         logformat.add_to_context(function=task.name)
+        if self._gate is not None and (refusal := self._gate.refusal(job)) is not None:
+            log.error("%s at revision %d not run: %s", job.key, job.revision, refusal)
+            return self._failed(job, task.name, refusal, started, t0)
         log.info("running %s from %s at revision %d", task.name, job.key, job.revision)
         try:
             outcome = self._runner.run(task.name, task.data)

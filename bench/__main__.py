@@ -16,7 +16,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
-from bench import commit_to_exec, dispatch, fanout, fleet, harness, reconcile, report, throughput
+from bench import (
+    commit_to_exec,
+    dispatch,
+    fanout,
+    fleet,
+    harness,
+    reconcile,
+    report,
+    signing,
+    throughput,
+)
 from bench.processes import ROOT, BenchError, etcdctl_binary
 from gleam import connection
 from gleam.embedded import EtcdServer, find_etcd
@@ -27,6 +37,7 @@ WORKLOADS: dict[str, ModuleType] = {
     "fanout": fanout,
     "throughput": throughput,
     "commit": commit_to_exec,
+    "signing": signing,
     "fleet": fleet,
 }
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -4,6 +4,7 @@ agent; against `etcdctl watch KEY -- date`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from bench.harness import MARK, Context, wait_registered, warm_up_etcdctl
 from bench.observe import ResultWatch, current_revision
@@ -48,7 +49,10 @@ def _gleam_rep(
     agent: Daemon,
     agent_id: str,
     tasks: int,
+    encode: Callable[[messages.Task, str, int], bytes] = lambda task, _key, _prev: task.encode(),
 ) -> tuple[list[float], list[float]]:
+    """One repetition; `encode(task, key, prev)` makes each message after the writer's
+    clock stamp, so that a signing writer's work counts in the dispatch time."""
     target = keys.Target.node(agent_id)
     task_key = layout.task_key(target)
     result_key = layout.result_key(agent_id, target)
@@ -56,9 +60,10 @@ def _gleam_rep(
     dispatch, round_trip = [], []
     marks.drain()
     for i in range(tasks):
-        payload = messages.Task(MARK, {"i": i, "mark": fifo}).encode()
+        task = messages.Task(MARK, {"i": i, "mark": fifo})
         expectation = watch.expect({result_key: floor})
         written = time.time()
+        payload = encode(task, task_key, floor - 1)
         revision = int(ctx.etcd.put(task_key, payload).header.revision)
         arrival = watch.wait(
             expectation, timeout=30, what=f"the result of task {i}", check=agent.check_alive

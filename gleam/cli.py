@@ -21,11 +21,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gleam import client, client_render, connection, flags, keys, messages, status, targeting
+from gleam import (
+    access,
+    access_cli,
+    client,
+    client_render,
+    connection,
+    flags,
+    keys,
+    messages,
+    signing,
+    status,
+    targeting,
+)
 from gleam.version import VERSION
 
 PROG = "gleam-client"
-COMMANDS = ("info", "node", "region", "call", "status")
+COMMANDS = ("info", "node", "region", "call", "status", "access")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -38,6 +50,8 @@ commands:
   node | region             list node or region task keys and their values
   call KEY FN [DATA]        send FN with DATA to one task key (/gleam/node/web-1 or node/web-1)
   status                    live agents, and per task key what each targeted agent made of it
+  access grant|show|revoke  least-privilege etcd roles: access grant agent|reconciler|operator|
+                            viewer NAME; show [NAME]; revoke NAME (see "Securing a fleet")
 
 targets (-target, several split by ':' or ','):
   node/ID, region/NAME      explicit
@@ -114,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="text for people, json for scripts (default text)",
     )
     parser.add_argument("-version", "--version", action="version", version=f"{PROG} {VERSION}")
-    flags.add_flags(parser, flags.CONNECTION_FLAGS)
+    flags.add_flags(parser, (*flags.CONNECTION_FLAGS, signing.FLAG))
+    access_cli.add_flags(parser)
     return parser
 
 
@@ -193,8 +208,13 @@ def _deliver(
     *,
     wait: float | None,
     output: Output,
+    signer: signing.Signer | None = None,
 ) -> int:
-    revision = client.send_tasks(etcd, layout, targets, task)
+    try:
+        revision = client.send_tasks(etcd, layout, targets, task, signer=signer)
+    except client.SendConflict as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     task_keys = sorted(layout.task_key(t) for t in targets)
     if wait is None:
         if output.json:
@@ -236,7 +256,7 @@ def cmd_send(
         targets = targeting.resolve(specs, agents)
     except targeting.TargetError as exc:
         raise flags.UsageError("\n".join(exc.problems)) from None
-    return _deliver(etcd, layout, targets, task, wait=args.wait, output=output)
+    return _deliver(etcd, layout, targets, task, wait=args.wait, output=output, signer=args.signer)
 
 
 def cmd_call(
@@ -249,7 +269,7 @@ def cmd_call(
     target = parse_call_key(args.args[0], layout)
     data = parse_data(args.args[2] if len(args.args) == 3 else None, flag="call DATA")
     task = make_task(args.args[1], data, flag="call FN")
-    return _deliver(etcd, layout, [target], task, wait=args.wait, output=output)
+    return _deliver(etcd, layout, [target], task, wait=args.wait, output=output, signer=args.signer)
 
 
 def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
@@ -312,11 +332,19 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
+    if args.command == "access":
+        return _access(args, environ=environ, out=out)
+    if access_cli.uses_access_flags(args):
+        raise flags.UsageError(
+            "-region, -script_read, -script_write, -no_password and -dry_run are for the "
+            "access command"
+        )
     _check_flags(args)
     try:
         values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)
         layout = flags.layout(values)
         settings = flags.connection_settings(values)
+        args.signer = signing.signer_from(flags.resolve(args, (signing.FLAG,), environ=environ))
     except (flags.FlagError, connection.ConfigError) as exc:
         raise flags.UsageError(str(exc)) from None
     output = Output(
@@ -340,6 +368,19 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
             etcd.close()
     except connection.ETCD_ERRORS as exc:
         print(f"{PROG}: {etcd_failure(settings, exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _access(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
+    for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
+        if value:
+            raise flags.UsageError(f"{flag} is for sending without a command, not with 'access'")
+    try:
+        return access_cli.run(args, environ=environ, out=out)
+    except access_cli.AccessUsage as exc:
+        raise flags.UsageError(str(exc)) from None
+    except access.AccessError as exc:
+        print(f"{PROG}: access: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from gleam import connection, keys, messages
+from gleam import connection, keys, messages, signing
 
 
 def send_task(
@@ -161,7 +161,8 @@ class SendOutcomeUnknown(connection.WriteError):
 
 
 class SendConflict(connection.WriteError):
-    """The keys changed between reading and writing them, every time: nothing written."""
+    """The keys changed between reading and writing them, every time (a plain or a
+    signed send): nothing written."""
 
 
 def _stored(etcd: connection.Client, task_keys: Sequence[str]) -> dict[str, Stored | None]:
@@ -195,8 +196,11 @@ def send_tasks(
     layout: keys.Layout,
     targets: Iterable[keys.Target],
     task: messages.Task,
+    *,
+    signer: signing.Signer | None = None,
 ) -> int:
     """Write `task` to every target's key in ONE etcd transaction: all keys or none.
+    With `signer`, each key gets the message signed for it (see `send_signed`).
 
     Returns the transaction's revision, which is every written key's new mod_revision
     (what agents put in their results, and what `wait_for_results` waits for).
@@ -211,6 +215,8 @@ def send_tasks(
     task_keys = sorted({layout.task_key(t) for t in targets})
     if not task_keys:
         raise ValueError("send_tasks: no target given")
+    if signer is not None:
+        return send_signed(etcd, task_keys, task, signer)
     t = etcd.transactions
     seen = {key: (s.revision if s else 0) for key, s in _stored(etcd, task_keys).items()}
     doubt: BaseException | None = None  # why an earlier attempt's outcome is unknown
@@ -259,6 +265,37 @@ def send_tasks(
 
 def _keys_text(task_keys: Sequence[str]) -> str:
     return task_keys[0] if len(task_keys) == 1 else f"{len(task_keys)} keys ({task_keys[0]}, ...)"
+
+
+SIGNED_SEND_ATTEMPTS = 5
+
+
+def send_signed(
+    etcd: connection.Client, task_keys: Sequence[str], task: messages.Task, signer: signing.Signer
+) -> int:
+    """Write `task` signed for each key with P = the key's mod_revision as read (etcd's
+    revision for a key that does not exist), in one transaction that compares each key
+    with what was read, so that every P is true when the write lands; read again and
+    retried when someone wrote a key meanwhile."""
+    t = etcd.transactions
+    for _attempt in range(SIGNED_SEND_ATTEMPTS):
+        compares, puts = [], []
+        for key in task_keys:
+            response = etcd.get_response(key)
+            if response.kvs:
+                prev = int(response.kvs[0].mod_revision)
+                compares.append(t.mod(key) == prev)
+            else:
+                prev = int(response.header.revision)
+                compares.append(t.version(key) == 0)
+            puts.append(t.put(key, signing.sign_task(task, key=key, prev=prev, signer=signer)))
+        ok, responses = etcd.transaction(compare=compares, success=puts, failure=[])
+        if ok:
+            return int(responses[0].response_put.header.revision)
+    raise SendConflict(
+        f"the task keys ({task_keys[0]}, ...) kept changing while writing the signed "
+        f"message; gave up after {SIGNED_SEND_ATTEMPTS} attempts"
+    )
 
 
 @dataclass(frozen=True)

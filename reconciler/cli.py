@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gleam import client, connection, flags, metrics
+from gleam import client, connection, flags, metrics, signing
 from reconciler import manifests, reconcile, render, sync
 
 log = logging.getLogger("gleam.reconcile")
@@ -46,6 +46,12 @@ RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
         "seconds to wait for another reconciler's apply lock",
         "60",
         metavar="SECONDS",
+    ),
+    signing.FLAG,
+    flags.Flag(
+        "verify_commits",
+        "apply only a HEAD signed by a signer in this git allowed-signers file (SSH keys)",
+        metavar="FILE",
     ),
 )
 
@@ -162,6 +168,9 @@ def parse(argv: Sequence[str] | None) -> Config:
     metrics_address = metrics.parse_address(values.get("metrics"))
     if metrics_address is not None and (args.once or args.dry_run):
         raise flags.FlagError("-metrics goes with the daemon, not --once or --dry-run")
+    verify_commits = values.get("verify_commits")
+    if verify_commits and args.worktree:
+        raise flags.FlagError("-verify_commits checks a commit: it does not go with --worktree")
     options = reconcile.Options(
         repo=Path(values.get("repo") or "."),
         prune=args.prune,
@@ -172,6 +181,8 @@ def parse(argv: Sequence[str] | None) -> Config:
         worktree=args.worktree,
         lock_timeout=_number(values, "lock_timeout"),
         cache=not args.no_cache,
+        verify_commits=Path(verify_commits) if verify_commits else None,
+        signer=signing.signer_from(values),
     )
     return Config(
         options=options,

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gleam import keys, messages
+from gleam import keys, messages, signing
+from reconciler import commitsig, diff, gitsource, manifests, records, signed, sync
 from reconciler import desired as desired_state
-from reconciler import diff, gitsource, manifests, records, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -71,6 +71,10 @@ class Options:
     lock_timeout: float = 60.0
     lock_ttl: int = 15
     cache: bool = True  # the parse cache (parsecache.py); off only to measure without it
+    # -verify_commits: the allowed-signers file the applied commit must be signed by
+    verify_commits: Path | None = None
+    # -sign_key: every task message written carries this key's signature (signed.py)
+    signer: signing.Signer | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,38 @@ def _check_prune(
         )
 
 
+def _comparable(observed: sync.EtcdState, options: Options) -> sync.EtcdState:
+    return observed if options.signer is None else signed.comparable(observed, options.signer)
+
+
+def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> diff.Plan:
+    """The plan's writes signed (-sign_key); P for a key that must not exist yet is
+    etcd's revision now, read only when there is such a key."""
+    if options.signer is None:
+        return plan
+    revision = 0
+    if any(c.action is diff.Action.CREATE for c in plan.changes):
+        revision = store.current_revision()
+    return signed.sign_plan(plan, options.signer, revision=revision)
+
+
+class CommitRefused(ReconcileError):
+    """-verify_commits: the commit is not signed by an allowed signer; nothing written."""
+
+
+def _verify_commit(options: Options, desired: desired_state.Desired) -> None:
+    assert options.verify_commits is not None
+    if desired.source != "commit" or not desired.commit:
+        raise CommitRefused("-verify_commits needs a commit to check (not --worktree)")
+    try:
+        good = commitsig.verify(
+            options.repo, desired.commit, allowed_signers=options.verify_commits
+        )
+    except commitsig.CommitRefused as exc:
+        raise CommitRefused(str(exc)) from None
+    log.info("commit %s: %s", desired.commit[:12], good)
+
+
 def run(
     store: sync.Store,
     options: Options,
@@ -237,9 +273,11 @@ def _run_locked(
         desired = read_desired(layout, options, record, source=source)
     elif desired.source == "commit":
         check_guard(source, record, desired.commit, force=options.force)
+    if options.verify_commits is not None:
+        _verify_commit(options, desired)
     values = desired.values
     scope = desired.scope
-    observed = _observe(store, scope)
+    observed = _comparable(_observe(store, scope), options)
     first = diff.plan(values, observed.actual, observed.owned, prune=options.prune)
     _check_prune(store, first, observed, options, full=scope is None)
     if before_apply is not None:
@@ -253,7 +291,7 @@ def _run_locked(
     replans = 0
     while True:
         written = store.apply_changes(
-            current.changes,
+            _signed(store, current, options).changes,
             fence=lock,
             origin=records.origin_record(source=desired.source, commit=desired.commit),
         )
@@ -274,7 +312,7 @@ def _run_locked(
             len(conflict_keys),
             min(conflict_keys),
         )
-        observed = store.read_keys(conflict_keys)
+        observed = _comparable(store.read_keys(conflict_keys), options)
         current = diff.plan(
             {k: v for k, v in values.items() if k in conflict_keys},
             observed.actual,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from gleam import connection, etcdapi, keys, lease, testhooks
+from gleam import client_render, connection, etcdapi, keys, lease, messages, testhooks
 from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target
 from reconciler import diff, records
 
@@ -239,6 +239,11 @@ class Store:
         return EtcdState(actual=actual, owned=owned)
 
     @_translated
+    def current_revision(self) -> int:
+        """etcd's revision now (one count-only read)."""
+        return self.backend.range(Range(self.layout.meta_prefix, True, count_only=True)).revision
+
+    @_translated
     def count_owned(self) -> int:
         owned = Range(self.layout.owned_prefix, prefix=True, count_only=True)
         return self.backend.range(owned).count
@@ -338,10 +343,10 @@ class Holder:
         """The holder a lock value names; None for any other value (written by an older
         version, or by hand): such a lock is only ever freed by its lease."""
         try:
-            body = json.loads(raw)
+            body = messages.load_json(raw, what="the lock's value")
             host, pid = body["host"], body["pid"]
             pidns, start = body.get("pidns", ""), body.get("start", "")
-        except (ValueError, TypeError, KeyError):
+        except (messages.MessageError, TypeError, KeyError, AttributeError):
             return None
         if not (isinstance(host, str) and type(pid) is int and pid > 0):
             return None
@@ -463,6 +468,8 @@ class Lock:
                 found = result.gets[0][0]
                 holder = Holder.decode(found.value)
                 who = str(holder) if holder else (found.value.decode("utf-8", "replace") or who)
+                # Anyone who can write to etcd picks this value: one short printable line.
+                who = client_render.printable(who if len(who) <= 100 else who[:97] + "...")
                 if holder is not None and self._break_if_gone(holder, found):
                     continue
             if not waiting_logged:

@@ -142,6 +142,8 @@ def test_raw_name_recovers_a_string_name_only() -> None:
     assert raw_name(b'{"Name": "a/../b"}') == "a/../b"
     assert raw_name(b'{"Name": 1}') is None
     assert raw_name(b"[") is None
+    assert raw_name(b'{"Name": "\\ud800x"}') == "\\ud800x"
+    assert raw_name(b'{"Name": "t", "Data": ' + b"1" * 5000 + b"}") is None
 
 
 def test_completions_read_this_agents_records_only() -> None:

@@ -36,7 +36,8 @@ class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc has no type hin
         (FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT), store.Rejected),
         (FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED), store.Rejected),
         (FakeRpcError(grpc.StatusCode.OUT_OF_RANGE), store.Rejected),
-        (FakeRpcError(grpc.StatusCode.PERMISSION_DENIED), store.Unavailable),
+        # Issue 12: a denied request is not retried forever (agent/preflight.py)
+        (FakeRpcError(grpc.StatusCode.PERMISSION_DENIED), store.Denied),
         (FakeRpcError(grpc.StatusCode.UNAUTHENTICATED), store.Unavailable),
         (FakeRpcError(grpc.StatusCode.UNAVAILABLE), store.Unavailable),
         (etcd_exceptions.ConnectionFailedError(), store.Unavailable),

@@ -37,6 +37,13 @@ def test_a_5000_digit_integer_is_a_bad_message_not_a_dead_worker() -> None:
     assert record.name in ("echo", None)
 
 
+def test_a_lone_surrogate_name_gives_a_result_that_can_be_written() -> None:
+    worker, _ = make_worker(FakeRunner(OK))
+    record = worker.execute(pending.Job(KEY, 4, b'{"Name": "\\ud800", "Data": 1}'))
+    assert not record.ok and record.name == "\\ud800"
+    messages.decode_result(record.encode())
+
+
 class BrokenSink:
     def __init__(self) -> None:
         self.calls = 0

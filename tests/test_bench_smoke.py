@@ -24,6 +24,7 @@ WORKLOADS = {
     "fanout": "fan-out",
     "throughput": "throughput",
     "commit": "commit → exec",
+    "signing": "signing",
     "fleet": "fleet",
 }
 

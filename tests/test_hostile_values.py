@@ -207,3 +207,23 @@ def test_memory_and_recursion_errors_end_a_client_command_as_one_line(
     code = cli.main(["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, "status"])
     out, err = capsys.readouterr()
     assert code == 1 and not out and err.startswith("gleam-client: ") and err.count("\n") == 1
+
+
+def test_a_hostile_apply_lock_value_is_named_in_one_clean_line(
+    tmp_path: Path, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    repo = OpsRepo(tmp_path / "ops")
+    repo.node("web-1", "print")
+    repo.commit("one")
+    lock = layout.lock_key
+    lease = etcd.lease(60)
+    for value in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"host":"\x1b[2J","pid":' + b"9" * 5000 + b"}",
+    ):
+        etcd.put(lock, value, lease=lease)
+        code, out, err = reconcile(etcd_server.endpoint, layout, repo.path, "--lock-timeout", "0.5")
+        assert code == 1 and "Traceback" not in out + err, err
+        assert f"gleam-reconcile: {lock} is held by " in err and "gave up after 0.5s" in err
+        assert all(len(line) < 300 for line in err.splitlines()) and "\x1b" not in err, err
+    lease.revoke()

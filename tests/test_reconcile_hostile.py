@@ -81,40 +81,43 @@ class Run:
     max_rss_mib: float
 
 
-# Runs gleam-reconcile with an exit hook that writes the process's own peak resident
-# memory (VmHWM of /proc/self/status) to a file. wait4's ru_maxrss cannot be used: it
-# counts the parent's resident memory at fork, and this test process may be large by
-# the time the whole suite reaches it.
-_MEASURED = """
-import atexit, runpy, sys
-def _peak(path=sys.argv.pop(1)):
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(path, "w").write(line.split()[1])
-atexit.register(_peak)
-sys.argv[0] = "gleam-reconcile"
-runpy.run_module("reconciler.cli", run_name="__main__", alter_sys=True)
+# Runs a command and writes its peak resident memory (ru_maxrss, KiB on Linux) to a
+# file. It runs in a small process of its own: a child forked straight from this test
+# process would count this process's (large) memory, copied at fork, as its own peak.
+MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_pid, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
 def run_process(endpoint: str, layout: keys.Layout, repo: Path, *args: str) -> Run:
-    """gleam-reconcile --once as a real process, with its own peak resident memory.
-    Output goes to files, so that the child never blocks on a full pipe while this
-    process waits."""
-    peak_path = repo.parent / "peak.txt"
-    argv = [sys.executable, "-c", _MEASURED, str(peak_path)]
-    argv += ["-etcd", endpoint, "-prefix", layout.prefix, "--repo", str(repo), "--once", *args]
+    """gleam-reconcile --once as a real process, with its peak resident memory. Output
+    goes to files, so that the child never blocks on a full pipe."""
+    argv = [sys.executable, "-m", "reconciler.cli", "-etcd", endpoint, "-prefix", layout.prefix]
+    argv += ["--repo", str(repo), "--once", *args]
     out_path, err_path = repo.parent / "out.txt", repo.parent / "err.txt"
+    rss_path = repo.parent / "maxrss.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         started = time.monotonic()
-        proc = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(rss_path), *argv],
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
         seconds = time.monotonic() - started
     return Run(
         proc.returncode,
         out_path.read_text(),
         err_path.read_text(),
         seconds,
-        int(peak_path.read_text()) / 1024,  # VmHWM is in KiB
+        int(rss_path.read_text()) / 1024,
     )
 
 

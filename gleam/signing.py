@@ -1,0 +1,270 @@
+"""Signed task messages: Ed25519 keys in OpenSSH format, the signed bytes, sign and check.
+
+A writer (gleam-reconcile or gleam-client with -sign_key) adds to the task message
+
+    "Sig": {"alg": "ed25519", "key": "SHA256:<fingerprint>", "prev": P, "sig": "<base64>",
+            "for": "<full task key>"}
+
+where the signature covers the canonical JSON (sorted keys, no spaces, UTF-8) of
+
+    {"Data": ..., "Name": ..., "Rollout": ... (only if the message has one),
+     "key": "<full task key>", "prev": P}
+
+and P is the task key's mod_revision the writer saw (etcd's revision if the key did not
+exist); the write compares the key against P, so P is true when it lands. Binding the
+key stops a message being copied to another host's key; P lets the agent refuse a
+replayed older message. "for" is not trusted on its own: it only lets an agent say
+which key a copied message was made for, after checking the signature against it.
+Pure apart from `load_private_key`/`load_public_keys`, which read one file each.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gleam import flags, messages
+
+ALG = "ed25519"
+SIG_FIELD = "Sig"
+# The message fields the signature covers (besides the key and P); "Rollout" only when
+# the message has one (rollouts carry it), so that older messages sign the same bytes.
+SIGNED_FIELDS = ("Data", "Name")
+OPTIONAL_SIGNED_FIELDS = ("Rollout",)
+_ED25519_PREFIX = "ssh-ed25519"
+
+
+# -sign_key (env GLEAM_SIGN_KEY) of gleam-reconcile and gleam-client.
+FLAG = flags.Flag(
+    "sign_key",
+    "sign every task message written with this Ed25519 private key (OpenSSH format, "
+    "unencrypted: ssh-keygen -t ed25519 -N '')",
+    metavar="FILE",
+)
+
+
+class KeyError_(ValueError):  # noqa: N801 - KeyError is taken by the builtin
+    """A key file that cannot be used; the text names the file (and line)."""
+
+
+class SignatureError(ValueError):
+    """A message whose signature does not hold; the text says why (after `signature: `)."""
+
+
+def fingerprint(public_key: Ed25519PublicKey) -> str:
+    """`SHA256:<base64 of the SHA-256 of the key blob, unpadded>`, as `ssh-keygen -l`
+    prints it."""
+    line = public_key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    blob = base64.b64decode(line.split()[1])
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+    return f"SHA256:{digest}"
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A private key and its fingerprint."""
+
+    key: Ed25519PrivateKey
+    fingerprint: str
+
+    @classmethod
+    def from_key(cls, key: Ed25519PrivateKey) -> Signer:
+        return cls(key, fingerprint(key.public_key()))
+
+
+def load_private_key(path: str | Path) -> Signer:
+    """An unencrypted Ed25519 private key in OpenSSH format (`ssh-keygen -t ed25519 -N ''`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise KeyError_(f"{path}: cannot read the key: {exc.strerror}") from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except TypeError:
+        raise KeyError_(f"{path}: the key is encrypted; Gleam needs an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyError_(f"{path}: not an OpenSSH private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyError_(f"{path}: the key is not Ed25519 (make one with ssh-keygen -t ed25519)")
+    return Signer.from_key(key)
+
+
+def signer_from(values: Mapping[str, str | None]) -> Signer | None:
+    """The -sign_key of resolved flag values (None without it); FlagError for a key file
+    that cannot be used."""
+    path = values.get(FLAG.name)
+    if not path:
+        return None
+    try:
+        return load_private_key(path)
+    except KeyError_ as exc:
+        raise flags.FlagError(f"-sign_key: {exc}") from None
+
+
+def parse_public_keys(text: str, *, source: str) -> dict[str, Ed25519PublicKey]:
+    """Ed25519 keys from `authorized_keys`-style lines (options before the key type and a
+    comment after it are allowed; blank lines and # comments are skipped), by
+    fingerprint. Any other line is an error naming `source` and the line number."""
+    found: dict[str, Ed25519PublicKey] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        fields = stripped.split()
+        if _ED25519_PREFIX not in fields[:-1]:
+            raise KeyError_(f"{source} line {number}: not an ssh-ed25519 public key")
+        blob = fields[fields.index(_ED25519_PREFIX) + 1]
+        try:
+            key = serialization.load_ssh_public_key(f"{_ED25519_PREFIX} {blob}".encode("ascii"))
+        except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
+            raise KeyError_(f"{source} line {number}: bad ssh-ed25519 key: {exc}") from None
+        if not isinstance(key, Ed25519PublicKey):  # pragma: no cover - the prefix says so
+            raise KeyError_(f"{source} line {number}: not an ssh-ed25519 public key")
+        found[fingerprint(key)] = key
+    return found
+
+
+def load_public_keys(path: str | Path) -> dict[str, Ed25519PublicKey]:
+    """The trusted keys of a `-trust` file (at least one)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyError_(f"{path}: cannot read the trusted keys: {exc}") from None
+    found = parse_public_keys(text, source=str(path))
+    if not found:
+        raise KeyError_(f"{path}: no ssh-ed25519 public key in the file")
+    return found
+
+
+def signed_bytes(message: Mapping[str, Any], *, key: str, prev: int) -> bytes:
+    """The exact bytes the signature covers (see the module docstring)."""
+    covered: dict[str, Any] = {name: message.get(name) for name in SIGNED_FIELDS}
+    for name in OPTIONAL_SIGNED_FIELDS:
+        if name in message:
+            covered[name] = message[name]
+    covered["key"] = key
+    covered["prev"] = prev
+    return messages.canonical_json(covered).encode("utf-8")
+
+
+def sign(message: Mapping[str, Any], *, key: str, prev: int, signer: Signer) -> dict[str, Any]:
+    """`message` with its "Sig" (any old one replaced) for the task key `key` at `prev`."""
+    unsigned = {name: value for name, value in message.items() if name != SIG_FIELD}
+    signature = signer.key.sign(signed_bytes(unsigned, key=key, prev=prev))
+    unsigned[SIG_FIELD] = {
+        "alg": ALG,
+        "key": signer.fingerprint,
+        "prev": prev,
+        "sig": base64.b64encode(signature).decode("ascii"),
+        "for": key,
+    }
+    return unsigned
+
+
+def sign_task(task: messages.Task, *, key: str, prev: int, signer: Signer) -> bytes:
+    """The task's message bytes, signed: what a writer puts at `key`."""
+    task.encode()  # the name, size and serialisability checks of an unsigned message
+    signed = sign({"Name": task.name, "Data": task.data}, key=key, prev=prev, signer=signer)
+    return messages.canonical_json(signed).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A signature that holds: by which key, and the P it was made at."""
+
+    fingerprint: str
+    prev: int
+
+
+def verify(raw: bytes, *, key: str, trusted: Mapping[str, Ed25519PublicKey]) -> Verified:
+    """Check the "Sig" of the message bytes `raw` found at the task key `key`; raises
+    SignatureError whose text is the reason (`missing`, `unknown key SHA256:...`,
+    `invalid`, `made for /gleam/node/web-1`). Whether P is recent enough is the caller's
+    (it knows what it last ran)."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise SignatureError("missing") from None
+    sig = message.get(SIG_FIELD) if isinstance(message, dict) else None
+    if sig is None:
+        raise SignatureError("missing")
+    if not isinstance(sig, dict):
+        raise SignatureError("invalid (Sig is not an object)")
+    alg, fp, prev, value = sig.get("alg"), sig.get("key"), sig.get("prev"), sig.get("sig")
+    if alg != ALG:
+        raise SignatureError(f"invalid (alg {str(alg)[:40]!r}, not {ALG!r})")
+    if not isinstance(fp, str) or not isinstance(value, str):
+        raise SignatureError("invalid (Sig needs string key and sig)")
+    if not isinstance(prev, int) or isinstance(prev, bool) or prev < 0:
+        raise SignatureError("invalid (Sig prev is not a revision)")
+    public = trusted.get(fp)
+    if public is None:
+        raise SignatureError(f"unknown key {fp[:80]}")
+    try:
+        signature = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError("invalid (sig is not base64)") from None
+    try:
+        covered = signed_bytes(message, key=key, prev=prev)
+    except (ValueError, RecursionError):  # a value json cannot write back (nested too deeply)
+        raise SignatureError("invalid (the message cannot be encoded)") from None
+    try:
+        public.verify(signature, covered)
+    except InvalidSignature:
+        claimed = _claimed_key(message, sig.get("for"), public, signature, prev=prev, key=key)
+        if claimed is not None:
+            raise SignatureError(f"made for {claimed}") from None
+        raise SignatureError("invalid") from None
+    return Verified(fp, prev)
+
+
+def _claimed_key(
+    message: Mapping[str, Any],
+    claimed: object,
+    public: Ed25519PublicKey,
+    signature: bytes,
+    *,
+    prev: int,
+    key: str,
+) -> str | None:
+    """The task key a signature that fails for `key` was made for: the Sig's "for",
+    believed only if the signature holds for it."""
+    if not isinstance(claimed, str) or claimed == key:
+        return None
+    try:
+        public.verify(signature, signed_bytes(message, key=claimed, prev=prev))
+    except InvalidSignature:
+        return None
+    return claimed[:300]
+
+
+def unsigned_if_ours(raw: bytes, fingerprint: str) -> bytes | None:
+    """The canonical message without its "Sig" when `raw` carries a Sig by the key
+    `fingerprint`, else None: what a signing writer compares with the unsigned message
+    it wants, so that a value it signed earlier is not seen as different. The signature
+    is not checked here: a writer only skips a key whose value it wrote itself (the caller
+    checks that the key was not written since)."""
+    if b'"Sig"' not in raw:
+        return None
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(message, dict):
+        return None
+    sig = message.pop(SIG_FIELD, None)
+    if not isinstance(sig, dict) or sig.get("key") != fingerprint:
+        return None
+    return messages.canonical_json(message).encode("utf-8")

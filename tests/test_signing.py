@@ -1,0 +1,227 @@
+"""Signed task messages (gleam/signing.py) and the agent's check (agent/trust.py): pure."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import trust
+from gleam import messages, signing
+
+KEY = "/gleam/node/web-1"
+
+
+def new_signer() -> signing.Signer:
+    return signing.Signer.from_key(Ed25519PrivateKey.generate())
+
+
+def public_line(signer: signing.Signer, comment: str = "ops@example") -> str:
+    raw = signer.key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return f"{raw.decode()} {comment}"
+
+
+def trusted(*signers: signing.Signer) -> dict[str, Any]:
+    return {s.fingerprint: s.key.public_key() for s in signers}
+
+
+SIGNER = new_signer()
+TASK = messages.Task("config::sync", {"path": "/etc/app.conf", "mode": "0644"})
+
+
+def signed(prev: int = 7, key: str = KEY, signer: signing.Signer = SIGNER) -> bytes:
+    return signing.sign_task(TASK, key=key, prev=prev, signer=signer)
+
+
+def test_signed_bytes_are_the_documented_canonical_json() -> None:
+    message = {"Name": "print", "Data": {"b": 1, "a": "é"}}
+    assert (
+        signing.signed_bytes(message, key=KEY, prev=12)
+        == ('{"Data":{"a":"é","b":1},"Name":"print","key":"/gleam/node/web-1","prev":12}').encode()
+    )
+    with_rollout = {**message, "Rollout": {"id": "r1"}}
+    assert b'"Rollout":{"id":"r1"}' in signing.signed_bytes(with_rollout, key=KEY, prev=12)
+
+
+def test_a_signed_message_verifies_with_any_ed25519_tool() -> None:
+    raw = signed(prev=41)
+    message = json.loads(raw)
+    sig = message["Sig"]
+    assert (sig["alg"], sig["key"], sig["prev"], sig["for"]) == (
+        "ed25519",
+        SIGNER.fingerprint,
+        41,
+        KEY,
+    )
+    covered = json.dumps(
+        {"Data": message["Data"], "Name": message["Name"], "key": KEY, "prev": 41},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    SIGNER.key.public_key().verify(base64.b64decode(sig["sig"]), covered)
+    assert messages.decode_task(raw) == TASK  # agents without -trust read it as before
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen on this machine")
+def test_keys_made_by_ssh_keygen_load_and_fingerprints_match_its_own(tmp_path: Path) -> None:
+    key_file = tmp_path / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops", "-f", str(key_file)],
+        check=True,
+        timeout=30,
+    )
+    listed = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(key_file)], check=True, capture_output=True, text=True
+    ).stdout.split()[1]
+    signer = signing.load_private_key(key_file)
+    assert signer.fingerprint == listed
+    assert list(signing.load_public_keys(f"{key_file}.pub")) == [listed]
+
+
+def test_trust_file_takes_authorized_keys_lines_and_names_a_bad_line(tmp_path: Path) -> None:
+    other = new_signer()
+    text = (
+        f"# fleet signers\n\n{public_line(SIGNER)}\n"
+        f'from="10.0.0.0/8",no-pty {public_line(other, "rotated in")}\n'
+    )
+    assert set(signing.parse_public_keys(text, source="t")) == {
+        SIGNER.fingerprint,
+        other.fingerprint,
+    }
+    with pytest.raises(signing.KeyError_, match="t line 2: not an ssh-ed25519"):
+        signing.parse_public_keys("\nssh-rsa AAAAB3NzaC1yc2E= x\n", source="t")
+    with pytest.raises(signing.KeyError_, match="t line 1: bad ssh-ed25519 key"):
+        signing.parse_public_keys("ssh-ed25519 notbase64!! x\n", source="t")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(signing.KeyError_, match="no ssh-ed25519 public key"):
+        signing.load_public_keys(empty)
+    with pytest.raises(signing.KeyError_, match="cannot read"):
+        signing.load_public_keys(tmp_path / "missing")
+
+
+def test_private_key_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_text("not a key")
+    with pytest.raises(signing.KeyError_, match=f"{bad}: not an OpenSSH private key"):
+        signing.load_private_key(bad)
+    if shutil.which("ssh-keygen") is not None:
+        locked = tmp_path / "locked"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)],
+                       check=True, timeout=30)  # fmt: skip
+        with pytest.raises(signing.KeyError_, match="encrypted"):
+            signing.load_private_key(locked)
+    with pytest.raises(signing.KeyError_, match="cannot read"):
+        signing.load_private_key(tmp_path / "missing")
+
+
+def tampered(raw: bytes, **changes: Any) -> bytes:
+    message = json.loads(raw)
+    message.update(changes)
+    return json.dumps(message).encode()
+
+
+CASES = [
+    ("unsigned", TASK.encode(), None, "signature: missing"),
+    ("not JSON", b"{", None, "signature: missing"),
+    ("unknown key", signed(signer=new_signer()), None, "signature: unknown key SHA256:"),
+    ("tampered data", tampered(signed(), Data={"path": "/etc/shadow"}), None, "signature: invalid"),
+    ("tampered name", tampered(signed(), Name="print"), None, "signature: invalid"),
+    ("copied", signed(key="/gleam/node/web-2"), None, "signature: made for /gleam/node/web-2"),
+    ("replay", signed(prev=12), 40, "signature: replay of an older task (prev 12 < last run 40)"),
+    ("Sig a string", tampered(signed(), Sig="x"), None, "signature: invalid"),
+    (
+        "prev a bool",
+        tampered(signed(), Sig={**json.loads(signed())["Sig"], "prev": True}),
+        None,
+        "signature: invalid",
+    ),  # fmt: skip
+    (
+        "sig not base64",
+        tampered(signed(), Sig={**json.loads(signed())["Sig"], "sig": "%%"}),
+        None,
+        "signature: invalid",
+    ),  # fmt: skip
+    (
+        "other alg",
+        tampered(signed(), Sig={**json.loads(signed())["Sig"], "alg": "rsa"}),
+        None,
+        "signature: invalid",
+    ),  # fmt: skip
+    (
+        "lying for",
+        tampered(signed(), Sig={**json.loads(signed())["Sig"], "for": "/gleam/x"}),
+        None,
+        None,
+    ),  # fmt: skip
+    ("good", signed(prev=40), 40, None),
+    ("first run", signed(prev=3), None, None),
+]
+
+
+@pytest.mark.parametrize(("raw", "last_run", "expected"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_agent_check(raw: bytes, last_run: int | None, expected: str | None) -> None:
+    refusal = trust.check(raw, key=KEY, last_run=last_run, trusted=trusted(SIGNER))
+    if expected is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.startswith(expected), refusal
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_refusal_never_a_crash(raw: bytes) -> None:
+    refusal = trust.check(raw, key=KEY, last_run=None, trusted=trusted(SIGNER))
+    assert refusal is not None and refusal.startswith("signature: ")
+
+
+def test_gate_remembers_the_last_revision_and_reloads(tmp_path: Path) -> None:
+    from agent import pending
+
+    trust_file = tmp_path / "trusted"
+    trust_file.write_text(public_line(SIGNER) + "\n")
+    gate = trust.Gate(trust_file)
+    gate.seed({KEY: pending.Completed(40)})
+    assert gate.refusal(pending.Job(KEY, 50, signed(prev=12))) == (
+        "signature: replay of an older task (prev 12 < last run 40)"
+    )
+    assert gate.refusal(pending.Job(KEY, 51, signed(prev=50))) is None
+    rotated = new_signer()
+    trust_file.write_text(public_line(rotated) + "\n")
+    gate.reload()
+    assert gate.fingerprints == [rotated.fingerprint]
+    trust_file.write_text("garbage\n")
+    gate.reload()  # keeps the keys in use
+    assert gate.fingerprints == [rotated.fingerprint]
+
+
+def test_worst_values_in_a_signed_message_are_refused_cleanly() -> None:
+    deep = (
+        b'{"Name":"print","Data":'
+        + b"[" * 5000
+        + b"]" * 5000
+        + b',"Sig":'
+        + json.dumps(json.loads(signed())["Sig"]).encode()
+        + b"}"
+    )
+    refusal = trust.check(deep, key=KEY, last_run=None, trusted=trusted(SIGNER))
+    assert refusal is not None and refusal.startswith("signature: ")
+    huge_prev = tampered(signed(), Sig={**json.loads(signed())["Sig"], "prev": 10**100})
+    assert trust.check(huge_prev, key=KEY, last_run=None, trusted=trusted(SIGNER)) == (
+        "signature: invalid"
+    )
+    unicode = signing.sign_task(messages.Task("print", {"ü": "✓\u2028"}), key=KEY, prev=1,
+                                signer=SIGNER)  # fmt: skip
+    assert trust.check(unicode, key=KEY, last_run=1, trusted=trusted(SIGNER)) is None
