@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import inflight
+from agent import inflight, lua_api
 from gleam import connection, flags, keys, metrics
 from gleam.version import VERSION
 
@@ -121,6 +121,12 @@ class AgentConfig:
     def state_file(self) -> Path:
         """The file that records the task in hand (agent.inflight): one per agent id."""
         return self.state_dir / f"{self.agent_id}.state"
+
+    def executor_options(self) -> lua_api.ExecutorOptions:
+        """What the Lua executor process is started with."""
+        return lua_api.ExecutorOptions(
+            self.script_dir, self.agent_id, self.regions, self.task_timeout, self.memory_limit
+        )
 
 
 def default_agent_id(hostname: str, pid: int) -> str:

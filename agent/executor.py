@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent import frames
-from agent.lua_api import KV, ExecutorOptions, KVError, Outcome
+from agent.lua_api import KV, ExecutorOptions, KVError, RunOutcome
 from gleam import flags
 from gleam.messages import JSON
 
@@ -172,13 +172,13 @@ class LuaExecutor:
             if error is not None:
                 raise ExecutorError(error)
 
-    def run(self, name: str, data: JSON) -> Outcome:
+    def run(self, name: str, data: JSON) -> RunOutcome:
         """Run function `name` with `data` in the child; never raises."""
         started = time.perf_counter()
         with self._lock:
             ok, result, error = self._run(name, data)
         duration_ms = (time.perf_counter() - started) * 1000.0
-        return Outcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
+        return RunOutcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
 
     def reload(self) -> None:
         """Drop the child's compiled scripts before its next task (safe from any thread)."""

@@ -4,7 +4,7 @@
                 -script /etc/gleam/scripts
 
 This module is the entry point only: flags, logging, pid file, state file, signals, the
-Lua executor process. The agent itself is agent.daemon.Agent.
+Lua executor process. The agent itself is agent.threads.Agent.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import threading
 from collections.abc import Sequence
 
 from agent import config as agent_config
-from agent import executor, inflight, lua_api, observe, pidfile, preflight, store, trust
-from agent.daemon import Agent, agent_info
+from agent import executor, inflight, observe, pidfile, preflight, store, trust
+from agent.threads import Agent, agent_info
 from gleam import connection, flags, logformat, metrics, signing
 from gleam.version import VERSION
 
@@ -67,27 +67,22 @@ class SignalPipe:
 
 def _make_runner(config: agent_config.AgentConfig) -> executor.LuaExecutor:
     """The Lua executor process, started and ready (ExecutorError if it cannot be)."""
-    options = lua_api.ExecutorOptions(
-        script_dir=config.script_dir,
-        agent_id=config.agent_id,
-        regions=config.regions,
-        time_limit=config.task_timeout,
-        memory_limit=config.memory_limit,
-    )
     kv = store.EtcdKV(store.LazyClient(config.settings))
-    runner = executor.LuaExecutor(options, kv=kv, logger=logging.getLogger("agent.lua"))
+    runner = executor.LuaExecutor(
+        config.executor_options(), kv=kv, logger=logging.getLogger("agent.lua")
+    )
     runner.start()
     return runner
 
 
 def _open_state(config: agent_config.AgentConfig) -> inflight.StartedTasks:
-    """The state file; trouble with a -state_dir given is fatal (StateError), with the
+    """The state file; trouble with a -state_dir given is fatal (RecordError), with the
     default directory only a warning: the agent runs with in-memory records then."""
     try:
         return inflight.StartedTasks(config.state_file)
-    except inflight.StateError as exc:
+    except inflight.RecordError as exc:
         if config.state_dir_given:
-            raise inflight.StateError(f"-state_dir: {exc}") from None
+            raise inflight.RecordError(f"-state_dir: {exc}") from None
         log.warning(
             "state file: %s; a task that crashes the agent may run again at every start "
             "(set -state_dir to a directory of this user's)",
@@ -191,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             started = _open_state(config)
-        except inflight.StateError as exc:
+        except inflight.RecordError as exc:
             _fatal(str(exc), to_log_file=bool(values.get("log")))
             return EXIT_FAILURE
         try:

@@ -51,7 +51,7 @@ class Started:
     runs: int
 
 
-class StateError(Exception):
+class RecordError(Exception):
     """The state file or its directory cannot be used; the text names it."""
 
 
@@ -70,21 +70,21 @@ def encode(records: Iterable[Started]) -> bytes:
 
 
 def decode(raw: bytes) -> dict[str, Started]:
-    """Records from a state file's bytes (trailing spaces allowed); StateError if they
+    """Records from a state file's bytes (trailing spaces allowed); RecordError if they
     are not a state file's."""
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise StateError(f"not a state file ({exc})") from None
+        raise RecordError(f"not a state file ({exc})") from None
     if not isinstance(value, dict) or value.get("version") != _VERSION:
-        raise StateError("not a state file of this version")
+        raise RecordError("not a state file of this version")
     records: dict[str, Started] = {}
     for item in value.get("started") or ():
         match item:
             case [str(key), int(revision), int(runs)] if runs > 0:
                 records[key] = Started(key, revision, runs)
             case _:
-                raise StateError(f"a record that is not (key, revision, runs): {item!r:.100}")
+                raise RecordError(f"a record that is not (key, revision, runs): {item!r:.100}")
     return records
 
 
@@ -132,24 +132,24 @@ class StartedTasks:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StateError(f"cannot open {str(path)!r}: {exc.strerror}") from None
+            raise RecordError(f"cannot open {str(path)!r}: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-                raise StateError(f"{str(path)!r} is not a regular file owned by this user")
+                raise RecordError(f"{str(path)!r} is not a regular file owned by this user")
             if info.st_size > MAX_FILE_BYTES:
-                raise StateError(f"{str(path)!r} is larger than {MAX_FILE_BYTES} bytes")
+                raise RecordError(f"{str(path)!r} is larger than {MAX_FILE_BYTES} bytes")
             raw = os.pread(fd, MAX_FILE_BYTES, 0)
-        except (OSError, StateError) as exc:
+        except (OSError, RecordError) as exc:
             os.close(fd)
-            if isinstance(exc, StateError):
+            if isinstance(exc, RecordError):
                 raise
-            raise StateError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+            raise RecordError(f"cannot read {str(path)!r}: {exc.strerror}") from None
         self._fd, self._size = fd, len(raw)
         if raw.strip():
             try:
                 self._records = decode(raw)
-            except StateError as exc:
+            except RecordError as exc:
                 log.warning("state file %s: %s; starting with no record", path, exc)
         for started in self._records.values():
             log.warning(
@@ -180,17 +180,17 @@ class StartedTasks:
 
 
 def check_directory(directory: Path) -> None:
-    """Create `directory` (mode 0700) if missing; StateError unless it is a directory of
+    """Create `directory` (mode 0700) if missing; RecordError unless it is a directory of
     this user's that no one else can write (so no one can plant a file or link there)."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.stat(directory)
     except OSError as exc:
-        raise StateError(f"cannot create {str(directory)!r}: {exc.strerror}") from None
+        raise RecordError(f"cannot create {str(directory)!r}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
-        raise StateError(f"{str(directory)!r} is not a directory")
+        raise RecordError(f"{str(directory)!r} is not a directory")
     if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        raise StateError(
+        raise RecordError(
             f"{str(directory)!r} must belong to this user and be writable by no one else "
             f"(it is mode {stat.S_IMODE(info.st_mode):04o})"
         )

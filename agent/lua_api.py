@@ -1,9 +1,9 @@
 """The Lua runner's interface: what it is given (a KV for gleam.Get/GetDir/Set/Delete)
-and what a run gives back (an Outcome).
+and what a run gives back (a RunOutcome).
 
 Three sides meet here: `agent.lua_exec` runs Lua and calls a KV; `agent.store.EtcdKV` is
 a KV over a real etcd client, in the agent process; `agent.lua_child`'s KV asks the agent
-over the executor's channel, and `agent.executor` returns the same Outcome the in-process
+over the executor's channel, and `agent.executor` returns the same RunOutcome the in-process
 runner does. Standard library only: both processes import it.
 """
 
@@ -30,8 +30,17 @@ class KV(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def dir_prefix(key: str) -> str:
+    """The prefix a KV "directory" covers: GetDir reads it, Delete removes it with the
+    key itself (an etcd v2 directory, as the original had)."""
+    stripped = key.rstrip("/")
+    if not stripped:
+        raise ValueError(f"refusing to use {key!r} as a directory: it is the root of etcd")
+    return stripped + "/"
+
+
 @dataclass(frozen=True)
-class Outcome:
+class RunOutcome:
     """What one run of a function gave."""
 
     ok: bool

@@ -1,7 +1,7 @@
 """Running gleam's Lua functions: `a::b` runs `<script dir>/a/b.lua` in a Lua 5.4 state.
 
 The one module of the agent that talks to Lua. `LuaRunner.run(name, data)` never
-raises for anything a script or its name does: every failure is an `Outcome` with a
+raises for anything a script or its name does: every failure is an `RunOutcome` with a
 clear error. The script side (environment, limits, the `gleam` table) is built by
 `lua_prelude.lua` once per Lua runtime.
 
@@ -23,6 +23,7 @@ count hook; a value that leaves the state over the cap fails the task cleanly.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any
 from lupa import lua54
 
 from agent import lua_values, processes
-from agent.lua_api import KV, KVError, Outcome
+from agent.lua_api import KV, KVError, RunOutcome
 from gleam import keys
 from gleam.messages import JSON
 
@@ -61,6 +62,17 @@ CALLBACK_ROOM = 1024 * 1024
 # watchdog event types that can change a file's content or existence (inotify also
 # reports opens and reads, which must not invalidate anything).
 _CHANGE_EVENTS = frozenset({"created", "modified", "deleted", "moved", "closed"})
+
+
+class Status(enum.StrEnum):
+    """How a run ended, as the prelude reports it. The prelude gets these strings from
+    here (its STATUS table), so they are written once."""
+
+    OK = "ok"
+    NOT_JSON = "not-json"  # the result cannot be sent as JSON
+    TIME = "time"  # the time limit
+    MEMORY = "memory"  # the memory limit
+    ERROR = "error"  # the script raised an error
 
 
 class ScriptError(Exception):
@@ -147,7 +159,7 @@ class LuaRunner:
     def script_dir(self) -> Path:
         return self._root
 
-    def run(self, name: str, data: JSON) -> Outcome:
+    def run(self, name: str, data: JSON) -> RunOutcome:
         """Run function `name` with `data`; never raises for what a script or name does."""
         started = time.perf_counter()
         try:
@@ -159,7 +171,7 @@ class LuaRunner:
             ok, result, error = False, None, f"internal error running {name!r}: {exc!r}"
         self._release()
         duration_ms = (time.perf_counter() - started) * 1000.0
-        return Outcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
+        return RunOutcome(ok=ok, result=result, error=error, duration_ms=duration_ms)
 
     def reload(self) -> None:
         """Drop every cached chunk before the next run (safe from any thread)."""
@@ -208,17 +220,17 @@ class LuaRunner:
         try:
             status, value, trace = run(chunk.function, lua_data, self._deadline)
         except lua54.LuaMemoryError:
-            status, value, trace = "memory", None, None
+            status, value, trace = Status.MEMORY, None, None
         except lua54.LuaError as exc:
-            status, value, trace = "error", str(exc), None
+            status, value, trace = Status.ERROR, str(exc), None
         except UnicodeDecodeError:
-            status, value, trace = "error", "the error message is not UTF-8 text", None
+            status, value, trace = Status.ERROR, "the error message is not UTF-8 text", None
         finally:
             self._current = ""
             self._deadline = float("inf")
             self._rearm()
             del lua_data
-        if status == "ok":
+        if status == Status.OK:
             with self._lifted_cap(CONVERSION_ROOM):
                 outcome = self._result(name, value)
         else:
@@ -240,12 +252,12 @@ class LuaRunner:
     def _failure(
         self, name: str, status: str, value: Any, trace: str | None
     ) -> tuple[bool, JSON, str | None]:
-        if status == "not-json":
+        if status == Status.NOT_JSON:
             return False, None, f"result is not JSON-serialisable: {value}"
-        if status == "time":
+        if status == Status.TIME:
             self._renew_runtime(f"{name} passed the time limit")
             return False, None, f"time limit of {self._time_limit:g} s exceeded"
-        if status == "memory":
+        if status == Status.MEMORY:
             self._renew_runtime(f"{name} passed the memory limit")
             return False, None, f"memory limit of {_mib(self._memory_limit)} exceeded"
         if trace:
@@ -352,21 +364,21 @@ class LuaRunner:
             max_memory=self._memory_limit,
             attribute_filter=_deny_attributes,
         )
-        regions = lua.table_from(list(self._regions))
-        compile_chunk, run = lua.execute(
-            _PRELUDE,
-            self._lua_log,
-            self._lua_get,
-            self._lua_get_dir,
-            self._lua_set,
-            self._lua_delete,
-            self._lua_exec,
-            self._hook_clock,
-            self._agent_id,
-            regions,
-            HOOK_COUNT,
-            name="=gleam prelude",
-        )
+        # One table, read by name in lua_prelude.lua: nothing there depends on an order.
+        host = {
+            "log": self._lua_log,
+            "get": self._lua_get,
+            "get_dir": self._lua_get_dir,
+            "set": self._lua_set,
+            "delete": self._lua_delete,
+            "exec": self._lua_exec,
+            "now": self._hook_clock,
+            "agent_id": self._agent_id,
+            "regions": lua.table_from(list(self._regions)),
+            "hook_count": HOOK_COUNT,
+            "status": lua.table_from({s.name.lower(): s.value for s in Status}),
+        }
+        compile_chunk, run = lua.execute(_PRELUDE, lua.table_from(host), name="=gleam prelude")
         return lua, compile_chunk, run
 
     def _renew_runtime(self, why: str) -> None:

@@ -5,8 +5,13 @@
 -- the Python callbacks) lives in locals of this chunk: scripts only ever see the
 -- per-run environment made by new_env.
 
-local py_log, py_get, py_get_dir, py_set, py_delete, py_exec, py_now, agent_id, region_list,
-      hook_count = ...
+-- One table from Python (lua_exec.LuaRunner._new_runtime), read by name: the callbacks,
+-- the agent's identity, and the status strings a run ends with (lua_exec.Status).
+local host = ...
+local py_log, py_get, py_get_dir, py_set, py_delete = host.log, host.get, host.get_dir, host.set, host.delete
+local py_exec, py_now = host.exec, host.now
+local agent_id, region_list, hook_count = host.agent_id, host.regions, host.hook_count
+local STATUS = host.status
 
 local debug_sethook, debug_setupvalue, debug_traceback = debug.sethook, debug.setupvalue, debug.traceback
 local raw_load, raw_pcall, raw_xpcall, raw_error = load, pcall, xpcall, error
@@ -28,14 +33,14 @@ local TIME_LIMIT = "time limit exceeded"
 local MEMORY = "not enough memory"  -- Lua's own message for an allocation failure
 
 local deadline = math_huge
-local tripped = nil  -- "time" or "memory" once this run has hit a limit
+local tripped = nil  -- STATUS.time or STATUS.memory once this run has hit a limit
 local current_env = nil
 
 -- The count hook: every hook_count instructions, compare the clock with the deadline.
 -- Once tripped it raises on every tick, without asking the clock again.
 local function hook()
-  if tripped == "time" or py_now() > deadline then
-    tripped = "time"
+  if tripped == STATUS.time or py_now() > deadline then
+    tripped = STATUS.time
     raw_error(TIME_LIMIT, 0)
   end
 end
@@ -45,11 +50,11 @@ end
 local function check(ok, ...)
   if not ok then
     if tripped == nil and (...) == MEMORY then
-      tripped = "memory"
+      tripped = STATUS.memory
     end
-    if tripped == "time" then
+    if tripped == STATUS.time then
       raw_error(TIME_LIMIT, 0)
-    elseif tripped == "memory" then
+    elseif tripped == STATUS.memory then
       raw_error(MEMORY, 0)
     end
   end
@@ -455,17 +460,17 @@ local function finish(ok, value)
   end
   if ok then
     if type(value) == "string" and utf8_len(value) == nil then
-      return "not-json", "result holds a string that is not UTF-8 text", nil
+      return STATUS.not_json, "result holds a string that is not UTF-8 text", nil
     end
-    return "ok", value, nil
+    return STATUS.ok, value, nil
   end
   if value == MEMORY then
-    return "memory", nil, nil
+    return STATUS.memory, nil, nil
   end
   if type(value) == "table" then
-    return "error", utf8_clean(value[1]), value[2]
+    return STATUS.error, utf8_clean(value[1]), value[2]
   end
-  return "error", utf8_clean(tostring(value)), nil
+  return STATUS.error, utf8_clean(tostring(value)), nil
 end
 
 local function run(chunk, data, run_deadline)

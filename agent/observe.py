@@ -28,8 +28,7 @@ from gleam.liveness import Health
 from gleam.version import VERSION
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
-    from gleam.health import Listener
+    from agent.threads import Agent
 
 log = logging.getLogger("agent.observe")
 
@@ -147,8 +146,7 @@ class Observer:
         self.limits = limits(agent.config)
         self._runner = runner
         self._clock = clock
-        self.pinger = liveness.Pinger.from_environ(self.verdict, environ)
-        self.listener: Listener | None = None
+        self.watched = liveness.Watched(self.verdict, environ=environ)
         self._stopping = False
 
     def view(self) -> View:
@@ -177,13 +175,9 @@ class Observer:
     def start(self, address: tuple[str, int] | None) -> None:
         """Start the pinger (under systemd) and the listener (with -metrics). Raises
         metrics.ListenError when the address cannot be listened on."""
-        if address is not None:
-            from gleam import health as http  # http.server only with -metrics
-
-            registry = metrics.new_registry()
-            AgentMetrics(self, registry)
-            self.listener = http.serve(address, registry, health=self.health)
-        self.pinger.start()
+        self.watched.start(
+            address, health=self.health, register=lambda registry: AgentMetrics(self, registry)
+        )
 
     def executor_restarts(self) -> int:
         # The Lua executor's restarts, when the runner counts them (`restarts`).
@@ -192,12 +186,10 @@ class Observer:
     def stopping(self) -> None:
         """Shutdown begins: STOPPING=1 now; the pings go on until `close`."""
         self._stopping = True
-        self.pinger.tick()
+        self.watched.pinger.tick()
 
     def close(self) -> None:
-        self.pinger.stop()
-        if self.listener is not None:
-            self.listener.close()
+        self.watched.stop()
 
 
 class AgentMetrics:

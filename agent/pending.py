@@ -60,17 +60,22 @@ class Completed:
 
 
 @dataclass(frozen=True)
-class Queued:
+class _KeyAt:
+    """A note about one value of one key (subclasses inherit the dataclass methods;
+    equality also compares the class)."""
+
     key: str
     revision: int
+
+
+class Queued(_KeyAt):
+    """The value waits to run."""
 
 
 @dataclass(frozen=True)
-class Superseded:
+class Superseded(_KeyAt):
     """A waiting value was replaced by a newer one of the same key before it ran."""
 
-    key: str
-    revision: int
     by: int
 
 
@@ -83,24 +88,16 @@ class Cancelled:
     by: int
 
 
-@dataclass(frozen=True)
-class AlreadyDone:
-    key: str
-    revision: int
+class AlreadyDone(_KeyAt):
+    """This revision is covered by a result already recorded."""
 
 
-@dataclass(frozen=True)
-class Deleted:
-    key: str
-    revision: int
+class Deleted(_KeyAt):
+    """The key was deleted while nothing of it waited."""
 
 
-@dataclass(frozen=True)
-class Duplicate:
+class Duplicate(_KeyAt):
     """A change older than (or the same as) one already seen for that key."""
-
-    key: str
-    revision: int
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,13 @@ import threading
 
 from agent import preflight, store
 from agent.backoff import Backoff
-from gleam import messages
+from gleam import lease, messages
 
 log = logging.getLogger("agent.registration")
 
 
 # Every this many refreshes (once per TTL) the record itself is read back.
 REFRESHES_PER_CHECK = 3
-
-
-def refresh_interval(granted_ttl: int) -> float:
-    """Refresh three times per TTL, so that two lost refreshes in a row are survived."""
-    return max(0.5, granted_ttl / 3)
 
 
 class TakenOver(Exception):
@@ -61,39 +56,41 @@ class Registrar:
         self.taken_over: messages.AgentInfo | None = None
         self._key = key
         self._info = info
-        self._ttl = ttl
+        self._session = lease.LeaseSession(etcd, ttl=ttl, name="registration")
         self._backoff = backoff or Backoff()
         self._stop = threading.Event()
-        self.lease_id: int | None = None
         self.registered = threading.Event()
         self.registrations = 0
         self.refreshes = 0
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._session.id or None
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
         """Register and keep the lease alive until `stop()`; then revoke it."""
-        interval = refresh_interval(self._ttl)
+        interval = self._session.interval
         pause = 0.0  # before the next refresh: the interval, or a backoff after a failure
         while not self._stop.wait(pause):
             try:
-                if self.lease_id is None:
+                if not self.registered.is_set():
                     _lease, interval = self._register()
                     pause = interval
                     continue
-                remaining = self._etcd.keep_alive(self.lease_id)
-                if remaining <= 0:
-                    log.warning("lease %x is gone; registering again", self.lease_id)
-                    self.lease_id = None
+                lease_id = self._session.id
+                if not self._session.refresh():
+                    log.warning("lease %x is gone; registering again", lease_id)
                     self.registered.clear()
                     pause = 0.0
                 else:
                     self.refreshes += 1
                     if self._backoff.failures:
-                        log.info("lease %x kept alive again", self.lease_id)
+                        log.info("lease %x kept alive again", lease_id)
                     if self.refreshes % REFRESHES_PER_CHECK == 0:
-                        self._ensure_record(self.lease_id)
+                        self._ensure_record(lease_id)
                     pause = interval
                 self._backoff.reset()
             except TakenOver as exc:
@@ -133,7 +130,7 @@ class Registrar:
                 self._put_record(lease_id, mod_revision)
             except store.LeaseNotFound:
                 log.warning("lease %x is gone; registering again", lease_id)
-                self.lease_id = None
+                self._session.id = 0
                 self.registered.clear()
                 return
             self.registrations += 1
@@ -158,27 +155,26 @@ class Registrar:
             if self.registrations or not self._takeover:
                 raise TakenOver(holder)
             log.warning("-takeover: replacing %s", preflight.taken_message(self._key, holder))
-        lease_id, granted = self._etcd.grant_lease(self._ttl)
+        lease_id, granted = self._session.grant()
         self._put_record(lease_id, mod_revision)
-        self.lease_id = lease_id
         self.registrations += 1
         self.registered.set()
         log.info("registered %s with lease %x (TTL %ds)", self._key, lease_id, granted)
-        return lease_id, refresh_interval(granted)
+        return lease_id, self._session.interval
 
     def _revoke(self) -> None:
-        if self.lease_id is None:
+        lease_id = self.lease_id
+        if lease_id is None:
             return
         try:
-            self._etcd.revoke_lease(self.lease_id)
-            log.info("revoked lease %x; %s removed", self.lease_id, self._key)
+            self._session.revoke()
+            log.info("revoked lease %x; %s removed", lease_id, self._key)
         except store.StoreError as exc:
             log.warning(
                 "could not revoke lease %x (%s); %s goes when the lease expires",
-                self.lease_id,
+                lease_id,
                 exc,
                 self._key,
             )
-        self.lease_id = None
         self.registered.clear()
         self._etcd.reset()

@@ -12,22 +12,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from agent import pending, store
 from agent.backoff import Backoff
-from gleam import keys, messages
+from gleam import connection, keys, messages
 
 log = logging.getLogger("agent.results")
 
 # Error texts are cut here: a Lua error can carry a huge string, and the record must fit.
 MAX_ERROR_CHARS = 8 * 1024
-
-
-def rfc3339(timestamp: float) -> str:
-    """A Unix time as RFC 3339 UTC with milliseconds: `2026-11-28T22:50:01.123Z`."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def clip_error(text: str | None) -> str | None:
@@ -57,7 +50,7 @@ def build_result(
         ok=ok,
         result=result,
         error=clip_error(error),
-        started=rfc3339(started),
+        started=messages.rfc3339(started),
         duration_ms=round(duration_ms, 3),
         skipped=sorted(job.skipped),
     )
@@ -118,7 +111,7 @@ def read_completions(
 
 # A batch stays well under etcd's request limit (1.5 MiB by default) and its operation
 # limit; a single result may be up to messages.MAX_MESSAGE_BYTES on its own.
-BATCH_MAX_RESULTS = store.MAX_TXN_OPS
+BATCH_MAX_RESULTS = connection.MAX_TXN_OPS
 BATCH_MAX_BYTES = 1024 * 1024
 
 

@@ -25,14 +25,13 @@ from pyetcd import etcdrpc
 from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 
-from agent.lua_api import KVError
+from agent.lua_api import KVError, dir_prefix
 from agent.pending import Observed
-from gleam import access, connection, leases
+from gleam import access, connection
 
 log = logging.getLogger("agent.store")
 
-Client = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
-Connector = Callable[[connection.Settings], Client]
+Connector = Callable[[connection.Settings], connection.Client]
 
 
 class StoreError(Exception):
@@ -47,13 +46,13 @@ class Rejected(StoreError):
     """etcd answered and refused the request (too large, not permitted); do not retry."""
 
 
+class LeaseNotFound(Rejected):
+    """A write bound to a lease etcd no longer has (revoked, or expired): it was refused."""
+
+
 class Denied(Rejected):
     """etcd's roles do not let this agent's user make the request: logged naming the key
     and the user, not retried (an operator fixes the role; agent/preflight.py)."""
-
-
-class LeaseNotFound(Rejected):
-    """A write bound to a lease etcd no longer has (revoked, or expired): it was refused."""
 
 
 class Compacted(StoreError):
@@ -63,9 +62,6 @@ class Compacted(StoreError):
         super().__init__(f"revision compacted (etcd keeps revisions from {compacted_revision})")
         self.compacted_revision = compacted_revision
 
-
-# etcd's default limit of operations in one transaction (--max-txn-ops).
-MAX_TXN_OPS = 128
 
 # Records read per request by `read_records`: a result may be up to 1 MiB, so a few at a
 # time keep each response small.
@@ -100,7 +96,7 @@ def translate(exc: BaseException, *, user: str = "") -> StoreError:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class KeysAtRevision:
     """Task keys read at one revision: each key's state (value None when absent)."""
 
     revision: int
@@ -112,21 +108,23 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class WatchBatch:
+class _FromWatch:
+    generation: int  # which watch of the key (a restarted watch gets the next number)
+    key: str
+
+
+@dataclass(frozen=True)
+class WatchBatch(_FromWatch):
     """Changes a watch delivered for one key; no changes for a progress notification."""
 
-    generation: int
-    key: str
     changes: tuple[Observed, ...]
     header_revision: int
 
 
 @dataclass(frozen=True)
-class WatchBroken:
+class WatchBroken(_FromWatch):
     """A watch ended: the connection broke, or etcd cancelled it."""
 
-    generation: int
-    key: str
     error: StoreError
 
 
@@ -162,12 +160,12 @@ class Store:
         self._settings = settings
         self._connector = connector
         self.user = access.identity(settings)
-        self._client: Client | None = None
+        self._client: connection.Client | None = None
         self._lock = threading.Lock()
         self._connects = 0
 
     # Connection --------------------------------------------------------------
-    def _get(self) -> Client:
+    def _get(self) -> connection.Client:
         with self._lock:
             if self._client is None:
                 turn, self._connects = self._connects, self._connects + 1
@@ -192,7 +190,7 @@ class Store:
 
     close = reset
 
-    def _call(self, what: Callable[[Client], Any]) -> Any:
+    def _call(self, what: Callable[[connection.Client], Any]) -> Any:
         client = self._get()
         try:
             return what(client)
@@ -200,16 +198,16 @@ class Store:
             raise translate(exc, user=self.user) from None
 
     # Key-value: no blind put here; every write is `put_guarded` ------------
-    def read_keys(self, keys: Sequence[str]) -> Snapshot:
+    def read_keys(self, keys: Sequence[str]) -> KeysAtRevision:
         """Read `keys` at one revision (the first read's), so that together they are a
         consistent picture that a watch from `revision + 1` continues exactly. One
-        transaction per MAX_TXN_OPS keys (an agent may watch many regions)."""
+        transaction per connection.MAX_TXN_OPS keys (an agent may watch many regions)."""
 
-        def read(client: Client) -> Snapshot:
+        def read(client: connection.Client) -> KeysAtRevision:
             revision = 0
             seen: list[Observed] = []
-            for start in range(0, len(keys), MAX_TXN_OPS):
-                chunk = keys[start : start + MAX_TXN_OPS]
+            for start in range(0, len(keys), connection.MAX_TXN_OPS):
+                chunk = keys[start : start + connection.MAX_TXN_OPS]
                 # pyetcd's transaction() drops the response header, whose revision is the
                 # point of this read, so the request is made on its KV stub directly.
                 request = etcdrpc.TxnRequest(
@@ -236,13 +234,13 @@ class Store:
                         seen.append(Observed(key, int(kvs[0].mod_revision), bytes(kvs[0].value)))
                     else:
                         seen.append(Observed(key, revision, None))
-            return Snapshot(revision, tuple(seen))
+            return KeysAtRevision(revision, tuple(seen))
 
-        result: Snapshot = self._call(read)
+        result: KeysAtRevision = self._call(read)
         return result
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
-        def read(client: Client) -> dict[str, bytes]:
+        def read(client: connection.Client) -> dict[str, bytes]:
             return {
                 meta.key.decode("utf-8", "replace"): bytes(value)
                 for value, meta in client.get_prefix(prefix)
@@ -269,8 +267,8 @@ class Store:
         one given, or nothing at all. A request etcd applies late (after our client gave
         up on it, or after our process died) then fails its compare instead of
         overwriting what was written since: see the README, "When etcd misbehaves"."""
-        if not items or len(items) > MAX_TXN_OPS:
-            raise ValueError(f"put_guarded takes 1 to {MAX_TXN_OPS} keys")
+        if not items or len(items) > connection.MAX_TXN_OPS:
+            raise ValueError(f"put_guarded takes 1 to {connection.MAX_TXN_OPS} keys")
         encoded = [item.key.encode("utf-8") for item in items]
         request = etcdrpc.TxnRequest(
             compare=[
@@ -295,7 +293,7 @@ class Store:
             ],
         )
 
-        def send(client: Client) -> TxnOutcome:
+        def send(client: connection.Client) -> TxnOutcome:
             # Made on the KV stub: the response header's revision is the write's revision.
             response = client.kvstub.Txn(
                 request,
@@ -324,8 +322,8 @@ class Store:
     def keep_alive(self, lease_id: int) -> int:
         """Refresh a lease; its TTL now, 0 or less when etcd no longer has it."""
 
-        def refresh(client: Client) -> int:
-            return leases.refresh(client, lease_id)  # also through etcd's grpc-proxy
+        def refresh(client: connection.Client) -> int:
+            return connection.refresh_lease(client, lease_id)  # also through grpc-proxy
 
         try:
             result: int = self._call(refresh)
@@ -377,7 +375,7 @@ class Store:
         )
 
 
-def _start_at(client: Client, turn: int) -> None:
+def _start_at(client: connection.Client, turn: int) -> None:
     """Each new client starts at the next endpoint in turn, the first one first (pyetcd
     picks one at random and fails over from there), so that reconnecting after
     failures tries every endpoint rather than maybe the same dead one again."""
@@ -404,7 +402,7 @@ class EtcdKV:
 
     def get_dir(self, key: str) -> dict[str, str]:
         with _kv_errors():
-            prefix = _dir_prefix(key)
+            prefix = dir_prefix(key)
             return {
                 bytes(meta.key).decode("utf-8", errors="replace"): bytes(value).decode(
                     "utf-8", errors="replace"
@@ -419,7 +417,7 @@ class EtcdKV:
 
     def delete(self, key: str) -> None:
         with _kv_errors():
-            prefix = _dir_prefix(key)
+            prefix = dir_prefix(key)
             self._client.delete(key)
             self._client.delete_prefix(prefix)
 
@@ -430,13 +428,6 @@ def _kv_errors() -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 - every failure is the script's error value
         raise KVError(connection.describe_error(exc)) from None
-
-
-def _dir_prefix(key: str) -> str:
-    stripped = key.rstrip("/")
-    if not stripped:
-        raise ValueError(f"refusing to use {key!r} as a directory: it is the root of etcd")
-    return stripped + "/"
 
 
 class LazyClient:

@@ -11,9 +11,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from agent import inflight, pending, results, trust
+from agent import inflight, lua_api, pending, results, trust
 from agent.task_queue import TaskQueue
 from gleam import keys, logformat, messages, testhooks
 
@@ -25,21 +25,8 @@ RESULT_GROUP = 128
 RESULT_GROUP_SECONDS = 0.02
 
 
-class Outcome(Protocol):
-    """What `agent.lua_exec.Outcome` offers."""
-
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def result(self) -> Any: ...
-    @property
-    def error(self) -> str | None: ...
-    @property
-    def duration_ms(self) -> float: ...
-
-
 class Runner(Protocol):
-    def run(self, name: str, data: messages.JSON) -> Outcome: ...
+    def run(self, name: str, data: messages.JSON) -> lua_api.RunOutcome: ...
 
 
 class ResultSink(Protocol):
@@ -152,12 +139,12 @@ class Worker:
                     job.revision,
                 )
                 error = inflight.INTERRUPTED_TWICE
-                return self._record(job, raw_name(job.value), False, None, error, started, t0)
+                return self._failed(job, raw_name(job.value), error, started, t0)
             return self._execute(job, started, t0)
         except Exception as exc:  # noqa: BLE001 - a bug here must not kill the worker
             log.exception("%s at revision %d: running it failed", job.key, job.revision)
             error = f"internal error: {exc!r}"
-            return self._record(job, raw_name(job.value), False, None, error, started, t0)
+            return self._failed(job, raw_name(job.value), error, started, t0)
         finally:
             self._started.end(job.key)
 
@@ -173,21 +160,17 @@ class Worker:
             task = messages.decode_task(job.value)
         except Exception as exc:  # noqa: BLE001 - MessageError, or any value the decoder chokes on
             log.error("%s at revision %d: bad task message: %s", job.key, job.revision, exc)
-            return self._record(
-                job, raw_name(job.value), False, None, f"bad task message: {exc}", started, t0
-            )
+            return self._failed(job, raw_name(job.value), f"bad task message: {exc}", started, t0)
         logformat.add_to_context(function=task.name)
         if self._gate is not None and (refusal := self._gate.refusal(job)) is not None:
             log.error("%s at revision %d not run: %s", job.key, job.revision, refusal)
-            return self._record(job, task.name, False, None, refusal, started, t0)
+            return self._failed(job, task.name, refusal, started, t0)
         log.info("running %s from %s at revision %d", task.name, job.key, job.revision)
         try:
             outcome = self._runner.run(task.name, task.data)
         except Exception as exc:  # noqa: BLE001 - the runner promises not to raise; be sure
             log.exception("%s from %s: the runner failed", task.name, job.key)
-            return self._record(
-                job, task.name, False, None, f"internal error: {exc!r}", started, t0
-            )
+            return self._failed(job, task.name, f"internal error: {exc!r}", started, t0)
         if outcome.ok:
             log.info(
                 "%s from %s at revision %d succeeded in %.0f ms",
@@ -217,23 +200,18 @@ class Worker:
             duration_ms=float(outcome.duration_ms),
         )
 
-    def _record(
-        self,
-        job: pending.Job,
-        name: str | None,
-        ok: bool,
-        result: messages.JSON,
-        error: str | None,
-        started: float,
-        t0: float,
+    def _failed(
+        self, job: pending.Job, name: str | None, error: str, started: float, t0: float
     ) -> messages.Result:
+        """The record of a task that failed before (or around) its run: no result."""
+        took = (self._clock() - t0) * 1000
         return results.build_result(
             agent_id=self._agent_id,
             job=job,
             name=name,
-            ok=ok,
-            result=result,
+            ok=False,
+            result=None,
             error=error,
             started=started,
-            duration_ms=(self._clock() - t0) * 1000,
+            duration_ms=took,
         )

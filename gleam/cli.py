@@ -4,7 +4,7 @@
     gleam-client [flags] info | node | region | status | call <key> <fn> [data]
 
 This module parses flags, talks to etcd through `gleam.client`, and prints what
-`gleam.render` makes of the answers; target resolution and the status model are pure
+`gleam.client_render` makes of the answers; target resolution and the status model are pure
 code elsewhere. Exit codes: 0 ok, 1 failure (etcd, a task that failed or did not
 answer), 2 usage (bad flags, data, function or target; nothing written); `status` exits
 2 also when a targeted agent is still pending.
@@ -21,17 +21,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import pyetcd.exceptions
-
 from gleam import (
     access,
     access_cli,
     client,
+    client_render,
     connection,
     flags,
     keys,
     messages,
-    render,
     rollout_cli,
     signing,
     status,
@@ -69,11 +67,7 @@ exit codes:
 """
 
 
-class UsageError(ValueError):
-    """Something wrong in what was typed; the text names the flag, key or target."""
-
-
-class DataError(UsageError):
+class DataError(flags.UsageError):
     """`-data` (or call's DATA) is not JSON, or its file cannot be read."""
 
 
@@ -92,7 +86,7 @@ class Output:
             print(f"{PROG}: {empty}", file=sys.stderr)
 
     def document(self, doc: Mapping[str, Any]) -> None:
-        print(render.to_json(doc), file=self.out)
+        print(client_render.to_json(doc), file=self.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,13 +181,13 @@ def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
 
 def make_task(function: str | None, data: messages.JSON, *, flag: str = "-fn") -> messages.Task:
     if not function:
-        raise UsageError(f"{flag}: a function name is required (e.g. {flag} config::sync)")
+        raise flags.UsageError(f"{flag}: a function name is required (e.g. {flag} config::sync)")
     try:
         keys.validate_function(function)
         task = messages.Task(function, data)
         task.encode()  # size and serialisability, checked before anything is written
     except (keys.InvalidName, messages.MessageError) as exc:
-        raise UsageError(f"{flag}: {exc}") from None
+        raise flags.UsageError(f"{flag}: {exc}") from None
     return task
 
 
@@ -202,7 +196,7 @@ def parse_call_key(value: str, layout: keys.Layout) -> keys.Target:
     if value.startswith("/"):
         target = layout.parse_task_key(value)
         if target is None:
-            raise UsageError(
+            raise flags.UsageError(
                 f"call: key {value!r} is not a task key under {layout.prefix}: use "
                 f"{layout.prefix}/node/<id> or {layout.prefix}/region/<name>"
             )
@@ -210,14 +204,14 @@ def parse_call_key(value: str, layout: keys.Layout) -> keys.Target:
     try:
         return keys.Target.parse(value)
     except keys.InvalidName as exc:
-        raise UsageError(f"call: key {value!r}: {exc}") from None
+        raise flags.UsageError(f"call: key {value!r}: {exc}") from None
 
 
 # Commands -------------------------------------------------------------------------------
 
 
 def _deliver(
-    etcd: client.Etcd,
+    etcd: connection.Client,
     layout: keys.Layout,
     targets: Sequence[keys.Target],
     task: messages.Task,
@@ -234,9 +228,9 @@ def _deliver(
     task_keys = sorted(layout.task_key(t) for t in targets)
     if wait is None:
         if output.json:
-            output.document(render.send_document(task_keys, revision, task))
+            output.document(client_render.send_document(task_keys, revision, task))
         else:
-            output.text(render.sent_text(task_keys, revision))
+            output.text(client_render.sent_text(task_keys, revision))
         return EXIT_OK
     reports = client.wait_for_results(
         etcd, layout, {key: revision for key in task_keys}, timeout=wait
@@ -245,29 +239,33 @@ def _deliver(
     unwatched = [key for key in task_keys if key not in answered]
     if output.json:
         output.document(
-            render.send_document(task_keys, revision, task, reports=reports, unwatched=unwatched)
+            client_render.send_document(
+                task_keys, revision, task, reports=reports, unwatched=unwatched
+            )
         )
     else:
-        output.text(render.sent_text(task_keys, revision))
+        output.text(client_render.sent_text(task_keys, revision))
         output.text(
-            render.reports_text(reports, timeout=wait, unwatched=unwatched, colour=output.colour)
+            client_render.reports_text(
+                reports, timeout=wait, unwatched=unwatched, colour=output.colour
+            )
         )
     all_ok = all(r.outcome is client.Outcome.OK for r in reports)
     return EXIT_OK if all_ok and not unwatched else EXIT_FAILURE
 
 
 def cmd_send(
-    args: argparse.Namespace, etcd: client.Etcd, layout: keys.Layout, output: Output
+    args: argparse.Namespace, etcd: connection.Client, layout: keys.Layout, output: Output
 ) -> int:
     specs = targeting.split_specs(args.target)
     if not specs:
-        raise UsageError("-target: give at least one target (node/ID, region/NAME or a name)")
+        raise flags.UsageError("-target: give at least one target (node/ID, region/NAME or a name)")
     task = make_task(args.fn, parse_data(args.data))
     agents = client.list_agents(etcd, layout) if targeting.needs_agents(specs) else []
     try:
         targets = targeting.resolve(specs, agents)
     except targeting.TargetError as exc:
-        raise UsageError("\n".join(exc.problems)) from None
+        raise flags.UsageError("\n".join(exc.problems)) from None
     if args.rollout is not None:  # a staged task: gleam.rollout_cli
         try:
             task = rollout_cli.staged_task(task.name, task.data, args.rollout)
@@ -276,51 +274,55 @@ def cmd_send(
                 say=output.text, signer=args.signer,
             )  # fmt: skip
         except rollout_cli.RolloutUsage as exc:
-            raise UsageError(str(exc)) from None
+            raise flags.UsageError(str(exc)) from None
     return _deliver(etcd, layout, targets, task, wait=args.wait, output=output, signer=args.signer)
 
 
 def cmd_call(
-    args: argparse.Namespace, etcd: client.Etcd, layout: keys.Layout, output: Output
+    args: argparse.Namespace, etcd: connection.Client, layout: keys.Layout, output: Output
 ) -> int:
     if len(args.args) not in (2, 3):
-        raise UsageError("call: expected KEY FN [DATA], e.g. call /gleam/node/web-1 print '{}'")
+        raise flags.UsageError(
+            "call: expected KEY FN [DATA], e.g. call /gleam/node/web-1 print '{}'"
+        )
     target = parse_call_key(args.args[0], layout)
     data = parse_data(args.args[2] if len(args.args) == 3 else None, flag="call DATA")
     task = make_task(args.args[1], data, flag="call FN")
     return _deliver(etcd, layout, [target], task, wait=args.wait, output=output, signer=args.signer)
 
 
-def cmd_info(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     agents = client.list_agents(etcd, layout)
     if output.json:
-        output.document(render.agents_document(agents))
+        output.document(client_render.agents_document(agents))
     else:
         output.text(
-            render.agents_text(agents, layout), empty=f"no live agent under {layout.info_prefix}"
+            client_render.agents_text(agents, layout),
+            empty=f"no live agent under {layout.info_prefix}",
         )
     return EXIT_OK
 
 
-def cmd_list(kind: keys.Kind, etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+def cmd_list(kind: keys.Kind, etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     entries = client.list_tasks(etcd, layout, kind)
     if output.json:
-        output.document(render.tasks_document(entries))
+        output.document(client_render.tasks_document(entries))
     else:
         output.text(
-            render.tasks_text(entries), empty=f"no task key under {layout.tasks_prefix(kind)}"
+            client_render.tasks_text(entries),
+            empty=f"no task key under {layout.tasks_prefix(kind)}",
         )
     return EXIT_OK
 
 
-def cmd_status(etcd: client.Etcd, layout: keys.Layout, output: Output) -> int:
+def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     snapshot = client.read_snapshot(etcd, layout)
     fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC))
     fleet = status.with_rollouts(fleet, rollout_cli.read_gates(etcd, layout))
     if output.json:
-        output.document(render.status_document(fleet))
+        output.document(client_render.status_document(fleet))
     else:
-        output.text(render.status_text(fleet, colour=output.colour))
+        output.text(client_render.status_text(fleet, colour=output.colour))
     return fleet.exit_code
 
 
@@ -328,37 +330,39 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen command would silently ignore."""
     command = args.command
     if args.wait is not None and args.wait < 0:
-        raise UsageError("-wait: SECONDS must not be negative")
+        raise flags.UsageError("-wait: SECONDS must not be negative")
     if command is None:
         if args.args:
-            raise UsageError(f"unexpected argument {args.args[0]!r}")
+            raise flags.UsageError(f"unexpected argument {args.args[0]!r}")
         if not args.target and not args.fn:
-            raise UsageError(
+            raise flags.UsageError(
                 "nothing to do: give -target and -fn to send a task, or a command: "
                 + ", ".join(COMMANDS)
             )
         return
     if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+        raise flags.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
         if value:
-            raise UsageError(f"{flag} is for sending without a command, not with {command!r}")
+            raise flags.UsageError(f"{flag} is for sending without a command, not with {command!r}")
     if args.rollout is not None:
-        raise UsageError(f"-rollout is for sending a task, not with {command!r}")
+        raise flags.UsageError(f"-rollout is for sending a task, not with {command!r}")
     if command == "rollout":
         return
     if command != "call" and args.args:
-        raise UsageError(f"{command}: unexpected argument {args.args[0]!r}")
+        raise flags.UsageError(f"{command}: unexpected argument {args.args[0]!r}")
     if command != "call" and args.wait is not None:
-        raise UsageError(f"-wait is for sending a task, not with {command!r}")
+        raise flags.UsageError(f"-wait is for sending a task, not with {command!r}")
 
 
 def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
     if args.command == "access":
         return _access(args, environ=environ, out=out)
     if access_cli.uses_access_flags(args):
-        raise UsageError("-region, -script_read, -script_write, -no_password and -dry_run are "
-                         "for the access command")  # fmt: skip
+        raise flags.UsageError(
+            "-region, -script_read, -script_write, -no_password and -dry_run are for the "
+            "access command"
+        )
     _check_flags(args)
     try:
         values = flags.resolve(args, flags.CONNECTION_FLAGS, environ=environ)
@@ -366,7 +370,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         settings = flags.connection_settings(values)
         args.signer = signing.signer_from(flags.resolve(args, (signing.FLAG,), environ=environ))
     except (flags.FlagError, connection.ConfigError) as exc:
-        raise UsageError(str(exc)) from None
+        raise flags.UsageError(str(exc)) from None
     output = Output(
         out=out,
         json=args.output == "json",
@@ -389,7 +393,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
                         args.args, etcd, layout, json_output=output.json, say=output.text
                     )
                 except rollout_cli.RolloutUsage as exc:
-                    raise UsageError(str(exc)) from None
+                    raise flags.UsageError(str(exc)) from None
             return cmd_list(keys.Kind(args.command), etcd, layout, output)
         finally:
             etcd.close()
@@ -401,29 +405,21 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
 def _access(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) -> int:
     for flag, value in (("-target", args.target), ("-fn", args.fn), ("-data", args.data)):
         if value:
-            raise UsageError(f"{flag} is for sending without a command, not with 'access'")
+            raise flags.UsageError(f"{flag} is for sending without a command, not with 'access'")
     try:
         return access_cli.run(args, environ=environ, out=out)
     except access_cli.AccessUsage as exc:
-        raise UsageError(str(exc)) from None
+        raise flags.UsageError(str(exc)) from None
     except access.AccessError as exc:
         print(f"{PROG}: access: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-
-
-# What pyetcd raises when no endpoint answers (its own classes, or gRPC's UNAVAILABLE).
-_UNREACHABLE = (
-    pyetcd.exceptions.ConnectionFailedError,
-    pyetcd.exceptions.ConnectionTimeoutError,
-    pyetcd.exceptions.NoServerAvailableError,
-)
 
 
 def etcd_failure(settings: connection.Settings, exc: BaseException) -> str:
     """One line naming the endpoints: unreachable, or what etcd answered."""
     code = getattr(exc, "code", None)
     unavailable = callable(code) and getattr(code(), "name", "") == "UNAVAILABLE"
-    if isinstance(exc, _UNREACHABLE) or unavailable:
+    if isinstance(exc, connection.UNREACHABLE_ERRORS) or unavailable:
         return f"cannot reach etcd at {settings.describe()} ({connection.describe_error(exc)})"
     return f"etcd at {settings.describe()} failed: {connection.describe_error(exc)}"
 
@@ -436,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return run(args, environ=os.environ, out=sys.stdout)
-    except UsageError as exc:
+    except flags.UsageError as exc:
         for line in str(exc).splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)
         return EXIT_USAGE

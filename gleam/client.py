@@ -13,23 +13,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-import grpc
-from pyetcd import exceptions as pyetcd_exceptions
-
 from gleam import connection, keys, messages, signing
 
-Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
 
-MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-
-
-def send_task(etcd: Etcd, layout: keys.Layout, target: keys.Target, task: messages.Task) -> int:
+def send_task(
+    etcd: connection.Client, layout: keys.Layout, target: keys.Target, task: messages.Task
+) -> int:
     """Write `task` to the target's key; returns the write's revision (the key's new
     mod_revision, which agents put in their results). See `send_tasks`."""
     return send_tasks(etcd, layout, [target], task)
 
 
-def list_agents(etcd: Etcd, layout: keys.Layout) -> list[messages.AgentInfo]:
+def list_agents(etcd: connection.Client, layout: keys.Layout) -> list[messages.AgentInfo]:
     """Live agents: those whose lease-bound registration is present, sorted by id.
     A registration that cannot be decoded is skipped rather than failing the listing."""
     return _decode_agents(value for value, _meta in etcd.get_prefix(layout.info_prefix))
@@ -45,7 +40,7 @@ def _decode_agents(values: Iterable[bytes]) -> list[messages.AgentInfo]:
     return sorted(agents, key=lambda a: a.id)
 
 
-def read_results(etcd: Etcd, layout: keys.Layout) -> list[messages.Result]:
+def read_results(etcd: connection.Client, layout: keys.Layout) -> list[messages.Result]:
     """Every result record under the prefix (including those of departed agents)."""
     return _decode_results(
         ((_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix)), layout
@@ -98,16 +93,23 @@ class Report:
         return self.result.error if self.result is not None else None
 
 
+def outcome_of(result: messages.Result | None, revision: int) -> Outcome:
+    """Pure: what one agent's result (or none) says about a write at `revision`. A
+    result for a later revision also answers (the agent coalesced that write into a
+    newer one, or ran it and then a newer one)."""
+    if result is None or result.revision < revision:
+        return Outcome.PENDING
+    return Outcome.OK if result.ok else Outcome.FAILED
+
+
 def judge(
     expected: Mapping[str, int],
     agents: Iterable[messages.AgentInfo],
     results: Iterable[messages.Result],
     layout: keys.Layout,
 ) -> list[Report]:
-    """Pure: for each task key at its expected revision, each watching agent's outcome.
-
-    A result for a later revision also answers (the agent coalesced our write into a
-    newer one, or ran ours and then a newer one)."""
+    """Pure: for each task key at its expected revision, each watching agent's outcome
+    (see outcome_of)."""
     agent_list = list(agents)
     by_agent_key = {(r.agent, r.key): r for r in results}
     reports = []
@@ -117,16 +119,12 @@ def judge(
             raise keys.InvalidName(f"{key!r} is not a task key under {layout.prefix}")
         for agent_id in watchers(target, agent_list):
             result = by_agent_key.get((agent_id, key))
-            if result is None or result.revision < revision:
-                reports.append(Report(agent_id, key, revision, Outcome.PENDING, result))
-            else:
-                outcome = Outcome.OK if result.ok else Outcome.FAILED
-                reports.append(Report(agent_id, key, revision, outcome, result))
+            reports.append(Report(agent_id, key, revision, outcome_of(result, revision), result))
     return reports
 
 
 def wait_for_results(
-    etcd: Etcd,
+    etcd: connection.Client,
     layout: keys.Layout,
     expected: Mapping[str, int],
     *,
@@ -156,41 +154,23 @@ def wait_for_results(
 # endpoint), under the same guard, so that at most one of them can ever be applied.
 SEND_ATTEMPTS = 3
 
-# Errors after which a write may or may not have been applied: the request may have
-# reached etcd, and etcd may apply it even after the client gave up.
-_UNCERTAIN_CODES = frozenset(
-    {
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    }
-)
 
-
-class SendOutcomeUnknown(pyetcd_exceptions.Etcd3Exception):  # type: ignore[misc]
+class SendOutcomeUnknown(connection.WriteError):
     """etcd did not say whether the task was written. It is written at most once: every
     attempt was guarded by the keys' mod_revisions as read before the first."""
 
 
-class SendConflict(pyetcd_exceptions.Etcd3Exception):  # type: ignore[misc]
-    """The keys changed between reading and writing them, every time: nothing written."""
+class SendConflict(connection.WriteError):
+    """The keys changed between reading and writing them, every time (a plain or a
+    signed send): nothing written."""
 
 
-def _uncertain(exc: BaseException) -> bool:
-    if isinstance(exc, pyetcd_exceptions.Etcd3Exception):
-        return not isinstance(exc, pyetcd_exceptions.RevisionCompactedError)
-    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
-    return code in _UNCERTAIN_CODES
-
-
-def _stored(etcd: Etcd, task_keys: Sequence[str]) -> dict[str, Stored | None]:
+def _stored(etcd: connection.Client, task_keys: Sequence[str]) -> dict[str, Stored | None]:
     """The keys' values and mod_revisions now (None for a missing key), at one revision."""
     t = etcd.transactions
     found: dict[str, Stored | None] = {}
-    for start in range(0, len(task_keys), MAX_TXN_OPS):
-        chunk = task_keys[start : start + MAX_TXN_OPS]
+    for start in range(0, len(task_keys), connection.MAX_TXN_OPS):
+        chunk = task_keys[start : start + connection.MAX_TXN_OPS]
         _ok, responses = etcd.transaction(compare=[], success=[t.get(k) for k in chunk], failure=[])
         for key, response in zip(chunk, responses, strict=True):
             found[key] = None
@@ -200,7 +180,7 @@ def _stored(etcd: Etcd, task_keys: Sequence[str]) -> dict[str, Stored | None]:
 
 
 def _prepare(
-    etcd: Etcd,
+    etcd: connection.Client,
     task_keys: Sequence[str],
     task: messages.Task,
     signer: signing.Signer | None,
@@ -242,7 +222,7 @@ def landed(
 
 
 def send_tasks(
-    etcd: Etcd,
+    etcd: connection.Client,
     layout: keys.Layout,
     targets: Iterable[keys.Target],
     task: messages.Task,
@@ -278,7 +258,7 @@ def send_tasks(
                 return int(responses[0].response_put.header.revision)
             now = _stored(etcd, task_keys)
         except connection.ETCD_ERRORS as exc:
-            if not _uncertain(exc):
+            if not connection.may_have_applied(exc):
                 if doubt is None:
                     raise
                 break
@@ -358,7 +338,7 @@ def _task_entries(items: Iterable[tuple[str, bytes, int]], layout: keys.Layout) 
     return sorted(entries, key=lambda e: (e.target.kind.value, e.target.name))
 
 
-def list_tasks(etcd: Etcd, layout: keys.Layout, kind: keys.Kind) -> list[TaskEntry]:
+def list_tasks(etcd: connection.Client, layout: keys.Layout, kind: keys.Kind) -> list[TaskEntry]:
     """The task keys of one kind (`node` or `region`) with their values and revisions."""
     return _task_entries(
         (
@@ -369,7 +349,7 @@ def list_tasks(etcd: Etcd, layout: keys.Layout, kind: keys.Kind) -> list[TaskEnt
     )
 
 
-def read_snapshot(etcd: Etcd, layout: keys.Layout) -> Snapshot:
+def read_snapshot(etcd: connection.Client, layout: keys.Layout) -> Snapshot:
     """One consistent read of the whole prefix (see Snapshot)."""
     response = etcd.get_prefix_response(layout.prefix + "/")
     items = [

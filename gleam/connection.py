@@ -8,15 +8,59 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
+import pyetcd.exceptions
+from pyetcd import etcdrpc
 
 # What etcd trouble looks like from pyetcd: its own exceptions for the codes it knows,
 # raw gRPC errors for the rest (unauthenticated, lease not found, ...).
 ETCD_ERRORS: tuple[type[BaseException], ...] = (pyetcd.Etcd3Exception, grpc.RpcError)
+
+# What pyetcd raises when no endpoint answers (its own classes; gRPC says UNAVAILABLE).
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
+    pyetcd.exceptions.ConnectionFailedError,
+    pyetcd.exceptions.ConnectionTimeoutError,
+    pyetcd.exceptions.NoServerAvailableError,
+)
+
+# A connected client: pyetcd.MultiEndpointEtcd3Client (pyetcd ships no type hints).
+Client = Any
+
+# etcd's default limit of operations (and of compares) in one transaction (--max-txn-ops).
+MAX_TXN_OPS = 128
+
+# Errors after which a write may or may not have been applied: the request may have
+# reached etcd, and etcd may apply it even after the client gave up.
+_UNCERTAIN_CODES = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+class WriteError(pyetcd.Etcd3Exception):  # type: ignore[misc]  # pyetcd is untyped
+    """A write that failed in a way pyetcd has no class for; ETCD_ERRORS catches it
+    with pyetcd's own."""
+
+
+def may_have_applied(exc: BaseException) -> bool:
+    """Whether a write that failed with `exc` may still have been applied."""
+    if isinstance(exc, pyetcd.Etcd3Exception):
+        return not isinstance(exc, pyetcd.exceptions.RevisionCompactedError)
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code in _UNCERTAIN_CODES
+
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
@@ -276,3 +320,38 @@ def describe_error(exc: BaseException) -> str:
         return f"{getattr(code, 'name', code)}: {details}"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Lease refresh ------------------------------------------------------------------------
+# pyetcd's `refresh_lease` sends its one LeaseKeepAlive request and closes its side of
+# the stream at once. etcd answers anyway, but etcd's grpc-proxy ends the stream as soon
+# as the client closes its side, before the answer comes back ("context canceled"):
+# behind a proxy every refresh failed and every lease (agent registrations, the apply
+# lock) expired. Here the request side stays open until the answer has arrived.
+
+REFRESH_TIMEOUT = 5.0
+
+
+def refresh_lease(client: Client, lease_id: int) -> int:
+    """Refresh a lease; its TTL now, 0 or less when etcd no longer has it. Errors are
+    pyetcd's exceptions, as from any other call on `client`."""
+    timeout = client.timeout or REFRESH_TIMEOUT
+    answered = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        yield etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+        answered.wait(timeout)  # gRPC reads this in its own thread: holds the stream open
+
+    call = client.leasestub.LeaseKeepAlive(
+        requests(), timeout, credentials=client.call_credentials, metadata=client.metadata
+    )
+    try:
+        for response in call:
+            return int(response.TTL)
+        return 0
+    except grpc.RpcError as exc:
+        client._manage_grpc_errors(exc)  # raises pyetcd's exception for it
+        raise
+    finally:
+        answered.set()
+        call.cancel()

@@ -83,6 +83,11 @@ class FlagError(ValueError):
     """A flag value that cannot be used; the text names the flag."""
 
 
+class UsageError(ValueError):
+    """Something wrong in what was typed on a command line (gleam-client's or
+    gleam-reconcile's); the text names the flag, key or target."""
+
+
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     """Register each flag as -name, --name and --name-with-dashes (plus aliases)."""
     for flag in flags:

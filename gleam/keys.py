@@ -203,6 +203,11 @@ class Layout:
         """The reconciler's record of its last applies (commit, time, digest, history)."""
         return f"{self.meta_prefix}applied"
 
+    @property
+    def lock_key(self) -> str:
+        """The apply lock, held (bound to a lease) while a reconciler applies."""
+        return f"{self.meta_prefix}lock"
+
 
 def split_regions(value: str) -> tuple[str, ...]:
     """`eu:web` or `eu,web` -> ("eu", "web"), validated, duplicates dropped, order kept."""

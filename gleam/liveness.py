@@ -22,8 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from gleam import sdnotify
+
+if TYPE_CHECKING:
+    from gleam.health import Listener
 
 log = logging.getLogger("gleam.liveness")
 
@@ -173,3 +177,39 @@ class Pinger:
         if not self.sent.stopping:
             self._notifier.stopping()
         self._notifier.close()
+
+
+class Watched:
+    """How a daemon is watched from outside: the systemd pinger (under systemd) and,
+    with -metrics, the HTTP listener for /metrics and /healthz. The agent's and the
+    reconciler's observers each own one."""
+
+    def __init__(
+        self, verdict: Callable[[], Verdict], *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.pinger = Pinger.from_environ(verdict, environ)
+        self.listener: Listener | None = None
+
+    def start(
+        self,
+        address: tuple[str, int] | None,
+        *,
+        health: Callable[[], Health],
+        register: Callable[[Any], object],
+    ) -> None:
+        """Start the pinger and, given an address, the listener with the metrics that
+        `register` adds to a new registry. Raises metrics.ListenError when the address
+        cannot be listened on."""
+        if address is not None:
+            from gleam import health as http  # http.server only with -metrics
+            from gleam import metrics
+
+            registry = metrics.new_registry()
+            register(registry)
+            self.listener = http.serve(address, registry, health=health)
+        self.pinger.start()
+
+    def stop(self) -> None:
+        self.pinger.stop()
+        if self.listener is not None:
+            self.listener.close()

@@ -21,8 +21,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
+
+from gleam import messages
 
 FORMATS = ("text", "json")
 
@@ -76,18 +77,13 @@ def current_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {name: merged[name] for name in FIELDS if name in merged}
 
 
-def rfc3339(created: float) -> str:
-    moment = datetime.fromtimestamp(created, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 class JSONFormatter(logging.Formatter):
     """One JSON object per line. ASCII only (escapes), so that any bytes a script logs
     give a valid line."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": rfc3339(record.created),
+            "time": messages.rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -11,6 +11,7 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeAlias
 
 from gleam import keys
@@ -236,8 +237,16 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
+class _Record:
+    """A record written as canonical JSON of its fields (subclasses are dataclasses)."""
+
+    def encode(self) -> bytes:
+        fields: Any = self  # a dataclass instance; mypy cannot see that from here
+        return canonical_json(asdict(fields)).encode("utf-8")
+
+
 @dataclass(frozen=True)
-class Result:
+class Result(_Record):
     """What one agent recorded after running one task key's value.
 
     `revision` is the task key's mod_revision that ran; it is how the agent knows at
@@ -256,15 +265,10 @@ class Result:
     # Revisions of this key that were superseded before they could run.
     skipped: list[int] = field(default_factory=list)
 
-    def encode(self) -> bytes:
-        return canonical_json(asdict(self)).encode("utf-8")
-
 
 def decode_result(raw: bytes | str) -> Result:
     """Parse a result record; any bytes give a Result or a MessageError."""
-    value = load_json(raw, what="result")
-    if not isinstance(value, dict):
-        raise MessageError("result is not a JSON object")
+    value = _json_object(raw, what="result")
     try:
         return Result(
             agent=str(value["agent"]),
@@ -280,6 +284,13 @@ def decode_result(raw: bytes | str) -> Result:
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MessageError(f"result is missing or has a bad field: {exc}") from None
+
+
+def _json_object(raw: bytes | str, *, what: str) -> dict[str, Any]:
+    value = load_json(raw, what=what)
+    if not isinstance(value, dict):
+        raise MessageError(f"{what} is not a JSON object")
+    return value
 
 
 def _optional_text(value: Any, name: str) -> str | None:
@@ -303,7 +314,7 @@ def _array(value: Any, name: str) -> list[Any]:
 
 
 @dataclass(frozen=True)
-class AgentInfo:
+class AgentInfo(_Record):
     """An agent's registration at `<prefix>/info/<id>`, bound to its lease."""
 
     id: str
@@ -314,15 +325,10 @@ class AgentInfo:
     started: str
     script_dir: str
 
-    def encode(self) -> bytes:
-        return canonical_json(asdict(self)).encode("utf-8")
-
 
 def decode_agent_info(raw: bytes | str) -> AgentInfo:
     """Parse an agent's registration; any bytes give an AgentInfo or a MessageError."""
-    value = load_json(raw, what="registration")
-    if not isinstance(value, dict):
-        raise MessageError("registration is not a JSON object")
+    value = _json_object(raw, what="registration")
     try:
         return AgentInfo(
             id=str(value["id"]),
@@ -335,3 +341,11 @@ def decode_agent_info(raw: bytes | str) -> AgentInfo:
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MessageError(f"registration is missing or has a bad field: {exc}") from None
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as RFC 3339 UTC with milliseconds, `2026-11-28T22:50:01.123Z`: the one
+    time format of Gleam's records (results, registrations, the applied record) and of
+    its JSON log lines."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

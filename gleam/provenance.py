@@ -2,7 +2,7 @@
 `gleam-client status` (the owner and commit columns). Pure: it decodes values already
 read in one snapshot.
 
-The reconciler (reconciler/state.py owns the format; the shared package must not import
+The reconciler (reconciler/records.py owns the format; the shared package must not import
 the reconciler, so the few fields needed are read here, tolerantly) keeps:
 - `<prefix>/meta/owned/<node|region>/<name>`: one key per task key it owns, holding
   `{"source": "commit", "commit": <sha>}` (or `{"source": "worktree"}`), written in the

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from gleam import client, keys, messages, render, rollout, rollout_driver, signing
+from gleam import client, client_render, keys, messages, rollout, rollout_driver, signing
 
 EXIT_OK, EXIT_FAILURE, EXIT_PENDING = 0, 1, 2
 USAGE = "rollout status [REGION] | rollout promote REGION | rollout abort REGION"
@@ -100,7 +100,7 @@ def run(
             print(f"gleam-client: rollout {verb}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
     if json_output:
-        say(render.to_json({"rollouts": [gate_json(r, g) for r, g in gates.items()]}))
+        say(client_render.to_json({"rollouts": [gate_json(r, g) for r, g in gates.items()]}))
     else:
         for region, gate in gates.items():
             say(gate_line(region, gate) if gate is not None else f"{region}  no rollout")
@@ -129,7 +129,7 @@ def send(
         gates = rollout_driver.drive(driver, regions, timeout=wait)
     if json_output:
         say(
-            render.to_json(
+            client_render.to_json(
                 {"revision": revision, "rollouts": [gate_json(r, g) for r, g in gates.items()]}
             )
         )

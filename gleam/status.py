@@ -1,7 +1,7 @@
 """The fleet at a glance: live agents, and for each task key what each agent made of it.
 
 `build` turns one `client.Snapshot` (plus where each key came from, and the time) into a
-`FleetStatus`; `gleam.render` turns that into text or JSON. Pure: no etcd, no clock.
+`FleetStatus`; `gleam.client_render` turns that into text or JSON. Pure: no etcd, no clock.
 
 Who is "targeted": the live agents that watch a key (`client.watchers`). Each gets a row
 that says whether it ran the key's current revision ok, failed, or has not yet (pending).
@@ -174,19 +174,14 @@ def _rows(
     rows = []
     for agent_id in client.watchers(entry.target, agents):
         result = results.get((agent_id, entry.key))
-        outcome = _outcome(result, entry.revision)
+        outcome = client.outcome_of(result, entry.revision)
         rows.append(AgentRow(agent_id, RowState(outcome.value), outcome, result))
     for agent_id in departed_ids:
         result = results[(agent_id, entry.key)]
-        rows.append(AgentRow(agent_id, RowState.GONE, _outcome(result, entry.revision), result))
+        rows.append(
+            AgentRow(agent_id, RowState.GONE, client.outcome_of(result, entry.revision), result)
+        )
     return tuple(rows)
-
-
-def _outcome(result: messages.Result | None, revision: int) -> client.Outcome:
-    # The same rule as client.judge: a result for a later revision also answers.
-    if result is None or result.revision < revision:
-        return client.Outcome.PENDING
-    return client.Outcome.OK if result.ok else client.Outcome.FAILED
 
 
 def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> FleetStatus:

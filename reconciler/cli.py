@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gleam import client, connection, flags, metrics, rollout_driver, signing
-from reconciler import gitsource, manifests, reconcile, render, rollouts, state, sync
+from reconciler import manifests, reconcile, render, rollouts, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -76,14 +76,10 @@ ALL_FLAGS = (
 )
 
 
-class UsageError(ValueError):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     # argparse exits 2 on a usage error, which would read as "changes pending".
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+        raise flags.UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse(argv)
         flags.setup_logging(config.log_values, name="gleam-reconcile")
-    except (UsageError, flags.FlagError, connection.ConfigError) as exc:
+    except (flags.UsageError, flags.FlagError, connection.ConfigError) as exc:
         print(f"gleam-reconcile: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except SystemExit as exc:  # --help
@@ -218,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_once(config)
     from reconciler import daemon  # watchdog and the loop are not needed for --once
 
-    settings = daemon.Settings(
+    settings = daemon.LoopSettings(
         interval=config.interval,
         full_every=config.full_every,
         debounce=config.debounce,
@@ -234,15 +230,6 @@ def _fail(config: Config, message: str) -> int:
     else:
         print(f"gleam-reconcile: {message}", file=sys.stderr)
     return EXIT_ERROR
-
-
-# The errors one pass can end with, turned into messages here and nowhere else.
-PASS_ERRORS: tuple[type[BaseException], ...] = (
-    reconcile.ReconcileError,
-    gitsource.GitError,
-    state.StateError,
-    sync.SyncError,
-)
 
 
 def run_once(config: Config) -> int:
@@ -262,9 +249,9 @@ def run_once(config: Config) -> int:
         etcd.close()
 
 
-def _pass(config: Config, etcd: Any) -> int:
+def _pass(config: Config, etcd: connection.Client) -> int:
     try:
-        result = reconcile.run(etcd, config.layout, config.options)
+        result = reconcile.run(sync.Store.over(etcd, config.layout), config.options)
     except manifests.InvalidManifests as exc:
         if config.output == "json":
             print(render.dumps(render.errors_json(exc.errors)))
@@ -277,12 +264,10 @@ def _pass(config: Config, etcd: Any) -> int:
                 file=sys.stderr,
             )
         return EXIT_ERROR
-    except PASS_ERRORS as exc:
+    except sync.EtcdFailed as exc:
+        return _fail(config, f"etcd at {config.settings.describe()}: {exc}")
+    except reconcile.PASS_ERRORS as exc:
         return _fail(config, str(exc))
-    except connection.ETCD_ERRORS as exc:
-        return _fail(
-            config, f"etcd at {config.settings.describe()}: {connection.describe_error(exc)}"
-        )
 
     # Staged region tasks: their rollout gates, right after the task transactions.
     staged = rollouts.staged_written(config.layout, result.revisions, result.desired.values)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gleam import connection, keys, logformat, rollout_driver
-from reconciler import diff, gitsource, manifests, reconcile, render, state, sync
+from reconciler import desired, diff, gitsource, manifests, reconcile, render, sync
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -42,7 +42,7 @@ class Reason(StrEnum):
 
 
 @dataclass(frozen=True)
-class Settings:
+class LoopSettings:
     interval: float = 300.0
     full_every: int = 12
     debounce: float = 0.1
@@ -57,7 +57,7 @@ class PassReport:
 
     number: int
     reason: Reason
-    result: reconcile.Result | None
+    result: reconcile.Pass | None
     error: str | None = None
     cause: BaseException | None = None  # what ended a failed pass (for metrics and health)
     seconds: float = 0.0  # how long the pass took
@@ -124,23 +124,22 @@ class CheckoutWatch:
 class Daemon:
     def __init__(
         self,
-        etcd: Any,
-        layout: keys.Layout,
+        store: sync.Store,
         options: reconcile.Options,
-        settings: Settings,
+        settings: LoopSettings,
         *,
         stop: threading.Event | None = None,
         on_pass: Callable[[PassReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.etcd = etcd
-        self.layout = layout
+        self.store = store
+        self.layout = store.layout
         self.options = options
         self.settings = settings
         self.stop = stop or threading.Event()
         self.on_pass = on_pass
         self._clock = clock
-        self._desired: reconcile.Desired | None = None  # last full desired state
+        self._desired: desired.Desired | None = None  # last full desired state
         self._passes = 0
         self.source: gitsource.Source | None = None
         # For the watchdog (reconciler/observe.py): when the loop last went round, and
@@ -229,17 +228,12 @@ class Daemon:
                 return self._report(number, reason, None, "stopped while waiting for the lock")
             log.warning("%s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
-        except (
-            reconcile.ReconcileError,
-            gitsource.GitError,
-            state.StateError,
-            sync.SyncError,
-        ) as exc:
+        except sync.EtcdFailed as exc:
+            log.error("etcd: %s", exc)
+            return self._report(number, reason, None, str(exc), cause=exc)
+        except reconcile.PASS_ERRORS as exc:
             log.error("%s", exc)
             return self._report(number, reason, None, str(exc), cause=exc)
-        except connection.ETCD_ERRORS as exc:
-            log.error("etcd: %s", connection.describe_error(exc))
-            return self._report(number, reason, None, connection.describe_error(exc), cause=exc)
         except (MemoryError, RecursionError) as exc:
             message = reconcile.resource_failure(exc)
             log.error("%s", message)
@@ -250,7 +244,7 @@ class Daemon:
         self._log_result(result, reason)
         return self._report(number, reason, result, None)
 
-    def _reconcile(self, *, full: bool) -> reconcile.Result:
+    def _reconcile(self, *, full: bool) -> reconcile.Pass:
         options = replace(self.options, full=self.options.full or full, dry_run=False)
         cached = self._desired
         head = None
@@ -266,42 +260,29 @@ class Daemon:
         if use_cache:
             # HEAD has not moved: compare every key with the state read before (drift).
             return reconcile.run(
-                self.etcd,
-                self.layout,
+                self.store,
                 options,
                 source=self.source,
                 desired=cached,
                 cancel=self.stop,
             )
-        result = reconcile.run(
-            self.etcd, self.layout, options, source=self.source, cancel=self.stop
-        )
+        result = reconcile.run(self.store, options, source=self.source, cancel=self.stop)
         self._remember(result)
         return result
 
-    def _remember(self, result: reconcile.Result) -> None:
-        """Keep the full desired state for the next pass: as read (full pass), or the
-        cached state with the changed keys replaced (incremental pass from it)."""
-        desired = result.desired
-        if desired.scope is None:
-            self._desired = desired if desired.source == "commit" else None
-            return
-        cached = self._desired
-        previous = result.previous.commit if result.previous else None
-        if cached is None or cached.commit != previous:
-            self._desired = None  # cannot merge; the next pass reads everything
-            return
-        entries = {k: m for k, m in cached.entries.items() if k not in desired.scope}
-        entries.update(desired.entries)
-        self._desired = replace(
-            desired, entries=entries, scope=None, total=len(entries), mode="full"
-        )
+    def _remember(self, result: reconcile.Pass) -> None:
+        """Keep the full desired state for the next pass (see Desired.merge)."""
+        newer = result.desired
+        if self._desired is None and newer.scope is not None:
+            return  # nothing to merge an incremental read into: the next pass reads all
+        base = result.previous.commit if result.previous else None
+        self._desired = (self._desired or newer).merge(newer, base_commit=base)
 
-    def _log_result(self, result: reconcile.Result, reason: Reason) -> None:
+    def _log_result(self, result: reconcile.Pass, reason: Reason) -> None:
         with logformat.context(commit=result.desired.commit):  # a field of JSON log lines
             self._log_changes(result, reason)
 
-    def _log_changes(self, result: reconcile.Result, reason: Reason) -> None:
+    def _log_changes(self, result: reconcile.Pass, reason: Reason) -> None:
         drift = result.previous is not None and result.previous.commit == result.desired.commit
         for change in result.applied:
             for line in render.change_lines(change):
@@ -317,7 +298,7 @@ class Daemon:
         self,
         number: int,
         reason: Reason,
-        result: reconcile.Result | None,
+        result: reconcile.Pass | None,
         error: str | None,
         *,
         cause: BaseException | None = None,
@@ -333,7 +314,7 @@ def main(
     etcd_settings: connection.Settings,
     layout: keys.Layout,
     options: reconcile.Options,
-    settings: Settings,
+    settings: LoopSettings,
 ) -> int:
     """The daemon's entry point from cli.main: connect, trap signals, loop."""
     stop = threading.Event()
@@ -358,7 +339,10 @@ def main(
     # Rollouts (gleam.rollout): started and moved on by their own thread, all of them;
     # each pass wakes it, so a staged task's gate follows the pass that wrote it.
     driver = rollout_driver.DriverThread(rollout_driver.Driver(etcd, layout), stop=stop)
-    daemon = Daemon(etcd, layout, options, settings, stop=stop, on_pass=lambda _: driver.kick())
+    daemon = Daemon(
+        sync.Store.over(etcd, layout), options, settings, stop=stop,
+        on_pass=lambda _: driver.kick(),
+    )  # fmt: skip
     driver.start()
     observer = observe.Observer(daemon, etcd=etcd)
     try:

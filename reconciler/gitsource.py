@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from reconciler import manifests
 
@@ -50,14 +50,9 @@ class GitError(Exception):
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """Manifest files read from the work tree (commit and tree None there), and the
-    paths refused while listing them."""
+class WorktreeFiles:
+    """Manifest files read from the work tree, and the paths refused while listing them."""
 
-    commit: str | None
-    # The git tree id of tasks/ (None when reading the work tree or tasks/ is missing):
-    # a digest of the desired state's source that git computes for free.
-    tree: str | None
     files: tuple[tuple[str, bytes], ...]
     problems: tuple[manifests.ManifestError, ...] = ()
 
@@ -72,8 +67,7 @@ class Listing:
     problems: tuple[manifests.ManifestError, ...] = ()
 
 
-@dataclass(frozen=True)
-class ChangedPath:
+class ChangedPath(NamedTuple):
     """A path under tasks/ that differs between two commits: status A, M or D."""
 
     status: str
@@ -358,7 +352,7 @@ def _skip(out: IO[bytes], size: int) -> None:
         size -= len(chunk)
 
 
-def read_worktree(root: str | os.PathLike[str]) -> Snapshot:
+def read_worktree(root: str | os.PathLike[str]) -> WorktreeFiles:
     """The manifest files under tasks/ as they are on disk (for `--worktree`).
 
     Only regular files are read: a symbolic link (which could point outside the
@@ -371,14 +365,14 @@ def read_worktree(root: str | os.PathLike[str]) -> Snapshot:
     try:
         top = os.lstat(base / TASKS)
     except FileNotFoundError:
-        return Snapshot(commit=None, tree=None, files=())
+        return WorktreeFiles(files=())
     except OSError as exc:
         raise GitError(f"cannot read {TASKS}: {exc.strerror}") from None
     if not stat.S_ISDIR(top.st_mode):
         problems.append(
             manifests.ManifestError(TASKS, None, f"is {_kind(top.st_mode)}, not a directory")
         )
-        return Snapshot(commit=None, tree=None, files=(), problems=tuple(problems))
+        return WorktreeFiles(files=(), problems=tuple(problems))
     pending = [os.fsencode(TASKS)]
     while pending:
         rel_dir = pending.pop()
@@ -413,7 +407,7 @@ def read_worktree(root: str | os.PathLike[str]) -> Snapshot:
                 files.append((path, contents))
         pending.extend(reversed(subdirs))
     files.sort()
-    return Snapshot(commit=None, tree=None, files=tuple(files), problems=tuple(problems))
+    return WorktreeFiles(files=tuple(files), problems=tuple(problems))
 
 
 def _kind(mode: int) -> str:

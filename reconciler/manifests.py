@@ -23,6 +23,7 @@ UTF-8 or holds a control character is an error naming it, escaped for display.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import posixpath
@@ -34,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from gleam import keys, messages, render, rollout
+from gleam import client_render, keys, messages, rollout
 
 TASKS_DIR = "tasks"
 KIND_DIRS: Mapping[str, keys.Kind] = {"nodes": keys.Kind.NODE, "regions": keys.Kind.REGION}
@@ -202,7 +203,7 @@ def display_path(raw: bytes) -> str:
     invisible characters escaped (\\n, \\x1b, \\u202e), backslashes doubled so that
     an escape cannot be mistaken for a name's own characters."""
     text = raw.decode("utf-8", "surrogateescape").replace("\\", "\\\\")
-    return render.printable(text)
+    return client_render.printable(text)
 
 
 # The tree listing classifies every path and load() again: cached, the second is free.
@@ -226,6 +227,29 @@ def classify(path: str) -> keys.Target | ManifestError | None:
         return keys.Target(kind, stem)
     except keys.InvalidName as exc:
         return ManifestError(path, None, f"file name: {exc}")
+
+
+def paths_for(target: keys.Target) -> list[str]:
+    """The repository paths that can hold `target`'s manifest (the reverse of classify):
+    one per spelling of the extension, so a rename between them, or a duplicate, is
+    seen whole."""
+    return [
+        f"{TASKS_DIR}/{dirname}/{target.name}{ext}"
+        for dirname, kind in KIND_DIRS.items()
+        if kind is target.kind
+        for ext in EXTENSIONS
+    ]
+
+
+@functools.cache
+def rules_fingerprint() -> str:
+    """Changes whenever the rules that turn a file into bytes (this module and the
+    schema) change. Recorded with each apply, so that an upgrade that changes them gets
+    one full pass, and kept in the parse cache, so that such an upgrade empties it."""
+    h = hashlib.sha256(b"parsecache-1\0")
+    for path in (Path(__file__), SCHEMA_PATH):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[ManifestError]:

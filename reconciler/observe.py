@@ -28,7 +28,6 @@ from gleam.version import VERSION
 from reconciler import diff, manifests, reconcile, render, sync
 
 if TYPE_CHECKING:
-    from gleam.health import Listener
     from reconciler.daemon import Daemon, PassReport
 
 __all__ = ["ListenError", "Observer"]
@@ -63,10 +62,10 @@ def classify(report: PassReport) -> PassResult:
 
 def etcd_failure(report: PassReport) -> bool:
     """The pass failed because of etcd (not the repository, not another reconciler)."""
-    return isinstance(report.cause, (*connection.ETCD_ERRORS, sync.LockLost))
+    return isinstance(report.cause, (*connection.ETCD_ERRORS, sync.EtcdFailed, sync.LockLost))
 
 
-def drift_corrections(result: reconcile.Result) -> int:
+def drift_corrections(result: reconcile.Pass) -> int:
     """Keys put back by a pass whose commit had already been applied (the daemon's drift
     rule: nothing changed in git, so every write undoes a change made by hand)."""
     if result.previous is None or result.previous.commit != result.desired.commit:
@@ -118,8 +117,7 @@ class Observer:
                 previous(report)
 
         daemon.on_pass = on_pass
-        self.pinger = liveness.Pinger.from_environ(self.verdict, environ)
-        self.listener: Listener | None = None
+        self.watched = liveness.Watched(self.verdict, environ=environ)
 
     def on_pass(self, report: PassReport) -> None:
         self.last = report
@@ -149,13 +147,11 @@ class Observer:
     def start(self, address: tuple[str, int] | None) -> None:
         """Start the pinger (under systemd) and the listener (with -metrics); raises
         ListenError when the address cannot be listened on."""
-        if address is not None:
-            from gleam import health as http  # http.server only with -metrics
 
-            registry = metrics.new_registry()
+        def register(registry: Any) -> None:
             self.metrics = ReconcileMetrics(registry, fleet=self._fleet_reader())
-            self.listener = http.serve(address, registry, health=self.health)
-        self.pinger.start()
+
+        self.watched.start(address, health=self.health, register=register)
 
     def _fleet_reader(self) -> Callable[[], status.FleetStatus]:
         daemon = self.daemon
@@ -167,9 +163,7 @@ class Observer:
         return read
 
     def stop(self) -> None:
-        self.pinger.stop()
-        if self.listener is not None:
-            self.listener.close()
+        self.watched.stop()
 
 
 class ReconcileMetrics:

@@ -11,8 +11,6 @@ It holds only the blobs of the last full read, so it never grows past one tree's
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import marshal
 import os
@@ -27,16 +25,6 @@ log = logging.getLogger("gleam.reconcile")
 FILE_NAME = "gleam-reconcile-manifests.cache"
 
 
-@functools.cache
-def fingerprint() -> str:
-    """Changes whenever the rules that turn a file into bytes change (also recorded with
-    each apply, so that an upgrade that changes them gets one full pass)."""
-    h = hashlib.sha256(b"parsecache-1\0")
-    for path in (Path(manifests.__file__), manifests.SCHEMA_PATH):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def path_for(git_dir: Path) -> Path:
     return git_dir / FILE_NAME
 
@@ -48,7 +36,7 @@ def load(path: Path) -> dict[str, bytes]:
             body = marshal.load(fh)
     except (OSError, EOFError, ValueError, TypeError):
         return {}
-    if not isinstance(body, tuple) or len(body) != 2 or body[0] != fingerprint():
+    if not isinstance(body, tuple) or len(body) != 2 or body[0] != manifests.rules_fingerprint():
         return {}
     entries = body[1]
     return entries if isinstance(entries, dict) else {}
@@ -60,7 +48,7 @@ def save(path: Path, entries: Mapping[str, bytes]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".gleam-cache-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                marshal.dump((fingerprint(), dict(entries)), fh)
+                marshal.dump((manifests.rules_fingerprint(), dict(entries)), fh)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

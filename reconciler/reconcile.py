@@ -8,17 +8,16 @@ decisions are the pure functions of manifests, diff and state.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from gleam import keys, signing
-from reconciler import commitsig, diff, gitsource, manifests, parsecache, signed, state, sync
+from gleam import keys, messages, signing
+from reconciler import commitsig, diff, gitsource, manifests, records, signed, sync
+from reconciler import desired as desired_state
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -39,6 +38,16 @@ class PruneRefused(ReconcileError):
 
 class Conflict(ReconcileError):
     """Keys kept changing under us; gave up after MAX_ATTEMPTS plans."""
+
+
+# The errors one pass can end with (besides manifests.InvalidManifests), each with a
+# message to show as it is; the CLI and the daemon catch these and nothing else.
+PASS_ERRORS: tuple[type[BaseException], ...] = (
+    ReconcileError,
+    gitsource.GitError,
+    records.RecordError,
+    sync.SyncError,
+)
 
 
 def resource_failure(exc: BaseException) -> str:
@@ -69,28 +78,11 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Desired:
-    """The desired state for the keys in scope (all keys when `scope` is None)."""
-
-    entries: dict[str, manifests.Manifest]
-    scope: frozenset[str] | None
-    source: str  # "commit" or "worktree"
-    commit: str | None
-    digest: str
-    total: int  # manifests in the whole tree
-    mode: str  # "full" or "incremental"
-
-    @property
-    def values(self) -> dict[str, bytes]:
-        return {key: m.value for key, m in self.entries.items()}
-
-
-@dataclass(frozen=True)
-class Result:
+class Pass:
     """What a pass saw and did, for rendering and exit codes."""
 
-    desired: Desired
-    previous: state.Record | None
+    desired: desired_state.Desired
+    previous: records.Record | None
     plan: diff.Plan  # the first plan (what --dry-run shows)
     applied: tuple[diff.Change, ...] = ()
     revisions: dict[str, int] = field(default_factory=dict)
@@ -104,26 +96,11 @@ class Result:
         return self.plan.changes if self.dry_run else self.applied
 
 
-# Desired state -------------------------------------------------------------------------
-
-
-def worktree_digest(values: Mapping[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(values):
-        h.update(key.encode("utf-8") + b"\0" + values[key] + b"\n")
-    return f"sha256:{h.hexdigest()}"
-
-
-def _entries(
-    layout: keys.Layout, files: Any, problems: Iterable[manifests.ManifestError] = ()
-) -> dict[str, manifests.Manifest]:
-    # A refused path may be reported by two listings (the diff and the tree): once.
-    loaded = manifests.load(files, problems=dict.fromkeys(problems))
-    return {layout.task_key(target): m for target, m in loaded.items()}
+# The commit guard and the desired state --------------------------------------------
 
 
 def check_guard(
-    source: gitsource.Source | None, record: state.Record | None, head: str | None, *, force: bool
+    source: gitsource.Source | None, record: records.Record | None, head: str | None, *, force: bool
 ) -> None:
     """Refuse a commit that does not descend from the last commit applied from git (an
     older CI job finishing after a newer one), unless forced. Work-tree applies (head
@@ -149,114 +126,25 @@ def check_guard(
 def read_desired(
     layout: keys.Layout,
     options: Options,
-    record: state.Record | None,
+    record: records.Record | None,
     *,
     source: gitsource.Source | None,
-) -> Desired:
+) -> desired_state.Desired:
     """Desired state plus the commit guard. Raises manifests.InvalidManifests,
     GuardRefused or gitsource.GitError before anything is written."""
     if options.worktree:
-        snapshot = gitsource.read_worktree(options.repo)
-        entries = _entries(layout, snapshot.files, snapshot.problems)
-        head = None
-        if source is not None:
-            try:
-                head = source.head()
-            except gitsource.GitError:
-                head = None
-        return Desired(
-            entries=entries,
-            scope=None,
-            source="worktree",
-            commit=head,
-            digest=worktree_digest({k: m.value for k, m in entries.items()}),
-            total=len(entries),
-            mode="full",
-        )
+        return desired_state.read_worktree(layout, options.repo, source)
     assert source is not None
     head = source.head()
-    recorded = record.commit if record is not None else None
-    incremental = False
     check_guard(source, record, head, force=options.force)
-    if recorded is not None and not options.force:
-        last = record.last if record is not None else None
-        incremental = (
-            not options.full
-            and last is not None
-            and last.from_git
-            and (last.pruned or not options.prune)
-            and last.rules == parsecache.fingerprint()
-        )
-    if not incremental or recorded is None or record is None or record.last is None:
-        return read_full(layout, source, head, cache=options.cache)
-    # Incremental: only the manifests that changed since the recorded commit. For each
-    # target touched, both spellings (.yaml, .yml) are read from HEAD, so a rename between
-    # them, or a duplicate, is seen whole.
-    # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
-    # as errors like any invalid manifest, before anything is read.
-    changed = source.changed(recorded, head)
-    targets: dict[keys.Target, None] = {}
-    problems = list(changed.problems)
-    delta = 0
-    for entry in changed.paths:
-        target = manifests.classify(entry.path)
-        if isinstance(target, keys.Target):
-            targets[target] = None
-            delta += {"A": 1, "D": -1}.get(entry.status, 0)
-        elif isinstance(target, manifests.ManifestError) and entry.status != "D":
-            problems.append(target)
-    paths = [
-        f"{manifests.TASKS_DIR}/{dirname}/{t.name}{ext}"
-        for t in targets
-        for dirname, kind in manifests.KIND_DIRS.items()
-        if kind is t.kind
-        for ext in manifests.EXTENSIONS
-    ]
-    listing = source.list_paths(head, paths)
-    entries = _entries(layout, source.read_blobs(listing.blobs), [*problems, *listing.problems])
-    return Desired(
-        entries=entries,
-        scope=frozenset(layout.task_key(t) for t in targets),
-        source="commit",
-        commit=head,
-        digest=f"git-tree:{listing.tree or 'none'}",
-        total=record.last.keys + delta,
-        mode="incremental",
+    mode = desired_state.choose_mode(
+        record,
+        full=options.full,
+        prune=options.prune,
+        force=options.force,
+        rules=manifests.rules_fingerprint(),
     )
-
-
-def read_full(
-    layout: keys.Layout, source: gitsource.Source, commit: str, *, cache: bool = True
-) -> Desired:
-    """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
-    the others are read from git and parsed."""
-    listing = source.list_tree(commit)
-    blobs = listing.blobs
-    cache_path = parsecache.path_for(source.git_dir)
-    cached = parsecache.load(cache_path) if cache else {}
-    known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
-    missing = [(path, sha) for path, sha in blobs if sha not in cached]
-    loaded = manifests.load(source.read_blobs(missing), known=known, problems=listing.problems)
-    entries = {layout.task_key(target): m for target, m in loaded.items()}
-    if cache and missing:
-        by_path = {m.path: m.value for m in loaded.values()}
-        parsecache.save(cache_path, {sha: by_path[path] for path, sha in blobs if path in by_path})
-    log.debug(
-        "read %d manifests at %s (%d parsed, %d cached)",
-        len(entries),
-        commit[:12],
-        len(missing),
-        len(known),
-    )
-    return Desired(
-        entries=entries,
-        scope=None,
-        source="commit",
-        commit=commit,
-        digest=f"git-tree:{listing.tree or 'none'}",
-        total=len(entries),
-        mode="full",
-    )
+    return desired_state.read_commit(layout, source, head, record, mode=mode, cache=options.cache)
 
 
 # The pass ---------------------------------------------------------------------------------
@@ -266,23 +154,17 @@ def read_full(
 POINT_READS_MAX = 1024
 
 
-def _observe(etcd: Any, layout: keys.Layout, scope: frozenset[str] | None) -> sync.Observed:
+def _observe(store: sync.Store, scope: frozenset[str] | None) -> sync.EtcdState:
     if scope is not None and len(scope) <= POINT_READS_MAX:
-        return sync.read_keys(etcd, layout, scope)
-    observed = sync.read_all(etcd, layout)
-    if scope is None:
-        return observed
-    return sync.Observed(
-        actual={k: v for k, v in observed.actual.items() if k in scope},
-        owned={k: v for k, v in observed.owned.items() if k in scope},
-    )
+        return store.read_keys(scope)
+    observed = store.read_all()
+    return observed if scope is None else observed.within(scope)
 
 
 def _check_prune(
-    etcd: Any,
-    layout: keys.Layout,
+    store: sync.Store,
     plan: diff.Plan,
-    observed: sync.Observed,
+    observed: sync.EtcdState,
     options: Options,
     *,
     full: bool,
@@ -290,7 +172,7 @@ def _check_prune(
     removing = plan.count(diff.Action.DELETE) + plan.count(diff.Action.FORGET)
     if not removing or options.allow_empty:
         return
-    owned_total = len(observed.owned) if full else sync.count_owned(etcd, layout)
+    owned_total = len(observed.owned) if full else store.count_owned()
     gaining = sum(
         1
         for c in plan.changes
@@ -303,20 +185,18 @@ def _check_prune(
         )
 
 
-def _comparable(observed: sync.Observed, options: Options) -> sync.Observed:
+def _comparable(observed: sync.EtcdState, options: Options) -> sync.EtcdState:
     return observed if options.signer is None else signed.comparable(observed, options.signer)
 
 
-def _signed(etcd: Any, layout: keys.Layout, plan: diff.Plan, options: Options) -> diff.Plan:
+def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> diff.Plan:
     """The plan's writes signed (-sign_key); P for a key that must not exist yet is
     etcd's revision now, read only when there is such a key."""
     if options.signer is None:
         return plan
     revision = 0
     if any(c.action is diff.Action.CREATE for c in plan.changes):
-        revision = int(
-            etcd.get_prefix_response(layout.meta_prefix, count_only=True).header.revision
-        )
+        revision = store.current_revision()
     return signed.sign_plan(plan, options.signer, revision=revision)
 
 
@@ -324,7 +204,7 @@ class CommitRefused(ReconcileError):
     """-verify_commits: the commit is not signed by an allowed signer; nothing written."""
 
 
-def _verify_commit(options: Options, desired: Desired) -> None:
+def _verify_commit(options: Options, desired: desired_state.Desired) -> None:
     assert options.verify_commits is not None
     if desired.source != "commit" or not desired.commit:
         raise CommitRefused("-verify_commits needs a commit to check (not --worktree)")
@@ -338,16 +218,15 @@ def _verify_commit(options: Options, desired: Desired) -> None:
 
 
 def run(
-    etcd: Any,
-    layout: keys.Layout,
+    store: sync.Store,
     options: Options,
     *,
     source: gitsource.Source | None = None,
-    desired: Desired | None = None,
+    desired: desired_state.Desired | None = None,
     before_apply: Callable[[diff.Plan], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     cancel: threading.Event | None = None,
-) -> Result:
+) -> Pass:
     """One pass. `source` is the git checkout (None: opened from options.repo, or none
     for a --worktree directory that is not a repository). `desired` may be passed by a
     caller that already read it (the daemon's cache); `before_apply` is a test seam
@@ -361,12 +240,11 @@ def run(
             source = None
     lock = None
     if not options.dry_run:
-        lock = sync.Lock(etcd, layout, ttl=options.lock_ttl)
+        lock = store.lock(ttl=options.lock_ttl)
         lock.acquire(timeout=options.lock_timeout, cancel=cancel)
     try:
         return _run_locked(
-            etcd,
-            layout,
+            store,
             options,
             source=source,
             desired=desired,
@@ -380,17 +258,17 @@ def run(
 
 
 def _run_locked(
-    etcd: Any,
-    layout: keys.Layout,
+    store: sync.Store,
     options: Options,
     *,
     source: gitsource.Source | None,
-    desired: Desired | None,
+    desired: desired_state.Desired | None,
     lock: sync.Lock | None,
     before_apply: Callable[[diff.Plan], None] | None,
     clock: Callable[[], datetime],
-) -> Result:
-    record, record_revision = sync.read_record(etcd, layout)
+) -> Pass:
+    layout = store.layout
+    record, record_revision = store.read_record()
     if desired is None:
         desired = read_desired(layout, options, record, source=source)
     elif desired.source == "commit":
@@ -399,25 +277,23 @@ def _run_locked(
         _verify_commit(options, desired)
     values = desired.values
     scope = desired.scope
-    observed = _comparable(_observe(etcd, layout, scope), options)
+    observed = _comparable(_observe(store, scope), options)
     first = diff.plan(values, observed.actual, observed.owned, prune=options.prune)
-    _check_prune(etcd, layout, first, observed, options, full=scope is None)
+    _check_prune(store, first, observed, options, full=scope is None)
     if before_apply is not None:
         before_apply(first)
     if options.dry_run:
-        return Result(desired=desired, previous=record, plan=first, dry_run=True)
+        return Pass(desired=desired, previous=record, plan=first, dry_run=True)
 
     applied: list[diff.Change] = []
     revisions: dict[str, int] = {}
     current = first
     replans = 0
     while True:
-        written = sync.apply_changes(
-            etcd,
-            layout,
-            _signed(etcd, layout, current, options).changes,
+        written = store.apply_changes(
+            _signed(store, current, options).changes,
             fence=lock,
-            origin=state.origin_record(source=desired.source, commit=desired.commit),
+            origin=records.origin_record(source=desired.source, commit=desired.commit),
         )
         applied += written.done
         revisions.update(written.revisions)
@@ -436,7 +312,7 @@ def _run_locked(
             len(conflict_keys),
             min(conflict_keys),
         )
-        observed = _comparable(sync.read_keys(etcd, layout, conflict_keys), options)
+        observed = _comparable(store.read_keys(conflict_keys), options)
         current = diff.plan(
             {k: v for k, v in values.items() if k in conflict_keys},
             observed.actual,
@@ -450,28 +326,28 @@ def _run_locked(
         bool(applied)
         or last is None
         or (last.source, last.commit, last.digest, last.pruned or not options.prune, last.rules)
-        != (desired.source, desired.commit, desired.digest, True, parsecache.fingerprint())
+        != (desired.source, desired.commit, desired.digest, True, manifests.rules_fingerprint())
     )
     if changed_state:
-        entry = state.Apply(
+        entry = records.Apply(
             source=desired.source,
             commit=desired.commit,
-            time=clock().isoformat(timespec="seconds"),
+            time=messages.rfc3339(clock().timestamp()),
             keys=desired.total,
             digest=desired.digest,
             mode=desired.mode,
             pruned=options.prune,
-            rules=parsecache.fingerprint(),
+            rules=manifests.rules_fingerprint(),
         )
-        if not sync.write_record(
-            etcd, layout, state.after(record, entry), seen_revision=record_revision, fence=lock
+        if not store.write_record(
+            records.after(record, entry), seen_revision=record_revision, fence=lock
         ):
             raise ReconcileError(
                 f"{layout.applied_key} was changed by someone else during this apply "
                 "(another reconciler without the lock?); the keys are written, the record is not"
             )
         recorded = True
-    return Result(
+    return Pass(
         desired=desired,
         previous=record,
         plan=first,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gleam import client, messages
-from gleam import render as gleam_render
+from gleam import client_render as gleam_render
 from reconciler import diff, manifests, reconcile
 
 JSON_VERSION = 1
@@ -48,7 +48,7 @@ def _name(change: diff.Change) -> str:
         return "(not a task message)"
 
 
-def _commit(result: reconcile.Result) -> str:
+def _commit(result: reconcile.Pass) -> str:
     d = result.desired
     if d.source == "worktree":
         return "the work tree" + (f" (on {d.commit[:12]})" if d.commit else "")
@@ -78,7 +78,7 @@ def _counts(changes: Sequence[diff.Change]) -> dict[str, int]:
     return out
 
 
-def summary(result: reconcile.Result) -> str:
+def summary(result: reconcile.Pass) -> str:
     counts = _counts(result.changes)
     d = result.desired
     scope = f"{d.mode} pass, {d.total} manifest(s)"
@@ -99,7 +99,7 @@ def summary(result: reconcile.Result) -> str:
     return f"{head} {_commit(result)}: {', '.join(parts)} ({scope}{replans}).{tail}"
 
 
-def text(result: reconcile.Result) -> str:
+def text(result: reconcile.Pass) -> str:
     lines: list[str] = []
     for change in result.changes:
         lines += change_lines(change)
@@ -130,7 +130,7 @@ def change_json(change: diff.Change, revision: int | None) -> dict[str, Any]:
 
 
 def as_json(
-    result: reconcile.Result, *, reports: Sequence[client.Report] | None = None, ok: bool = True
+    result: reconcile.Pass, *, reports: Sequence[client.Report] | None = None, ok: bool = True
 ) -> dict[str, Any]:
     d = result.desired
     previous = result.previous.commit if result.previous else None

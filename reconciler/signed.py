@@ -15,7 +15,7 @@ from gleam import messages, signing
 from reconciler import diff, sync
 
 
-def comparable(observed: sync.Observed, signer: signing.Signer) -> sync.Observed:
+def comparable(observed: sync.EtcdState, signer: signing.Signer) -> sync.EtcdState:
     """`observed` with each value this reconciler signed shown unsigned, when nobody has
     written the key since: its ownership record, written in the same transaction, has the
     same mod_revision. Any other value (unsigned, signed by another key, or written again
@@ -29,7 +29,7 @@ def comparable(observed: sync.Observed, signer: signing.Signer) -> sync.Observed
         actual[key] = diff.Actual(
             plain if plain is not None else have.value + b" ", have.mod_revision
         )
-    return sync.Observed(actual=actual, owned=observed.owned)
+    return sync.EtcdState(actual=actual, owned=observed.owned)
 
 
 def sign_plan(plan: diff.Plan, signer: signing.Signer, *, revision: int) -> diff.Plan:

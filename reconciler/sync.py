@@ -1,5 +1,7 @@
-"""Every etcd call the reconciler makes: reading what etcd holds, applying a plan in
-guarded transactions, the applied record, and the apply lock.
+"""The reconciler's one door to etcd: `Store` holds every etcd call the reconciler makes
+(reading what etcd holds, applying a plan in guarded transactions, the applied record,
+the apply lock) over an `etcdapi.Backend`: a real etcd through pyetcd, or
+`gleam.fake_etcd.FakeEtcd` in tests. etcd errors come out as `EtcdFailed`.
 
 Writes go in transactions of at most 128 operations and well under etcd's 1.5 MiB
 request limit. Every key a transaction touches is guarded by comparing its mod_revision
@@ -12,6 +14,7 @@ commits concurrent proposals together, which saves most of the disk syncs).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,17 +25,14 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ParamSpec, TypeVar
 
-from gleam import keys, leases, messages, testhooks
-from gleam import render as gleam_render
-from reconciler import diff, state
+from gleam import client_render, connection, etcdapi, keys, lease, messages, testhooks
+from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target
+from reconciler import diff, records
 
 log = logging.getLogger("gleam.reconcile")
 
-Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
-
-MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_TXN_BYTES = 1024 * 1024 + 256 * 1024  # below etcd's 1.5 MiB --max-request-bytes
 OP_OVERHEAD = 64  # protobuf framing per operation and compare, generously
 PARALLEL_TXNS = 4
@@ -45,6 +45,10 @@ class SyncError(Exception):
     """etcd refused or could not do what the reconciler needed; the text says what."""
 
 
+class EtcdFailed(SyncError):
+    """etcd could not be reached or refused a request (the text is etcd's error)."""
+
+
 class LockTimeout(SyncError):
     pass
 
@@ -53,84 +57,35 @@ class LockLost(SyncError):
     pass
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _translated(method: Callable[P, R]) -> Callable[P, R]:
+    """The one place etcd's errors become the reconciler's."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except etcdapi.EtcdError as exc:
+            raise EtcdFailed(str(exc)) from exc
+
+    return call
+
+
 @dataclass(frozen=True)
-class Observed:
+class EtcdState:
     """What etcd holds for the keys in scope."""
 
     actual: dict[str, diff.Actual]
     owned: dict[str, int]
 
-
-# Reading ----------------------------------------------------------------------------
-
-
-def read_record(etcd: Etcd, layout: keys.Layout) -> tuple[state.Record | None, int]:
-    """The applied record and its mod_revision (None, 0 when there is none)."""
-    value, meta = etcd.get(layout.applied_key)
-    if value is None:
-        return None, 0
-    return state.decode(value), int(meta.mod_revision)
-
-
-def read_all(etcd: Etcd, layout: keys.Layout) -> Observed:
-    """Every task key and ownership record under the prefix, at one revision: the first
-    range read fixes the revision and the others read at it. Raw protobuf responses
-    (not pyetcd's per-key objects) keep 10,000 keys to a few tens of milliseconds.
-
-    Keys are not validated here: the plan only looks at desired and owned keys, and
-    both are valid names by construction; a stray key just never matches."""
-    node_prefix = layout.tasks_prefix(keys.Kind.NODE)
-    first = etcd.get_prefix_response(node_prefix)
-    revision = int(first.header.revision)
-    region = etcd.get_prefix_response(layout.tasks_prefix(keys.Kind.REGION), revision=revision)
-    owned_head = layout.owned_prefix
-    records = etcd.get_prefix_response(owned_head, revision=revision, keys_only=True)
-    actual: dict[str, diff.Actual] = {}
-    for response in (first, region):
-        for kv in response.kvs:
-            actual[kv.key.decode("utf-8", "surrogateescape")] = diff.Actual(
-                kv.value, kv.mod_revision
-            )
-    tasks_head = layout.prefix + "/"
-    skip = len(owned_head)
-    owned: dict[str, int] = {}
-    for kv in records.kvs:
-        rest = kv.key[skip:].decode("utf-8", "surrogateescape")
-        kind, _, name = rest.partition("/")
-        # A stray record (written by hand) must never name a key outside node/ or
-        # region/, such as an agent's registration, for --prune to delete.
-        if kind in TASK_KINDS and name and "/" not in name:
-            owned[tasks_head + rest] = kv.mod_revision
-    return Observed(actual=actual, owned=owned)
-
-
-def read_keys(etcd: Etcd, layout: keys.Layout, task_keys: Iterable[str]) -> Observed:
-    """The named task keys and their ownership records (a few transactions of gets)."""
-    t = etcd.transactions
-    wanted = sorted(set(task_keys))
-    actual: dict[str, diff.Actual] = {}
-    owned: dict[str, int] = {}
-    step = MAX_TXN_OPS // 2
-    for start in range(0, len(wanted), step):
-        chunk = wanted[start : start + step]
-        ops = []
-        for key in chunk:
-            ops += [t.get(key), t.get(layout.owned_key(key))]
-        _ok, responses = etcd.transaction(compare=[], success=ops, failure=[])
-        for index, key in enumerate(chunk):
-            for value, meta in responses[2 * index]:
-                actual[key] = diff.Actual(value, int(meta.mod_revision))
-            for _value, meta in responses[2 * index + 1]:
-                owned[key] = int(meta.mod_revision)
-    return Observed(actual=actual, owned=owned)
-
-
-def count_owned(etcd: Etcd, layout: keys.Layout) -> int:
-    response = etcd.get_prefix_response(layout.owned_prefix, count_only=True)
-    return int(response.count)
-
-
-# Writing ----------------------------------------------------------------------------
+    def within(self, scope: frozenset[str]) -> EtcdState:
+        return EtcdState(
+            actual={k: v for k, v in self.actual.items() if k in scope},
+            owned={k: v for k, v in self.owned.items() if k in scope},
+        )
 
 
 @dataclass(frozen=True)
@@ -162,7 +117,7 @@ def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[d
     out: list[list[diff.Change]] = []
     current: list[diff.Change] = []
     ops = compares = size = 0
-    limit = MAX_TXN_OPS - reserved
+    limit = connection.MAX_TXN_OPS - reserved
     for change in changes:
         c_ops, c_size = _cost(change)
         if current and (
@@ -179,104 +134,186 @@ def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[d
     return out
 
 
-def _txn_parts(
-    etcd: Etcd, layout: keys.Layout, change: diff.Change, origin: bytes
-) -> tuple[list[Any], list[Any]]:
-    t = etcd.transactions
+def txn_parts(
+    layout: keys.Layout, change: diff.Change, origin: bytes
+) -> tuple[list[Compare], list[Op]]:
+    """The compares and operations of one change (pure)."""
     owned = layout.owned_key(change.key)
-    compares = [t.mod(change.key) == change.mod_revision, t.mod(owned) == change.owned_revision]
-    ops: list[Any] = []
+    compares = [
+        Compare(change.key, Target.MOD, change.mod_revision),
+        Compare(owned, Target.MOD, change.owned_revision),
+    ]
+    ops: list[Op] = []
     action = change.action
     if action in diff.WRITES:
         # The ownership record is rewritten with each write so that it names the commit
         # the value came from.
-        ops += [t.put(change.key, change.new), t.put(owned, origin)]
+        ops += [Put(change.key, change.new or b""), Put(owned, origin)]
     elif action is diff.Action.ADOPT:
-        ops.append(t.put(owned, origin))
+        ops.append(Put(owned, origin))
     elif action is diff.Action.DELETE:
-        ops += [t.delete(change.key), t.delete(owned)]
+        ops += [Delete(change.key), Delete(owned)]
     else:  # FORGET
-        ops.append(t.delete(owned))
+        ops.append(Delete(owned))
     return compares, ops
 
 
-def apply_changes(
-    etcd: Etcd,
-    layout: keys.Layout,
-    changes: Sequence[diff.Change],
-    *,
-    fence: Lock | None = None,
-    parallel: int = PARALLEL_TXNS,
-    origin: bytes = b"",
-) -> Written:
-    """Send the changes in guarded transactions; see the module docstring."""
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
-    def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
-        index, batch = numbered
-        if index:
-            # Tests stop a reconciler here, between two committed transactions.
-            testhooks.wedge_point("apply")
-        compares: list[Any] = [fence.compare()] if fence is not None else []
-        ops: list[Any] = []
-        for change in batch:
-            c, o = _txn_parts(etcd, layout, change, origin)
-            compares += c
-            ops += o
-        ok, responses = etcd.transaction(compare=compares, success=ops, failure=[])
-        revision = 0
-        if ok:
-            for response in responses:
-                if response.HasField("response_put"):
-                    revision = int(response.response_put.header.revision)
-                    break
-                if response.HasField("response_delete_range"):
-                    revision = int(response.response_delete_range.header.revision)
-                    break
-        return batch, bool(ok), revision
 
-    done: list[diff.Change] = []
-    conflicts: list[diff.Change] = []
-    revisions: dict[str, int] = {}
-    groups = list(enumerate(batches(changes)))
-    if len(groups) <= 1 or parallel <= 1:
-        results = [send(g) for g in groups]
-    else:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
-            # The first transaction alone, then the rest in parallel: a reconciler that
-            # is stopped or fails early has written one batch, not `parallel` of them.
-            results = [send(groups[0]), *pool.map(send, groups[1:])]
-    for batch, ok, revision in results:
-        if ok:
-            done += batch
-            for change in batch:
-                if change.action in diff.WRITES:
-                    revisions[change.key] = revision
-        else:
-            conflicts += batch
-    if conflicts and fence is not None and not fence.held():
-        raise LockLost(
-            f"lost the apply lock {fence.key} (lease expired?); "
-            f"{len(done)} change(s) were applied before that"
+class Store:
+    """Every etcd call of a pass, for one key layout."""
+
+    def __init__(self, backend: etcdapi.Backend, layout: keys.Layout) -> None:
+        self.backend = backend
+        self.layout = layout
+
+    @classmethod
+    def over(cls, client: connection.Client, layout: keys.Layout) -> Store:
+        """A store over a connected pyetcd client."""
+        return cls(etcdapi.Pyetcd(client), layout)
+
+    # Reading ----------------------------------------------------------------------
+
+    @_translated
+    def read_record(self) -> tuple[records.Record | None, int]:
+        """The applied record and its mod_revision (None, 0 when there is none)."""
+        found = etcdapi.get_one(self.backend, self.layout.applied_key)
+        if found is None:
+            return None, 0
+        return records.decode(found.value), found.mod_revision
+
+    @_translated
+    def read_all(self) -> EtcdState:
+        """Every task key and ownership record under the prefix, at one revision: the
+        first range read fixes the revision and the others read at it.
+
+        Keys are not validated here: the plan only looks at desired and owned keys, and
+        both are valid names by construction; a stray key just never matches."""
+        layout = self.layout
+        first = self.backend.range(Range(layout.tasks_prefix(keys.Kind.NODE), prefix=True))
+        revision = first.revision
+        region = self.backend.range(
+            Range(layout.tasks_prefix(keys.Kind.REGION), prefix=True, revision=revision)
         )
-    return Written(done=tuple(done), revisions=revisions, conflicts=tuple(conflicts))
+        owned_head = layout.owned_prefix
+        records = self.backend.range(
+            Range(owned_head, prefix=True, revision=revision, keys_only=True)
+        )
+        actual = {
+            _text(kv.key): diff.Actual(kv.value, kv.mod_revision)
+            for response in (first, region)
+            for kv in response.kvs
+        }
+        tasks_head = layout.prefix + "/"
+        skip = len(owned_head)
+        owned: dict[str, int] = {}
+        for kv in records.kvs:
+            rest = _text(kv.key[skip:])
+            kind, _, name = rest.partition("/")
+            # A stray record (written by hand) must never name a key outside node/ or
+            # region/, such as an agent's registration, for --prune to delete.
+            if kind in TASK_KINDS and name and "/" not in name:
+                owned[tasks_head + rest] = kv.mod_revision
+        return EtcdState(actual=actual, owned=owned)
 
+    @_translated
+    def read_keys(self, task_keys: Iterable[str]) -> EtcdState:
+        """The named task keys and their ownership records (a few transactions of gets)."""
+        wanted = sorted(set(task_keys))
+        actual: dict[str, diff.Actual] = {}
+        owned: dict[str, int] = {}
+        step = connection.MAX_TXN_OPS // 2
+        for start in range(0, len(wanted), step):
+            chunk = wanted[start : start + step]
+            ops: list[Op] = []
+            for key in chunk:
+                ops += [Get(key), Get(self.layout.owned_key(key))]
+            gets = self.backend.txn([], ops).gets
+            for index, key in enumerate(chunk):
+                for kv in gets[2 * index]:
+                    actual[key] = diff.Actual(kv.value, kv.mod_revision)
+                for kv in gets[2 * index + 1]:
+                    owned[key] = kv.mod_revision
+        return EtcdState(actual=actual, owned=owned)
 
-def write_record(
-    etcd: Etcd,
-    layout: keys.Layout,
-    record: state.Record,
-    *,
-    seen_revision: int,
-    fence: Lock | None = None,
-) -> bool:
-    """Write the applied record if nobody else wrote it since we read it."""
-    t = etcd.transactions
-    key = layout.applied_key
-    compares = [t.mod(key) == seen_revision]
-    if fence is not None:
-        compares.append(fence.compare())
-    ok, _ = etcd.transaction(compare=compares, success=[t.put(key, record.encode())], failure=[])
-    return bool(ok)
+    @_translated
+    def current_revision(self) -> int:
+        """etcd's revision now (one count-only read)."""
+        return self.backend.range(Range(self.layout.meta_prefix, True, count_only=True)).revision
+
+    @_translated
+    def count_owned(self) -> int:
+        owned = Range(self.layout.owned_prefix, prefix=True, count_only=True)
+        return self.backend.range(owned).count
+
+    # Writing ----------------------------------------------------------------------
+
+    @_translated
+    def apply_changes(
+        self,
+        changes: Sequence[diff.Change],
+        *,
+        fence: Lock | None = None,
+        parallel: int = PARALLEL_TXNS,
+        origin: bytes = b"",
+    ) -> Written:
+        """Send the changes in guarded transactions; see the module docstring."""
+
+        def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
+            index, batch = numbered
+            if index:
+                # Tests stop a reconciler here, between two committed transactions.
+                testhooks.wedge_point("apply")
+            compares: list[Compare] = [fence.compare()] if fence is not None else []
+            ops: list[Op] = []
+            for change in batch:
+                c, o = txn_parts(self.layout, change, origin)
+                compares += c
+                ops += o
+            result = self.backend.txn(compares, ops)
+            return batch, result.succeeded, result.revision
+
+        done: list[diff.Change] = []
+        conflicts: list[diff.Change] = []
+        revisions: dict[str, int] = {}
+        groups = list(enumerate(batches(changes)))
+        if len(groups) <= 1 or parallel <= 1:
+            results = [send(g) for g in groups]
+        else:
+            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
+                # The first transaction alone, then the rest in parallel: a reconciler that
+                # is stopped or fails early has written one batch, not `parallel` of them.
+                results = [send(groups[0]), *pool.map(send, groups[1:])]
+        for batch, ok, revision in results:
+            if ok:
+                done += batch
+                for change in batch:
+                    if change.action in diff.WRITES:
+                        revisions[change.key] = revision
+            else:
+                conflicts += batch
+        if conflicts and fence is not None and not fence.held():
+            raise LockLost(
+                f"lost the apply lock {fence.key} (lease expired?); "
+                f"{len(done)} change(s) were applied before that"
+            )
+        return Written(done=tuple(done), revisions=revisions, conflicts=tuple(conflicts))
+
+    @_translated
+    def write_record(
+        self, record: records.Record, *, seen_revision: int, fence: Lock | None = None
+    ) -> bool:
+        """Write the applied record if nobody else wrote it since we read it."""
+        key = self.layout.applied_key
+        compares = [Compare(key, Target.MOD, seen_revision)]
+        if fence is not None:
+            compares.append(fence.compare())
+        return self.backend.txn(compares, [Put(key, record.encode())]).succeeded
+
+    def lock(self, *, ttl: int = 15, holder: str | None = None) -> Lock:
+        return Lock(self, ttl=ttl, holder=holder)
 
 
 # The apply lock -------------------------------------------------------------------------
@@ -361,8 +398,9 @@ _HELD_GUARD = threading.Lock()
 
 class Lock:
     """`<prefix>/meta/lock`, held by one reconciler (CI job or daemon) while it plans
-    and applies, bound to a lease so a crashed holder frees it after `ttl` seconds.
-    Created with a compare on create_revision == 0: at most one holder at a time.
+    and applies, bound to a lease (a lease session) so a crashed holder frees it after
+    `ttl` seconds. Created with a compare on create_revision == 0: at most one holder at
+    a time.
 
     Its value names the holder (`Holder`). A lock whose holder is known to be gone
     (same host, process exited) is deleted at once instead of waiting out its lease,
@@ -372,8 +410,7 @@ class Lock:
 
     def __init__(
         self,
-        etcd: Etcd,
-        layout: keys.Layout,
+        store: Store,
         *,
         ttl: int = 15,
         holder: str | None = None,
@@ -381,58 +418,64 @@ class Lock:
         sleep: Callable[[float], None] = time.sleep,
         start_of: Callable[[int], str | None] = process_start,
     ) -> None:
-        self.etcd = etcd
-        self.key = state.lock_key(layout)
+        self.backend = store.backend
+        self.key = store.layout.lock_key
         self.ttl = ttl
         self.me = this_process()
         # `holder` (tests) names an opaque holder that is never judged gone.
         self.value = holder.encode("utf-8") if holder is not None else self.me.encode()
         self.revision = 0
-        self._lease: Any = None
-        self._keepalive: threading.Thread | None = None
-        self._stop_keepalive = threading.Event()
+        self._session = lease.LeaseSession(self.backend, ttl=ttl, name="apply-lock")
         self._clock = clock
         self._sleep = sleep
         self._start_of = start_of
 
+    @_translated
     def acquire(
         self, *, timeout: float, poll: float = 0.1, cancel: threading.Event | None = None
     ) -> None:
         """Take the lock, waiting up to `timeout` seconds (or until `cancel` is set);
-        LockTimeout names the holder."""
-        t = self.etcd.transactions
+        LockTimeout names the holder. While held, the lease session refreshes the lease
+        so a long apply keeps the lock; if the refresh fails for longer than the TTL the
+        lock is lost and the fencing compare stops every further write."""
+        lease_id = self._session.open()
+        try:
+            self._take(lease_id, timeout=timeout, poll=poll, cancel=cancel)
+        except BaseException:
+            self._session.close()  # its keep-alive too: nothing is bound to the lease
+            raise
+
+    def _take(
+        self, lease_id: int, *, timeout: float, poll: float, cancel: threading.Event | None
+    ) -> None:
         deadline = self._clock() + timeout
-        self._lease = self.etcd.lease(self.ttl)
         who = "someone"
         waiting_logged = False
         while True:
             # Under the guard, so that no other pass of this process sees our new lock
             # before it is in _HELD (it would take it for one left by an earlier pass).
             with _HELD_GUARD:
-                ok, responses = self.etcd.transaction(
-                    compare=[t.create(self.key) == 0],
-                    success=[t.put(self.key, self.value, lease=self._lease)],
-                    failure=[t.get(self.key)],
+                result = self.backend.txn(
+                    [Compare(self.key, Target.CREATE, 0)],
+                    [Put(self.key, self.value, lease=lease_id)],
+                    [Get(self.key)],
                 )
-                if ok:
-                    self.revision = int(responses[0].response_put.header.revision)
+                if result.succeeded:
+                    self.revision = result.revision
                     _HELD.add((self.key, self.revision))
-            if ok:
-                self._start_keepalive()
-                return
-            if responses and responses[0]:
-                raw, meta = responses[0][0]
-                holder = Holder.decode(raw)
-                who = str(holder) if holder else (raw.decode("utf-8", "replace") or "someone")
+                    return
+            if result.gets and result.gets[0]:
+                found = result.gets[0][0]
+                holder = Holder.decode(found.value)
+                who = str(holder) if holder else (found.value.decode("utf-8", "replace") or who)
                 # Anyone who can write to etcd picks this value: one short printable line.
-                who = gleam_render.printable(who if len(who) <= 100 else who[:97] + "...")
-                if holder is not None and self._break_if_gone(holder, meta):
+                who = client_render.printable(who if len(who) <= 100 else who[:97] + "...")
+                if holder is not None and self._break_if_gone(holder, found):
                     continue
             if not waiting_logged:
                 log.info("apply lock %s is held by %s; waiting up to %gs", self.key, who, timeout)
                 waiting_logged = True
             if self._clock() >= deadline or (cancel is not None and cancel.is_set()):
-                self._revoke()
                 reason = (
                     "stopping"
                     if cancel is not None and cancel.is_set()
@@ -444,21 +487,17 @@ class Lock:
             else:
                 self._sleep(poll)
 
-    def _break_if_gone(self, holder: Holder, meta: Any) -> bool:
+    def _break_if_gone(self, holder: Holder, found: etcdapi.KeyValue) -> bool:
         """Delete a lock left by a process that is known to have exited, or by an
         earlier pass of this process; True if it was deleted (try again at once)."""
-        create = int(meta.create_revision)
         with _HELD_GUARD:
-            left_by_us = holder == self.me and (self.key, create) not in _HELD
+            left_by_us = holder == self.me and (self.key, found.create_revision) not in _HELD
         if not left_by_us and not holder_gone(holder, self.me, self._start_of):
             return False
-        t = self.etcd.transactions
-        ok, _ = self.etcd.transaction(
-            compare=[t.mod(self.key) == int(meta.mod_revision)],
-            success=[t.delete(self.key)],
-            failure=[],
+        deleted = self.backend.txn(
+            [Compare(self.key, Target.MOD, found.mod_revision)], [Delete(self.key)]
         )
-        if ok:
+        if deleted.succeeded:
             why = "an earlier pass of this process" if left_by_us else "a process that has exited"
             log.warning(
                 "broke the apply lock %s left by %s (%s) instead of waiting for its lease",
@@ -468,58 +507,29 @@ class Lock:
             )
         return True
 
-    def compare(self) -> Any:
+    @property
+    def lease_id(self) -> int:
+        """The lease the lock is bound to (0 when not held)."""
+        return self._session.id
+
+    def compare(self) -> Compare:
         """A transaction compare that holds only while this lock is ours."""
-        return self.etcd.transactions.create(self.key) == self.revision
+        return Compare(self.key, Target.CREATE, self.revision)
 
     def held(self) -> bool:
-        _value, meta = self.etcd.get(self.key)
-        return meta is not None and int(meta.create_revision) == self.revision
-
-    def _start_keepalive(self) -> None:
-        """Refresh the lease every ttl/3 seconds while held, so a long apply keeps the
-        lock; if the refresh fails for longer than the TTL the lock is lost and the
-        fencing compare stops every further write."""
-        self._stop_keepalive = threading.Event()
-        lease, stop = self._lease, self._stop_keepalive
-
-        def loop() -> None:
-            while not stop.wait(self.ttl / 3):
-                try:
-                    leases.refresh(self.etcd, lease.id)
-                except Exception as exc:  # noqa: BLE001 - keep trying until released
-                    log.warning("could not refresh the apply lock's lease: %s", exc)
-
-        self._keepalive = threading.Thread(target=loop, name="gleam-lock-keepalive", daemon=True)
-        self._keepalive.start()
+        found = etcdapi.get_one(self.backend, self.key)
+        return found is not None and found.create_revision == self.revision
 
     def release(self) -> None:
         """Delete the key if it is still ours, and revoke the lease (best effort: the
         lease's expiry frees the lock anyway, and the next pass of this process, or on
         this host once this process has exited, breaks it at once)."""
-        if self._keepalive is not None:
-            self._stop_keepalive.set()
-            self._keepalive.join(timeout=5)
-            self._keepalive = None
         if self.revision:
             with _HELD_GUARD:
                 _HELD.discard((self.key, self.revision))
-            t = self.etcd.transactions
             try:
-                self.etcd.transaction(
-                    compare=[t.create(self.key) == self.revision],
-                    success=[t.delete(self.key)],
-                    failure=[],
-                )
-            except Exception as exc:  # noqa: BLE001 - never mask the pass's own error
+                self.backend.txn([self.compare()], [Delete(self.key)])
+            except etcdapi.EtcdError as exc:
                 log.warning("could not release the apply lock (its lease will): %s", exc)
             self.revision = 0
-        self._revoke()
-
-    def _revoke(self) -> None:
-        if self._lease is not None:
-            lease, self._lease = self._lease, None
-            try:
-                self.etcd.revoke_lease(lease.id)
-            except Exception as exc:  # noqa: BLE001 - best effort; the TTL frees it
-                log.debug("could not revoke lock lease: %s", exc)
+        self._session.close()

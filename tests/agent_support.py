@@ -3,13 +3,11 @@ records, writing task values."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from agent import lua_api
 from gleam import client, keys, messages
 from tests.support import AgentProcess, wait_until
 
@@ -127,18 +125,32 @@ def region(name: str) -> keys.Target:
     return keys.Target.region(name)
 
 
-# Fixtures the agent test modules import ------------------------------------------------
+class MemoryKV:
+    """`agent.lua_api.KV` in a dict, with EtcdKV's rules (GetDir reads `key/`, Delete
+    removes the key and everything under `key/`; a TTL is accepted and ignored), for Lua
+    tests that need no etcd. tests/test_lua_exec.py checks that both answer alike."""
 
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
 
-@pytest.fixture(autouse=True)
-def no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GLEAM_* variables in the developer's shell must not change the agents under test."""
-    for name in list(os.environ):
-        if name.startswith("GLEAM_"):
-            monkeypatch.delenv(name)
+    def get(self, key: str) -> str | None:
+        return self.data.get(key)
 
+    def get_dir(self, key: str) -> dict[str, str]:
+        prefix = self._prefix(key)
+        return {k: v for k, v in sorted(self.data.items()) if k.startswith(prefix)}
 
-@pytest.fixture
-def lua_dir(tmp_path: Path) -> Path:
-    """A script directory with TEST_SCRIPTS."""
-    return write_scripts(tmp_path / "scripts")
+    def set(self, key: str, value: str, ttl: int | None) -> None:
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        prefix = self._prefix(key)
+        for name in [k for k in self.data if k == key or k.startswith(prefix)]:
+            del self.data[name]
+
+    @staticmethod
+    def _prefix(key: str) -> str:
+        try:
+            return lua_api.dir_prefix(key)
+        except ValueError as exc:
+            raise lua_api.KVError(f"ValueError: {exc}") from None

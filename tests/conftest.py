@@ -3,6 +3,7 @@ agent subprocesses that are always cleaned up."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
+from tests.agent_support import write_scripts
+from tests.embedded_cluster import EmbeddedCluster
 from tests.support import EXAMPLE_SCRIPTS, AgentProcess, client_for
 
 
@@ -30,6 +33,17 @@ def private_etcd() -> Iterator[EtcdServer]:
 
 
 @pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
+    """A 3-member etcd cluster of this test's own (tests/embedded_cluster.py)."""
+    cluster = EmbeddedCluster(tmp_path / "etcd-cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
 def layout() -> keys.Layout:
     """A key prefix no other test uses."""
     return keys.Layout(f"/t{uuid.uuid4().hex[:12]}")
@@ -42,6 +56,29 @@ def etcd(etcd_server: EtcdServer) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def no_gleam_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GLEAM_* variables in the developer's shell must not change the agents under test
+    (modules of agent tests use it for every test: `pytestmark`)."""
+    for name in list(os.environ):
+        if name.startswith("GLEAM_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def lua_dir(tmp_path: Path) -> Path:
+    """A script directory with the agent tests' scripts (agent_support.TEST_SCRIPTS)."""
+    return write_scripts(tmp_path / "scripts")
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Path:
+    """An empty script directory."""
+    root = tmp_path / "scripts"
+    root.mkdir()
+    return root
 
 
 @pytest.fixture

@@ -1,84 +1,188 @@
-"""A 3-member etcd cluster on loopback for fault tests, built from gleam.embedded's
-EtcdServer (one per member, each keeping its ports and data across kill and start)."""
+"""A real 3-member etcd cluster on loopback, for the fault tests and the fault soak:
+members can be killed, restarted, frozen (SIGSTOP) and thawed, and the leader found."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from pathlib import Path
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-import pytest
+from gleam.embedded import find_etcd, free_port
 
-from gleam.embedded import EtcdServer
-from tests.support import client_for, wait_until
+# Roomier than etcd's defaults (100 ms, 1 s): a loaded 2-core machine must not see
+# elections nobody asked for.
+HEARTBEAT_MS = 150
+ELECTION_MS = 1500
+
+
+class Member:
+    """One member; keeps its ports and data across kill and restart."""
+
+    def __init__(self, name: str, data_dir: str) -> None:
+        self.name = name
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def launch(self, initial_cluster: str) -> None:
+        args = [
+            find_etcd(),
+            "--name", self.name,
+            "--data-dir", os.path.join(self.data_dir, "member-data"),
+            "--listen-client-urls", self.endpoint,
+            "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster,
+            "--initial-cluster-token", "gleam-faults",
+            "--heartbeat-interval", str(HEARTBEAT_MS),
+            "--election-timeout", str(ELECTION_MS),
+            "--log-level", "warn",
+        ]  # fmt: skip
+        os.makedirs(self.data_dir, exist_ok=True)
+        with open(os.path.join(self.data_dir, "etcd.log"), "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.paused = False
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+        self.paused = False
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def status(self) -> dict[str, object] | None:
+        """etcd's maintenance status (member id, leader id), or None if it does not answer."""
+        request = urllib.request.Request(
+            f"{self.endpoint}/v3/maintenance/status", data=b"{}", method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                found: dict[str, object] = json.loads(response.read())
+                return found
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=2) as response:
+                return b'"true"' in response.read()
+        except (urllib.error.URLError, OSError):
+            return False
 
 
 class EtcdCluster:
-    def __init__(self, root: Path, *, size: int = 3) -> None:
-        self.members = [EtcdServer(data_dir=str(root / f"member-{i}")) for i in range(size)]
-        peers = ",".join(f"m{i}=http://127.0.0.1:{m.peer_port}" for i, m in enumerate(self.members))
-        for i, member in enumerate(self.members):
-            # Later flags win over EtcdServer's single-member ones.
-            member.extra_args = (
-                "--name", f"m{i}",
-                "--initial-cluster", peers,
-                "--initial-cluster-state", "new",
-                "--initial-cluster-token", f"gleam-test-{id(self)}",
-            )  # fmt: skip
+    def __init__(self, size: int = 3, *, root: str | None = None) -> None:
+        self._own_root = root is None
+        self.root = root or tempfile.mkdtemp(prefix="gleam-cluster-")
+        self.members = [
+            Member(f"m{i}", os.path.join(self.root, f"m{i}")) for i in range(1, size + 1)
+        ]
+        self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     @property
-    def endpoints(self) -> str:
-        """All members, comma-separated, as -etcd takes them."""
-        return ",".join(m.endpoint for m in self.members)
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
 
-    def start(self) -> None:
-        """Start every member at once: none is healthy before a quorum is up."""
-        errors: list[BaseException] = []
+    def start(self, *, timeout: float = 60.0) -> EtcdCluster:
+        for member in self.members:
+            member.launch(self.initial_cluster)
+        self.wait_healthy(self.members, timeout=timeout)
+        return self
 
-        def run(member: EtcdServer) -> None:
-            try:
-                member.start(timeout=60)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
+    def restart(self, member: Member, *, timeout: float = 60.0) -> None:
+        member.kill()
+        member.launch(self.initial_cluster)
+        self.wait_healthy([member], timeout=timeout)
 
-        threads = [threading.Thread(target=run, args=(m,)) for m in self.members]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+    def wait_healthy(self, members: Sequence[Member], *, timeout: float = 60.0) -> None:
+        """Until each member answers /health with a leader elected."""
+        deadline = time.monotonic() + timeout
+        with ThreadPoolExecutor(max_workers=len(members)) as pool:
+            while True:
+                for member in members:
+                    if member.proc is not None and member.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"etcd member {member.name} exited; see {member.data_dir}"
+                        )
+                if all(pool.map(Member.healthy, members)):
+                    return
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"etcd cluster not healthy within {timeout}s ({self.root})")
+                time.sleep(0.1)
 
-    def leader(self) -> EtcdServer:
-        """The member that is leader now, as the members themselves say."""
+    def leader(self) -> Member | None:
+        """The member that says it leads (asked of the running, unfrozen members)."""
+        ids: dict[str, Member] = {}
+        leader_id = None
+        for member in self.members:
+            if not member.running() or member.paused:
+                continue
+            status = member.status()
+            if status is None:
+                continue
+            header = status.get("header")
+            if isinstance(header, dict):
+                ids[str(header.get("member_id"))] = member
+            leader_id = str(status.get("leader")) if status.get("leader") else leader_id
+        return ids.get(leader_id) if leader_id is not None else None
 
-        def find() -> EtcdServer | None:
-            for member in self.members:
-                if member.proc is None or member.proc.poll() is not None:
-                    continue
-                client = client_for(member.endpoint)
-                try:
-                    leader = client.status().leader
-                    if leader is not None and member.endpoint in leader.client_urls:
-                        return member
-                finally:
-                    client.close()
-            return None
-
-        found = wait_until(find, timeout=30, what="an etcd leader")
-        assert found is not None
-        return found
+    def wait_leader(self, *, timeout: float = 60.0) -> Member:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.leader()
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no etcd leader within {timeout}s")
+            time.sleep(0.1)
 
     def close(self) -> None:
         for member in self.members:
-            member.close()
+            member.resume()
+            member.kill()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
+    def __enter__(self) -> EtcdCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
-@pytest.fixture
-def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd-cluster")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()

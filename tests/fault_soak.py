@@ -41,7 +41,7 @@ from typing import Any
 
 from gleam import client, connection, keys, messages
 from tests import run_history
-from tests.fault_cluster import EtcdCluster, Member
+from tests.etcd_cluster import EtcdCluster, Member
 from tests.support import AgentProcess, client_for
 from tests.tcp_proxy import Proxy
 

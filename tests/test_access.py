@@ -1,8 +1,6 @@
 """gleam-client access: least-privilege roles on an etcd with auth enabled, checked with
 the real client under each user; an agent under its role, end to end."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +16,8 @@ import pytest
 from gleam import access, cli, connection, keys, messages
 from gleam.embedded import EtcdServer, TLSFiles
 from tests import certificates
-from tests.agent_support import (  # noqa: F401 - no_gleam_environment: a fixture
+from tests.agent_support import (
     StartAgent,
-    no_gleam_environment,
     node,
     region,
     wait_log,
@@ -30,6 +27,8 @@ from tests.agent_support import (  # noqa: F401 - no_gleam_environment: a fixtur
 from tests.support import wait_until
 
 ROOT_PASSWORD = "root-secret"
+
+pytestmark = pytest.mark.usefixtures("no_gleam_environment")
 
 
 def password_file(directory: Path, name: str, password: str) -> str:

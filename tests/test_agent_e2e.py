@@ -1,7 +1,5 @@
 """gleam-agent end to end: real etcd, real agent subprocesses running Lua."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import json
@@ -16,11 +14,9 @@ import pytest
 
 from gleam import keys, messages
 from gleam.embedded import EtcdServer, free_port
-from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+from tests.agent_support import (
     StartAgent,
     info,
-    lua_dir,
-    no_gleam_environment,
     node,
     put_raw,
     region,
@@ -32,7 +28,7 @@ from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment:
 )
 from tests.support import EXAMPLE_SCRIPTS, ROOT, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
 
 
 def lines(path: Path) -> list[str]:

@@ -2,8 +2,6 @@
 served by the parent, a child that hangs, dies or lies. Real child processes; a small
 in-memory KV (etcd itself is covered end to end in test_agent_isolation)."""
 
-# ruff: noqa: F811 - the scripts fixture imported from tests.test_lua_exec is a parameter here
-
 from __future__ import annotations
 
 import os
@@ -30,7 +28,6 @@ from agent.executor import (
 )
 from agent.lua_api import ExecutorOptions, KVError
 from tests.support import wait_until
-from tests.test_lua_exec import scripts  # noqa: F401 - a fixture
 
 
 class MemoryKV:

@@ -3,8 +3,6 @@ Each test has an etcd of its own (private_etcd, or a 3-member cluster) and real 
 subprocesses. After healing, each test checks the agent's history: every result record
 names the revision the agent last ran for that key (from its own log), never an older one."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import contextlib
@@ -24,11 +22,9 @@ from agent import store
 from gleam import connection, keys, messages
 from gleam.embedded import EtcdServer
 from tests import run_history
-from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+from tests.agent_support import (
     StartAgent,
     info,
-    lua_dir,
-    no_gleam_environment,
     node,
     result,
     send,
@@ -36,11 +32,11 @@ from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment:
     wait_registered,
     wait_result,
 )
-from tests.fault_cluster import EtcdCluster
+from tests.etcd_cluster import EtcdCluster
 from tests.support import AgentProcess, client_for, wait_until
 from tests.tcp_proxy import Proxy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
 
 LAYOUT = keys.Layout("/gleam")
 

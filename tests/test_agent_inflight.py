@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import inflight
-from agent.inflight import Started, StartedTasks, StateError
+from agent.inflight import RecordError, Started, StartedTasks
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_records_survive_encoding(records: list[Started]) -> None:
      b'{"version": 1, "started": [["k", 1, 0]]}', b"[" * 100_000],
 )  # fmt: skip
 def test_anything_else_is_not_a_state_file(raw: bytes) -> None:
-    with pytest.raises(StateError):
+    with pytest.raises(RecordError):
         inflight.decode(raw)
 
 
@@ -91,7 +91,7 @@ def test_a_planted_symlink_is_refused(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")
     (state / "web-1.state").symlink_to(victim)
-    with pytest.raises(StateError, match="cannot open"):
+    with pytest.raises(RecordError, match="cannot open"):
         StartedTasks(state / "web-1.state")
     assert victim.read_text() == "precious"
 
@@ -100,7 +100,7 @@ def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(StateError, match="writable by no one else"):
+    with pytest.raises(RecordError, match="writable by no one else"):
         StartedTasks(shared / "web-1.state")
 
 

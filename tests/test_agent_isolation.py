@@ -3,8 +3,6 @@
 Each hostile task must give a result, and the agent must answer the next task within
 2 s of it (the issue's demand; a generous bound for a fresh executor process)."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import os
@@ -21,20 +19,17 @@ import pytest
 
 from gleam import keys, messages
 from gleam.embedded import EtcdServer
-from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+from tests.agent_support import (
     StartAgent,
-    lua_dir,
-    no_gleam_environment,
     node,
     put_raw,
     send,
     wait_log,
-    wait_registered,
     wait_result,
 )
 from tests.support import ROOT, AgentProcess, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
 
 SCRIPTS = {
     # Blocks in one C call (open of a FIFO nobody writes): the count hook never runs.

@@ -7,10 +7,11 @@ import threading
 from typing import Any
 
 from agent import store
-from agent.registration import Registrar, refresh_interval
+from agent.registration import Registrar
 from agent.results import ResultWriter
 from gleam import connection, keys, messages
 from gleam.embedded import EtcdServer, free_port
+from gleam.lease import refresh_interval
 from tests.support import wait_until
 
 INFO = messages.AgentInfo(

@@ -65,8 +65,8 @@ def job(value: bytes, revision: int = 9, skipped: tuple[int, ...] = ()) -> pendi
 
 
 def test_rfc3339_is_utc_with_milliseconds() -> None:
-    assert results.rfc3339(0) == "1970-01-01T00:00:00.000Z"
-    assert results.rfc3339(1_764_370_201.5) == "2025-11-28T22:50:01.500Z"
+    assert messages.rfc3339(0) == "1970-01-01T00:00:00.000Z"
+    assert messages.rfc3339(1_764_370_201.5) == "2025-11-28T22:50:01.500Z"
 
 
 def test_a_successful_run_records_everything_the_contract_names() -> None:

@@ -122,10 +122,10 @@ def test_an_unreachable_etcd_is_unavailable() -> None:
 def test_read_keys_and_put_guarded_handle_more_keys_than_one_transaction_takes(
     seam: store.Store, etcd: Any, layout: keys.Layout
 ) -> None:
-    names = [layout.region_key(f"r{i}") for i in range(store.MAX_TXN_OPS * 2 + 5)]
+    names = [layout.region_key(f"r{i}") for i in range(connection.MAX_TXN_OPS * 2 + 5)]
     present = names[::3]
-    for start in range(0, len(present), store.MAX_TXN_OPS):
-        chunk = present[start : start + store.MAX_TXN_OPS]
+    for start in range(0, len(present), connection.MAX_TXN_OPS):
+        chunk = present[start : start + connection.MAX_TXN_OPS]
         assert seam.put_guarded([store.Guarded(key, key.encode(), 0) for key in chunk]).ok
     snapshot = seam.read_keys(names)
     assert [o.key for o in snapshot.keys] == names
@@ -189,7 +189,7 @@ def test_a_put_bound_to_a_revoked_lease_fails_and_writes_nothing(
 def test_put_guarded_takes_one_to_max_txn_ops_keys(seam: store.Store) -> None:
     with pytest.raises(ValueError, match="put_guarded"):
         seam.put_guarded([])
-    too_many = [store.Guarded(f"/k{i}", b"", 0) for i in range(store.MAX_TXN_OPS + 1)]
+    too_many = [store.Guarded(f"/k{i}", b"", 0) for i in range(connection.MAX_TXN_OPS + 1)]
     with pytest.raises(ValueError, match="put_guarded"):
         seam.put_guarded(too_many)
 

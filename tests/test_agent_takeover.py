@@ -16,13 +16,7 @@ import pytest
 from agent import config, preflight
 from gleam import flags, keys, messages
 from gleam.embedded import EtcdServer
-from tests.agent_support import (  # noqa: F401 - no_gleam_environment: a fixture
-    StartAgent,
-    info,
-    no_gleam_environment,
-    wait_log,
-    wait_registered,
-)
+from tests.agent_support import StartAgent, info, wait_log, wait_registered
 from tests.support import wait_until
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent import daemon, inflight, pending
+from agent import inflight, pending, threads
 from agent.task_queue import TaskQueue
 from agent.worker import Worker
 from gleam import keys, messages
@@ -115,7 +115,7 @@ def test_a_loop_that_dies_is_logged_and_reported(caplog: pytest.LogCaptureFixtur
     def loop() -> None:
         raise Boom("bug")
 
-    daemon.supervised("worker", loop, stopping=threading.Event(), on_death=deaths.append)
+    threads.supervised("worker", loop, stopping=threading.Event(), on_death=deaths.append)
     assert deaths == ["worker"]
     assert "the worker thread failed" in caplog.text and "Boom: bug" in caplog.text
 
@@ -125,7 +125,7 @@ def test_a_loop_ending_during_shutdown_is_not_a_death(caplog: pytest.LogCaptureF
     stopping = threading.Event()
     stopping.set()
     caplog.set_level(logging.INFO)
-    daemon.supervised("watch", lambda: None, stopping=stopping, on_death=deaths.append)
+    threads.supervised("watch", lambda: None, stopping=stopping, on_death=deaths.append)
     assert deaths == []
 
 

@@ -1,11 +1,9 @@
-"""gleam-client status shows where task keys came from: a real gleam-reconcile run
-(subprocess) on a real git repository, against a real etcd."""
+"""gleam-client status shows where task keys came from: a real gleam-reconcile run on a
+real git repository, against a real etcd."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,30 +11,9 @@ import pytest
 
 from gleam import cli, keys
 from gleam.embedded import EtcdServer
-from tests.support import ROOT
+from tests.reconcile_support import OpsRepo, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=60
-    )
-    return done.stdout.strip()
-
-
-def make_repo(root: Path) -> tuple[Path, str]:
-    repo = root / "ops"
-    (repo / "tasks" / "nodes").mkdir(parents=True)
-    (repo / "tasks" / "regions").mkdir(parents=True)
-    (repo / "tasks" / "nodes" / "web-1.yaml").write_text(
-        "name: print\ndata:\n  x: 1\n", encoding="utf-8"
-    )
-    (repo / "tasks" / "regions" / "eu.yaml").write_text("name: print\n", encoding="utf-8")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "ops")
-    return repo, git(repo, "rev-parse", "HEAD")
 
 
 def test_status_shows_the_commit_the_reconciler_applied_and_hand_written_keys(
@@ -48,16 +25,13 @@ def test_status_shows_the_commit_the_reconciler_applied_and_hand_written_keys(
 ) -> None:
     for name in ("ETCD", "PREFIX", "CONFIG"):
         monkeypatch.delenv(f"GLEAM_{name}", raising=False)
-    repo, sha = make_repo(tmp_path)
+    repo = OpsRepo(tmp_path / "ops")
+    repo.node("web-1", data="data:\n  x: 1\n")
+    repo.region("eu")
+    sha = repo.commit("ops")
     connect = ["-etcd", etcd_server.endpoint, "-prefix", layout.prefix]
-    applied = subprocess.run(
-        [sys.executable, "-m", "reconciler.cli", *connect, "-repo", str(repo), "-once"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert applied.returncode == 0, applied.stdout + applied.stderr
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0, out + err
 
     def client(*argv: str) -> tuple[int, Any]:
         capsys.readouterr()
@@ -98,17 +72,10 @@ def test_status_shows_the_commit_the_reconciler_applied_and_hand_written_keys(
     assert commits[layout.region_key("eu")] == sha[:12]
 
     # a second commit changes only the region: each key keeps the commit that wrote it
-    (repo / "tasks" / "regions" / "eu.yaml").write_text("name: print\ndata: 2\n", encoding="utf-8")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "eu")
-    second = git(repo, "rev-parse", "HEAD")
-    applied = subprocess.run(
-        [sys.executable, "-m", "reconciler.cli", *connect, "-repo", str(repo), "-once"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert applied.returncode == 0, applied.stdout + applied.stderr
+    repo.region("eu", data="data: 2\n")
+    second = repo.commit("eu")
+    code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
+    assert code == 0, out + err
     _, out = client("status", "--output", "json")
     doc = json.loads(out)
     assert doc["applied_commit"] == second

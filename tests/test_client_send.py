@@ -163,7 +163,7 @@ def test_more_targets_than_one_transaction_takes_is_refused_by_etcd_whole(
     etcd: Any, layout: keys.Layout
 ) -> None:
     """All keys or none: etcd refuses the transaction (gleam-client prints its error)."""
-    targets = [keys.Target.node(f"n{i}") for i in range(client.MAX_TXN_OPS + 1)]
+    targets = [keys.Target.node(f"n{i}") for i in range(connection.MAX_TXN_OPS + 1)]
     with pytest.raises(connection.ETCD_ERRORS) as raised:
         client.send_tasks(etcd, layout, targets, TASK)
     assert not isinstance(raised.value, client.SendOutcomeUnknown)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gleam import client, keys, messages, provenance, render, status
+from gleam import client, client_render, keys, messages, provenance, status
 
 LAYOUT = keys.Layout("/gleam")
 NOW = datetime(2026, 11, 28, 23, 0, 0, tzinfo=UTC)
@@ -124,7 +124,7 @@ def test_an_invalid_stored_message_is_shown_not_fatal() -> None:
     fleet = build(snapshot([agent("a")], [bad], []))
     assert fleet.tasks[0].function is None
     assert "not JSON" in (fleet.tasks[0].invalid or "")
-    assert "(invalid)" in render.status_text(fleet)
+    assert "(invalid)" in client_render.status_text(fleet)
 
 
 def test_uptime_comes_from_started_and_now() -> None:
@@ -135,7 +135,7 @@ def test_uptime_comes_from_started_and_now() -> None:
 
 
 def test_status_text_is_aligned_and_names_every_row() -> None:
-    text = render.status_text(build(MIXED))
+    text = client_render.status_text(build(MIXED))
     lines = text.splitlines()
     assert lines[0].startswith("prefix /gleam  etcd revision 99")
     header = next(line for line in lines if line.startswith("KEY"))
@@ -155,23 +155,17 @@ def test_status_text_is_aligned_and_names_every_row() -> None:
 
 
 def test_status_text_colours_states_only_when_asked() -> None:
-    text = render.status_text(build(MIXED), colour=True)
+    text = client_render.status_text(build(MIXED), colour=True)
     assert "\033[31mfailed" in text and "\033[32mok" in text
 
 
 def test_status_json_has_the_same_content_and_a_version() -> None:
     fleet = build(MIXED)
-    doc = json.loads(render.to_json(render.status_document(fleet)))
+    doc = json.loads(client_render.to_json(client_render.status_document(fleet)))
     assert doc["version"] == status.SCHEMA_VERSION
     assert doc["exit_code"] == 1
-    assert doc["summary"] == {
-        "ok": 1,
-        "failed": 1,
-        "pending": 1,
-        "gone": 1,
-        "unwatched": 0,
-        "held": 0,
-    }
+    counts = {"ok": 1, "failed": 1, "pending": 1, "gone": 1, "unwatched": 0, "held": 0}
+    assert doc["summary"] == counts
     assert [a["id"] for a in doc["agents"]] == ["a-ok", "b-fail", "c-wait"]
     assert doc["agents"][0]["up_seconds"] == 3600.0
     (eu,) = doc["tasks"]
@@ -186,7 +180,7 @@ def test_status_json_has_the_same_content_and_a_version() -> None:
 
 def test_empty_fleet_renders() -> None:
     fleet = build(snapshot([], [], []))
-    text = render.status_text(fleet)
+    text = client_render.status_text(fleet)
     assert "AGENTS: none live" in text and "TASKS: none" in text
     assert fleet.exit_code == 0
 
@@ -196,11 +190,11 @@ def test_empty_fleet_renders() -> None:
     [(None, "?"), (0, "0s"), (59.9, "59s"), (61, "1m1s"), (3725, "1h2m"), (90061, "1d1h")],
 )
 def test_age(seconds: float | None, text: str) -> None:
-    assert render.age(seconds) == text
+    assert client_render.age(seconds) == text
 
 
 def test_table_pads_all_but_the_last_column() -> None:
-    assert render.table(["A", "BB"], [["xxx", "y"], ["z", "long"]]) == [
+    assert client_render.table(["A", "BB"], [["xxx", "y"], ["z", "long"]]) == [
         "A    BB",
         "xxx  y",
         "z    long",
@@ -219,7 +213,7 @@ def test_wait_reports_text() -> None:
         ),
         client.Report("c", "/gleam/region/eu", 10, client.Outcome.PENDING, None),
     ]
-    text = render.reports_text(reports, timeout=2.5, unwatched=["/gleam/node/x"])
+    text = client_render.reports_text(reports, timeout=2.5, unwatched=["/gleam/node/x"])
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["a", "/gleam/region/eu", "ok"] and '{"done":"a"}' in lines[1]
     assert lines[2].endswith("boom") and "failed" in lines[2]
@@ -298,7 +292,7 @@ def test_status_shows_commit_owner_and_the_last_apply() -> None:
     )
     fleet = build(snap)
     assert fleet.applied_commit == SHA and fleet.applied_time == "2026-11-28T22:30:00Z"
-    text = render.status_text(fleet)
+    text = client_render.status_text(fleet)
     assert f"reconciler applied {SHA[:12]} at 2026-11-28T22:30:00Z" in text.splitlines()[0]
     commits = {
         line.split()[0]: line.split()[3]
@@ -306,7 +300,7 @@ def test_status_shows_commit_owner_and_the_last_apply() -> None:
         if line.startswith("/gleam/node/")
     }
     assert commits == {"/gleam/node/a": SHA[:12], "/gleam/node/b": "?", "/gleam/node/c": "-"}
-    doc = render.status_document(fleet)
+    doc = client_render.status_document(fleet)
     assert [(t["commit"], t["owner"]) for t in doc["tasks"]] == [
         (SHA, "reconciler"),
         (None, "reconciler"),
@@ -346,7 +340,7 @@ def test_status_agrees_with_judge_for_live_agents(
     gone = {r.agent for r in fleet.tasks[0].rows if not r.live}
     assert gone == {r.agent for r in results} - live
     # rendering never fails and shows one row per agent
-    assert len(render.status_text(fleet).splitlines()) >= len(fleet.tasks[0].rows)
+    assert len(client_render.status_text(fleet).splitlines()) >= len(fleet.tasks[0].rows)
 
 
 def test_text_output_shows_control_characters_from_etcd_escaped() -> None:
@@ -359,10 +353,10 @@ def test_text_output_shows_control_characters_from_etcd_escaped() -> None:
             [result("a-ok", EU, 10, ok=False, error="\x1b]0;pwned\x07 boom\nstack")],
         )
     )
-    text = render.status_text(fleet)
+    text = client_render.status_text(fleet)
     assert all(line.isprintable() for line in text.splitlines()), text
     assert "\\x1b[2J" in text and "\\u202e1.0" in text and "\\x1b]0;pwned\\x07 boom" in text
     entry = client.TaskEntry(LAYOUT.node_key("x"), keys.Target.node("x"), 3, b"\x1b[31m\xff")
-    listing = render.tasks_text([entry])
+    listing = client_render.tasks_text([entry])
     assert "\\x1b[31m\ufffd" in listing and all(line.isprintable() for line in listing.split("\n"))
-    assert render.printable("plain text") == "plain text"
+    assert client_render.printable("plain text") == "plain text"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,72 +17,7 @@ def msg(name: str, data: messages.JSON = None) -> bytes:
 A = msg("print", {"x": 1})
 B = msg("print", {"x": 2})
 
-# (description, desired, actual, owned, prune, expected changes as (action, key))
-CASES = [
-    ("nothing at all", {}, {}, {}, False, []),
-    ("first apply creates", {"k": A}, {}, {}, False, [(Action.CREATE, "k")]),
-    ("equal and owned: nothing", {"k": A}, {"k": Actual(A, 5)}, {"k": 6}, False, []),
-    (
-        "different bytes: update",
-        {"k": B},
-        {"k": Actual(A, 5)},
-        {"k": 6},
-        False,
-        [(Action.UPDATE, "k")],
-    ),
-    ("hand-written equal: adopt", {"k": A}, {"k": Actual(A, 5)}, {}, False, [(Action.ADOPT, "k")]),
-    (
-        "hand-written different: update",
-        {"k": B},
-        {"k": Actual(A, 5)},
-        {},
-        False,
-        [(Action.UPDATE, "k")],
-    ),
-    ("owned, no manifest, no prune: kept", {}, {"k": Actual(A, 5)}, {"k": 6}, False, []),
-    (
-        "owned, no manifest, prune: delete",
-        {},
-        {"k": Actual(A, 5)},
-        {"k": 6},
-        True,
-        [(Action.DELETE, "k")],
-    ),
-    ("owned, key gone, prune: forget", {}, {}, {"k": 6}, True, [(Action.FORGET, "k")]),
-    ("hand-written, no manifest, prune: untouched", {}, {"k": Actual(A, 5)}, {}, True, []),
-    (
-        "owned record but key deleted by hand: create",
-        {"k": A},
-        {},
-        {"k": 6},
-        False,
-        [(Action.CREATE, "k")],
-    ),
-    (
-        "mixed, in key order",
-        {"a": A, "c": B},
-        {"b": Actual(A, 2), "c": Actual(A, 3), "d": Actual(A, 4)},
-        {"b": 7, "c": 8},
-        True,
-        [(Action.CREATE, "a"), (Action.DELETE, "b"), (Action.UPDATE, "c")],
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("desired", "actual", "owned", "prune", "expected"),
-    [c[1:] for c in CASES],
-    ids=[c[0] for c in CASES],
-)
-def test_plan_table(
-    desired: dict[str, bytes],
-    actual: dict[str, Actual],
-    owned: dict[str, int],
-    prune: bool,
-    expected: list[tuple[Action, str]],
-) -> None:
-    plan = diff.plan(desired, actual, owned, prune=prune)
-    assert [(c.action, c.key) for c in plan.changes] == expected
+# The table of plan cases: tests/cases/plans.yaml (tests/test_cases.py).
 
 
 def test_plan_carries_the_revisions_to_guard_with() -> None:

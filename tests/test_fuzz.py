@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gleam import client, keys, messages, render, status
+from gleam import client, client_render, keys, messages, status
 from reconciler import gitsource, manifests
 
 LONG_RUN = int(os.environ.get("GLEAM_FUZZ_EXAMPLES", "0") or 0)
@@ -270,17 +270,17 @@ def test_the_status_model_and_every_renderer_take_any_stored_values(
     fleet = status.build(snapshot, layout=LAYOUT, now=NOW)
     text = "\n".join(
         [
-            render.status_text(fleet),
-            render.tasks_text(entries),
-            render.agents_text(snapshot.agents, LAYOUT),
+            client_render.status_text(fleet),
+            client_render.tasks_text(entries),
+            client_render.agents_text(snapshot.agents, LAYOUT),
         ]
     )
     text.encode("utf-8")  # printable to any UTF-8 terminal, no control character
     assert all(line.isprintable() for line in text.splitlines()), text
-    render.status_text(fleet, colour=True)
+    client_render.status_text(fleet, colour=True)
     for document in (
-        render.status_document(fleet),
-        render.tasks_document(entries),
-        render.agents_document(snapshot.agents),
+        client_render.status_document(fleet),
+        client_render.tasks_document(entries),
+        client_render.agents_document(snapshot.agents),
     ):
-        assert json.loads(render.to_json(document)) is not None
+        assert json.loads(client_render.to_json(document)) is not None

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gleam import keys, leases
+from gleam import connection, keys
 from gleam.embedded import EtcdGrpcProxy, EtcdServer
-from reconciler import state, sync
+from reconciler import sync
 from tests.agent_support import StartAgent, wait_registered
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT, client_for, wait_until
@@ -71,21 +71,21 @@ def test_a_lease_refresh_through_the_proxy_keeps_the_lease(proxied: Any) -> None
     """pyetcd's own refresh_lease fails through the proxy ("context canceled")."""
     lease = proxied.lease(3)
     for _ in range(3):
-        assert leases.refresh(proxied, lease.id) == 3
+        assert connection.refresh_lease(proxied, lease.id) == 3
     proxied.revoke_lease(lease.id)
-    assert leases.refresh(proxied, lease.id) <= 0
+    assert connection.refresh_lease(proxied, lease.id) <= 0
 
 
 def test_the_apply_lock_keeps_its_lease_through_the_proxy(proxied: Any) -> None:
-    lock = sync.Lock(proxied, LAYOUT, ttl=2)
+    lock = sync.Store.over(proxied, LAYOUT).lock(ttl=2)
     lock.acquire(timeout=5)
     try:
-        lease_id = lock._lease.id
+        lease_id = lock.lease_id
         wait_until(outlives(proxied, lease_id, 2), timeout=20, what="the lock's lease refreshed")
         assert lock.held()
     finally:
         lock.release()
-    assert proxied.get(state.lock_key(LAYOUT))[0] is None
+    assert proxied.get(LAYOUT.lock_key)[0] is None
 
 
 def test_agents_a_reconcile_and_the_client_work_through_the_proxy(

@@ -14,7 +14,6 @@ import pytest
 
 from gleam import cli, client, keys, messages
 from gleam.embedded import EtcdServer
-from reconciler import state
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT
 
@@ -216,7 +215,7 @@ def test_a_hostile_apply_lock_value_is_named_in_one_clean_line(
     repo = OpsRepo(tmp_path / "ops")
     repo.node("web-1", "print")
     repo.commit("one")
-    lock = state.lock_key(layout)
+    lock = layout.lock_key
     lease = etcd.lease(60)
     for value in (
         b"[" * 100_000 + b"]" * 100_000,

@@ -17,28 +17,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.lua_exec import LuaRunner, Outcome
+from agent.lua_api import KV, KVError
+from agent.lua_exec import LuaRunner, RunOutcome
 from agent.store import EtcdKV
 from gleam import keys
-from gleam.embedded import EtcdServer
-from tests.support import EXAMPLE_SCRIPTS, client_for, wait_until
+from tests.agent_support import MemoryKV
+from tests.support import EXAMPLE_SCRIPTS, wait_until
 
 Factory = Callable[..., LuaRunner]
 
 
 @pytest.fixture
-def scripts(tmp_path: Path) -> Path:
-    root = tmp_path / "scripts"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def make_runner(etcd: Any) -> Iterator[Factory]:
+def make_runner() -> Iterator[Factory]:
+    """Runners over an in-memory KV; a test about etcd passes kv=EtcdKV(etcd)."""
     runners: list[LuaRunner] = []
 
     def make(script_dir: Path, **kwargs: Any) -> LuaRunner:
-        kwargs.setdefault("kv", EtcdKV(etcd))
+        kwargs.setdefault("kv", MemoryKV())
         kwargs.setdefault("agent_id", "web-1")
         kwargs.setdefault("regions", ["eu", "web"])
         kwargs.setdefault("watch_files", False)
@@ -58,18 +53,18 @@ def write(root: Path, relative: str, text: str) -> Path:
     return path
 
 
-def run_text(runner: LuaRunner, scripts: Path, text: str, data: Any = None) -> Outcome:
+def run_text(runner: LuaRunner, scripts: Path, text: str, data: Any = None) -> RunOutcome:
     write(scripts, "t.lua", text)
     return runner.run("t", data)
 
 
-def ok(outcome: Outcome) -> Any:
+def ok(outcome: RunOutcome) -> Any:
     assert outcome.ok, outcome.error
     assert outcome.error is None
     return outcome.result
 
 
-def failed(outcome: Outcome) -> str:
+def failed(outcome: RunOutcome) -> str:
     assert not outcome.ok, outcome
     assert outcome.result is None
     assert outcome.error
@@ -533,17 +528,13 @@ _json = st.recursive(
 
 
 @pytest.fixture(scope="module")
-def echo_runner(
-    tmp_path_factory: pytest.TempPathFactory, etcd_server: EtcdServer
-) -> Iterator[LuaRunner]:
+def echo_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LuaRunner]:
     root = tmp_path_factory.mktemp("echo")
     write(root, "echo.lua", "return ...")
     write(root, "data.lua", "return gleam.Data")
-    client = client_for(etcd_server.endpoint)
-    runner = LuaRunner(root, kv=EtcdKV(client), agent_id="a", regions=[], watch_files=False)
+    runner = LuaRunner(root, kv=MemoryKV(), agent_id="a", regions=[], watch_files=False)
     yield runner
     runner.close()
-    client.close()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -746,7 +737,7 @@ def test_etcd_functions_against_real_etcd(
     r.after = gleam.GetDir("{p}/a")
     return r
     """
-    result = ok(run_text(make_runner(scripts), scripts, text))
+    result = ok(run_text(make_runner(scripts, kv=EtcdKV(etcd)), scripts, text))
     assert result == {
         "set": "nil",
         "set_num": "nil",
@@ -765,12 +756,35 @@ def test_set_with_ttl_binds_the_key_to_a_lease(
     make_runner: Factory, scripts: Path, etcd: Any, layout: keys.Layout
 ) -> None:
     key = f"{layout.prefix}/ttl"
-    ok(run_text(make_runner(scripts), scripts, f"return gleam.Set('{key}', 'v', 30)"))
+    runner = make_runner(scripts, kv=EtcdKV(etcd))
+    ok(run_text(runner, scripts, f"return gleam.Set('{key}', 'v', 30)"))
     value, meta = etcd.get(key)
     assert value == b"v"
     assert meta.lease_id != 0
     lease_ttl = etcd.get_lease_info(meta.lease_id).TTL
     assert 0 < lease_ttl <= 30
+
+
+@pytest.fixture(params=["memory", "etcd"])
+def kv(request: pytest.FixtureRequest) -> KV:
+    if request.param == "memory":
+        return MemoryKV()
+    return EtcdKV(request.getfixturevalue("etcd"))
+
+
+def test_the_in_memory_kv_answers_as_etcd_does(kv: KV, layout: keys.Layout) -> None:
+    p = layout.prefix
+    kv.set(f"{p}/a", "top", None)
+    kv.set(f"{p}/a/x", "1", None)
+    kv.set(f"{p}/a/y/z", "2", 30)
+    kv.set(f"{p}/ab", "not under a/", None)
+    assert kv.get(f"{p}/a") == "top" and kv.get(f"{p}/nope") is None
+    assert kv.get_dir(f"{p}/a/") == {f"{p}/a/x": "1", f"{p}/a/y/z": "2"}
+    kv.delete(f"{p}/a")
+    assert kv.get_dir(f"{p}/") == {f"{p}/ab": "not under a/"}
+    for call in (lambda: kv.delete("/"), lambda: kv.get_dir("//")):
+        with pytest.raises(KVError, match="ValueError: refusing to use .* the root of etcd"):
+            call()
 
 
 def test_kv_exceptions_become_error_strings(make_runner: Factory, scripts: Path) -> None:
@@ -861,8 +875,8 @@ def test_exec_is_bounded_by_the_task_time_limit(make_runner: Factory, scripts: P
 
 
 @pytest.fixture
-def examples(make_runner: Factory) -> LuaRunner:
-    return make_runner(EXAMPLE_SCRIPTS)
+def examples(make_runner: Factory, etcd: Any) -> LuaRunner:
+    return make_runner(EXAMPLE_SCRIPTS, kv=EtcdKV(etcd))
 
 
 def test_example_print(examples: LuaRunner, caplog: pytest.LogCaptureFixture) -> None:

@@ -3,8 +3,6 @@
 (READY=1, WATCHDOG=1 that stops when a loop is wedged, STOPPING=1), JSON logs, and a log
 file rotated away under a running agent."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import json
@@ -18,10 +16,8 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+from tests.agent_support import (
     StartAgent,
-    lua_dir,
-    no_gleam_environment,
     node,
     put_raw,
     send,
@@ -30,6 +26,8 @@ from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment:
 )
 from tests.observe_support import NotifySocket, healthz, metrics_url, scrape, value
 from tests.support import AgentProcess, client_for, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_gleam_environment")
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ after passes (ok, drift put back, invalid), the fleet gauges equal to what `glea
 status` counts, /healthz through an etcd outage, systemd's notify protocol, and the
 alert rules in contrib/ naming only metrics the code exports."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import os
@@ -22,10 +20,8 @@ import yaml
 
 from gleam import client, keys, status
 from gleam.embedded import EtcdServer
-from tests.agent_support import (  # noqa: F401 - lua_dir, no_gleam_environment: fixtures
+from tests.agent_support import (
     StartAgent,
-    lua_dir,
-    no_gleam_environment,
     node,
     wait_registered,
 )
@@ -42,6 +38,8 @@ from tests.reconcile_support import OpsRepo
 from tests.support import ROOT, client_for, wait_until
 
 ALERTS = ROOT / "contrib" / "prometheus" / "gleam-alerts.yml"
+
+pytestmark = pytest.mark.usefixtures("no_gleam_environment")
 
 
 class DaemonProcess:

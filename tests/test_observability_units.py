@@ -12,7 +12,7 @@ import pytest
 
 from agent import observe
 from gleam import flags, liveness, logformat, metrics, sdnotify
-from reconciler import daemon, diff, manifests, reconcile, sync
+from reconciler import daemon, desired, diff, manifests, reconcile, sync
 from reconciler import observe as robserve
 
 # sd_notify -------------------------------------------------------------------------------
@@ -288,19 +288,19 @@ def test_reconciler_is_unhealthy_before_its_first_pass_and_after_an_etcd_failure
 
 
 def test_drift_corrections_count_writes_of_an_already_applied_commit() -> None:
-    from reconciler import state
+    from reconciler import records
 
-    desired = reconcile.Desired({}, None, "commit", "c1", "d", 0, "full")
+    wanted = desired.Desired({}, None, "commit", "c1", "d", 0, "full")
     changes = (
         diff.Change(diff.Action.UPDATE, "/g/node/a", b"x"),
         diff.Change(diff.Action.ADOPT, "/g/node/b", b"y"),
     )
     plan = diff.Plan(changes)
-    same = state.Record(commit="c1", history=())
-    moved = state.Record(commit="c0", history=())
-    assert robserve.drift_corrections(reconcile.Result(desired, same, plan, changes)) == 1
-    assert robserve.drift_corrections(reconcile.Result(desired, moved, plan, changes)) == 0
-    assert robserve.drift_corrections(reconcile.Result(desired, None, plan, changes)) == 0
+    same = records.Record(commit="c1", history=())
+    moved = records.Record(commit="c0", history=())
+    assert robserve.drift_corrections(reconcile.Pass(wanted, same, plan, changes)) == 1
+    assert robserve.drift_corrections(reconcile.Pass(wanted, moved, plan, changes)) == 0
+    assert robserve.drift_corrections(reconcile.Pass(desired, None, plan, changes)) == 0
 
 
 def test_once_stopping_it_says_so_once_and_pings_whatever_the_loops_do() -> None:

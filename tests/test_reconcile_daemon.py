@@ -16,7 +16,7 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from reconciler import daemon, diff, reconcile, state, sync
+from reconciler import daemon, diff, reconcile, records, sync
 from tests.reconcile_support import OpsRepo, values
 from tests.support import ROOT, client_for, wait_until
 
@@ -32,10 +32,9 @@ class Running:
         options = reconcile.Options(repo=repo, prune=True, lock_timeout=60, worktree=worktree)
         defaults = {"interval": 60.0, "debounce": 0.05, "full_every": 1000}
         self.daemon = daemon.Daemon(
-            etcd,
-            layout,
+            sync.Store.over(etcd, layout),
             options,
-            daemon.Settings(**{**defaults, **settings}),
+            daemon.LoopSettings(**{**defaults, **settings}),
             stop=self.stop,
             on_pass=self.reports.append,
         )
@@ -92,7 +91,7 @@ def test_daemon_applies_at_start_and_picks_up_a_new_commit(
         and change_pass.result.desired.commit == commit
     )
     assert change_pass.result.desired.mode == "incremental"
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.commit == commit
 
 
@@ -134,7 +133,7 @@ def test_a_held_apply_lock_keeps_the_daemon_from_applying(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gleam.reconcile")
-    other = sync.Lock(etcd, layout, holder="other-reconciler")
+    other = sync.Store.over(etcd, layout).lock(holder="other-reconciler")
     other.acquire(timeout=5)
     try:
         d = Running(etcd, layout, repo.path)
@@ -194,7 +193,7 @@ def test_sigterm_stops_the_daemon_process_cleanly_after_it_followed_a_commit(
             proc.wait()
     text = log_path.read_text()
     assert "SIGTERM: stopping" in text and "stopped" in text
-    assert state.lock_key(layout) not in values(etcd, layout.meta_prefix)
+    assert layout.lock_key not in values(etcd, layout.meta_prefix)
 
 
 def test_an_invalid_commit_is_logged_and_skipped_and_the_next_good_one_applied(
@@ -273,5 +272,5 @@ def test_with_worktree_the_daemon_applies_files_as_they_are_saved(
         ),
         what="the saved file applied",
     )
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.last is not None and record.last.source == "worktree"

@@ -6,8 +6,6 @@ After every fault the next pass converges to HEAD exactly, the applied record ne
 names a commit whose keys were not all written, and the ownership records match the task
 keys one to one (each written in the same transaction as its task key)."""
 
-# ruff: noqa: F811 - the fixture imported from tests.etcd_cluster is a test parameter here
-
 from __future__ import annotations
 
 import os
@@ -23,8 +21,8 @@ from typing import Any
 import pytest
 
 from gleam import keys
-from reconciler import gitsource, reconcile, state, sync
-from tests.etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401 - a fixture
+from reconciler import desired, gitsource, reconcile, sync
+from tests.embedded_cluster import EmbeddedCluster
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT, client_for, wait_until
 
@@ -116,7 +114,7 @@ class Reconciler:
 
 
 @pytest.fixture
-def etcd(etcd_cluster: EtcdCluster) -> Iterator[Any]:
+def etcd(etcd_cluster: EmbeddedCluster) -> Iterator[Any]:
     client = client_for(etcd_cluster.endpoints)
     try:
         yield client
@@ -125,7 +123,7 @@ def etcd(etcd_cluster: EtcdCluster) -> Iterator[Any]:
 
 
 def expected(repo: Path, commit: str) -> dict[str, bytes]:
-    return reconcile.read_full(LAYOUT, gitsource.Source(repo), commit, cache=False).values
+    return desired.read_full(LAYOUT, gitsource.Source(repo), commit, cache=False).values
 
 
 def tasks_in_etcd(etcd: Any) -> dict[str, tuple[bytes, int]]:
@@ -134,12 +132,12 @@ def tasks_in_etcd(etcd: Any) -> dict[str, tuple[bytes, int]]:
 
 
 def owned_count(etcd: Any) -> int:
-    return sync.count_owned(etcd, LAYOUT)
+    return sync.Store.over(etcd, LAYOUT).count_owned()
 
 
 def check_record_truthful(etcd: Any, repo: Path) -> None:
     """The applied record names no commit whose keys are not all written."""
-    record, _revision = sync.read_record(etcd, LAYOUT)
+    record, _revision = sync.Store.over(etcd, LAYOUT).read_record()
     if record is None or record.commit is None:
         return
     held = tasks_in_etcd(etcd)
@@ -155,15 +153,15 @@ def check_converged(etcd: Any, repo: Path, head: str) -> None:
     want = expected(repo, head)
     wrong = sorted(k for k in held.keys() | want.keys() if held.get(k, (None, 0))[0] != want.get(k))
     assert not wrong, f"{len(wrong)} keys differ from {head[:12]}, e.g. {wrong[:3]}"
-    record, _revision = sync.read_record(etcd, LAYOUT)
+    record, _revision = sync.Store.over(etcd, LAYOUT).read_record()
     assert record is not None and record.commit == head
-    observed = sync.read_all(etcd, LAYOUT)
+    observed = sync.Store.over(etcd, LAYOUT).read_all()
     assert observed.owned == {k: rev for k, (_v, rev) in held.items()}
-    assert etcd.get(state.lock_key(LAYOUT))[0] is None, "the apply lock was left behind"
+    assert etcd.get(LAYOUT.lock_key)[0] is None, "the apply lock was left behind"
 
 
 def lock_holder_pid(etcd: Any) -> int | None:
-    raw = etcd.get(state.lock_key(LAYOUT))[0]
+    raw = etcd.get(LAYOUT.lock_key)[0]
     holder = sync.Holder.decode(raw) if raw is not None else None
     return holder.pid if holder is not None else None
 
@@ -180,7 +178,7 @@ def check_failed_cleanly(rc: int, log: str) -> None:
 
 
 def next_pass_takes_the_dead_lock_and_converges(
-    cluster: EtcdCluster, etcd: Any, commits: Commits, clone: Path, tmp_path: Path
+    cluster: EmbeddedCluster, etcd: Any, commits: Commits, clone: Path, tmp_path: Path
 ) -> None:
     """The lock's holder is known to be dead (same host, its pid gone): the next pass
     breaks the lock at once instead of waiting out the lease, and finishes the job."""
@@ -194,7 +192,7 @@ def next_pass_takes_the_dead_lock_and_converges(
 
 @pytest.mark.parametrize("fault", ["leader killed", "member frozen"])
 def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
-    fault: str, etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
+    fault: str, etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
     first = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "first.log")
@@ -228,7 +226,7 @@ def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
 
 
 def test_a_reconciler_killed_between_two_transactions_is_finished_by_the_next_pass(
-    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
+    etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
     killed = Reconciler(
@@ -239,15 +237,17 @@ def test_a_reconciler_killed_between_two_transactions_is_finished_by_the_next_pa
     assert 0 < written < MANIFESTS
     killed.proc.send_signal(signal.SIGKILL)
     killed.wait()
-    assert etcd.get(state.lock_key(LAYOUT))[0] is not None, "the dead pass's lock"
-    assert sync.read_record(etcd, LAYOUT)[0] is None, "no record for a pass that did not end"
+    assert etcd.get(LAYOUT.lock_key)[0] is not None, "the dead pass's lock"
+    assert sync.Store.over(etcd, LAYOUT).read_record()[0] is None, (
+        "no record for a pass that did not end"
+    )
 
     next_pass_takes_the_dead_lock_and_converges(etcd_cluster, etcd, commits, clone, tmp_path)
 
 
 @pytest.mark.parametrize("first_commit", ["a", "b"])
 def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_descendant(
-    first_commit: str, etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
+    first_commit: str, etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clones = {
         name: checkout(commits, getattr(commits, name), tmp_path / f"clone-{name}")
@@ -283,7 +283,7 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
 
 
 def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead_lock(
-    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
+    etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
     first = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "first.log")
@@ -302,7 +302,7 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
     again = client_for(etcd_cluster.endpoints)  # the old client gave up on every member
     try:
         # etcd restores the lock's lease with its full TTL: the lock is still there.
-        wait_until(lambda: again.get(state.lock_key(LAYOUT))[0], what="the lock after restart")
+        wait_until(lambda: again.get(LAYOUT.lock_key)[0], what="the lock after restart")
         check_record_truthful(again, commits.path)
         next_pass_takes_the_dead_lock_and_converges(etcd_cluster, again, commits, clone, tmp_path)
     finally:
@@ -310,7 +310,7 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
 
 
 def test_a_ci_job_on_a_commit_and_a_daemon_on_its_descendant_end_with_the_descendant(
-    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
+    etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     """The daemon (on B) starts while a CI job (on A) holds the lock: it waits, then
     applies B over A. A later CI job on A is refused by the guard inside the lock."""
@@ -330,7 +330,7 @@ def test_a_ci_job_on_a_commit_and_a_daemon_on_its_descendant_end_with_the_descen
         assert ci.wait() == 0, ci.log()
 
         def daemon_applied_b() -> bool:
-            record = sync.read_record(etcd, LAYOUT)[0]
+            record = sync.Store.over(etcd, LAYOUT).read_record()[0]
             return record is not None and record.commit == commits.b
 
         wait_until(daemon_applied_b, timeout=90, what="the daemon's pass on B")

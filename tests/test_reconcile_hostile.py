@@ -19,7 +19,7 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from reconciler import daemon, gitsource, manifests, reconcile, state
+from reconciler import daemon, gitsource, manifests, reconcile, records, sync
 from tests.reconcile_support import OpsRepo, first_commit, run_cli, values
 from tests.support import ROOT
 
@@ -170,7 +170,7 @@ def test_review_bypass_commit_is_refused_on_the_incremental_pass_naming_the_odd_
     after = snapshot(etcd, layout)
     assert after == before
     assert not any(b"envdump" in v for v in after.values())
-    record = state.decode(after[layout.applied_key])
+    record = records.decode(after[layout.applied_key])
     assert record.commit == repo.git("rev-parse", "HEAD~1")
     assert blob  # the blob is still in the repository: only the name kept it out
 
@@ -404,7 +404,7 @@ def test_the_daemon_logs_a_hostile_commit_as_lines_and_applies_the_next_good_one
 ) -> None:
     caplog.set_level(logging.INFO, logger="gleam.reconcile")
     options = reconcile.Options(repo=repo.path, lock_timeout=60)
-    d = daemon.Daemon(etcd, layout, options, daemon.Settings(full_every=1000))
+    d = daemon.Daemon(sync.Store.over(etcd, layout), options, daemon.LoopSettings(full_every=1000))
     d.source = gitsource.Source(repo.path)
     assert d.one_pass(daemon.Reason.START)
     before = snapshot(etcd, layout)
@@ -450,7 +450,9 @@ def test_memory_and_recursion_errors_end_a_pass_as_one_line(
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--output", "json")
     assert code == 1 and json.loads(out)["error"].startswith("the pass ")
     caplog.set_level(logging.INFO, logger="gleam.reconcile")
-    d = daemon.Daemon(etcd, layout, reconcile.Options(repo=repo.path), daemon.Settings())
+    d = daemon.Daemon(
+        sync.Store.over(etcd, layout), reconcile.Options(repo=repo.path), daemon.LoopSettings()
+    )
     d.source = gitsource.Source(repo.path)
     assert not d.one_pass(daemon.Reason.START)
     assert "the pass " in caplog.text and not any(r.exc_info for r in caplog.records)

@@ -11,7 +11,7 @@ import pytest
 
 from gleam import keys
 from gleam.embedded import EtcdServer
-from reconciler import state, sync
+from reconciler import sync
 from tests.support import client_for, wait_until
 
 HERE = sync.Holder("build-7", 4242, "pid:[4026531836]", "1000")
@@ -71,7 +71,7 @@ def test_the_holder_record_round_trips() -> None:
 def _hold(etcd: Any, layout: keys.Layout, holder: sync.Holder, *, ttl: int = 60) -> int:
     """A lock record for `holder` on a long lease, as a crashed holder leaves it."""
     lease = etcd.lease(ttl)
-    etcd.put(state.lock_key(layout), holder.encode(), lease=lease)
+    etcd.put(layout.lock_key, holder.encode(), lease=lease)
     return int(lease.id)
 
 
@@ -82,7 +82,7 @@ def test_a_lock_left_by_an_exited_process_on_this_host_is_taken_at_once(
     dead.wait()
     me = sync.this_process()
     _hold(etcd, layout, sync.Holder(me.host, dead.pid, me.pidns, "1"))
-    lock = sync.Lock(etcd, layout, ttl=5)
+    lock = sync.Store.over(etcd, layout).lock(ttl=5)
     started = time.monotonic()
     lock.acquire(timeout=30)
     try:
@@ -100,7 +100,7 @@ def test_a_lock_held_by_a_live_process_is_waited_for(etcd: Any, layout: keys.Lay
         assert start
         _hold(etcd, layout, sync.Holder(me.host, alive.pid, me.pidns, start))
         with pytest.raises(sync.LockTimeout, match=f"held by {me.host} pid {alive.pid}"):
-            sync.Lock(etcd, layout, ttl=5).acquire(timeout=0.5)
+            sync.Store.over(etcd, layout).lock(ttl=5).acquire(timeout=0.5)
     finally:
         alive.kill()
         alive.wait()
@@ -114,7 +114,7 @@ def test_a_lock_this_process_could_not_release_is_taken_by_its_next_pass(
     knows the lock is no longer held by any pass of its own."""
     etcd = client_for(private_etcd.endpoint)
     try:
-        first = sync.Lock(etcd, layout, ttl=30)
+        first = sync.Store.over(etcd, layout).lock(ttl=30)
         first.acquire(timeout=5)
         private_etcd.kill()
         first.release()  # fails (logged): etcd is down
@@ -123,8 +123,8 @@ def test_a_lock_this_process_could_not_release_is_taken_by_its_next_pass(
     private_etcd.start()
     again = client_for(private_etcd.endpoint)  # the old one gave up on the endpoint
     try:
-        wait_until(lambda: again.get(state.lock_key(layout))[0], what="the lock after restart")
-        second = sync.Lock(again, layout, ttl=30)
+        wait_until(lambda: again.get(layout.lock_key)[0], what="the lock after restart")
+        second = sync.Store.over(again, layout).lock(ttl=30)
         started = time.monotonic()
         second.acquire(timeout=60)
         assert time.monotonic() - started < 10
@@ -136,10 +136,10 @@ def test_a_lock_this_process_could_not_release_is_taken_by_its_next_pass(
 def test_a_lock_held_by_another_pass_of_this_process_is_waited_for(
     etcd: Any, layout: keys.Layout
 ) -> None:
-    held = sync.Lock(etcd, layout, ttl=30)
+    held = sync.Store.over(etcd, layout).lock(ttl=30)
     held.acquire(timeout=5)
     try:
         with pytest.raises(sync.LockTimeout):
-            sync.Lock(etcd, layout, ttl=30).acquire(timeout=0.5)
+            sync.Store.over(etcd, layout).lock(ttl=30).acquire(timeout=0.5)
     finally:
         held.release()

@@ -31,24 +31,7 @@ def test_paths_map_to_targets() -> None:
     assert isinstance(bad, manifests.ManifestError) and "file name" in bad.message
 
 
-def test_a_manifest_becomes_the_canonical_message() -> None:
-    loaded = load({"tasks/nodes/web-1.yaml": "name: config::sync\ndata:\n  path: /etc/a\n  n: 2\n"})
-    m = loaded[keys.Target.node("web-1")]
-    assert m.value == b'{"Data":{"n":2,"path":"/etc/a"},"Name":"config::sync"}'
-    # Key order and layout in the YAML do not change the bytes.
-    again = load({"tasks/nodes/web-1.yaml": "data: {n: 2, path: /etc/a}\nname: config::sync\n"})
-    assert again[keys.Target.node("web-1")].value == m.value
-
-
-def test_data_is_optional_and_dates_stay_strings() -> None:
-    loaded = load(
-        {
-            "tasks/regions/eu.yaml": "name: print\n",
-            "tasks/nodes/a.yaml": "name: print\ndata: 2024-05-01\n",
-        }
-    )
-    assert loaded[keys.Target.region("eu")].value == b'{"Data":null,"Name":"print"}'
-    assert loaded[keys.Target.node("a")].task.data == "2024-05-01"
+# One file's value or error: tests/cases/manifests.yaml (tests/test_cases.py).
 
 
 def test_every_error_of_every_file_is_reported_with_file_and_line() -> None:

@@ -10,9 +10,19 @@ from typing import Any
 
 import pytest
 
-from gleam import flags, keys
+from gleam import connection, flags, keys
 from gleam.embedded import EtcdServer
-from reconciler import cli, diff, gitsource, parsecache, reconcile, state, sync
+from reconciler import (
+    cli,
+    desired,
+    diff,
+    gitsource,
+    manifests,
+    parsecache,
+    reconcile,
+    records,
+    sync,
+)
 from tests.reconcile_support import OpsRepo, revisions, run_cli, values
 
 
@@ -42,12 +52,12 @@ def test_first_apply_writes_canonical_messages_ownership_and_the_record(
         f"{layout.prefix}/meta/owned/node/web-1",
         f"{layout.prefix}/meta/owned/region/eu",
     }
-    record = state.decode(got[layout.applied_key])
+    record = records.decode(got[layout.applied_key])
     assert record.commit == repo.head()
     assert record.last is not None and record.last.keys == 2
     assert record.last.digest == "git-tree:" + repo.git("rev-parse", "HEAD:tasks")
     # The lock was released.
-    assert state.lock_key(layout) not in got
+    assert layout.lock_key not in got
 
 
 def test_update_writes_only_what_changed_and_says_what_changed_in_the_data(
@@ -155,7 +165,7 @@ def test_commit_guard_refuses_a_commit_that_does_not_descend_from_the_applied_on
     code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--force")
     assert code == 0, err
     assert b"older" in values(etcd, layout.node_key("web-1"))[layout.node_key("web-1")]
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert [h.commit for h in record.history] == [older, newer]
 
 
@@ -172,7 +182,9 @@ def test_a_writer_between_plan_and_apply_makes_the_reconciler_plan_again(
         etcd.put(web1, b'{"Name":"print","Data":"meddled"}')  # changed after planning
         etcd.put(web2, b'{"Data":null,"Name":"print"}')  # created, already as wanted
 
-    result = reconcile.run(etcd, layout, reconcile.Options(repo=repo.path), before_apply=meddle)
+    result = reconcile.run(
+        sync.Store.over(etcd, layout), reconcile.Options(repo=repo.path), before_apply=meddle
+    )
     assert result.replans == 1
     got = values(etcd, layout.prefix + "/node/")
     assert got[web1] == b'{"Data":{"msg":"hello"},"Name":"print"}'
@@ -196,9 +208,9 @@ def test_more_than_128_changes_go_in_several_guarded_transactions(
     assert "300 created" in out
     revs = revisions(etcd, layout.prefix + "/node/")
     assert len(revs) == 300
-    assert len(set(revs.values())) >= 300 * 2 // sync.MAX_TXN_OPS  # one revision per txn
+    assert len(set(revs.values())) >= 300 * 2 // connection.MAX_TXN_OPS  # one revision per txn
     for batch in sync.batches([diff.Change(diff.Action.CREATE, k, new=b"x" * 10) for k in revs]):
-        assert 2 * len(batch) <= sync.MAX_TXN_OPS - 1
+        assert 2 * len(batch) <= connection.MAX_TXN_OPS - 1
 
 
 def test_batches_respect_the_request_size_limit() -> None:
@@ -282,7 +294,7 @@ def test_worktree_reads_uncommitted_files_and_the_next_commit_run_is_full(
     repo.node("web-1", "print", "data:\n  msg: trying\n")  # not committed
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo, "--worktree")
     assert code == 0 and "the work tree" in out and "1 updated" in out
-    record = state.decode(values(etcd, layout.applied_key)[layout.applied_key])
+    record = records.decode(values(etcd, layout.applied_key)[layout.applied_key])
     assert record.last is not None and record.last.source == "worktree"
     assert record.commit == repo.head()  # the guard's reference is still the last commit
     # Back to git: HEAD is the truth again, read in full because etcd held the work tree.
@@ -306,7 +318,7 @@ def test_full_reads_use_the_parse_cache_by_blob_id_and_ignore_a_stale_one(
     layout: keys.Layout, repo: OpsRepo
 ) -> None:
     source = gitsource.Source(repo.path)
-    first = reconcile.read_full(layout, source, repo.head())
+    first = desired.read_full(layout, source, repo.head())
     cache_file = parsecache.path_for(source.git_dir)
     blob = repo.git("rev-parse", "HEAD:tasks/nodes/web-1.yaml")
     cached = parsecache.load(cache_file)
@@ -314,17 +326,17 @@ def test_full_reads_use_the_parse_cache_by_blob_id_and_ignore_a_stale_one(
     # The cache is what a full read uses: a doctored entry shows through...
     cached[blob] = b'{"Data":"from the cache","Name":"print"}'
     parsecache.save(cache_file, cached)
-    again = reconcile.read_full(layout, source, repo.head())
+    again = desired.read_full(layout, source, repo.head())
     assert again.entries[layout.node_key("web-1")].value == cached[blob]
     # ...unless the cache is off, or was written by other parsing rules.
-    off = reconcile.read_full(layout, source, repo.head(), cache=False)
+    off = desired.read_full(layout, source, repo.head(), cache=False)
     assert (
         off.entries[layout.node_key("web-1")].value == first.entries[layout.node_key("web-1")].value
     )
     with open(cache_file, "wb") as fh:
         marshal.dump(("another fingerprint", cached), fh)
     assert parsecache.load(cache_file) == {}
-    fresh = reconcile.read_full(layout, source, repo.head())
+    fresh = desired.read_full(layout, source, repo.head())
     assert fresh.entries == first.entries
 
 
@@ -382,7 +394,7 @@ def test_an_incremental_pass_reports_every_error_in_the_changed_files(
 def test_a_held_lock_makes_a_second_run_wait_then_give_up_naming_the_holder(
     capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
 ) -> None:
-    holder = sync.Lock(etcd, layout, holder="ci-job-41")
+    holder = sync.Store.over(etcd, layout).lock(holder="ci-job-41")
     holder.acquire(timeout=5)
     try:
         code, _, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "-lock_timeout", "0.3")
@@ -396,13 +408,13 @@ def test_a_held_lock_makes_a_second_run_wait_then_give_up_naming_the_holder(
 
 
 def test_a_reconciler_that_lost_its_lock_writes_nothing(etcd: Any, layout: keys.Layout) -> None:
-    lock = sync.Lock(etcd, layout)
+    lock = sync.Store.over(etcd, layout).lock()
     lock.acquire(timeout=5)
     try:
-        etcd.delete(state.lock_key(layout))  # as if the lease had expired
+        etcd.delete(layout.lock_key)  # as if the lease had expired
         change = diff.Change(diff.Action.CREATE, layout.node_key("n1"), new=b"{}")
         with pytest.raises(sync.LockLost):
-            sync.apply_changes(etcd, layout, [change], fence=lock)
+            sync.Store.over(etcd, layout).apply_changes([change], fence=lock)
         assert values(etcd, layout.prefix + "/") == {}
     finally:
         lock.release()
@@ -451,10 +463,10 @@ def test_after_an_upgrade_that_changes_the_rules_the_next_pass_is_full(
 ) -> None:
     assert run_cli(capsys, etcd_server.endpoint, layout, repo)[0] == 0
     key = layout.applied_key
-    record = state.decode(values(etcd, key)[key])
-    assert record.last is not None and record.last.rules == parsecache.fingerprint()
+    record = records.decode(values(etcd, key)[key])
+    assert record.last is not None and record.last.rules == manifests.rules_fingerprint()
     older = dataclasses.replace(record.last, rules="older-rules")
-    etcd.put(key, state.Record(record.commit, (older,)).encode())
+    etcd.put(key, records.Record(record.commit, (older,)).encode())
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
     assert code == 0 and "full pass" in out
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)

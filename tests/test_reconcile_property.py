@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gleam import keys, messages
-from reconciler import reconcile
+from reconciler import reconcile, sync
 from tests.reconcile_support import OpsRepo, values
 
 # Targets by their file path without extension; each commit picks .yaml or .yml for
@@ -56,7 +56,7 @@ def test_any_sequence_of_commits_converges_to_head(etcd: Any, trees: list[dict[s
                 repo.write(stem + ext, messages.canonical_json({"name": name, "data": data}) + "\n")
             repo.commit("step")
             options = reconcile.Options(repo=repo.path, prune=True, allow_empty=True)
-            reconcile.run(etcd, layout, options)
+            reconcile.run(sync.Store.over(etcd, layout), options)
 
             want = {
                 layout.task_key(target_of(stem)): messages.Task(name, data).encode()
@@ -74,6 +74,7 @@ def test_any_sequence_of_commits_converges_to_head(etcd: Any, trees: list[dict[s
             }
             assert owned == set(want)
             check = reconcile.run(
-                etcd, layout, reconcile.Options(repo=repo.path, prune=True, full=True, dry_run=True)
+                sync.Store.over(etcd, layout),
+                reconcile.Options(repo=repo.path, prune=True, full=True, dry_run=True),
             )
             assert not check.plan.changes

@@ -1,7 +1,5 @@
 """gleam-agent -trust end to end: real etcd, a real agent, signed and forged messages."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import json
@@ -14,9 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gleam import keys, messages, signing
 from gleam.embedded import EtcdServer
-from tests.agent_support import (  # noqa: F401 - no_gleam_environment: a fixture
+from tests.agent_support import (
     StartAgent,
-    no_gleam_environment,
     node,
     put_raw,
     region,
@@ -26,7 +23,7 @@ from tests.agent_support import (  # noqa: F401 - no_gleam_environment: a fixtur
 )
 from tests.test_signing import public_line
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
 
 
 def current_prev(etcd: Any, key: str) -> int:

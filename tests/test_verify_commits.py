@@ -97,17 +97,16 @@ def test_the_daemon_logs_a_refused_commit_and_applies_the_next_signed_one(
 ) -> None:
     import threading
 
-    from reconciler import daemon, reconcile
+    from reconciler import daemon, reconcile, sync
 
     repo, good, _stranger, allowed = setup
     unsigned = signed_commit(repo, None, "unsigned")
     reports: list[daemon.PassReport] = []
     stop = threading.Event()
     running = daemon.Daemon(
-        etcd,
-        layout,
+        sync.Store.over(etcd, layout),
         reconcile.Options(repo=repo.path, lock_timeout=60, verify_commits=allowed),
-        daemon.Settings(interval=60.0, debounce=0.05, full_every=1000),
+        daemon.LoopSettings(interval=60.0, debounce=0.05, full_every=1000),
         stop=stop,
         on_pass=reports.append,
     )

@@ -1,6 +1,6 @@
 """The reconciler's own records under `<prefix>/meta/`: which task keys it owns, what
-it applied last, and the apply lock's key. Pure: key names and record codecs only (the
-etcd calls are in sync.py).
+it applied last, and the apply lock (their key names are in gleam/keys.Layout). Pure:
+record codecs only (the etcd calls are in sync.py).
 
 - `<prefix>/meta/owned/node/<id>`, `<prefix>/meta/owned/region/<name>`: one small key
   per owned task key, `{"commit": <sha>, "source": "commit"}` (or
@@ -19,14 +19,14 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gleam import keys, messages
+from gleam import messages
 
 RECORD_VERSION = 1
 HISTORY = 10
 _COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
-class StateError(ValueError):
+class RecordError(ValueError):
     """A meta record that cannot be read; the text says which and why."""
 
 
@@ -38,19 +38,6 @@ def origin_record(*, source: str, commit: str | None) -> bytes:
     if source == "commit" and commit:
         body["commit"] = commit
     return messages.canonical_json(body).encode("utf-8")
-
-
-def task_key_of(layout: keys.Layout, owned: str) -> str | None:
-    """The task key an ownership record stands for, or None for a stray key."""
-    head = layout.owned_prefix
-    if not owned.startswith(head):
-        return None
-    key = f"{layout.prefix}/{owned[len(head) :]}"
-    return key if layout.parse_task_key(key) is not None else None
-
-
-def lock_key(layout: keys.Layout) -> str:
-    return f"{layout.meta_prefix}lock"
 
 
 @dataclass(frozen=True)
@@ -115,7 +102,7 @@ def decode(raw: bytes) -> Record:
             raise TypeError("not a JSON object")
         version = body.get("version")
         if version != RECORD_VERSION:
-            raise StateError(
+            raise RecordError(
                 f"meta/applied has record version {repr(version)[:40]}; this gleam-reconcile "
                 f"reads version {RECORD_VERSION} (upgrade it, or --force)"
             )
@@ -137,7 +124,7 @@ def decode(raw: bytes) -> Record:
             # It goes on git's command line (the commit guard): a hex id and nothing else.
             raise TypeError("commit is not a git commit id")
         return Record(commit=commit, history=history)
-    except StateError:
+    except RecordError:
         raise
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise StateError(f"meta/applied is not a valid record: {exc}") from None
+        raise RecordError(f"meta/applied is not a valid record: {exc}") from None

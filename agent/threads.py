@@ -45,7 +45,7 @@ def agent_info(
         pid=pid,
         regions=list(config.regions),
         version=VERSION,
-        started=results.rfc3339(started),
+        started=messages.rfc3339(started),
         script_dir=str(config.script_dir),
     )
 
