@@ -3,8 +3,6 @@ agent refuses to start (exit 2, naming the holder and the key) unless -takeover 
 given; the agent taken over exits 1 instead of writing its record back; an agent
 restarted after a SIGKILL, on the same host, replaces its own stale record."""
 
-# ruff: noqa: F811 - the fixtures imported from tests.agent_support are test parameters here
-
 from __future__ import annotations
 
 import signal
