@@ -182,9 +182,16 @@ def next_pass_takes_the_dead_lock_and_converges(
 ) -> None:
     """The lock's holder is known to be dead (same host, its pid gone): the next pass
     breaks the lock at once instead of waiting out the lease, and finishes the job."""
-    started = time.monotonic()
-    after = Reconciler(cluster.endpoints, clone, tmp_path / "after.log")
-    assert after.wait() == 0, after.log()
+    for _attempt in range(3):
+        started = time.monotonic()
+        after = Reconciler(cluster.endpoints, clone, tmp_path / "after.log")
+        rc = after.wait()
+        # A cluster that has just lost a member can be too slow to answer a new client
+        # on a loaded machine: that pass fails cleanly (exit 1, one line) and CI or the
+        # daemon runs the next one, as here. Any other failure is the test's failure.
+        if rc == 0 or "etcd connection failed" not in after.log():
+            break
+    assert rc == 0, after.log()
     assert time.monotonic() - started < LOCK_TTL
     assert "broke the apply lock" in after.log()
     check_converged(etcd, commits.path, commits.a)
