@@ -15,7 +15,7 @@ from gleam import keys
 from gleam.embedded import EtcdServer
 from tests.agent_support import write_scripts
 from tests.embedded_cluster import EmbeddedCluster
-from tests.support import EXAMPLE_SCRIPTS, AgentProcess, client_for
+from tests.support import EXAMPLE_SCRIPTS, AgentProcess, connected
 
 
 @pytest.fixture(scope="session")
@@ -51,11 +51,8 @@ def layout() -> keys.Layout:
 
 @pytest.fixture
 def etcd(etcd_server: EtcdServer) -> Iterator[Any]:
-    client = client_for(etcd_server.endpoint)
-    try:
+    with connected(etcd_server.endpoint) as client:
         yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal as signals
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +43,16 @@ def wait_until(
 
 def client_for(endpoint: str) -> Any:
     return connection.connect(connection.make_settings(endpoint))
+
+
+@contextlib.contextmanager
+def connected(endpoint: str) -> Iterator[Any]:
+    """A client for `endpoint`, closed afterwards (what the `etcd` fixtures yield)."""
+    client = client_for(endpoint)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 class AgentProcess:

@@ -33,7 +33,7 @@ from tests.agent_support import (
     wait_result,
 )
 from tests.etcd_cluster import EtcdCluster
-from tests.support import AgentProcess, client_for, wait_until
+from tests.support import AgentProcess, client_for, connected, wait_until
 from tests.tcp_proxy import Proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
@@ -43,11 +43,8 @@ LAYOUT = keys.Layout("/gleam")
 
 @pytest.fixture
 def etcd(private_etcd: EtcdServer) -> Iterator[Any]:
-    client = client_for(private_etcd.endpoint)
-    try:
+    with connected(private_etcd.endpoint) as client:
         yield client
-    finally:
-        client.close()
 
 
 def assert_results_follow_runs(etcd: Any, agent_id: str, *agents: AgentProcess) -> None:

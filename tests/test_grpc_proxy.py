@@ -18,7 +18,7 @@ from gleam.embedded import EtcdGrpcProxy, EtcdServer
 from reconciler import sync
 from tests.agent_support import StartAgent, wait_registered
 from tests.reconcile_support import OpsRepo
-from tests.support import ROOT, client_for, wait_until
+from tests.support import ROOT, client_for, connected, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,8 @@ def proxy(private_etcd: EtcdServer, tmp_path: Path) -> Iterator[EtcdGrpcProxy]:
 
 @pytest.fixture
 def proxied(proxy: EtcdGrpcProxy) -> Iterator[Any]:
-    client = client_for(proxy.endpoint)
-    try:
+    with connected(proxy.endpoint) as client:
         yield client
-    finally:
-        client.close()
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:

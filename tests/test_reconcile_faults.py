@@ -24,7 +24,7 @@ from gleam import keys
 from reconciler import desired, gitsource, reconcile, sync
 from tests.embedded_cluster import EmbeddedCluster
 from tests.reconcile_support import OpsRepo
-from tests.support import ROOT, client_for, wait_until
+from tests.support import ROOT, client_for, connected, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +115,8 @@ class Reconciler:
 
 @pytest.fixture
 def etcd(etcd_cluster: EmbeddedCluster) -> Iterator[Any]:
-    client = client_for(etcd_cluster.endpoints)
-    try:
+    with connected(etcd_cluster.endpoints) as client:
         yield client
-    finally:
-        client.close()
 
 
 def expected(repo: Path, commit: str) -> dict[str, bytes]:
