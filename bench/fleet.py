@@ -90,11 +90,17 @@ class Measured:
     proxy_rss: float | None
 
 
+START_BATCH = 20
+
+
 @contextmanager
 def _fleet(ctx: Context, endpoint: str, name: str, count: int) -> Iterator[list[Daemon]]:
     layout = ctx.layout(name)
     agents: list[Daemon] = []
     try:
+        # In batches, each registered before the next starts: hundreds of Python
+        # processes starting at once on two cores starve etcd of CPU until connection
+        # attempts time out, which a real fleet (one agent per host) never does.
         for i in range(count):
             agents.append(
                 start_agent(
@@ -107,8 +113,8 @@ def _fleet(ctx: Context, endpoint: str, name: str, count: int) -> Iterator[list[
                     extra=ctx.agent_args,
                 )
             )
-        # Started all at once, hundreds of Python processes take a while on two cores.
-        wait_registered(ctx, layout, agents, timeout=120 + 2 * count)
+            if len(agents) % START_BATCH == 0 or len(agents) == count:
+                wait_registered(ctx, layout, agents, timeout=120 + 2 * START_BATCH)
         yield agents
     finally:
         stop_all(agents, timeout=60)

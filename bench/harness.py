@@ -3,11 +3,14 @@ directory, scripts), and waiting for agents to register."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyetcd.exceptions
 
 from bench.processes import BenchError, Daemon, MarkerLines, check_all
 from gleam import keys
@@ -84,8 +87,11 @@ def wait_registered(
 ) -> None:
     """Wait until every agent's registration is in etcd (it is watching by then)."""
     deadline = time.monotonic() + timeout
+    present = 0
     while True:
-        present = count_keys(ctx.etcd, layout.info_prefix)
+        # etcd too busy to answer in time: ask again until the deadline.
+        with contextlib.suppress(pyetcd.exceptions.Etcd3Exception):
+            present = count_keys(ctx.etcd, layout.info_prefix)
         if present >= len(daemons):
             return
         check_all(daemons)
