@@ -127,7 +127,9 @@ class EtcdServer:
         context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         return context
 
-    def start(self, *, timeout: float = 30.0) -> EtcdServer:
+    def spawn(self) -> None:
+        """Start the process without waiting for it to serve: a cluster member is not
+        healthy before a quorum of members is up."""
         client_url = self.endpoint
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         args = [
@@ -149,6 +151,9 @@ class EtcdServer:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         finally:
             log.close()
+
+    def start(self, *, timeout: float = 30.0) -> EtcdServer:
+        self.spawn()
         self.wait_ready(timeout=timeout)
         return self
 

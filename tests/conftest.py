@@ -14,7 +14,7 @@ import pytest
 from gleam import keys
 from gleam.embedded import EtcdServer
 from tests.agent_support import write_scripts
-from tests.embedded_cluster import EmbeddedCluster
+from tests.etcd_cluster import EtcdCluster
 from tests.support import EXAMPLE_SCRIPTS, AgentProcess, connected
 
 
@@ -33,14 +33,10 @@ def private_etcd() -> Iterator[EtcdServer]:
 
 
 @pytest.fixture
-def etcd_cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
-    """A 3-member etcd cluster of this test's own (tests/embedded_cluster.py)."""
-    cluster = EmbeddedCluster(tmp_path / "etcd-cluster")
-    try:
-        cluster.start()
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster of this test's own (tests/etcd_cluster.py)."""
+    with EtcdCluster(3, root=str(tmp_path / "etcd-cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

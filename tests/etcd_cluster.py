@@ -1,5 +1,6 @@
-"""A real 3-member etcd cluster on loopback, for the fault tests and the fault soak:
-members can be killed, restarted, frozen (SIGSTOP) and thawed, and the leader found."""
+"""A real 3-member etcd cluster on loopback, for the agent's and the reconciler's fault
+tests (the `etcd_cluster` fixture in conftest.py) and the fault soak: members can be
+killed, stopped, restarted, frozen (SIGSTOP) and thawed, and the leader found."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from gleam.embedded import find_etcd, free_port
+from gleam.embedded import EtcdServer
 
 # Roomier than etcd's defaults (100 ms, 1 s): a loaded 2-core machine must not see
 # elections nobody asked for.
@@ -23,65 +23,48 @@ HEARTBEAT_MS = 150
 ELECTION_MS = 1500
 
 
-class Member:
-    """One member; keeps its ports and data across kill and restart."""
+class Member(EtcdServer):
+    """One member: gleam.embedded's EtcdServer (ports and data kept across kill and
+    restart) with the cluster's flags, a name, and whether it is frozen now."""
 
     def __init__(self, name: str, data_dir: str) -> None:
+        super().__init__(data_dir=data_dir)
         self.name = name
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.peer_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer_port}"
 
-    def launch(self, initial_cluster: str) -> None:
-        args = [
-            find_etcd(),
+    def join(self, initial_cluster: str) -> None:
+        # Later flags win over EtcdServer's single-member ones.
+        self.extra_args = (
             "--name", self.name,
-            "--data-dir", os.path.join(self.data_dir, "member-data"),
-            "--listen-client-urls", self.endpoint,
-            "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", initial_cluster,
+            "--initial-cluster-state", "new",
             "--initial-cluster-token", "gleam-faults",
             "--heartbeat-interval", str(HEARTBEAT_MS),
             "--election-timeout", str(ELECTION_MS),
-            "--log-level", "warn",
-        ]  # fmt: skip
-        os.makedirs(self.data_dir, exist_ok=True)
-        with open(os.path.join(self.data_dir, "etcd.log"), "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        )  # fmt: skip
+
+    def launch(self) -> None:
+        self.spawn()
         self.paused = False
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
+    def stop(self, *, sig: int = signal.SIGTERM) -> None:
+        super().stop(sig=sig)
         self.paused = False
 
     def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
+        super().pause()
         self.paused = True
 
     def resume(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
+            super().resume()
         self.paused = False
 
     def status(self) -> dict[str, object] | None:
@@ -111,21 +94,29 @@ class EtcdCluster:
         self.members = [
             Member(f"m{i}", os.path.join(self.root, f"m{i}")) for i in range(1, size + 1)
         ]
-        self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.join(initial_cluster)
 
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
+    @property
+    def endpoints_flag(self) -> str:
+        """All members, comma-separated, as -etcd takes them."""
+        return ",".join(self.endpoints)
+
     def start(self, *, timeout: float = 60.0) -> EtcdCluster:
+        """Start every member (again, after a stop: same ports, same data)."""
         for member in self.members:
-            member.launch(self.initial_cluster)
+            member.launch()
         self.wait_healthy(self.members, timeout=timeout)
         return self
 
     def restart(self, member: Member, *, timeout: float = 60.0) -> None:
         member.kill()
-        member.launch(self.initial_cluster)
+        member.launch()
         self.wait_healthy([member], timeout=timeout)
 
     def wait_healthy(self, members: Sequence[Member], *, timeout: float = 60.0) -> None:

@@ -368,9 +368,8 @@ def test_credentials_stay_with_the_agent(
 
 
 @pytest.fixture
-def cluster() -> Iterator[EtcdCluster]:
-    with EtcdCluster(3) as started:
-        yield started
+def cluster(etcd_cluster: EtcdCluster) -> EtcdCluster:
+    return etcd_cluster
 
 
 @pytest.fixture

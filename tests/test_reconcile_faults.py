@@ -22,7 +22,7 @@ import pytest
 
 from gleam import keys
 from reconciler import desired, gitsource, reconcile, sync
-from tests.embedded_cluster import EmbeddedCluster
+from tests.etcd_cluster import EtcdCluster
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT, client_for, connected, wait_until
 
@@ -114,8 +114,8 @@ class Reconciler:
 
 
 @pytest.fixture
-def etcd(etcd_cluster: EmbeddedCluster) -> Iterator[Any]:
-    with connected(etcd_cluster.endpoints) as client:
+def etcd(etcd_cluster: EtcdCluster) -> Iterator[Any]:
+    with connected(etcd_cluster.endpoints_flag) as client:
         yield client
 
 
@@ -175,13 +175,13 @@ def check_failed_cleanly(rc: int, log: str) -> None:
 
 
 def next_pass_takes_the_dead_lock_and_converges(
-    cluster: EmbeddedCluster, etcd: Any, commits: Commits, clone: Path, tmp_path: Path
+    cluster: EtcdCluster, etcd: Any, commits: Commits, clone: Path, tmp_path: Path
 ) -> None:
     """The lock's holder is known to be dead (same host, its pid gone): the next pass
     breaks the lock at once instead of waiting out the lease, and finishes the job."""
     for _attempt in range(3):
         started = time.monotonic()
-        after = Reconciler(cluster.endpoints, clone, tmp_path / "after.log")
+        after = Reconciler(cluster.endpoints_flag, clone, tmp_path / "after.log")
         rc = after.wait()
         # A cluster that has just lost a member can be too slow to answer a new client
         # on a loaded machine: that pass fails cleanly (exit 1, one line) and CI or the
@@ -196,13 +196,13 @@ def next_pass_takes_the_dead_lock_and_converges(
 
 @pytest.mark.parametrize("fault", ["leader killed", "member frozen"])
 def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
-    fault: str, etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
+    fault: str, etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
-    first = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "first.log")
+    first = Reconciler(etcd_cluster.endpoints_flag, clone, tmp_path / "first.log")
     wait_until(lambda: started_applying(etcd) or first.proc.poll() is not None, timeout=90)
     if fault == "leader killed":
-        leader = etcd_cluster.leader()
+        leader = etcd_cluster.wait_leader(timeout=30)
         leader.kill()
         # It stays down: the two others are a quorum. (etcd 3.5.0-3.5.2, the bundled
         # 3.5.1 included, can lose the last writes of a member SIGKILLed under load
@@ -212,7 +212,7 @@ def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
         # The member the reconciler talks to first: its requests hang until they time out.
         frozen = etcd_cluster.members[0]
         frozen.pause()
-        endpoints = etcd_cluster.endpoints
+        endpoints = etcd_cluster.endpoints_flag
     try:
         rc = first.wait()
     finally:
@@ -230,11 +230,14 @@ def test_a_fault_during_a_10000_manifest_apply_then_the_next_pass_converges(
 
 
 def test_a_reconciler_killed_between_two_transactions_is_finished_by_the_next_pass(
-    etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
+    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
     killed = Reconciler(
-        etcd_cluster.endpoints, clone, tmp_path / "killed.log", env={"GLEAM_TEST_WEDGE": "apply"}
+        etcd_cluster.endpoints_flag,
+        clone,
+        tmp_path / "killed.log",
+        env={"GLEAM_TEST_WEDGE": "apply"},
     )
     wait_until(lambda: "wedged on purpose" in killed.log(), timeout=90, what="the wedge")
     written = owned_count(etcd)
@@ -251,7 +254,7 @@ def test_a_reconciler_killed_between_two_transactions_is_finished_by_the_next_pa
 
 @pytest.mark.parametrize("first_commit", ["a", "b"])
 def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_descendant(
-    first_commit: str, etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
+    first_commit: str, etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clones = {
         name: checkout(commits, getattr(commits, name), tmp_path / f"clone-{name}")
@@ -260,7 +263,7 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
     second_commit = "b" if first_commit == "a" else "a"
     # --prune, so that B's removed manifests are deleted and the end state is B exactly.
     first = Reconciler(
-        etcd_cluster.endpoints, clones[first_commit], tmp_path / "first.log", "--prune"
+        etcd_cluster.endpoints_flag, clones[first_commit], tmp_path / "first.log", "--prune"
     )
 
     # The first one takes the lock and is frozen there while the second one starts and
@@ -271,7 +274,7 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
     first.proc.send_signal(signal.SIGSTOP)
     try:
         second = Reconciler(
-            etcd_cluster.endpoints, clones[second_commit], tmp_path / "second.log", "--prune"
+            etcd_cluster.endpoints_flag, clones[second_commit], tmp_path / "second.log", "--prune"
         )
         wait_until(lambda: "is held by" in second.log(), timeout=60, what="the second to wait")
     finally:
@@ -287,10 +290,10 @@ def test_two_reconcilers_racing_on_a_commit_and_its_descendant_end_with_the_desc
 
 
 def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead_lock(
-    etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
+    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     clone = checkout(commits, commits.a, tmp_path / "clone")
-    first = Reconciler(etcd_cluster.endpoints, clone, tmp_path / "first.log")
+    first = Reconciler(etcd_cluster.endpoints_flag, clone, tmp_path / "first.log")
     wait_until(lambda: started_applying(etcd), timeout=90, what="the first pass to apply")
     # Frozen mid-apply while every member restarts, so that its next transaction, and
     # its release of the lock, find etcd gone: it exits 1 and leaves its lock behind.
@@ -303,7 +306,7 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
     assert first.wait() == 1, first.log()
     check_failed_cleanly(1, first.log())
     etcd_cluster.start()
-    again = client_for(etcd_cluster.endpoints)  # the old client gave up on every member
+    again = client_for(etcd_cluster.endpoints_flag)  # the old client gave up on every member
     try:
         # etcd restores the lock's lease with its full TTL: the lock is still there.
         wait_until(lambda: again.get(LAYOUT.lock_key)[0], what="the lock after restart")
@@ -314,18 +317,22 @@ def test_after_an_etcd_restart_mid_pass_the_next_pass_does_not_wait_for_the_dead
 
 
 def test_a_ci_job_on_a_commit_and_a_daemon_on_its_descendant_end_with_the_descendant(
-    etcd_cluster: EmbeddedCluster, etcd: Any, commits: Commits, tmp_path: Path
+    etcd_cluster: EtcdCluster, etcd: Any, commits: Commits, tmp_path: Path
 ) -> None:
     """The daemon (on B) starts while a CI job (on A) holds the lock: it waits, then
     applies B over A. A later CI job on A is refused by the guard inside the lock."""
     ci_clone = checkout(commits, commits.a, tmp_path / "ci")
     daemon_clone = checkout(commits, commits.b, tmp_path / "daemon")
-    ci = Reconciler(etcd_cluster.endpoints, ci_clone, tmp_path / "ci.log", "--prune")
+    ci = Reconciler(etcd_cluster.endpoints_flag, ci_clone, tmp_path / "ci.log", "--prune")
     wait_until(lambda: lock_holder_pid(etcd) == ci.proc.pid, timeout=60, what="the CI job's lock")
     ci.proc.send_signal(signal.SIGSTOP)
     try:
         daemon = Reconciler(
-            etcd_cluster.endpoints, daemon_clone, tmp_path / "daemon.log", "--prune", once=False
+            etcd_cluster.endpoints_flag,
+            daemon_clone,
+            tmp_path / "daemon.log",
+            "--prune",
+            once=False,
         )
         wait_until(lambda: "is held by" in daemon.log(), timeout=60, what="the daemon to wait")
     finally:
@@ -338,7 +345,7 @@ def test_a_ci_job_on_a_commit_and_a_daemon_on_its_descendant_end_with_the_descen
             return record is not None and record.commit == commits.b
 
         wait_until(daemon_applied_b, timeout=90, what="the daemon's pass on B")
-        late = Reconciler(etcd_cluster.endpoints, ci_clone, tmp_path / "late.log", "--prune")
+        late = Reconciler(etcd_cluster.endpoints_flag, ci_clone, tmp_path / "late.log", "--prune")
         assert late.wait() == 1, late.log()
         assert "does not descend from the last applied commit" in late.log()
     finally:
