@@ -430,8 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
+    # The flags are read from this copy; the credentials leave the environment (and
+    # /proc/<pid>/environ, which any process of the user can read while -wait runs).
+    environ = dict(os.environ)
+    flags.drop_credentials()
     try:
-        return run(args, environ=os.environ, out=sys.stdout)
+        return run(args, environ=environ, out=sys.stdout)
     except flags.UsageError as exc:
         for line in str(exc).splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)
