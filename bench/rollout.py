@@ -37,7 +37,7 @@ def _one(ctx: Context, layout: keys.Layout, region: str, seq: int) -> tuple[floa
         if line.startswith("wave ") and " admitted" in line:
             admitted_at[int(line.split()[1].split("/")[0])] = time.time()
 
-    driver = rollout_driver.Driver(ctx.etcd, layout, say=say)
+    driver = rollout_driver.Driver.over(ctx.etcd, layout, say=say)
     plan = rollout.parse_plan({"waves": [1, "50%", "100%"]})
     task = messages.Task(NOOP, {"seq": seq}, rollout=plan.to_json())
     written = time.time()

@@ -7,7 +7,8 @@ This module parses flags, talks to etcd through `gleam.client`, and prints what
 `gleam.client_render` makes of the answers; target resolution and the status model are pure
 code elsewhere. Exit codes: 0 ok, 1 failure (etcd, a task that failed or did not
 answer), 2 usage (bad flags, data, function or target; nothing written); `status` exits
-2 also when a targeted agent is still pending.
+1 also when a result record or registration cannot be read, and 2 when a targeted
+agent is still pending.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from gleam import (
     client,
     client_render,
     connection,
+    etcdapi,
     flags,
+    invalid_records,
     keys,
     messages,
     rollout_cli,
@@ -43,6 +46,9 @@ COMMANDS = ("info", "node", "region", "call", "status", "access", "rollout")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+# pyetcd's errors, and those of the typed seam (gleam.etcdapi) that wrap them.
+ETCD_FAILURES: tuple[type[BaseException], ...] = (*connection.ETCD_ERRORS, etcdapi.EtcdError)
 
 EPILOG = """\
 commands:
@@ -63,7 +69,8 @@ targets (-target, several split by ':' or ','):
 
 exit codes:
   0 ok; 1 failure (etcd unreachable, a task failed or did not answer within -wait);
-  2 usage error (nothing written); status: 1 something failed, 2 something pending
+  2 usage error (nothing written); status: 1 something failed or cannot be read,
+  2 something pending
 """
 
 
@@ -293,11 +300,15 @@ def cmd_call(
 
 def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     agents = client.list_agents(etcd, layout)
+    # list_agents skips registrations it cannot read; name them here.
+    invalid = invalid_records.read(
+        etcdapi.Pyetcd(etcd), layout, revision=0, kinds=(invalid_records.RecordKind.REGISTRATION,)
+    )
     if output.json:
-        output.document(client_render.agents_document(agents))
+        output.document(client_render.agents_document(agents, invalid))
     else:
         output.text(
-            client_render.agents_text(agents, layout),
+            client_render.agents_text(agents, layout, invalid),
             empty=f"no live agent under {layout.info_prefix}",
         )
     return EXIT_OK
@@ -317,7 +328,9 @@ def cmd_list(kind: keys.Kind, etcd: connection.Client, layout: keys.Layout, outp
 
 def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     snapshot = client.read_snapshot(etcd, layout)
-    fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC))
+    # The records the snapshot left out because they cannot be read, at its revision.
+    invalid = invalid_records.read(etcdapi.Pyetcd(etcd), layout, revision=snapshot.revision)
+    fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC), invalid=invalid)
     fleet = status.with_rollouts(fleet, rollout_cli.read_gates(etcd, layout))
     if output.json:
         output.document(client_render.status_document(fleet))
@@ -397,8 +410,10 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
             return cmd_list(keys.Kind(args.command), etcd, layout, output)
         finally:
             etcd.close()
-    except connection.ETCD_ERRORS as exc:
-        print(f"{PROG}: {etcd_failure(settings, exc)}", file=sys.stderr)
+    except ETCD_FAILURES as exc:
+        # etcdapi's errors carry pyetcd's as their cause.
+        cause = exc.__cause__ if isinstance(exc, etcdapi.EtcdError) and exc.__cause__ else exc
+        print(f"{PROG}: {etcd_failure(settings, cause)}", file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -430,8 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
+    # The flags are read from this copy; the credentials leave the environment (and
+    # /proc/<pid>/environ, which any process of the user can read while -wait runs).
+    environ = dict(os.environ)
+    flags.drop_credentials()
     try:
-        return run(args, environ=os.environ, out=sys.stdout)
+        return run(args, environ=environ, out=sys.stdout)
     except flags.UsageError as exc:
         for line in str(exc).splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from gleam import client, keys, messages, provenance, status
+from gleam import client, invalid_records, keys, messages, provenance, status
 from gleam.version import VERSION
 
 # JSON documents carry this schema version (shared with `status.SCHEMA_VERSION`).
@@ -22,6 +22,7 @@ _COLOURS = {
     "failed": "\033[31m",
     "pending": "\033[33m",
     "gone": "\033[2m",
+    "invalid": "\033[31m",
     "unwatched": "\033[2m",
     "no answer": "\033[31m",
 }
@@ -123,7 +124,14 @@ def commit_cell(origin: provenance.Provenance) -> str:
 # Status ---------------------------------------------------------------------------------
 
 
+def invalid_text(record: invalid_records.InvalidRecord) -> str:
+    """`(invalid) KEY: why`: a record that cannot be read, named by its key."""
+    return f"(invalid) {record.key}: {record.error}"
+
+
 def _row_detail(row: status.AgentRow, task: status.TaskStatus) -> str:
+    if row.invalid is not None:
+        return invalid_text(row.invalid)
     result = row.result
     if row.state is status.RowState.GONE:
         if result is None:
@@ -146,19 +154,25 @@ def status_text(fleet: status.FleetStatus, *, colour: bool = False) -> str:
         head += f"  reconciler applied {short_commit(fleet.applied_commit)}"
         head += f" at {fleet.applied_time}" if fleet.applied_time else ""
     lines = [head, ""]
-    if fleet.agents:
-        lines.append(f"AGENTS ({len(fleet.agents)} live)")
+    bad = fleet.invalid_registrations
+    if fleet.agents or bad:
+        lines.append(
+            f"AGENTS ({len(fleet.agents)} live" + (f", {len(bad)} invalid)" if bad else ")")
+        )
         lines += table(
             ["ID", "HOST", "REGIONS", "VERSION", "UP SINCE"],
             [
-                [
-                    a.info.id,
-                    a.info.hostname or "-",
-                    ",".join(a.info.regions) or "-",
-                    a.info.version or "-",
-                    f"{a.info.started or '?'} (up {age(a.up_seconds)})",
-                ]
-                for a in fleet.agents
+                *(
+                    [
+                        a.info.id,
+                        a.info.hostname or "-",
+                        ",".join(a.info.regions) or "-",
+                        a.info.version or "-",
+                        f"{a.info.started or '?'} (up {age(a.up_seconds)})",
+                    ]
+                    for a in fleet.agents
+                ),
+                *([r.agent, "-", "-", "-", invalid_text(r)] for r in bad),
             ],
         )
     else:
@@ -199,10 +213,12 @@ def status_text(fleet: status.FleetStatus, *, colour: bool = False) -> str:
         )  # fmt: skip
     c = fleet.counts
     held = f", {c.held} held" if c.held else ""
+    invalid = f", {c.invalid} invalid" if c.invalid else ""
+    invalid += f", {len(bad)} invalid registration(s)" if bad else ""
     lines += [
         "",
         f"{c.ok} ok, {c.failed} failed, {c.pending} pending{held}, {c.gone} gone, "
-        f"{c.unwatched} unwatched",
+        f"{c.unwatched} unwatched{invalid}",
     ]
     return "\n".join(lines)
 
@@ -236,6 +252,8 @@ def status_document(fleet: status.FleetStatus) -> dict[str, Any]:
             "gone": c.gone,
             "unwatched": c.unwatched,
             "held": c.held,
+            "invalid": c.invalid,
+            "invalid_registrations": len(fleet.invalid_registrations),
         },
         "rollouts": [
             {
@@ -263,9 +281,11 @@ def status_document(fleet: status.FleetStatus) -> dict[str, Any]:
                 "started": a.info.started,
                 "up_seconds": a.up_seconds,
                 "script_dir": a.info.script_dir,
+                "invalid": None,
             }
             for a in fleet.agents
-        ],
+        ]
+        + [_invalid_agent(r) for r in fleet.invalid_registrations],
         "tasks": [
             {
                 "key": t.key,
@@ -284,6 +304,7 @@ def status_document(fleet: status.FleetStatus) -> dict[str, Any]:
                         "outcome": r.outcome.value,
                         "error_line": r.error_line,
                         **_result_fields(r.result),
+                        "invalid": _invalid_fields(r.invalid),
                     }
                     for r in t.rows
                 ],
@@ -291,6 +312,16 @@ def status_document(fleet: status.FleetStatus) -> dict[str, Any]:
             for t in fleet.tasks
         ],
     }
+
+
+def _invalid_fields(record: invalid_records.InvalidRecord | None) -> dict[str, str] | None:
+    return None if record is None else {"key": record.key, "error": record.error}
+
+
+def _invalid_agent(record: invalid_records.InvalidRecord) -> dict[str, Any]:
+    """A registration that cannot be read, in the place of an agent: its id from the key,
+    `invalid` naming the key and why."""
+    return {"id": record.agent, "invalid": _invalid_fields(record)}
 
 
 # Sending and waiting ----------------------------------------------------------------------
@@ -368,16 +399,16 @@ def send_document(
 # Listings (the original's info, node and region subcommands) ----------------------------
 
 
-def agents_text(agents: Sequence[messages.AgentInfo], layout: keys.Layout) -> str:
-    """One line per live agent: its registration key and the registration as JSON."""
-    return "\n".join(
-        table(
-            ["KEY", "REGISTRATION"],
-            [[layout.info_key(a.id), messages.canonical_json(_info_dict(a))] for a in agents],
-        )
-        if agents
-        else []
-    )
+def agents_text(
+    agents: Sequence[messages.AgentInfo],
+    layout: keys.Layout,
+    invalid: Sequence[invalid_records.InvalidRecord] = (),
+) -> str:
+    """One line per live agent: its registration key and the registration as JSON; then
+    one per registration that cannot be read: its key and `(invalid) why`."""
+    rows = [[layout.info_key(a.id), messages.canonical_json(_info_dict(a))] for a in agents]
+    rows += [[r.key, f"(invalid) {r.error}"] for r in invalid]
+    return "\n".join(table(["KEY", "REGISTRATION"], rows) if rows else [])
 
 
 def _info_dict(info: messages.AgentInfo) -> dict[str, Any]:
@@ -392,8 +423,14 @@ def _info_dict(info: messages.AgentInfo) -> dict[str, Any]:
     }
 
 
-def agents_document(agents: Sequence[messages.AgentInfo]) -> dict[str, Any]:
-    return {"version": SCHEMA_VERSION, "agents": [_info_dict(a) for a in agents]}
+def agents_document(
+    agents: Sequence[messages.AgentInfo], invalid: Sequence[invalid_records.InvalidRecord] = ()
+) -> dict[str, Any]:
+    return {
+        "version": SCHEMA_VERSION,
+        "agents": [{**_info_dict(a), "invalid": None} for a in agents]
+        + [_invalid_agent(r) for r in invalid],
+    }
 
 
 def _value_text(value: bytes) -> str:

@@ -92,7 +92,9 @@ def run(
         found = read_gates(etcd, layout)
         gates = {r: found.get(r) for r in rest} if rest else dict(sorted(found.items()))
     else:
-        driver = rollout_driver.Driver(etcd, layout, say=say if not json_output else lambda _: None)
+        driver = rollout_driver.Driver.over(
+            etcd, layout, say=say if not json_output else lambda _: None
+        )
         try:
             move = driver.promote if verb == "promote" else driver.abort
             gates = {rest[0]: move(rest[0])}
@@ -121,7 +123,7 @@ def send(
     revision = client.send_tasks(etcd, layout, targets, task, signer=signer)
     regions = sorted(t.name for t in targets)
     lines: list[str] = []
-    driver = rollout_driver.Driver(etcd, layout, say=lines.append if json_output else say)
+    driver = rollout_driver.Driver.over(etcd, layout, say=lines.append if json_output else say)
     gates = driver.step_all(regions)
     if not json_output:
         say(f"sent {', '.join(layout.task_key(t) for t in targets)} @{revision} (rollout)")

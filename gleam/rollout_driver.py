@@ -7,6 +7,10 @@ rollout whose task has been replaced. The loser of a race simply reads again.
 
 Used by gleam-reconcile (its daemon drives every rollout; `--once --wait` those its pass
 started) and by gleam-client (`rollout status|promote|abort`, `-rollout ... -wait`).
+
+All etcd access goes through the typed seam (gleam.etcdapi), so the driver runs on
+gleam.fake_etcd in tests (tests/test_rollout_driver.py); `Driver.over` wraps a connected
+pyetcd client, and its callers still see pyetcd's errors (see `_pyetcd_errors`).
 """
 
 from __future__ import annotations
@@ -14,16 +18,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gleam import keys, messages, rollout
+from gleam import connection, etcdapi, keys, messages, rollout
 
 log = logging.getLogger("gleam.rollout")
-
-Etcd = Any  # pyetcd.MultiEndpointEtcd3Client; pyetcd ships no type hints.
 
 _GETS_PER_TXN = 64  # below etcd's default --max-txn-ops (128)
 POLL_SECONDS = 0.05
@@ -57,12 +60,14 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def _agents(etcd: Etcd, layout: keys.Layout, region: str) -> tuple[frozenset[str], tuple[str, ...]]:
+def _agents(
+    backend: etcdapi.Backend, layout: keys.Layout, region: str
+) -> tuple[frozenset[str], tuple[str, ...]]:
     live: set[str] = set()
     members: list[str] = []
-    for value, _meta in etcd.get_prefix(layout.info_prefix):
+    for kv in backend.range(etcdapi.Range(layout.info_prefix, prefix=True)).kvs:
         try:
-            info = messages.decode_agent_info(value)
+            info = messages.decode_agent_info(kv.value)
         except messages.MessageError:
             continue
         live.add(info.id)
@@ -72,21 +77,22 @@ def _agents(etcd: Etcd, layout: keys.Layout, region: str) -> tuple[frozenset[str
 
 
 def _reports(
-    etcd: Etcd, layout: keys.Layout, region: str, agents: Sequence[str], revision: int
+    backend: etcdapi.Backend,
+    layout: keys.Layout,
+    region: str,
+    agents: Sequence[str],
+    revision: int,
 ) -> dict[str, rollout.Report]:
     """Members' results for `revision` (a result for another revision is no report)."""
-    t = etcd.transactions
     target = keys.Target.region(region)
     out: dict[str, rollout.Report] = {}
     for start in range(0, len(agents), _GETS_PER_TXN):
         chunk = agents[start : start + _GETS_PER_TXN]
-        _ok, responses = etcd.transaction(
-            compare=[], success=[t.get(layout.result_key(a, target)) for a in chunk], failure=[]
-        )
-        for agent, response in zip(chunk, responses, strict=True):
-            for value, _meta in response:
+        found = backend.txn([], [etcdapi.Get(layout.result_key(a, target)) for a in chunk])
+        for agent, kvs in zip(chunk, found.gets, strict=True):
+            for kv in kvs:
                 try:
-                    result = messages.decode_result(value)
+                    result = messages.decode_result(kv.value)
                 except messages.MessageError:
                     continue
                 if result.revision == revision:
@@ -94,49 +100,45 @@ def _reports(
     return out
 
 
-def read(etcd: Etcd, layout: keys.Layout, region: str) -> View:
+def read(backend: etcdapi.Backend, layout: keys.Layout, region: str) -> View:
     task_key, gate_key = layout.region_key(region), layout.rollout_key(region)
-    t = etcd.transactions
-    _ok, (task_response, gate_response) = etcd.transaction(
-        compare=[], success=[t.get(task_key), t.get(gate_key)], failure=[]
-    )
+    found = backend.txn([], [etcdapi.Get(task_key), etcdapi.Get(gate_key)])
+    task_kvs, gate_kvs = found.gets
     task_revision, plan = 0, None
-    for value, meta in task_response:
-        task_revision, plan = int(meta.mod_revision), rollout.staged(value)
+    for kv in task_kvs:
+        task_revision, plan = kv.mod_revision, rollout.staged(kv.value)
     gate, gate_revision = None, 0
-    for value, meta in gate_response:
-        gate_revision = int(meta.mod_revision)
+    for kv in gate_kvs:
+        gate_revision = kv.mod_revision
         try:
-            gate = rollout.decode_gate(value)
+            gate = rollout.decode_gate(kv.value)
         except rollout.RolloutError as exc:
             log.warning("%s: %s; a driver will start the rollout again", gate_key, exc)
-    live, region_agents = _agents(etcd, layout, region)
+    live, region_agents = _agents(backend, layout, region)
     view = View(region, task_key, task_revision, plan, gate, gate_revision, live, region_agents)
     if gate is not None and view.current:
-        reports = _reports(etcd, layout, region, gate.members, gate.revision)
+        reports = _reports(backend, layout, region, gate.members, gate.revision)
         view = replace(view, reports=reports)
     return view
 
 
-def write(etcd: Etcd, layout: keys.Layout, view: View, gate: rollout.Gate) -> bool:
+def write(backend: etcdapi.Backend, layout: keys.Layout, view: View, gate: rollout.Gate) -> bool:
     """Write `gate` if neither the gate record nor the task key changed since `view`."""
-    t = etcd.transactions
     gate_key = layout.rollout_key(view.region)
-    ok, _ = etcd.transaction(
-        compare=[t.mod(gate_key) == view.gate_revision, t.mod(view.task_key) == view.task_revision],
-        success=[t.put(gate_key, gate.encode())],
-        failure=[],
-    )
-    return bool(ok)
+    guard = [
+        etcdapi.Compare(gate_key, etcdapi.Target.MOD, view.gate_revision),
+        etcdapi.Compare(view.task_key, etcdapi.Target.MOD, view.task_revision),
+    ]
+    return backend.txn(guard, [etcdapi.Put(gate_key, gate.encode())]).succeeded
 
 
-def staged_regions(etcd: Etcd, layout: keys.Layout) -> list[str]:
+def staged_regions(backend: etcdapi.Backend, layout: keys.Layout) -> list[str]:
     """Regions whose task key holds a staged task, or that have a gate record."""
     regions: set[str] = set()
     head = layout.tasks_prefix(keys.Kind.REGION)
-    for value, meta in etcd.get_prefix(head):
-        name = meta.key.decode("utf-8", "replace")[len(head) :]
-        if rollout.staged(value) is not None and _valid(name):
+    for kv in backend.range(etcdapi.Range(head, prefix=True)).kvs:
+        name = kv.key.decode("utf-8", "replace")[len(head) :]
+        if rollout.staged(kv.value) is not None and _valid(name):
             regions.add(name)
     return sorted(regions)
 
@@ -149,18 +151,31 @@ def _valid(name: str) -> bool:
     return True
 
 
+@contextmanager
+def _pyetcd_errors() -> Iterator[None]:
+    """The driver's callers (the CLIs, reconciler/rollouts.py) catch pyetcd's errors
+    (connection.ETCD_ERRORS), as they did before it spoke etcdapi: give them the error
+    etcdapi.Pyetcd wrapped. An EtcdError without one (gleam.fake_etcd's) passes as is."""
+    try:
+        yield
+    except etcdapi.EtcdError as exc:
+        if isinstance(exc.__cause__, connection.ETCD_ERRORS):
+            raise exc.__cause__ from None
+        raise
+
+
 class Driver:
     """Moves rollouts on, one look at a time. `say` gets the per-wave lines."""
 
     def __init__(
         self,
-        etcd: Etcd,
+        backend: etcdapi.Backend,
         layout: keys.Layout,
         *,
         say: Callable[[str], None] = lambda line: log.info("%s", line),
         clock: Callable[[], datetime] = now_utc,
     ) -> None:
-        self._etcd = etcd
+        self._backend = backend
         self._layout = layout
         self.say = say
         self._clock = clock
@@ -168,11 +183,20 @@ class Driver:
         self._done_since: dict[tuple[str, int, int], datetime] = {}
         self._said: set[tuple[str, int, int, str]] = set()
 
+    @classmethod
+    def over(cls, client: connection.Client, layout: keys.Layout, **options: Any) -> Driver:
+        """A driver over a connected pyetcd client; `options` as for the constructor."""
+        return cls(etcdapi.Pyetcd(client), layout, **options)
+
     def step(self, region: str) -> rollout.Gate | None:
         """One look at a region: start its rollout if its staged task has no gate for
         its revision, else advance it. Returns the gate as it now stands."""
+        with _pyetcd_errors():
+            return self._step(region)
+
+    def _step(self, region: str) -> rollout.Gate | None:
         for _attempt in range(5):
-            view = read(self._etcd, self._layout, region)
+            view = read(self._backend, self._layout, region)
             if view.plan is None or view.task_revision == 0:
                 return view.gate
             now = self._clock()
@@ -185,7 +209,7 @@ class Driver:
                     agents=view.region_agents,
                     now=now,
                 )
-                if write(self._etcd, self._layout, view, gate):
+                if write(self._backend, self._layout, view, gate):
                     self._announce(region, gate)
                     return gate
                 continue
@@ -210,14 +234,15 @@ class Driver:
                 )
             if progress.gate is None:
                 return view.gate
-            if write(self._etcd, self._layout, view, progress.gate):
+            if write(self._backend, self._layout, view, progress.gate):
                 self._announce(region, progress.gate, before=view.gate)
                 return progress.gate
         return None
 
     def step_all(self, regions: Iterable[str] | None = None) -> dict[str, rollout.Gate | None]:
-        names = staged_regions(self._etcd, self._layout) if regions is None else regions
-        return {region: self.step(region) for region in names}
+        with _pyetcd_errors():
+            names = staged_regions(self._backend, self._layout) if regions is None else regions
+            return {region: self._step(region) for region in names}
 
     def _once(self, region: str, gate: rollout.Gate, what: str, line: str) -> None:
         mark = (region, gate.revision, gate.wave, what)
@@ -257,15 +282,21 @@ class Driver:
     def _manual(
         self, region: str, move: Callable[[View, rollout.Gate], rollout.Gate]
     ) -> rollout.Gate:
+        with _pyetcd_errors():
+            return self._move(region, move)
+
+    def _move(
+        self, region: str, move: Callable[[View, rollout.Gate], rollout.Gate]
+    ) -> rollout.Gate:
         for _attempt in range(5):
-            view = read(self._etcd, self._layout, region)
+            view = read(self._backend, self._layout, region)
             if view.gate is None or not view.current:
                 raise RolloutRefused(f"region {region} has no rollout for its current task")
             try:
                 gate = move(view, view.gate)
             except rollout.RolloutError as exc:
                 raise RolloutRefused(str(exc)) from None
-            if write(self._etcd, self._layout, view, gate):
+            if write(self._backend, self._layout, view, gate):
                 self._announce(region, gate, before=view.gate)
                 return gate
         raise RolloutRefused(f"the rollout of region {region} kept changing; try again")

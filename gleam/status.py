@@ -7,16 +7,21 @@ Who is "targeted": the live agents that watch a key (`client.watchers`). Each ge
 that says whether it ran the key's current revision ok, failed, or has not yet (pending).
 Agents that left a result for a key but are no longer registered get a row marked gone;
 they count for nothing in the exit code (nobody is there to run anything).
+
+A result record that cannot be decoded (gleam.invalid_records) gets a row marked invalid,
+naming its key, whether its agent is live or not: only agents write there, so garbage
+means a bug or a hand that should not write there, and it counts as a failure. So does a
+registration that cannot be decoded (`invalid_registrations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from gleam import client, keys, messages, provenance, rollout
+from gleam import client, invalid_records, keys, messages, provenance, rollout
 
 # The JSON document's schema version (`--output json`); bump on incompatible changes.
 SCHEMA_VERSION = 1
@@ -28,6 +33,7 @@ class RowState(StrEnum):
     PENDING = "pending"
     GONE = "gone"  # left a result, no longer registered
     HELD = "held"  # a staged region task its rollout has not admitted this agent to yet
+    INVALID = "invalid"  # its result record for the key cannot be decoded
 
 
 class TaskState(StrEnum):
@@ -47,10 +53,14 @@ class AgentRow:
     # departed agent (ok/failed: it ran this revision or a later one; pending: not yet).
     outcome: client.Outcome
     result: messages.Result | None = None
+    # State INVALID: the record that cannot be read, and whether its agent is registered
+    # (an unreadable record may be a departed agent's).
+    invalid: invalid_records.InvalidRecord | None = None
+    registered: bool = True
 
     @property
     def live(self) -> bool:
-        return self.state is not RowState.GONE
+        return self.state is not RowState.GONE and self.registered
 
     @property
     def error_line(self) -> str | None:
@@ -75,7 +85,7 @@ class TaskStatus:
         live = [r for r in self.rows if r.live]
         if not live:
             return TaskState.UNWATCHED
-        if any(r.state is RowState.FAILED for r in live):
+        if any(r.state in (RowState.FAILED, RowState.INVALID) for r in live):
             return TaskState.FAILED
         if any(r.state in (RowState.PENDING, RowState.HELD) for r in live):
             return TaskState.PENDING
@@ -96,6 +106,7 @@ class Counts:
     gone: int
     unwatched: int  # task keys no live agent watches
     held: int = 0  # rows a rollout has not admitted yet
+    invalid: int = 0  # rows whose result record cannot be decoded
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class FleetStatus:
     applied_commit: str | None = None  # the reconciler's last applied commit, if known
     applied_time: str | None = None  # when the reconciler last applied
     rollouts: tuple[RolloutStatus, ...] = ()
+    invalid_registrations: tuple[invalid_records.InvalidRecord, ...] = ()
 
     @property
     def counts(self) -> Counts:
@@ -134,15 +146,18 @@ class FleetStatus:
             gone=sum(r.state is RowState.GONE for r in rows),
             unwatched=sum(t.state is TaskState.UNWATCHED for t in self.tasks),
             held=sum(r.state is RowState.HELD for r in rows),
+            invalid=sum(r.state is RowState.INVALID for r in rows),
         )
 
     @property
     def exit_code(self) -> int:
         """0 when every targeted live agent ran its key's revision ok, 1 when one
-        failed (failure wins over pending: it needs someone), 2 when one is pending."""
+        failed or a record cannot be read (failure wins over pending: it needs someone),
+        2 when one is pending."""
         counts = self.counts
         states = {r.state for r in self.rollouts}
-        if counts.failed or rollout.State.HALTED in states:
+        unreadable = counts.invalid or self.invalid_registrations
+        if counts.failed or unreadable or rollout.State.HALTED in states:
             return 1
         if counts.pending or states & {rollout.State.PROGRESSING, rollout.State.PAUSED}:
             return 2
@@ -165,14 +180,31 @@ def parse_time(value: str) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
+def _invalid_row(record: invalid_records.InvalidRecord, *, registered: bool) -> AgentRow:
+    # Outcome pending: nothing readable says the agent ran the key's revision.
+    return AgentRow(
+        record.agent,
+        RowState.INVALID,
+        client.Outcome.PENDING,
+        invalid=record,
+        registered=registered,
+    )
+
+
 def _rows(
     entry: client.TaskEntry,
     agents: tuple[messages.AgentInfo, ...],
     results: Mapping[tuple[str, str], messages.Result],
     departed_ids: list[str],
+    unreadable: Mapping[str, invalid_records.InvalidRecord],
 ) -> tuple[AgentRow, ...]:
+    """The rows of one task key; `unreadable` holds its invalid result records by agent."""
     rows = []
-    for agent_id in client.watchers(entry.target, agents):
+    watching = client.watchers(entry.target, agents)
+    for agent_id in watching:
+        if agent_id in unreadable:
+            rows.append(_invalid_row(unreadable[agent_id], registered=True))
+            continue
         result = results.get((agent_id, entry.key))
         outcome = client.outcome_of(result, entry.revision)
         rows.append(AgentRow(agent_id, RowState(outcome.value), outcome, result))
@@ -181,36 +213,59 @@ def _rows(
         rows.append(
             AgentRow(agent_id, RowState.GONE, client.outcome_of(result, entry.revision), result)
         )
+    live_ids = {a.id for a in agents}
+    for agent_id in sorted(set(unreadable) - set(watching)):
+        rows.append(_invalid_row(unreadable[agent_id], registered=agent_id in live_ids))
     return tuple(rows)
 
 
-def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> FleetStatus:
+def build(
+    snapshot: client.Snapshot,
+    *,
+    layout: keys.Layout,
+    now: datetime,
+    invalid: Iterable[invalid_records.InvalidRecord] = (),
+) -> FleetStatus:
     """The status of every task key in `snapshot` (see the module docstring), with the
     commit each came from when the reconciler's records in the snapshot say so.
-    `now` (timezone-aware) gives the agents' uptimes."""
+    `now` (timezone-aware) gives the agents' uptimes; `invalid` are the records of the
+    snapshot's revision that cannot be decoded (invalid_records.read)."""
     origin = provenance.read(snapshot.meta, snapshot.tasks, layout)
     live_ids = {a.id for a in snapshot.agents}
     results = {(r.agent, r.key): r for r in snapshot.results}
+    unreadable: dict[str, dict[str, invalid_records.InvalidRecord]] = {}
+    registrations = []
+    for record in invalid:
+        if record.task_key is None:
+            registrations.append(record)
+        else:
+            unreadable.setdefault(record.task_key, {})[record.agent] = record
     departed: dict[str, list[str]] = {}
     for agent_id, key in sorted(results):
-        if agent_id not in live_ids:
+        if agent_id not in live_ids and agent_id not in unreadable.get(key, {}):
             departed.setdefault(key, []).append(agent_id)
     tasks = []
     for entry in snapshot.tasks:
         try:
             function: str | None = entry.decode().name
-            invalid = None
+            refused = None
         except messages.MessageError as exc:
-            function, invalid = None, str(exc)
+            function, refused = None, str(exc)
         tasks.append(
             TaskStatus(
                 key=entry.key,
                 target=entry.target.path,
                 revision=entry.revision,
                 function=function,
-                invalid=invalid,
+                invalid=refused,
                 provenance=origin.keys.get(entry.key, provenance.Provenance()),
-                rows=_rows(entry, snapshot.agents, results, departed.get(entry.key, [])),
+                rows=_rows(
+                    entry,
+                    snapshot.agents,
+                    results,
+                    departed.get(entry.key, []),
+                    unreadable.get(entry.key, {}),
+                ),
             )
         )
     agents = []
@@ -225,6 +280,7 @@ def build(snapshot: client.Snapshot, *, layout: keys.Layout, now: datetime) -> F
         tasks=tuple(tasks),
         applied_commit=origin.applied_commit,
         applied_time=origin.applied_time,
+        invalid_registrations=tuple(registrations),
     )
 
 

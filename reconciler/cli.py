@@ -204,6 +204,9 @@ def parse(argv: Sequence[str] | None) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse(argv)
+        # Parsed: from here on only `config` holds the credentials, not the environment
+        # that /proc/<pid>/environ shows and git subprocesses inherit.
+        flags.drop_credentials()
         flags.setup_logging(config.log_values, name="gleam-reconcile")
     except (flags.UsageError, flags.FlagError, connection.ConfigError) as exc:
         print(f"gleam-reconcile: {exc}", file=sys.stderr)

@@ -338,7 +338,7 @@ def main(
 
     # Rollouts (gleam.rollout): started and moved on by their own thread, all of them;
     # each pass wakes it, so a staged task's gate follows the pass that wrote it.
-    driver = rollout_driver.DriverThread(rollout_driver.Driver(etcd, layout), stop=stop)
+    driver = rollout_driver.DriverThread(rollout_driver.Driver.over(etcd, layout), stop=stop)
     daemon = Daemon(
         sync.Store.over(etcd, layout), options, settings, stop=stop,
         on_pass=lambda _: driver.kick(),

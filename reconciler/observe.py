@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from gleam import client, connection, liveness, metrics, status
+from gleam import client, connection, etcdapi, invalid_records, liveness, metrics, status
 from gleam.liveness import Health
 from gleam.metrics import ListenError
 from gleam.version import VERSION
@@ -39,6 +39,10 @@ log = logging.getLogger("gleam.reconcile.observe")
 PASS_GRACE = 600.0
 # Between passes the loop goes round every half second (plus the debounce).
 WAIT_SLACK = 5.0
+
+# What reading the fleet raises: pyetcd's errors, and the typed seam's (invalid_records).
+FLEET_READ_ERRORS: tuple[type[BaseException], ...] = (*connection.ETCD_ERRORS, etcdapi.EtcdError)
+
 # Scrapes closer together than this share one etcd read for the fleet gauges.
 FLEET_CACHE_SECONDS = 5.0
 
@@ -158,7 +162,11 @@ class Observer:
 
         def read() -> status.FleetStatus:
             snapshot = client.read_snapshot(self._etcd, daemon.layout)
-            return status.build(snapshot, layout=daemon.layout, now=datetime.now(UTC))
+            invalid = invalid_records.read(
+                etcdapi.Pyetcd(self._etcd), daemon.layout, revision=snapshot.revision
+            )
+            now = datetime.now(UTC)
+            return status.build(snapshot, layout=daemon.layout, now=now, invalid=invalid)
 
         return read
 
@@ -230,7 +238,7 @@ class ReconcileMetrics:
             if self._fleet_cache is None or now - self._fleet_cache[0] > FLEET_CACHE_SECONDS:
                 try:
                     self._fleet_cache = (now, self._fleet())
-                except connection.ETCD_ERRORS as exc:
+                except FLEET_READ_ERRORS as exc:
                     log.debug("fleet gauges: etcd: %s", connection.describe_error(exc))
                     return None
             return self._fleet_cache[1]

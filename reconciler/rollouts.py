@@ -32,7 +32,7 @@ def start(
     etcd: Any, layout: keys.Layout, regions: list[str], *, say: Callable[[str], None]
 ) -> tuple[rollout_driver.Driver, dict[str, rollout.Gate | None]]:
     """Write the first gate of each region's new rollout: the driver, and the gates."""
-    driver = rollout_driver.Driver(etcd, layout, say=say)
+    driver = rollout_driver.Driver.over(etcd, layout, say=say)
     return driver, driver.step_all(regions)
 
 

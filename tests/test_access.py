@@ -73,10 +73,12 @@ def as_root(
     auth_etcd: EtcdServer, auth_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., tuple[int, str, str]]:
     """Run gleam-client as etcd's root user: (exit status, stdout, stderr)."""
-    monkeypatch.setenv("GLEAM_USER", "root")
-    monkeypatch.setenv("GLEAM_PASSWORD_FILE", password_file(auth_dir, "root", ROOT_PASSWORD))
+    root_password_file = password_file(auth_dir, "root", ROOT_PASSWORD)
 
     def run(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+        # Set for each run: gleam-client drops them from the environment once read.
+        monkeypatch.setenv("GLEAM_USER", "root")
+        monkeypatch.setenv("GLEAM_PASSWORD_FILE", root_password_file)
         capsys.readouterr()
         code = cli.main(["-etcd", auth_etcd.endpoint, *argv])
         out, err = capsys.readouterr()

@@ -147,6 +147,7 @@ def test_fleet_wait_and_status_with_ok_failing_pending_and_departed_agents(
         doc = json.loads(out)
         assert code == 1 and doc["version"] == 1 and doc["exit_code"] == 1
         counts = {"ok": 1, "failed": 1, "pending": 1, "gone": 1, "unwatched": 0, "held": 0}
+        counts |= {"invalid": 0, "invalid_registrations": 0}
         assert doc["summary"] == counts
         (task,) = doc["tasks"]
         states = {r["agent"]: (r["state"], r["live"]) for r in task["agents"]}

@@ -276,7 +276,7 @@ def test_info_node_and_region_list_keys_and_values(
 ) -> None:
     register(etcd, layout, "web-1", "eu", "web")
     register(etcd, layout, "db-1")
-    etcd.put(layout.info_key("broken"), b"not json")  # skipped, not fatal
+    etcd.put(layout.info_key("broken"), b"not json")  # named invalid, not fatal
     assert run("-target", "node/web-1:region/eu", "-fn", "print", "-data", '"hi"')[0] == 0
     assert run("call", "node/db-1", "etcd")[0] == 0
 
@@ -286,8 +286,10 @@ def test_info_node_and_region_list_keys_and_values(
     assert [line.split()[0] for line in lines[1:]] == [
         layout.info_key("db-1"),
         layout.info_key("web-1"),
+        layout.info_key("broken"),
     ]
     assert json.loads(lines[2].split(None, 1)[1])["regions"] == ["eu", "web"]
+    assert lines[3].split(None, 1)[1].startswith("(invalid) registration is not")
 
     code, out, _ = run("node")
     rows = [line.split(None, 2) for line in out.splitlines()[1:]]
@@ -300,7 +302,9 @@ def test_info_node_and_region_list_keys_and_values(
     assert code == 0 and out.splitlines()[1].split()[0] == layout.region_key("eu")
 
     code, doc = run.json("info")
-    assert code == 0 and [a["id"] for a in doc["agents"]] == ["db-1", "web-1"]
+    assert code == 0 and [a["id"] for a in doc["agents"]] == ["db-1", "web-1", "broken"]
+    assert [a["invalid"] is None for a in doc["agents"]] == [True, True, False]
+    assert doc["agents"][2]["invalid"]["key"] == layout.info_key("broken")
     code, doc = run.json("node")
     assert [(t["target"], t["name"], t["data"]) for t in doc["tasks"]] == [
         ("node/db-1", "etcd", None),
@@ -386,6 +390,47 @@ def test_status_reads_one_snapshot_of_the_prefix(run: Cli, etcd: Any, layout: ke
         messages.Result("b", entry.key, entry.revision, "job", True).encode(),
     )
     assert run("status")[0] == 0
+
+
+def test_status_names_a_garbage_result_and_registration_invalid_and_exits_1(
+    run: Cli, etcd: Any, layout: keys.Layout
+) -> None:
+    register(etcd, layout, "a", "eu")
+    register(etcd, layout, "b", "eu")
+    assert run("call", "region/eu", "job")[0] == 0
+    (entry,) = client.list_tasks(etcd, layout, keys.Kind.REGION)
+    ok = messages.Result("a", entry.key, entry.revision, "job", True, result=1)
+    etcd.put(layout.result_key("a", entry.target), ok.encode())
+    result_key = layout.result_key("b", entry.target)
+    etcd.put(result_key, b"\x1b[2J garbage")  # b's record: once shown as pending
+    code, out, _ = run("status")
+    assert code == 1  # a failure, not "2: still pending"
+    row = next(line for line in out.splitlines() if line.split()[4:5] == ["b"])
+    assert row.split()[5:7] == ["invalid", "(invalid)"]
+    assert f"{result_key}: result is not" in row and "\\x1b[2J" not in row  # no raw bytes
+    assert out.rstrip().endswith("0 pending, 0 gone, 0 unwatched, 1 invalid")
+    code, doc = run.json("status")
+    assert code == 1 and doc["exit_code"] == 1
+    rows = {r["agent"]: r for r in doc["tasks"][0]["agents"]}
+    assert (rows["a"]["state"], rows["b"]["state"]) == ("ok", "invalid")
+    assert rows["b"]["invalid"]["key"] == result_key and rows["b"]["live"]
+
+    # Fixed by the agent's next result: a garbage registration still fails status.
+    etcd.put(result_key, messages.Result("b", entry.key, entry.revision, "job", True).encode())
+    assert run("status")[0] == 0
+    info_key = layout.info_key("c")
+    etcd.put(info_key, b'{"id": "c", "regions": "eu"}')
+    code, out, _ = run("status")
+    assert code == 1 and "AGENTS (2 live, 1 invalid)" in out
+    row = next(line for line in out.splitlines() if line.startswith("c "))
+    assert f"(invalid) {info_key}: registration " in row
+    code, doc = run.json("status")
+    assert code == 1 and doc["summary"]["invalid_registrations"] == 1
+    assert [(a["id"], a["invalid"] and a["invalid"]["key"]) for a in doc["agents"]] == [
+        ("a", None),
+        ("b", None),
+        ("c", info_key),
+    ]
 
 
 # As a real process ----------------------------------------------------------------------

@@ -9,7 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gleam import client, client_render, keys, messages, provenance, status
+from gleam import (
+    client,
+    client_render,
+    etcdapi,
+    fake_etcd,
+    invalid_records,
+    keys,
+    messages,
+    provenance,
+    status,
+)
 
 LAYOUT = keys.Layout("/gleam")
 NOW = datetime(2026, 11, 28, 23, 0, 0, tzinfo=UTC)
@@ -127,6 +137,117 @@ def test_an_invalid_stored_message_is_shown_not_fatal() -> None:
     assert "(invalid)" in client_render.status_text(fleet)
 
 
+# Records that cannot be decoded (gleam.invalid_records) -------------------------------------
+
+
+def unreadable(*items: tuple[str, bytes]) -> tuple[invalid_records.InvalidRecord, ...]:
+    return invalid_records.find(items, LAYOUT)
+
+
+GARBAGE_RESULTS = unreadable(
+    ("/gleam/result/c-wait/region/eu", b"\xff garbage"),  # live, watching: was pending
+    ("/gleam/result/e-left/region/eu", b"{}"),  # not registered
+    ("/gleam/result/a-ok/node/nowhere", b"[]"),  # for a key that holds no task
+)
+
+
+def test_unreadable_records_are_found_by_key_and_good_ones_and_other_keys_left_alone() -> None:
+    good = result("a-ok", EU, 10).encode()
+    found = unreadable(
+        ("/gleam/result/a-ok/region/eu", good),
+        ("/gleam/result/b/region/eu", b"null"),
+        ("/gleam/result/b", b"not a record key"),
+        ("/gleam/info/a-ok", agent("a-ok").encode()),
+        ("/gleam/info/x\x1b", b'{"id": 1'),
+        ("/gleam/node/b", b"a task key: not a record"),
+    )
+    assert [(r.key, r.kind.value, r.agent, r.task_key) for r in found] == [
+        ("/gleam/info/x\x1b", "registration", "x\x1b", None),
+        ("/gleam/result/b/region/eu", "result", "b", "/gleam/region/eu"),
+    ]
+    assert all(r.error for r in found)
+
+
+def test_an_unreadable_result_is_an_invalid_row_and_fails_status_where_it_was_pending() -> None:
+    fleet = status.build(MIXED, layout=LAYOUT, now=NOW, invalid=GARBAGE_RESULTS)
+    assert states(fleet) == [
+        ("/gleam/region/eu", "a-ok", "ok"),
+        ("/gleam/region/eu", "b-fail", "failed"),
+        ("/gleam/region/eu", "c-wait", "invalid"),
+        ("/gleam/region/eu", "d-gone", "gone"),
+        ("/gleam/region/eu", "e-left", "invalid"),
+    ]
+    rows = {r.agent: r for r in fleet.tasks[0].rows}
+    assert rows["c-wait"].live and not rows["e-left"].live
+    assert rows["c-wait"].invalid == GARBAGE_RESULTS[1]
+    assert fleet.counts == status.Counts(ok=1, failed=1, pending=0, gone=1, unwatched=0, invalid=2)
+    text = client_render.status_text(fleet)
+    line = next(x for x in text.splitlines() if " c-wait " in x)
+    assert line.split()[4:7] == ["c-wait", "invalid", "(invalid)"]
+    assert "/gleam/result/c-wait/region/eu: result is not" in line
+    assert text.endswith("1 ok, 1 failed, 0 pending, 1 gone, 0 unwatched, 2 invalid")
+    doc = json.loads(client_render.to_json(client_render.status_document(fleet)))
+    (row,) = [r for r in doc["tasks"][0]["agents"] if r["agent"] == "c-wait"]
+    assert (row["state"], row["outcome"], row["live"]) == ("invalid", "pending", True)
+    assert row["invalid"]["key"] == "/gleam/result/c-wait/region/eu"
+    assert doc["summary"]["invalid"] == 2 and doc["exit_code"] == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "exit_code"),
+    [
+        # c-wait's record is garbage: invalid, not pending, and a failure
+        (("/gleam/result/c/region/eu", b"garbage"), 1),
+        # a departed agent's garbage counts too: nothing readable should be there
+        (("/gleam/result/z/region/eu", b"garbage"), 1),
+        (("/gleam/info/y", b"garbage"), 1),  # a registration that cannot be read
+        (("/gleam/result/a/node/nowhere", b"garbage"), 2),  # no such task: c still pending
+    ],
+)
+def test_an_unreadable_record_fails_status_wherever_it_is_shown(
+    bad: tuple[str, bytes], exit_code: int
+) -> None:
+    snap = snapshot([agent("a", "eu"), agent("c", "eu")], [task(EU, 10)], [result("a", EU, 10)])
+    assert status.build(snap, layout=LAYOUT, now=NOW).exit_code == 2
+    fleet = status.build(snap, layout=LAYOUT, now=NOW, invalid=unreadable(bad))
+    assert fleet.exit_code == exit_code
+
+
+def test_an_unreadable_registration_is_listed_with_the_agents_by_key() -> None:
+    bad = unreadable(("/gleam/info/web-9", b'{"id": "web-9", "pid": "many"}'))
+    fleet = status.build(MIXED, layout=LAYOUT, now=NOW, invalid=bad)
+    assert fleet.invalid_registrations == bad and fleet.exit_code == 1
+    text = client_render.status_text(fleet)
+    assert "AGENTS (3 live, 1 invalid)" in text
+    line = next(x for x in text.splitlines() if x.startswith("web-9 "))
+    assert "(invalid) /gleam/info/web-9: registration " in line
+    assert text.endswith("unwatched, 1 invalid registration(s)")
+    doc = json.loads(client_render.to_json(client_render.status_document(fleet)))
+    assert [a["invalid"] for a in doc["agents"][:3]] == [None, None, None]
+    assert doc["agents"][3]["id"] == "web-9"
+    assert doc["agents"][3]["invalid"]["key"] == "/gleam/info/web-9"
+    assert doc["summary"]["invalid_registrations"] == 1
+
+
+def test_unreadable_records_are_read_at_the_snapshot_revision() -> None:
+    etcd = fake_etcd.FakeEtcd()
+    put = etcdapi.Put
+    etcd.txn([], [put("/gleam/result/a/node/a", b"garbage"), put("/gleam/info/b", b"[]")])
+    at = etcd.range(etcdapi.Range("/gleam/", prefix=True)).revision
+    etcd.txn([], [put("/gleam/result/a/node/a", result("a", keys.Target.node("a"), 1).encode())])
+    etcd.txn([], [put("/gleam/result/c/node/c", b"later garbage")])
+    found = invalid_records.read(etcd, LAYOUT, revision=at)
+    assert [r.key for r in found] == ["/gleam/info/b", "/gleam/result/a/node/a"]
+    kinds = (invalid_records.RecordKind.REGISTRATION,)
+    assert [r.key for r in invalid_records.read(etcd, LAYOUT, revision=0, kinds=kinds)] == [
+        "/gleam/info/b"
+    ]
+    assert [r.key for r in invalid_records.read(etcd, LAYOUT, revision=0)] == [
+        "/gleam/info/b",
+        "/gleam/result/c/node/c",
+    ]
+
+
 def test_uptime_comes_from_started_and_now() -> None:
     fleet = build(snapshot([agent("a")], [], []))
     assert fleet.agents[0].up_seconds == 3600.0
@@ -165,6 +286,7 @@ def test_status_json_has_the_same_content_and_a_version() -> None:
     assert doc["version"] == status.SCHEMA_VERSION
     assert doc["exit_code"] == 1
     counts = {"ok": 1, "failed": 1, "pending": 1, "gone": 1, "unwatched": 0, "held": 0}
+    counts |= {"invalid": 0, "invalid_registrations": 0}
     assert doc["summary"] == counts
     assert [a["id"] for a in doc["agents"]] == ["a-ok", "b-fail", "c-wait"]
     assert doc["agents"][0]["up_seconds"] == 3600.0

@@ -109,19 +109,35 @@ def test_status_shows_every_hostile_task_value_as_invalid_and_the_rest_intact(
     etcd_server: EtcdServer, layout: keys.Layout, stored: dict[str, str]
 ) -> None:
     code, out, err = gleam_client(etcd_server.endpoint, layout, "status")
-    assert_clean(code, out, err, codes=(0, 1, 2))
+    assert_clean(code, out, err, codes=(1,))  # unreadable records count as failures
     lines = out.splitlines()
-    for key in stored.values():
+    unreadable = {"huge-int", "deep", "nan"}  # agent good's result records for these keys
+    for name, key in stored.items():
         row = next(line for line in lines if line.startswith(key + " "))
-        assert "(invalid)" in row and "invalid message:" in row, row
-    # Its result record is unreadable (an error that is not text): skipped, so pending.
+        assert "(invalid)" in row, row
+        if name in unreadable:
+            assert row.split()[4:8] == [
+                "good", "invalid", "(invalid)", f"{layout.prefix}/result/good/node/{name}:"
+            ], row  # fmt: skip
+        else:
+            assert "invalid message:" in row, row
+    # Its result record is unreadable (an error that is not text): invalid, not pending.
     good = [line for line in lines if line.split()[:2] == [layout.node_key("good"), "print"]]
-    assert len(good) == 1 and "pending" in good[0], good
+    assert len(good) == 1 and good[0].split()[5] == "invalid", good
+    assert f"(invalid) {layout.prefix}/result/good/node/good: result " in good[0]
+    for broken in ("huge-int", "deep", "nan", "regions"):  # registrations
+        row = next(line for line in lines if line.startswith(broken + " "))
+        assert f"(invalid) {layout.info_key(broken)}: registration " in row, row
     assert any(line.split()[:2] == [layout.node_key("tiny-tables"), "print"] for line in lines)
     assert "host\\x1b[2J" in out  # the hostile host name, shown escaped
     code, out, err = gleam_client(etcd_server.endpoint, layout, "status", "--output", "json")
-    assert_clean(code, out, err, codes=(0, 1, 2))
-    tasks = {t["key"]: t for t in json.loads(out)["tasks"]}
+    assert_clean(code, out, err, codes=(1,))
+    doc = json.loads(out)
+    assert doc["summary"]["invalid"] == 4 and doc["summary"]["invalid_registrations"] == 4
+    tasks = {t["key"]: t for t in doc["tasks"]}
+    (good_row,) = tasks[layout.node_key("good")]["agents"]
+    assert (good_row["state"], good_row["live"]) == ("invalid", True)
+    assert good_row["invalid"]["key"] == f"{layout.prefix}/result/good/node/good"
     assert tasks[stored["huge-int"]]["invalid"] == (
         "message holds an integer of more than 4300 digits"
     )
@@ -151,17 +167,21 @@ def test_node_and_region_list_hostile_values_escaped(
         assert item["name"] is None and item["invalid"], item
 
 
-def test_info_lists_the_good_registration_and_skips_the_broken_ones(
+def test_info_lists_the_good_registration_and_names_the_broken_ones_invalid(
     etcd_server: EtcdServer, layout: keys.Layout, stored: dict[str, str]
 ) -> None:
     code, out, err = gleam_client(etcd_server.endpoint, layout, "info")
     assert_clean(code, out, err)
     assert layout.info_key("good") in out and "host\\u001b[2J" in out
-    for broken in ("huge-int", "deep", "nan", "regions"):
-        assert layout.info_key(broken) not in out
+    broken = ["deep", "huge-int", "nan", "regions"]
+    for name in broken:
+        row = next(line for line in out.splitlines() if line.startswith(layout.info_key(name)))
+        assert "(invalid) registration " in row, row
     code, out, err = gleam_client(etcd_server.endpoint, layout, "info", "--output", "json")
     assert_clean(code, out, err)
-    assert [a["id"] for a in json.loads(out)["agents"]] == ["good"]
+    agents = json.loads(out)["agents"]
+    assert [a["id"] for a in agents] == ["good", *broken]
+    assert [a["invalid"]["key"] for a in agents[1:]] == [layout.info_key(n) for n in broken]
 
 
 def test_reconcile_dry_run_and_apply_show_hostile_current_values_without_crashing(

@@ -94,7 +94,7 @@ def test_a_failing_canary_halts_with_only_the_canary_run_then_a_revert_completes
 def test_max_failed_tolerates_one_manual_waits_for_promote_and_abort_stops(
     web: Region, etcd: Any, layout: keys.Layout
 ) -> None:
-    driver = rollout_driver.Driver(etcd, layout)
+    driver = rollout_driver.Driver.over(etcd, layout)
     plan = {"waves": [2, "100%"], "first": ["web-2", "web-3"], "max_failed": 1, "manual": True}
     send_staged(etcd, layout, n=1, fail=["web-2"], **plan)
     paused = wait_state(driver, rollout.State.PAUSED)
@@ -119,7 +119,7 @@ def test_drivers_replaced_or_racing_admit_each_wave_once_and_held_agents_run_onc
     web: Region, etcd: Any, layout: keys.Layout
 ) -> None:
     lines: list[str] = []
-    first = rollout_driver.Driver(etcd, layout, say=lines.append)
+    first = rollout_driver.Driver.over(etcd, layout, say=lines.append)
     send_staged(etcd, layout, n=1, waves=[1, 2, 4, "100%"])
     gate_now = wait_until(
         lambda: (g := first.step("web")) is not None and g.wave >= 2 and g, what="wave 2"
@@ -133,7 +133,7 @@ def test_drivers_replaced_or_racing_admit_each_wave_once_and_held_agents_run_onc
     wait_until(lambda: "holding" in web.agents[later].log(), what=f"{later} holding")
     wait_registered(etcd, layout, 7)
     # Two new drivers at once take over from the gate record.
-    racers = [rollout_driver.Driver(etcd, layout, say=lines.append) for _ in range(2)]
+    racers = [rollout_driver.Driver.over(etcd, layout, say=lines.append) for _ in range(2)]
     threads = [
         threading.Thread(target=rollout_driver.drive, args=(d, ["web"]), kwargs={"timeout": 60})
         for d in racers
@@ -255,7 +255,7 @@ def test_an_agent_frozen_while_holding_finds_its_gate_after_a_compaction_and_run
         try:
             private_etcd.kill()
             private_etcd.start()
-            started = rollout_driver.Driver(etcd, layout).step("web")
+            started = rollout_driver.Driver.over(etcd, layout).step("web")
             assert started is not None and started.admitted == ("web-1",)
             revision = int(etcd.put("/compaction-marker", b"x").header.revision)
             etcd.compact(revision, physical=True)

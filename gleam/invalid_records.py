@@ -1,0 +1,77 @@
+"""Result records and registrations that cannot be decoded: found and named, not dropped.
+
+`gleam.client`'s readers skip such a record, so that one bad value cannot fail a listing
+or a wait; alone, that would show an agent whose result is garbage as `pending` and hide
+a garbage registration. `gleam-client status` and `info` look for them here and show
+each as `(invalid)` with its key. `find` is pure; `read` is the one etcd read, through
+the typed seam (gleam.etcdapi).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gleam import etcdapi, keys, messages
+
+
+class RecordKind(StrEnum):
+    RESULT = "result"
+    REGISTRATION = "registration"
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    """A record under `<prefix>/result/` or `<prefix>/info/` that does not decode."""
+
+    key: str  # the etcd key that holds it
+    kind: RecordKind
+    agent: str  # the agent id its key names
+    task_key: str | None  # a result's task key (from its key); None for a registration
+    error: str  # why it cannot be read
+
+
+def find(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> tuple[InvalidRecord, ...]:
+    """Pure: the registrations and result records among (key, value) `items` that do not
+    decode, by key. Keys that are neither (a result key with no task after the agent
+    id, say) are not records and are left alone, as the readers leave them."""
+    found = []
+    for key, value in items:
+        if key.startswith(layout.info_prefix):
+            try:
+                messages.decode_agent_info(value)
+            except messages.MessageError as exc:
+                agent = key[len(layout.info_prefix) :]
+                found.append(InvalidRecord(key, RecordKind.REGISTRATION, agent, None, str(exc)))
+            continue
+        parsed = layout.parse_result_key(key)
+        if parsed is None:
+            continue
+        try:
+            messages.decode_result(value)
+        except messages.MessageError as exc:
+            agent, target = parsed
+            task_key = layout.task_key(target)
+            found.append(InvalidRecord(key, RecordKind.RESULT, agent, task_key, str(exc)))
+    return tuple(sorted(found, key=lambda r: r.key))
+
+
+def read(
+    backend: etcdapi.Backend,
+    layout: keys.Layout,
+    *,
+    revision: int,
+    kinds: Collection[RecordKind] = tuple(RecordKind),
+) -> tuple[InvalidRecord, ...]:
+    """The invalid records of `kinds` at `revision` (that of the snapshot they go with,
+    so that both show one moment; 0: now); raises etcdapi.EtcdError."""
+    prefixes = {
+        RecordKind.REGISTRATION: layout.info_prefix,
+        RecordKind.RESULT: layout.results_prefix,
+    }
+    items: list[tuple[str, bytes]] = []
+    for prefix in (prefixes[kind] for kind in kinds):
+        found = backend.range(etcdapi.Range(prefix, prefix=True, revision=revision))
+        items += [(kv.key.decode("utf-8", "replace"), kv.value) for kv in found.kvs]
+    return find(items, layout)
