@@ -25,7 +25,7 @@ import re
 import stat
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -228,14 +228,13 @@ class Source:
 
     def read_blobs(self, blobs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, bytes]]:
         """(path, contents) for (path, blob id) pairs, from one `git cat-file --batch`,
-        as they stream in: a file's bytes are held only until the caller moves on.
-        Contents are cut at READ_LIMIT bytes."""
-        by_oid: dict[str, list[str]] = {}
-        for path, oid in blobs:
-            by_oid.setdefault(oid, []).append(path)
-        for oid, contents in self._cat_blobs(list(by_oid)):
-            for path in by_oid[oid]:
-                yield path, contents
+        as they stream in, in blob_order's order: a file's bytes are held only until the
+        caller moves on. Contents are cut at READ_LIMIT bytes."""
+        order = blob_order(blobs)
+        contents = self._cat_blobs([oid for oid, _paths in order])
+        for (_oid, paths), (_same, data) in zip(order, contents, strict=True):
+            for path in paths:
+                yield path, data
 
     @property
     def git_dir(self) -> Path:
@@ -284,49 +283,79 @@ class Source:
         return out
 
     def _cat_blobs(self, oids: list[str]) -> Iterator[tuple[str, bytes]]:
-        """(blob id, contents cut at READ_LIMIT) for each id, in order, from one `git
-        cat-file --batch`. Every reply's header must name the id asked for, as a blob."""
-        if not oids:
-            return
-        for oid in oids:
-            if not _OID.fullmatch(oid):
-                raise GitError(f"not a git object id: {oid[:80]!r}")
-        proc = self.repo.git.cat_file("--batch", as_process=True, istream=subprocess.PIPE)
-        popen = proc.proc
-        # A thread feeds the ids while this one reads, so neither pipe can fill up and
-        # stall the other.
-        feeder = threading.Thread(
-            target=_feed, args=(popen.stdin, oids), name="git-cat-file-feed", daemon=True
-        )
-        feeder.start()
-        try:
-            for oid in oids:
-                yield oid, self._read_reply(popen.stdout, oid)
-        finally:
-            feeder.join(timeout=5)
-            popen.stdout.close()
-            if popen.poll() is None:
-                popen.kill()
-            popen.wait()
+        return cat_blobs(self.path, oids)
 
     def _read_reply(self, out: IO[bytes], oid: str) -> bytes:
-        header = out.readline()
-        fields = header.rstrip(b"\n").decode("ascii", "replace").split(" ")
-        if not header.endswith(b"\n"):
-            raise GitError(f"git cat-file stopped before answering for {oid} in {self.path}")
-        if fields[-1] == "missing" and fields[0] == oid:
-            raise GitError(f"object {oid} is missing from {self.path}")
-        if len(fields) != 3 or fields[0] != oid or fields[1] != "blob" or not fields[2].isdigit():
-            raise GitError(
-                f"git cat-file answered {manifests.display_path(header[:120])!r} when asked "
-                f"for blob {oid} in {self.path}; refusing to read on"
-            )
-        size = int(fields[2])
-        contents = _read_exactly(out, min(size, READ_LIMIT))
-        _skip(out, size - len(contents))
-        if out.read(1) != b"\n":
-            raise GitError(f"git cat-file's reply for {oid} in {self.path} is cut short")
-        return contents
+        return read_reply(out, oid, where=self.path)
+
+
+def blob_order(blobs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """(blob id, its paths) for (path, blob id) pairs: each blob once, in the order of
+    its first path, with every path that holds it. Pure."""
+    by_oid: dict[str, list[str]] = {}
+    for path, oid in blobs:
+        by_oid.setdefault(oid, []).append(path)
+    return list(by_oid.items())
+
+
+def cat_blobs(checkout: Path, oids: list[str]) -> Generator[tuple[str, bytes], None, None]:
+    """(blob id, contents cut at READ_LIMIT) for each id, in order, from one `git
+    cat-file --batch` run in `checkout`. Every reply's header must name the id asked
+    for, as a blob. Closing the iterator early stops git."""
+    if not oids:
+        return
+    for oid in oids:
+        if not _OID.fullmatch(oid):
+            raise GitError(f"not a git object id: {oid[:80]!r}")
+    try:
+        popen = subprocess.Popen(
+            ["git", "cat-file", "--batch"],
+            cwd=checkout,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        raise GitError(f"cannot run git cat-file in {checkout}: {exc}") from None
+    assert popen.stdin is not None and popen.stdout is not None
+    # A thread feeds the ids while this one reads, so neither pipe can fill up and
+    # stall the other.
+    feeder = threading.Thread(
+        target=_feed, args=(popen.stdin, oids), name="git-cat-file-feed", daemon=True
+    )
+    feeder.start()
+    try:
+        for oid in oids:
+            yield oid, read_reply(popen.stdout, oid, where=checkout)
+    finally:
+        # git first: a reader that stopped early leaves git blocked on a full pipe,
+        # and the feeder blocked behind it.
+        if popen.poll() is None:
+            popen.kill()
+        popen.stdout.close()
+        popen.wait()
+        feeder.join(timeout=5)
+
+
+def read_reply(out: IO[bytes], oid: str, *, where: Path) -> bytes:
+    """One `git cat-file --batch` reply for `oid`: its contents cut at READ_LIMIT."""
+    header = out.readline()
+    fields = header.rstrip(b"\n").decode("ascii", "replace").split(" ")
+    if not header.endswith(b"\n"):
+        raise GitError(f"git cat-file stopped before answering for {oid} in {where}")
+    if fields[-1] == "missing" and fields[0] == oid:
+        raise GitError(f"object {oid} is missing from {where}")
+    if len(fields) != 3 or fields[0] != oid or fields[1] != "blob" or not fields[2].isdigit():
+        raise GitError(
+            f"git cat-file answered {manifests.display_path(header[:120])!r} when asked "
+            f"for blob {oid} in {where}; refusing to read on"
+        )
+    size = int(fields[2])
+    contents = _read_exactly(out, min(size, READ_LIMIT))
+    _skip(out, size - len(contents))
+    if out.read(1) != b"\n":
+        raise GitError(f"git cat-file's reply for {oid} in {where} is cut short")
+    return contents
 
 
 def _feed(stdin: IO[bytes], oids: list[str]) -> None:
