@@ -237,16 +237,18 @@ class _Child:
         has done jobs[:done]). A child that exited or misbehaved is marked dead, and
         every result it sent is dropped: the parent does all the rest."""
         try:
-            while True:
+            ended = False
+            while not ended:
                 try:
                     chunk = os.read(self.fd, 1 << 20)
                 except BlockingIOError:
                     break
-                if not chunk:
-                    raise Misbehaved(f"it exited (status {self.proc.wait()})")
+                ended = not chunk
                 self.buffer += chunk
             for reply in unframe(self.buffer):
                 lowest = self._take(reply, results, lowest)
+            if ended and lowest > done:
+                raise Misbehaved(f"it exited (status {self.proc.wait()})")
         except Misbehaved as exc:
             log.warning("the parse worker stopped helping: %s; parsing its share here", exc)
             self.alive = False
