@@ -434,7 +434,13 @@ def _convert(loader: _Loader, root: yaml.Node) -> Any:
             return mapping
         raise _Unusual(tag)
 
-    return convert(root)
+    try:
+        return convert(root)
+    finally:
+        # convert and its closure cell refer to each other: a cycle that would hold
+        # `shared`, and so the whole document, until the cycle collector ran (which a
+        # pass pauses: reconcile.collector_paused).
+        del convert
 
 
 def _pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:

@@ -28,6 +28,7 @@ pipe between this program's own processes wrote.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import marshal
 import os
@@ -313,6 +314,8 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
 
 
 def main() -> int:
+    # A short-lived process that frees everything it builds by reference counting.
+    gc.disable()
     # A broken pipe: the parent has all it needs and stopped reading.
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -5,6 +5,7 @@ killed or sends garbage only costs time, never a wrong result."""
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import marshal
@@ -17,7 +18,7 @@ import pytest
 
 from bench import opsrepo
 from gleam import keys
-from reconciler import desired, gitsource, manifests, parsecache, parseworker
+from reconciler import desired, gitsource, manifests, parsecache, parseworker, reconcile
 from tests.test_reconcile_hostile import BILLION_LAUGHS, deep_flow
 
 LAYOUT = keys.Layout("/parse")
@@ -301,3 +302,18 @@ def test_gather_keeps_the_first_of_two_files_for_one_target() -> None:
         "x:1: bad",
     ]
     assert manifests.gather([a, None]) == {keys.Target.node("w"): a}
+
+
+def test_parsing_leaves_no_cycles_for_the_paused_collector() -> None:
+    """A pass pauses the cycle collector (reconcile.collector_paused), so a parse must
+    free everything by reference counting: valid, invalid and hostile files alike."""
+    files = [*BROKEN.items(), ("tasks/nodes/ok.yaml", "name: print\ndata: {a: [1, {b: 2}]}\n")]
+    for path, text in files:
+        manifests.parse_file(path, text.encode())  # imports and caches warmed first
+    gc.collect()
+    with reconcile.collector_paused():
+        assert not gc.isenabled()
+        for path, text in files:
+            manifests.parse_file(path, text.encode())
+            assert gc.collect() == 0, path
+    assert gc.isenabled()
