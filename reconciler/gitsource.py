@@ -41,6 +41,8 @@ MAX_LISTED_PATHS = 2000
 READ_LIMIT = manifests.MAX_FILE_BYTES + 1
 
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# A `git ls-tree` entry for a regular file (not a link, a submodule or a tree).
+_REGULAR_BLOB = re.compile(rb"(?:100644|100755) blob ([0-9a-f]{40}|[0-9a-f]{64})\t(.+)", re.DOTALL)
 MODE_SYMLINK = "120000"
 MODE_SUBMODULE = "160000"
 
@@ -106,6 +108,15 @@ def parse_tree(listing: bytes) -> Listing:
     problems: list[manifests.ManifestError] = []
     for entry in listing.split(b"\0"):
         if not entry:
+            continue
+        regular = _REGULAR_BLOB.fullmatch(entry)
+        if regular is not None:
+            # The common case in one match; the same outcome as the general one below.
+            path = manifests.decode_path(regular[2])
+            if isinstance(path, manifests.ManifestError):
+                problems.append(path)
+            elif manifests.classify(path) is not None:
+                blobs.append((path, regular[1].decode("ascii")))
             continue
         meta, tab, raw_path = entry.partition(b"\t")
         fields = meta.decode("ascii", "replace").split(" ")

@@ -149,6 +149,50 @@ def read_desired(
     return desired_state.read_commit(layout, source, head, record, mode=mode, cache=options.cache)
 
 
+def reads_everything(options: Options, record: records.Record | None) -> bool:
+    """Whether read_desired will read every manifest (its scope None) for `record`."""
+    if options.worktree:
+        return True
+    mode = desired_state.choose_mode(
+        record,
+        full=options.full,
+        prune=options.prune,
+        force=options.force,
+        rules=manifests.rules_fingerprint(),
+    )
+    return mode == desired_state.FULL or record is None or record.last is None
+
+
+class _EarlyRead:
+    """store.read_all() on a thread, started before a full pass reads its manifests:
+    etcd looks up 100,000 keys (on the other core) while this one reads git. Reading
+    early changes nothing: every write is still guarded by the revisions read."""
+
+    def __init__(self, store: sync.Store) -> None:
+        self._state: sync.EtcdState | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._read, args=(store,), name="gleam-read-etcd", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, store: sync.Store) -> None:
+        try:
+            self._state = store.read_all()
+        except BaseException as exc:  # handed to the pass's thread by result()
+            self._error = exc
+
+    def result(self) -> sync.EtcdState:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._state is not None
+        return self._state
+
+    def discard(self) -> None:
+        self._thread.join()
+
+
 # The pass ---------------------------------------------------------------------------------
 
 
@@ -287,15 +331,26 @@ def _run_locked(
 ) -> Pass:
     layout = store.layout
     record, record_revision = store.read_record()
-    if desired is None:
-        desired = read_desired(layout, options, record, source=source)
-    elif desired.source == "commit":
-        check_guard(source, record, desired.commit, force=options.force)
-    if options.verify_commits is not None:
-        _verify_commit(options, desired)
+    early = _EarlyRead(store) if desired is None and reads_everything(options, record) else None
+    try:
+        if desired is None:
+            desired = read_desired(layout, options, record, source=source)
+        elif desired.source == "commit":
+            check_guard(source, record, desired.commit, force=options.force)
+        if options.verify_commits is not None:
+            _verify_commit(options, desired)
+    except BaseException:
+        if early is not None:
+            early.discard()  # the pass's own error, not the read's
+        raise
     values = desired.values
     scope = desired.scope
-    observed = _comparable(_observe(store, scope), options)
+    if early is not None and scope is None:
+        observed = _comparable(early.result(), options)
+    else:
+        if early is not None:
+            early.discard()
+        observed = _comparable(_observe(store, scope), options)
     first = diff.plan(values, observed.actual, observed.owned, prune=options.prune)
     _check_prune(store, first, observed, options, full=scope is None)
     if before_apply is not None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import logging
 import marshal
+import posixpath
 import struct
 import sys
 from dataclasses import dataclass
@@ -317,3 +319,11 @@ def test_parsing_leaves_no_cycles_for_the_paused_collector() -> None:
             manifests.parse_file(path, text.encode())
             assert gc.collect() == 0, path
     assert gc.isenabled()
+
+
+def test_a_file_names_stem_is_what_splitext_says() -> None:
+    for size in range(6):
+        for letters in itertools.product("a.b", repeat=size):
+            for ext in manifests.EXTENSIONS:
+                name = "".join(letters) + ext
+                assert manifests._stem(name) == posixpath.splitext(name)[0], name
