@@ -20,6 +20,7 @@ manifests.MAX_FILE_BYTES + 1 bytes, so an oversized file is refused without hold
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
@@ -164,6 +165,33 @@ def parse_diff(raw: bytes) -> Changes:
     return Changes(paths=tuple(paths), problems=tuple(problems))
 
 
+# git's messages in English (GitPython does the same), so that errors read alike.
+_GIT_ENV = {**os.environ, "LANGUAGE": "C", "LC_ALL": "C"}
+
+
+def _work_tree_top(path: str) -> Path | None:
+    """The git directory of `path` when it is the top of a git work tree, else None
+    (no such directory, not a repository, a subdirectory, a bare repository: cases
+    that Source leaves to GitPython, which tells them apart as before)."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--is-inside-work-tree", "--show-prefix", "--absolute-git-dir"],
+            cwd=path,
+            env=_GIT_ENV,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    lines = done.stdout.decode("utf-8", "surrogateescape").split("\n")
+    if done.returncode != 0 or len(lines) != 4 or lines[:2] != ["true", ""] or lines[3]:
+        return None
+    return Path(lines[2])
+
+
 def _git() -> Any:
     import git  # GitPython: imported on first use, so `--worktree` runs never pay for it
 
@@ -171,25 +199,41 @@ def _git() -> Any:
 
 
 class Source:
-    """A git checkout that holds an ops tree under tasks/."""
+    """A git checkout that holds an ops tree under tasks/.
+
+    What a plain pass needs (HEAD, listings, blobs) runs git directly; GitPython, slow
+    to import, is loaded only for the rest (describing and comparing commits, --pull),
+    or to open a checkout that is not simply the top of a work tree."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        given = os.fspath(path)
+        found = _work_tree_top(given)
+        if found is not None:
+            self.path, self._git_dir = Path(os.path.abspath(given)), found
+            return
         git = _git()
         try:
             self.repo = git.Repo(path)
         except git.exc.NoSuchPathError:
-            raise GitError(f"--repo {os.fspath(path)!r}: no such directory") from None
+            raise GitError(f"--repo {given!r}: no such directory") from None
         except git.exc.InvalidGitRepositoryError:
-            raise GitError(f"--repo {os.fspath(path)!r} is not a git repository") from None
-        self.path = Path(self.repo.working_tree_dir or os.fspath(path))
+            raise GitError(f"--repo {given!r} is not a git repository") from None
+        self.path = Path(self.repo.working_tree_dir or given)
+        self._git_dir = Path(self.repo.git_dir)
+
+    @functools.cached_property
+    def repo(self) -> Any:
+        """The GitPython repository (opened on first use)."""
+        return _git().Repo(self.path)
 
     # Commits -------------------------------------------------------------------------
     def head(self) -> str:
         """HEAD's commit id."""
-        try:
-            return str(self.repo.head.commit.hexsha)
-        except ValueError:
-            raise GitError(f"{self.path}: HEAD has no commit yet") from None
+        found = self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+        oid = found.stdout.decode("ascii", "replace").strip()
+        if found.returncode != 0 or not _OID.fullmatch(oid):
+            raise GitError(f"{self.path}: HEAD has no commit yet")
+        return oid
 
     def describe(self, commit: str) -> str:
         """`abc1234 (subject)` for messages; just the short id if the commit is unknown."""
@@ -249,7 +293,7 @@ class Source:
 
     @property
     def git_dir(self) -> Path:
-        return Path(self.repo.git_dir)
+        return self._git_dir
 
     def changed(self, old: str, new: str) -> Changes:
         """Paths under tasks/ that differ between two commits (renames as delete + add).
@@ -283,15 +327,26 @@ class Source:
     def _run(self, *args: str) -> bytes:
         """Run one git command in the checkout; its stdout as bytes, untouched."""
         command = next(a for a in args if not a.startswith("-"))
+        done = self._git(*args)
+        if done.returncode != 0:
+            # Worded as GitPython's errors were.
+            stderr = done.stderr.decode("utf-8", "replace").rstrip("\n")
+            detail = f"stderr: '{stderr}'" if stderr else f"exit code {done.returncode}"
+            raise GitError(f"git {command} failed in {self.path}: {detail.strip()[:300]}")
+        return done.stdout
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         try:
-            out = self.repo.git.execute(
-                ["git", *args], stdout_as_string=False, strip_newline_in_stdout=False
+            return subprocess.run(
+                ["git", *args],
+                cwd=self.path,
+                env=_GIT_ENV,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
             )
-        except _git().exc.GitCommandError as exc:
-            detail = exc.stderr if isinstance(exc.stderr, str) else str(exc)
-            raise GitError(f"git {command} failed in {self.path}: {detail.strip()[:300]}") from None
-        assert isinstance(out, bytes)
-        return out
+        except OSError as exc:
+            raise GitError(f"cannot run git in {self.path}: {exc}") from None
 
     def _cat_blobs(self, oids: list[str]) -> Iterator[tuple[str, bytes]]:
         return cat_blobs(self.path, oids)
