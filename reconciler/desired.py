@@ -81,11 +81,11 @@ def worktree_digest(values: Mapping[str, bytes]) -> str:
 
 def _entries(
     layout: keys.Layout,
-    files: Iterable[tuple[str, bytes]],
+    parsed: Iterable[parseworker.Result],
     problems: Iterable[manifests.ManifestError] = (),
 ) -> dict[str, manifests.Manifest]:
     # A refused path may be reported by two listings (the diff and the tree): once.
-    loaded = manifests.load(files, problems=dict.fromkeys(problems))
+    loaded = manifests.gather(parsed, problems=dict.fromkeys(problems))
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
@@ -93,7 +93,8 @@ def read_worktree(layout: keys.Layout, repo: Path, source: gitsource.Source | No
     """Every manifest as the files are on disk; `commit` is the HEAD they sit on, if
     any, for information only."""
     snapshot = gitsource.read_worktree(repo)
-    entries = _entries(layout, snapshot.files, snapshot.problems)
+    parsed = (manifests.parse_file(path, raw) for path, raw in snapshot.files)
+    entries = _entries(layout, parsed, snapshot.problems)
     head = None
     if source is not None:
         try:
@@ -142,7 +143,9 @@ def read_commit(
     paths = [path for t in targets for path in manifests.paths_for(t)]
     listing = source.list_paths(head, paths)
     return Desired(
-        entries=_entries(layout, source.read_blobs(listing.blobs), [*problems, *listing.problems]),
+        entries=_entries(
+            layout, _parse(source, list(listing.blobs), None), [*problems, *listing.problems]
+        ),
         scope=frozenset(layout.task_key(t) for t in targets),
         source="commit",
         commit=head,
