@@ -247,15 +247,16 @@ class Source:
     def is_ancestor(self, ancestor: str, commit: str) -> bool:
         """True when `ancestor` is `commit` or one of its ancestors. Raises GitError when
         `ancestor` is not in this repository (a shallow clone, another repository)."""
-        try:
-            return bool(self.repo.is_ancestor(ancestor, commit))
-        except _git().exc.GitCommandError:
-            # merge-base exits 1 for "no" (handled by GitPython) and 128 for an unknown
-            # commit: the recorded one was never fetched here.
-            raise GitError(
-                f"commit {ancestor[:12]} is not in {self.path} (a shallow clone? fetch more "
-                "history, e.g. fetch-depth: 0)"
-            ) from None
+        # merge-base exits 0 for "yes", 1 for "no", and 128 for an unknown commit: the
+        # recorded one was never fetched here. Both are hex ids (records.decode checks
+        # the recorded one), so neither can be taken for an option.
+        done = self._git("merge-base", "--is-ancestor", ancestor, commit)
+        if done.returncode in (0, 1):
+            return done.returncode == 0
+        raise GitError(
+            f"commit {ancestor[:12]} is not in {self.path} (a shallow clone? fetch more "
+            "history, e.g. fetch-depth: 0)"
+        )
 
     # Reading ---------------------------------------------------------------------------
     def list_tree(self, commit: str) -> Listing:

@@ -139,28 +139,25 @@ def read_desired(
     assert source is not None
     head = source.head()
     check_guard(source, record, head, force=options.force)
-    mode = desired_state.choose_mode(
+    mode = _mode(options, record)
+    return desired_state.read_commit(layout, source, head, record, mode=mode, cache=options.cache)
+
+
+def _mode(options: Options, record: records.Record | None) -> str:
+    return desired_state.choose_mode(
         record,
         full=options.full,
         prune=options.prune,
         force=options.force,
         rules=manifests.rules_fingerprint(),
     )
-    return desired_state.read_commit(layout, source, head, record, mode=mode, cache=options.cache)
 
 
 def reads_everything(options: Options, record: records.Record | None) -> bool:
     """Whether read_desired will read every manifest (its scope None) for `record`."""
     if options.worktree:
         return True
-    mode = desired_state.choose_mode(
-        record,
-        full=options.full,
-        prune=options.prune,
-        force=options.force,
-        rules=manifests.rules_fingerprint(),
-    )
-    return mode == desired_state.FULL or record is None or record.last is None
+    return _mode(options, record) == desired_state.FULL or record is None or record.last is None
 
 
 class _EarlyRead:
