@@ -165,8 +165,10 @@ def parse_diff(raw: bytes) -> Changes:
     return Changes(paths=tuple(paths), problems=tuple(problems))
 
 
-# git's messages in English (GitPython does the same), so that errors read alike.
-_GIT_ENV = {**os.environ, "LANGUAGE": "C", "LC_ALL": "C"}
+def _git_env() -> dict[str, str]:
+    """The environment for git: this process's as it is now (the CLI drops credentials
+    from it once parsed), with git's messages in English, as GitPython has them."""
+    return {**os.environ, "LANGUAGE": "C", "LC_ALL": "C"}
 
 
 def _work_tree_top(path: str) -> Path | None:
@@ -179,7 +181,7 @@ def _work_tree_top(path: str) -> Path | None:
         done = subprocess.run(
             ["git", "rev-parse", "--is-inside-work-tree", "--show-prefix", "--absolute-git-dir"],
             cwd=path,
-            env=_GIT_ENV,
+            env=_git_env(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=False,
@@ -341,7 +343,7 @@ class Source:
             return subprocess.run(
                 ["git", *args],
                 cwd=self.path,
-                env=_GIT_ENV,
+                env=_git_env(),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=False,
