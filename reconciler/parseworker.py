@@ -15,8 +15,8 @@ Splitting from both ends needs no plan: each side takes the next blob from its e
 the parent stops when it reaches the lowest blob the child has sent, so a child that
 starts late, or runs on a busy core, simply does less. A child that exits, or sends
 anything but the next blob's results in the expected shape, is stopped and its results
-are dropped: the parent parses everything itself and logs a warning. A wrong answer is
-never used; a slow one costs only time.
+are dropped: the parent parses everything itself and logs a warning. Nothing malformed
+is used, and a slow child costs only time.
 
 Frames (both ways): an 8-byte little-endian length, then a `marshal` dump. The request
 is (checkout path, [(blob id, [path, ...]), ...]); each reply is a list of (blob index,
