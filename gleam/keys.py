@@ -40,8 +40,15 @@ def validate_name(value: str, *, what: str) -> str:
     return value
 
 
+# Function names found valid: a fleet's manifests name a handful of functions, and each
+# manifest's name is checked more than once (the quick schema check, the encoder).
+_VALID_FUNCTIONS: set[str] = set()
+
+
 def validate_function(name: str) -> str:
     """Return `name` if it is a valid function name such as `config::sync`."""
+    if type(name) is str and name in _VALID_FUNCTIONS:
+        return name
     if not isinstance(name, str) or not name:
         raise InvalidName("function name must be a non-empty string")
     if len(name) > _FUNC_MAX:
@@ -52,6 +59,8 @@ def validate_function(name: str) -> str:
                 f"function name {name!r} is invalid: segments separated by '::' may hold "
                 "letters, digits, '_' and '-' only"
             )
+    if type(name) is str and len(_VALID_FUNCTIONS) < 4096:
+        _VALID_FUNCTIONS.add(name)
     return name
 
 

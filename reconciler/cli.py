@@ -245,7 +245,8 @@ def run_once(config: Config) -> int:
             f"{connection.describe_error(exc)}",
         )
     try:
-        return _pass(config, etcd)
+        with reconcile.collector_paused():  # the output of a large pass too
+            return _pass(config, etcd)
     except (MemoryError, RecursionError) as exc:
         return _fail(config, reconcile.resource_failure(exc))
     finally:

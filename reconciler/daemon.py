@@ -285,7 +285,7 @@ class Daemon:
     def _log_changes(self, result: reconcile.Pass, reason: Reason) -> None:
         drift = result.previous is not None and result.previous.commit == result.desired.commit
         for change in result.applied:
-            for line in render.change_lines(change):
+            for line in render.change_lines(change, result.desired.entries):
                 log.info(
                     "%s%s",
                     "drift, put back: " if drift and change.action in diff.WRITES else "",

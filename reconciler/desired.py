@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from gleam import keys
-from reconciler import gitsource, manifests, parsecache, records
+from reconciler import gitsource, manifests, parsecache, parseworker, records
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -80,11 +81,11 @@ def worktree_digest(values: Mapping[str, bytes]) -> str:
 
 def _entries(
     layout: keys.Layout,
-    files: Iterable[tuple[str, bytes]],
+    parsed: Iterable[parseworker.Result],
     problems: Iterable[manifests.ManifestError] = (),
 ) -> dict[str, manifests.Manifest]:
     # A refused path may be reported by two listings (the diff and the tree): once.
-    loaded = manifests.load(files, problems=dict.fromkeys(problems))
+    loaded = manifests.gather(parsed, problems=dict.fromkeys(problems))
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
@@ -92,7 +93,8 @@ def read_worktree(layout: keys.Layout, repo: Path, source: gitsource.Source | No
     """Every manifest as the files are on disk; `commit` is the HEAD they sit on, if
     any, for information only."""
     snapshot = gitsource.read_worktree(repo)
-    entries = _entries(layout, snapshot.files, snapshot.problems)
+    parsed = (manifests.parse_file(path, raw) for path, raw in snapshot.files)
+    entries = _entries(layout, parsed, snapshot.problems)
     head = None
     if source is not None:
         try:
@@ -123,7 +125,8 @@ def read_commit(
     changed since the record's commit (INCREMENTAL). Raises manifests.InvalidManifests
     or gitsource.GitError."""
     if mode == FULL or record is None or record.commit is None or record.last is None:
-        return read_full(layout, source, head, cache=cache)
+        worker = early_worker(source, cache=cache)
+        return read_full(layout, source, head, cache=cache, worker=worker)
     # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
     # as errors like any invalid manifest, before anything is read.
     changed = source.changed(record.commit, head)
@@ -140,7 +143,9 @@ def read_commit(
     paths = [path for t in targets for path in manifests.paths_for(t)]
     listing = source.list_paths(head, paths)
     return Desired(
-        entries=_entries(layout, source.read_blobs(listing.blobs), [*problems, *listing.problems]),
+        entries=_entries(
+            layout, _parse(source, list(listing.blobs), None), [*problems, *listing.problems]
+        ),
         scope=frozenset(layout.task_key(t) for t in targets),
         source="commit",
         commit=head,
@@ -151,17 +156,31 @@ def read_commit(
 
 
 def read_full(
-    layout: keys.Layout, source: gitsource.Source, commit: str, *, cache: bool = True
+    layout: keys.Layout,
+    source: gitsource.Source,
+    commit: str,
+    *,
+    cache: bool = True,
+    worker: parseworker.Worker | None = None,
 ) -> Desired:
     """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
-    the others are read from git and parsed."""
-    listing = source.list_tree(commit)
-    blobs = listing.blobs
-    cache_path = parsecache.path_for(source.git_dir)
-    cached = parsecache.load(cache_path) if cache else {}
-    known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
-    missing = [(path, sha) for path, sha in blobs if sha not in cached]
-    loaded = manifests.load(source.read_blobs(missing), known=known, problems=listing.problems)
+    the others are read from git and parsed, many of them on two cores (parseworker).
+    `worker` is a parse worker started early for this read (used or stopped here)."""
+    try:
+        listing = source.list_tree(commit)
+        blobs = listing.blobs
+        cache_path = parsecache.path_for(source.git_dir)
+        cached = parsecache.load(cache_path) if cache else {}
+        known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
+        missing = [(path, sha) for path, sha in blobs if sha not in cached]
+        parsed = _parse(source, missing, worker)
+        worker = None  # _parse used or stopped it
+        loaded = manifests.gather(
+            itertools.chain(manifests.cached(known), parsed), problems=listing.problems
+        )
+    finally:
+        if worker is not None:
+            worker.stop()
     entries = {layout.task_key(target): m for target, m in loaded.items()}
     if cache and missing:
         by_path = {m.path: m.value for m in loaded.values()}
@@ -182,3 +201,37 @@ def read_full(
         total=len(entries),
         mode=FULL,
     )
+
+
+def _parse(
+    source: gitsource.Source,
+    missing: list[tuple[str, str]],
+    worker: parseworker.Worker | None,
+) -> Iterable[parseworker.Result]:
+    """parse_file's result for each missing (path, blob id), in read_blobs' order: on
+    two cores when there are many, else as the blobs stream in."""
+    if parseworker.worth_it(len(missing)):
+        worker = worker or parseworker.Worker.start()
+        if worker is not None:
+            return worker.parse(source, missing)
+    if worker is not None:
+        worker.stop()
+    return (manifests.parse_file(path, raw) for path, raw in source.read_blobs(missing))
+
+
+def early_worker(source: gitsource.Source, *, cache: bool) -> parseworker.Worker | None:
+    """A parse worker started before the tree is listed, when a full read will likely
+    parse enough files for one: no parse cache to read them from, and a git index (one
+    entry per file of the checkout, some 60 bytes plus the path) large enough. Its
+    start-up then overlaps the listing; read_full decides with the exact count."""
+    if parseworker.usable_cpus() < 2:
+        return None
+    if cache and parsecache.path_for(source.git_dir).exists():
+        return None
+    try:
+        index_size = (source.git_dir / "index").stat().st_size
+    except OSError:
+        return None
+    if index_size < parseworker.THRESHOLD * 80:
+        return None
+    return parseworker.Worker.start()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from gleam import messages
 
@@ -28,9 +28,10 @@ class Action(StrEnum):
 WRITES = frozenset({Action.CREATE, Action.UPDATE})
 
 
-@dataclass(frozen=True)
-class Actual:
-    """A key as read from etcd: its bytes and the mod_revision to guard a write with."""
+class Actual(NamedTuple):
+    """A key as read from etcd: its bytes and the mod_revision to guard a write with.
+    A NamedTuple: a full pass makes one per key (100,000), and a tuple is built in a
+    third of a frozen dataclass's time."""
 
     value: bytes
     mod_revision: int

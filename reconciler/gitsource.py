@@ -20,12 +20,13 @@ manifests.MAX_FILE_BYTES + 1 bytes, so an oversized file is refused without hold
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -41,6 +42,8 @@ MAX_LISTED_PATHS = 2000
 READ_LIMIT = manifests.MAX_FILE_BYTES + 1
 
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# A `git ls-tree` entry for a regular file (not a link, a submodule or a tree).
+_REGULAR_BLOB = re.compile(rb"(?:100644|100755) blob ([0-9a-f]{40}|[0-9a-f]{64})\t(.+)", re.DOTALL)
 MODE_SYMLINK = "120000"
 MODE_SUBMODULE = "160000"
 
@@ -107,6 +110,15 @@ def parse_tree(listing: bytes) -> Listing:
     for entry in listing.split(b"\0"):
         if not entry:
             continue
+        regular = _REGULAR_BLOB.fullmatch(entry)
+        if regular is not None:
+            # The common case in one match; the same outcome as the general one below.
+            path = manifests.decode_path(regular[2])
+            if isinstance(path, manifests.ManifestError):
+                problems.append(path)
+            elif manifests.classify(path) is not None:
+                blobs.append((path, regular[1].decode("ascii")))
+            continue
         meta, tab, raw_path = entry.partition(b"\t")
         fields = meta.decode("ascii", "replace").split(" ")
         if not tab or len(fields) != 3 or not _OID.fullmatch(fields[2]):
@@ -153,6 +165,35 @@ def parse_diff(raw: bytes) -> Changes:
     return Changes(paths=tuple(paths), problems=tuple(problems))
 
 
+def _git_env() -> dict[str, str]:
+    """The environment for git: this process's as it is now (the CLI drops credentials
+    from it once parsed), with git's messages in English, as GitPython has them."""
+    return {**os.environ, "LANGUAGE": "C", "LC_ALL": "C"}
+
+
+def _work_tree_top(path: str) -> Path | None:
+    """The git directory of `path` when it is the top of a git work tree, else None
+    (no such directory, not a repository, a subdirectory, a bare repository: cases
+    that Source leaves to GitPython, which tells them apart as before)."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--is-inside-work-tree", "--show-prefix", "--absolute-git-dir"],
+            cwd=path,
+            env=_git_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    lines = done.stdout.decode("utf-8", "surrogateescape").split("\n")
+    if done.returncode != 0 or len(lines) != 4 or lines[:2] != ["true", ""] or lines[3]:
+        return None
+    return Path(lines[2])
+
+
 def _git() -> Any:
     import git  # GitPython: imported on first use, so `--worktree` runs never pay for it
 
@@ -160,25 +201,41 @@ def _git() -> Any:
 
 
 class Source:
-    """A git checkout that holds an ops tree under tasks/."""
+    """A git checkout that holds an ops tree under tasks/.
+
+    What a plain pass needs (HEAD, listings, blobs) runs git directly; GitPython, slow
+    to import, is loaded only for the rest (describing and comparing commits, --pull),
+    or to open a checkout that is not simply the top of a work tree."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        given = os.fspath(path)
+        found = _work_tree_top(given)
+        if found is not None:
+            self.path, self._git_dir = Path(os.path.abspath(given)), found
+            return
         git = _git()
         try:
             self.repo = git.Repo(path)
         except git.exc.NoSuchPathError:
-            raise GitError(f"--repo {os.fspath(path)!r}: no such directory") from None
+            raise GitError(f"--repo {given!r}: no such directory") from None
         except git.exc.InvalidGitRepositoryError:
-            raise GitError(f"--repo {os.fspath(path)!r} is not a git repository") from None
-        self.path = Path(self.repo.working_tree_dir or os.fspath(path))
+            raise GitError(f"--repo {given!r} is not a git repository") from None
+        self.path = Path(self.repo.working_tree_dir or given)
+        self._git_dir = Path(self.repo.git_dir)
+
+    @functools.cached_property
+    def repo(self) -> Any:
+        """The GitPython repository (opened on first use)."""
+        return _git().Repo(self.path)
 
     # Commits -------------------------------------------------------------------------
     def head(self) -> str:
         """HEAD's commit id."""
-        try:
-            return str(self.repo.head.commit.hexsha)
-        except ValueError:
-            raise GitError(f"{self.path}: HEAD has no commit yet") from None
+        found = self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+        oid = found.stdout.decode("ascii", "replace").strip()
+        if found.returncode != 0 or not _OID.fullmatch(oid):
+            raise GitError(f"{self.path}: HEAD has no commit yet")
+        return oid
 
     def describe(self, commit: str) -> str:
         """`abc1234 (subject)` for messages; just the short id if the commit is unknown."""
@@ -192,15 +249,16 @@ class Source:
     def is_ancestor(self, ancestor: str, commit: str) -> bool:
         """True when `ancestor` is `commit` or one of its ancestors. Raises GitError when
         `ancestor` is not in this repository (a shallow clone, another repository)."""
-        try:
-            return bool(self.repo.is_ancestor(ancestor, commit))
-        except _git().exc.GitCommandError:
-            # merge-base exits 1 for "no" (handled by GitPython) and 128 for an unknown
-            # commit: the recorded one was never fetched here.
-            raise GitError(
-                f"commit {ancestor[:12]} is not in {self.path} (a shallow clone? fetch more "
-                "history, e.g. fetch-depth: 0)"
-            ) from None
+        # merge-base exits 0 for "yes", 1 for "no", and 128 for an unknown commit: the
+        # recorded one was never fetched here. Both are hex ids (records.decode checks
+        # the recorded one), so neither can be taken for an option.
+        done = self._git("merge-base", "--is-ancestor", ancestor, commit)
+        if done.returncode in (0, 1):
+            return done.returncode == 0
+        raise GitError(
+            f"commit {ancestor[:12]} is not in {self.path} (a shallow clone? fetch more "
+            "history, e.g. fetch-depth: 0)"
+        )
 
     # Reading ---------------------------------------------------------------------------
     def list_tree(self, commit: str) -> Listing:
@@ -228,18 +286,17 @@ class Source:
 
     def read_blobs(self, blobs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, bytes]]:
         """(path, contents) for (path, blob id) pairs, from one `git cat-file --batch`,
-        as they stream in: a file's bytes are held only until the caller moves on.
-        Contents are cut at READ_LIMIT bytes."""
-        by_oid: dict[str, list[str]] = {}
-        for path, oid in blobs:
-            by_oid.setdefault(oid, []).append(path)
-        for oid, contents in self._cat_blobs(list(by_oid)):
-            for path in by_oid[oid]:
-                yield path, contents
+        as they stream in, in blob_order's order: a file's bytes are held only until the
+        caller moves on. Contents are cut at READ_LIMIT bytes."""
+        order = blob_order(blobs)
+        contents = self._cat_blobs([oid for oid, _paths in order])
+        for (_oid, paths), (_same, data) in zip(order, contents, strict=True):
+            for path in paths:
+                yield path, data
 
     @property
     def git_dir(self) -> Path:
-        return Path(self.repo.git_dir)
+        return self._git_dir
 
     def changed(self, old: str, new: str) -> Changes:
         """Paths under tasks/ that differ between two commits (renames as delete + add).
@@ -273,60 +330,101 @@ class Source:
     def _run(self, *args: str) -> bytes:
         """Run one git command in the checkout; its stdout as bytes, untouched."""
         command = next(a for a in args if not a.startswith("-"))
+        done = self._git(*args)
+        if done.returncode != 0:
+            # Worded as GitPython's errors were.
+            stderr = done.stderr.decode("utf-8", "replace").rstrip("\n")
+            detail = f"stderr: '{stderr}'" if stderr else f"exit code {done.returncode}"
+            raise GitError(f"git {command} failed in {self.path}: {detail.strip()[:300]}")
+        return done.stdout
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         try:
-            out = self.repo.git.execute(
-                ["git", *args], stdout_as_string=False, strip_newline_in_stdout=False
+            return subprocess.run(
+                ["git", *args],
+                cwd=self.path,
+                env=_git_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
             )
-        except _git().exc.GitCommandError as exc:
-            detail = exc.stderr if isinstance(exc.stderr, str) else str(exc)
-            raise GitError(f"git {command} failed in {self.path}: {detail.strip()[:300]}") from None
-        assert isinstance(out, bytes)
-        return out
+        except OSError as exc:
+            raise GitError(f"cannot run git in {self.path}: {exc}") from None
 
     def _cat_blobs(self, oids: list[str]) -> Iterator[tuple[str, bytes]]:
-        """(blob id, contents cut at READ_LIMIT) for each id, in order, from one `git
-        cat-file --batch`. Every reply's header must name the id asked for, as a blob."""
-        if not oids:
-            return
-        for oid in oids:
-            if not _OID.fullmatch(oid):
-                raise GitError(f"not a git object id: {oid[:80]!r}")
-        proc = self.repo.git.cat_file("--batch", as_process=True, istream=subprocess.PIPE)
-        popen = proc.proc
-        # A thread feeds the ids while this one reads, so neither pipe can fill up and
-        # stall the other.
-        feeder = threading.Thread(
-            target=_feed, args=(popen.stdin, oids), name="git-cat-file-feed", daemon=True
-        )
-        feeder.start()
-        try:
-            for oid in oids:
-                yield oid, self._read_reply(popen.stdout, oid)
-        finally:
-            feeder.join(timeout=5)
-            popen.stdout.close()
-            if popen.poll() is None:
-                popen.kill()
-            popen.wait()
+        return cat_blobs(self.path, oids)
 
     def _read_reply(self, out: IO[bytes], oid: str) -> bytes:
-        header = out.readline()
-        fields = header.rstrip(b"\n").decode("ascii", "replace").split(" ")
-        if not header.endswith(b"\n"):
-            raise GitError(f"git cat-file stopped before answering for {oid} in {self.path}")
-        if fields[-1] == "missing" and fields[0] == oid:
-            raise GitError(f"object {oid} is missing from {self.path}")
-        if len(fields) != 3 or fields[0] != oid or fields[1] != "blob" or not fields[2].isdigit():
-            raise GitError(
-                f"git cat-file answered {manifests.display_path(header[:120])!r} when asked "
-                f"for blob {oid} in {self.path}; refusing to read on"
-            )
-        size = int(fields[2])
-        contents = _read_exactly(out, min(size, READ_LIMIT))
-        _skip(out, size - len(contents))
-        if out.read(1) != b"\n":
-            raise GitError(f"git cat-file's reply for {oid} in {self.path} is cut short")
-        return contents
+        return read_reply(out, oid, where=self.path)
+
+
+def blob_order(blobs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """(blob id, its paths) for (path, blob id) pairs: each blob once, in the order of
+    its first path, with every path that holds it. Pure."""
+    by_oid: dict[str, list[str]] = {}
+    for path, oid in blobs:
+        by_oid.setdefault(oid, []).append(path)
+    return list(by_oid.items())
+
+
+def cat_blobs(checkout: Path, oids: list[str]) -> Generator[tuple[str, bytes], None, None]:
+    """(blob id, contents cut at READ_LIMIT) for each id, in order, from one `git
+    cat-file --batch` run in `checkout`. Every reply's header must name the id asked
+    for, as a blob. Closing the iterator early stops git."""
+    if not oids:
+        return
+    for oid in oids:
+        if not _OID.fullmatch(oid):
+            raise GitError(f"not a git object id: {oid[:80]!r}")
+    try:
+        popen = subprocess.Popen(
+            ["git", "cat-file", "--batch"],
+            cwd=checkout,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        raise GitError(f"cannot run git cat-file in {checkout}: {exc}") from None
+    assert popen.stdin is not None and popen.stdout is not None
+    # A thread feeds the ids while this one reads, so neither pipe can fill up and
+    # stall the other.
+    feeder = threading.Thread(
+        target=_feed, args=(popen.stdin, oids), name="git-cat-file-feed", daemon=True
+    )
+    feeder.start()
+    try:
+        for oid in oids:
+            yield oid, read_reply(popen.stdout, oid, where=checkout)
+    finally:
+        # git first: a reader that stopped early leaves git blocked on a full pipe,
+        # and the feeder blocked behind it.
+        if popen.poll() is None:
+            popen.kill()
+        popen.stdout.close()
+        popen.wait()
+        feeder.join(timeout=5)
+
+
+def read_reply(out: IO[bytes], oid: str, *, where: Path) -> bytes:
+    """One `git cat-file --batch` reply for `oid`: its contents cut at READ_LIMIT."""
+    header = out.readline()
+    fields = header.rstrip(b"\n").decode("ascii", "replace").split(" ")
+    if not header.endswith(b"\n"):
+        raise GitError(f"git cat-file stopped before answering for {oid} in {where}")
+    if fields[-1] == "missing" and fields[0] == oid:
+        raise GitError(f"object {oid} is missing from {where}")
+    if len(fields) != 3 or fields[0] != oid or fields[1] != "blob" or not fields[2].isdigit():
+        raise GitError(
+            f"git cat-file answered {manifests.display_path(header[:120])!r} when asked "
+            f"for blob {oid} in {where}; refusing to read on"
+        )
+    size = int(fields[2])
+    contents = _read_exactly(out, min(size, READ_LIMIT))
+    _skip(out, size - len(contents))
+    if out.read(1) != b"\n":
+        raise GitError(f"git cat-file's reply for {oid} in {where} is cut short")
+    return contents
 
 
 def _feed(stdin: IO[bytes], oids: list[str]) -> None:

@@ -26,16 +26,15 @@ import functools
 import hashlib
 import itertools
 import json
-import posixpath
 import sys
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gleam import client_render, keys, messages, rollout
+from gleam import keys, messages, rollout
 
 TASKS_DIR = "tasks"
 KIND_DIRS: Mapping[str, keys.Kind] = {"nodes": keys.Kind.NODE, "regions": keys.Kind.REGION}
@@ -174,10 +173,18 @@ class Manifest:
     path: str
     target: keys.Target
     value: bytes
+    # The function name, when the parse that made `value` knows it (not from the parse
+    # cache): spares the output a decode of every message just to print names.
+    name: str | None = field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def task(self) -> messages.Task:
         return messages.decode_task(self.value)
+
+    @property
+    def function(self) -> str:
+        """The function name the message carries."""
+        return self.name if self.name is not None else self.task.name
 
 
 def decode_path(raw: bytes) -> str | ManifestError:
@@ -202,6 +209,10 @@ def display_path(raw: bytes) -> str:
     """`raw` as one printable line: bytes that are not UTF-8 as \\xNN, control and
     invisible characters escaped (\\n, \\x1b, \\u202e), backslashes doubled so that
     an escape cannot be mistaken for a name's own characters."""
+    # Imported here: client_render brings the etcd client (gRPC) with it, which the
+    # parse worker (parseworker.py) must not pay for; paths to escape are rare.
+    from gleam import client_render
+
     text = raw.decode("utf-8", "surrogateescape").replace("\\", "\\\\")
     return client_render.printable(text)
 
@@ -221,12 +232,19 @@ def classify(path: str) -> keys.Target | ManifestError | None:
         return ManifestError(
             path, None, "manifests go directly in tasks/nodes/ or tasks/regions/; not read"
         )
-    stem = posixpath.splitext(parts[2])[0]
+    stem = _stem(parts[2])
     kind = KIND_DIRS[parts[1]]
     try:
         return keys.Target(kind, stem)
     except keys.InvalidName as exc:
         return ManifestError(path, None, f"file name: {exc}")
+
+
+def _stem(name: str) -> str:
+    """posixpath.splitext(name)[0] for a name with a dot (what classify has), at a
+    fraction of its cost: leading dots do not start an extension."""
+    stem = name[: name.rindex(".")]
+    return stem if stem.strip(".") else name
 
 
 def paths_for(target: keys.Target) -> list[str]:
@@ -276,7 +294,7 @@ def parse(path: str, raw: bytes, target: keys.Target) -> Manifest | list[Manifes
         value = task.encode()
     except (messages.MessageError, keys.InvalidName) as exc:
         return [ManifestError(path, _line_of(raw, ("data",)), _clip(str(exc)))]
-    return Manifest(path=path, target=target, value=value)
+    return Manifest(path=path, target=target, value=value, name=task.name)
 
 
 def _rollout(
@@ -422,7 +440,17 @@ def _convert(loader: _Loader, root: yaml.Node) -> Any:
             return mapping
         raise _Unusual(tag)
 
-    return convert(root)
+    try:
+        return convert(root)
+    finally:
+        # convert and its closure cell refer to each other: a cycle that would hold
+        # `shared`, and so the whole document, until the cycle collector ran (which a
+        # pass pauses: reconcile.collector_paused). Rebinding the name breaks it.
+        convert = _converted
+
+
+def _converted(node: yaml.Node) -> Any:
+    raise AssertionError("_convert is done")
 
 
 def _pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
@@ -539,24 +567,53 @@ def load(
     skipped. `known` holds (path, message bytes) of files already parsed and valid (the
     parse cache); `problems` are errors found while listing the files (refused names,
     links). Raises InvalidManifests with every error of every file if any is invalid."""
+    parsed = (parse_file(path, raw) for path, raw in files)
+    return gather(itertools.chain(cached(known), parsed), problems=problems)
+
+
+def cached(known: Iterable[tuple[str, bytes]]) -> Iterator[Manifest | list[ManifestError] | None]:
+    """(path, message bytes) from the parse cache as parse_file would give them."""
+    for path, value in known:
+        target = classify(path)
+        if target is None or isinstance(target, ManifestError):
+            yield None if target is None else [target]
+        else:
+            yield Manifest(path, target, value)
+
+
+def parse_file(path: str, raw: bytes) -> Manifest | list[ManifestError] | None:
+    """One file of the tree: its Manifest, its errors (a misplaced file, an invalid
+    name, a manifest that does not parse), or None for a file that is no manifest."""
+    target = classify(path)
+    if target is None:
+        return None
+    if isinstance(target, ManifestError):
+        return [target]
+    return parse(path, raw, target)
+
+
+def gather(
+    results: Iterable[Manifest | list[ManifestError] | None],
+    *,
+    problems: Iterable[ManifestError] = (),
+) -> dict[keys.Target, Manifest]:
+    """The manifests by target from parse_file's results, in the order given: a second
+    file for a target already defined is an error naming the first. Raises
+    InvalidManifests with `problems` and every file's errors if there is any."""
     errors: list[ManifestError] = list(problems)
     out: dict[keys.Target, Manifest] = {}
-    parsed = ((path, raw, False) for path, raw in files)
-    cached = ((path, value, True) for path, value in known)
-    for path, raw, is_value in itertools.chain(cached, parsed):
-        target = classify(path)
-        if target is None:
+    for result in results:
+        if result is None:
             continue
-        if isinstance(target, ManifestError):
-            errors.append(target)
-            continue
-        result = Manifest(path, target, raw) if is_value else parse(path, raw, target)
         if isinstance(result, list):
             errors.extend(result)
             continue
+        target = result.target
         other = out.get(target)
         if other is not None:
-            errors.append(ManifestError(path, None, f"{other.path} already defines {target.path}"))
+            errors.append(
+                ManifestError(result.path, None, f"{other.path} already defines {target.path}")
+            )
             continue
         out[target] = result
     if errors:

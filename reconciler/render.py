@@ -4,7 +4,7 @@ Pure: values in, strings out."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gleam import client, messages
@@ -38,10 +38,16 @@ def _field_line(change: diff.FieldChange) -> str:
     return gleam_render.printable(line)
 
 
-def _name(change: diff.Change) -> str:
+def _name(change: diff.Change, known: Mapping[str, manifests.Manifest] | None = None) -> str:
+    """The function name of the change's new value (its old one for a delete). A value
+    that is the key's manifest's own bytes gives the name the parse found, without
+    decoding the message again; any other value is decoded."""
     raw = change.new if change.new is not None else change.old
     if raw is None:
         return ""
+    manifest = known.get(change.key) if known is not None else None
+    if manifest is not None and manifest.name is not None and manifest.value == raw:
+        return manifest.name
     try:
         return messages.decode_task(raw).name
     except messages.MessageError:
@@ -55,9 +61,12 @@ def _commit(result: reconcile.Pass) -> str:
     return f"commit {d.commit[:12]}" if d.commit else "HEAD"
 
 
-def change_lines(change: diff.Change) -> list[str]:
+def change_lines(
+    change: diff.Change, known: Mapping[str, manifests.Manifest] | None = None
+) -> list[str]:
+    """A change as lines; `known` is the pass's manifests by key (see _name)."""
     symbol = SYMBOLS[change.action]
-    name = _name(change)
+    name = _name(change, known)
     if change.action is diff.Action.ADOPT:
         return [f"{symbol} {change.key}  {name}  (already as wanted; now owned)"]
     if change.action is diff.Action.FORGET:
@@ -101,8 +110,9 @@ def summary(result: reconcile.Pass) -> str:
 
 def text(result: reconcile.Pass) -> str:
     lines: list[str] = []
+    known = result.desired.entries
     for change in result.changes:
-        lines += change_lines(change)
+        lines += change_lines(change, known)
     lines.append(summary(result))
     orphans = result.plan.orphans
     if orphans:
@@ -116,8 +126,13 @@ def text(result: reconcile.Pass) -> str:
     return "\n".join(lines)
 
 
-def change_json(change: diff.Change, revision: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"action": change.action.value, "key": change.key, "name": _name(change)}
+def change_json(
+    change: diff.Change,
+    revision: int | None,
+    known: Mapping[str, manifests.Manifest] | None = None,
+) -> dict[str, Any]:
+    name = _name(change, known)
+    out: dict[str, Any] = {"action": change.action.value, "key": change.key, "name": name}
     if change.action is diff.Action.UPDATE:
         out["fields"] = [
             {"path": f.path, "old": f.old, "new": f.new, "added": f.added, "removed": f.removed}
@@ -144,7 +159,7 @@ def as_json(
         "mode": d.mode,
         "manifests": d.total,
         "digest": d.digest,
-        "changes": [change_json(c, result.revisions.get(c.key)) for c in result.changes],
+        "changes": [change_json(c, result.revisions.get(c.key), d.entries) for c in result.changes],
         "summary": {**_counts(result.changes), "unchanged": result.plan.unchanged},
         "orphans": list(result.plan.orphans),
         "replans": result.replans,

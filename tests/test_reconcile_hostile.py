@@ -443,7 +443,7 @@ def test_memory_and_recursion_errors_end_a_pass_as_one_line(
     def explode(*_args: Any, **_kwargs: Any) -> Any:
         raise error()
 
-    monkeypatch.setattr(manifests, "load", explode)
+    monkeypatch.setattr(manifests, "gather", explode)  # every read ends there
     code, out, err = run_cli(capsys, etcd_server.endpoint, layout, repo)
     assert code == 1 and "Traceback" not in out + err
     assert err.startswith("gleam-reconcile: the pass ") and err.count("\n") == 1, err

@@ -5,7 +5,9 @@ to end on a real etcd and a real git checkout."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +291,75 @@ def test_a_lock_that_could_not_be_taken_leaves_no_lease_behind() -> None:
     assert failing.lease_id == 0  # revoked, and its keep-alive stopped
     fake.txn = real_txn  # type: ignore[method-assign]
     holder.release()
+
+
+# A full pass reads etcd on a thread while it reads the manifests --------------------------
+
+
+def _worktree_pass(tmp_path: Path, text: str, read_all: Any) -> tuple[reconcile.Pass, FakeEtcd]:
+    (tmp_path / "tasks" / "nodes").mkdir(parents=True)
+    (tmp_path / "tasks" / "nodes" / "web-1.yaml").write_text(text)
+    fake = FakeEtcd()
+    store = sync.Store(fake, LAYOUT)
+    store.read_all = read_all(store.read_all)  # type: ignore[method-assign]
+    options = reconcile.Options(repo=tmp_path, worktree=True)
+    return reconcile.run(store, options, source=None), fake
+
+
+def _failing(_real: Any) -> Any:
+    def read_all() -> sync.EtcdState:
+        raise sync.EtcdFailed("etcd went away")
+
+    return read_all
+
+
+def test_a_full_pass_uses_the_etcd_read_it_started_early(tmp_path: Path) -> None:
+    threads: list[str] = []
+
+    def counted(real: Any) -> Any:
+        def read_all() -> sync.EtcdState:
+            threads.append(threading.current_thread().name)
+            return real()
+
+        return read_all
+
+    result, fake = _worktree_pass(tmp_path, "name: print\n", counted)
+    assert threads == ["gleam-read-etcd"]
+    assert [c.key for c in result.applied] == [node("web-1")]
+    assert node("web-1") in fake.values(LAYOUT.prefix)
+
+
+def test_invalid_manifests_are_reported_before_a_failed_early_read(tmp_path: Path) -> None:
+    with pytest.raises(manifests.InvalidManifests):
+        _worktree_pass(tmp_path, "name: [unclosed\n", _failing)
+
+
+def test_a_failed_early_read_ends_the_pass_as_a_read_would(tmp_path: Path) -> None:
+    with pytest.raises(sync.EtcdFailed, match="etcd went away"):
+        _worktree_pass(tmp_path, "name: print\n", _failing)
+
+
+def _record(*, source: str = "commit", rules: str = "") -> records.Record:
+    applied = records.Apply(source=source, commit=sha("c1"), time="t", keys=1, digest="d")
+    return records.Record(commit=sha("c1"), history=(dataclasses.replace(applied, rules=rules),))
+
+
+@pytest.mark.parametrize(
+    ("record", "flags", "expected"),
+    [
+        (None, {}, True),  # the first pass
+        (_record(rules="old rules"), {}, True),  # rules changed since
+        (_record(source="worktree"), {}, True),  # the last apply was not from git
+        ("current", {"full": True}, True),
+        ("current", {"worktree": True}, True),
+        ("current", {}, False),  # incremental: the changed keys only, read later
+    ],
+)
+def test_reads_everything_follows_the_pass_mode(
+    record: records.Record | str | None, flags: dict[str, bool], expected: bool
+) -> None:
+    if record == "current":
+        record = _record(rules=manifests.rules_fingerprint())
+    assert not isinstance(record, str)
+    options = reconcile.Options(repo=Path("/nonexistent"), **flags)
+    assert reconcile.reads_everything(options, record) is expected

@@ -1,0 +1,329 @@
+"""Parsing on two cores (reconciler/parseworker.py): the parent and a child process
+together give exactly what one process gives, on a generated tree of a few thousand
+manifests with invalid files, hostile files and duplicates among them; a child that is
+killed or sends garbage only costs time, never a wrong result."""
+
+from __future__ import annotations
+
+import gc
+import io
+import itertools
+import logging
+import marshal
+import posixpath
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bench import opsrepo
+from gleam import keys
+from reconciler import desired, gitsource, manifests, parsecache, parseworker, reconcile
+from tests.test_reconcile_hostile import BILLION_LAUGHS, deep_flow
+
+LAYOUT = keys.Layout("/parse")
+SIZE = 2500
+
+# Files added to the generated tree in the second commit: every kind of per-file error,
+# duplicates of one target at both ends of the listing, and shared blobs.
+BROKEN = {
+    "tasks/nodes/aaa-dup.yaml": "name: print\ndata: {a: 1}\n",
+    "tasks/nodes/aaa-dup.yml": "name: print\ndata: {a: 2}\n",
+    "tasks/nodes/bad-yaml.yaml": "name: [unclosed\n",
+    "tasks/nodes/no-name.yaml": "data: {x: 1}\n",
+    "tasks/nodes/bad name.yaml": "name: print\n",
+    "tasks/nodes/deeper/misplaced.yaml": "name: print\n",
+    "tasks/nodes/deep.yaml": deep_flow(300),
+    "tasks/nodes/with-rollout.yaml": "name: print\nrollout: {waves: ['50%', '100%']}\n",
+    "tasks/nodes/huge.yaml": "name: print\ndata: '" + "x" * (manifests.MAX_FILE_BYTES + 10) + "'\n",
+    "tasks/nodes/same-1.yaml": "name: pkg::ensure\ndata: [nginx]\n",
+    "tasks/nodes/same-2.yaml": "name: pkg::ensure\ndata: [nginx]\n",
+    "tasks/nodes/same-3.yml": "name: pkg::ensure\ndata: [nginx]\n",
+    "tasks/regions/laughs.yaml": BILLION_LAUGHS,
+    "tasks/regions/staged.yaml": "name: print\nrollout: {waves: ['10%', '100%']}\n",
+    "tasks/regions/zzz-dup.yaml": "name: print\n",
+    "tasks/regions/zzz-dup.yml": "name: print\n",
+    "tasks/README.md": "not a manifest\n",
+}
+
+
+@dataclass(frozen=True)
+class Tree:
+    source: gitsource.Source
+    valid: str  # the generated manifests only
+    broken: str  # the same plus BROKEN
+
+    def blobs(self, commit: str) -> list[tuple[str, str]]:
+        return list(self.source.list_tree(commit).blobs)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
+    path = tmp_path_factory.mktemp("parse") / "ops"
+    opsrepo.generate(path, size=SIZE)
+    # Two more files with the same contents as a generated one: a blob with three paths.
+    first = sorted((path / "tasks" / "nodes").iterdir())[0]
+    for copy in ("copy-1.yaml", "copy-2.yml"):
+        (path / "tasks" / "nodes" / copy).write_bytes(first.read_bytes())
+    opsrepo.git(path, "add", "--all")
+    opsrepo.git(path, "commit", "--quiet", "--no-verify", "-m", "copies")
+    valid = opsrepo.git(path, "rev-parse", "HEAD").strip()
+    for rel, text in BROKEN.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text, encoding="utf-8")
+    opsrepo.git(path, "add", "--all")
+    opsrepo.git(path, "commit", "--quiet", "--no-verify", "-m", "broken")
+    broken = opsrepo.git(path, "rev-parse", "HEAD").strip()
+    return Tree(gitsource.Source(path), valid=valid, broken=broken)
+
+
+def serial(source: gitsource.Source, blobs: list[tuple[str, str]]) -> list[parseworker.Result]:
+    return [manifests.parse_file(path, raw) for path, raw in source.read_blobs(blobs)]
+
+
+def names(results: list[parseworker.Result]) -> list[str | None]:
+    return [r.name if isinstance(r, manifests.Manifest) else None for r in results]
+
+
+def assert_same(got: list[parseworker.Result], want: list[parseworker.Result]) -> None:
+    assert len(got) == len(want)
+    assert got == want
+    assert names(got) == names(want)
+
+
+# The parallel path against the serial one ---------------------------------------------
+
+
+@pytest.mark.parametrize("commit", ["valid", "broken"])
+def test_two_processes_parse_exactly_what_one_does(tree: Tree, commit: str) -> None:
+    blobs = tree.blobs(getattr(tree, commit))
+    worker = parseworker.Worker.start()
+    assert worker is not None
+    assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    assert worker.proc.returncode is not None  # stopped
+
+
+def test_the_childs_own_results_are_all_right(tree: Tree) -> None:
+    """The child's whole output (it parses from the back), whatever share the parent
+    would have taken: every blob's results equal the serial parse's."""
+    blobs = tree.blobs(tree.broken)
+    jobs = gitsource.blob_order(blobs)
+    request = io.BytesIO(parseworker.frame((str(tree.source.path), jobs)))
+    reply = io.BytesIO()
+    parseworker.serve(request, reply)
+    frames = parseworker.unframe(bytearray(reply.getvalue()))
+    items = [item for frame in frames for item in frame]
+    assert [index for index, _ in items] == list(range(len(jobs) - 1, -1, -1))
+    got: list[parseworker.Result] = []
+    for index, raw in reversed(items):
+        got += [parseworker.decode_result(p, r) for p, r in zip(jobs[index][1], raw, strict=True)]
+    assert_same(got, serial(tree.source, blobs))
+
+
+def _read_full(
+    tree: Tree, commit: str, monkeypatch: pytest.MonkeyPatch, *, parallel: bool
+) -> desired.Desired | manifests.InvalidManifests:
+    monkeypatch.setattr(parseworker, "THRESHOLD", 1 if parallel else 10**9)
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
+    try:
+        return desired.read_full(LAYOUT, tree.source, commit)
+    except manifests.InvalidManifests as exc:
+        return exc
+
+
+def test_a_full_read_gives_the_same_errors_in_the_same_order(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both = [_read_full(tree, tree.broken, monkeypatch, parallel=p) for p in (True, False)]
+    one, two = both
+    assert isinstance(one, manifests.InvalidManifests)
+    assert isinstance(two, manifests.InvalidManifests)
+    assert one.errors == two.errors
+    text = "\n".join(str(e) for e in one.errors)
+    for needle in (
+        "tasks/nodes/aaa-dup.yml: tasks/nodes/aaa-dup.yaml already defines node/aaa-dup",
+        "tasks/regions/zzz-dup.yml: tasks/regions/zzz-dup.yaml already defines region/zzz-dup",
+        "nested deeper than",
+        "billion laughs",
+        "not valid YAML",
+        "limit for a manifest",
+        "a node manifest cannot have `rollout`",
+        "misplaced.yaml: manifests go directly in tasks/nodes/",
+    ):
+        assert needle in text, needle
+
+
+def test_a_full_read_gives_the_same_manifests_and_parse_cache(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = parsecache.path_for(tree.source.git_dir)
+    got: list[tuple[desired.Desired, dict[str, bytes]]] = []
+    for parallel in (True, False):
+        cache.unlink(missing_ok=True)
+        read = _read_full(tree, tree.valid, monkeypatch, parallel=parallel)
+        assert isinstance(read, desired.Desired)
+        got.append((read, parsecache.load(cache)))
+    (one, one_cache), (two, two_cache) = got
+    assert list(one.entries) == list(two.entries)
+    assert one.entries == two.entries
+    assert [m.name for m in one.entries.values()] == [m.name for m in two.entries.values()]
+    assert one.values == two.values and one.digest == two.digest
+    assert one_cache == two_cache and len(one_cache) == len(set(one_cache)) > SIZE // 2
+    cache.unlink()
+
+
+# A child that dies or misbehaves ---------------------------------------------------------
+
+
+def _fallback(tree: Tree, worker: parseworker.Worker | None, caplog: Any) -> str:
+    assert worker is not None
+    worker.proc.wait()  # gone (or done writing) before the parent reads anything
+    blobs = tree.blobs(tree.broken)
+    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+        assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    return caplog.text
+
+
+def test_a_killed_worker_costs_only_time(tree: Tree, caplog: Any) -> None:
+    worker = parseworker.Worker.start()
+    assert worker is not None
+    worker.proc.kill()
+    log = _fallback(tree, worker, caplog)
+    assert "the parse worker stopped helping: it exited" in log
+    assert "parsing its share here" in log
+
+
+def _child(*frames: bytes) -> list[str]:
+    """A child that writes `frames` at once, without reading the request, and exits."""
+    return [sys.executable, "-c", f"import sys; sys.stdout.buffer.write({b''.join(frames)!r})"]
+
+
+@pytest.mark.parametrize(
+    ("frames", "said"),
+    [
+        ((b"\x05" + b"\0" * 7 + b"junk!",), "an unreadable frame"),
+        ((parseworker.frame([(0, [None])]),), "a reply for another blob than"),
+        ((parseworker.frame("hello"),), "a reply that is not a list"),
+        ((struct.pack("<Q", 3) + b"\0",), "it exited"),  # a frame cut short
+    ],
+)
+def test_a_worker_that_sends_garbage_is_not_believed(
+    tree: Tree, caplog: Any, frames: tuple[bytes, ...], said: str
+) -> None:
+    log = _fallback(tree, parseworker.Worker.start(_child(*frames)), caplog)
+    assert said in log
+
+
+def test_a_worker_that_lies_about_a_manifest_in_the_wrong_shape_is_not_believed(
+    tree: Tree, caplog: Any
+) -> None:
+    """The last blob's reply in the right place but of the wrong shape."""
+    jobs = gitsource.blob_order(tree.blobs(tree.broken))
+    last = len(jobs) - 1
+    paths = jobs[last][1]
+    lie = parseworker.frame([(last, [(b"{}", 7)] * len(paths))])
+    log = _fallback(tree, parseworker.Worker.start(_child(lie)), caplog)
+    assert "a malformed manifest for" in log
+
+
+# Pure pieces -------------------------------------------------------------------------------
+
+
+def test_blob_order_reads_each_blob_once_with_all_its_paths() -> None:
+    blobs = [("a", "1" * 40), ("b", "2" * 40), ("c", "1" * 40)]
+    assert gitsource.blob_order(blobs) == [("1" * 40, ["a", "c"]), ("2" * 40, ["b"])]
+    assert gitsource.blob_order([]) == []
+
+
+NODE = "tasks/nodes/web-1.yaml"
+
+
+@pytest.mark.parametrize(
+    ("path", "result"),
+    [
+        (NODE, manifests.Manifest(NODE, keys.Target.node("web-1"), b"{}", name="print")),
+        (NODE, [manifests.ManifestError(NODE, 3, "bad"), manifests.ManifestError(NODE, None, "x")]),
+        ("tasks/README.md", None),
+    ],
+)
+def test_results_cross_the_pipe_unchanged(path: str, result: parseworker.Result) -> None:
+    raw = marshal.loads(marshal.dumps(parseworker.encode_result(result)))
+    back = parseworker.decode_result(path, raw)
+    assert back == result
+    assert names([back]) == names([result])
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        (NODE, None),  # a manifest path with no result
+        ("tasks/README.md", (b"{}", "print")),  # a manifest for a file that is none
+        ("tasks/nodes/bad name.yaml", (b"{}", "print")),  # or for an invalid name
+        (NODE, (b"{}",)),
+        (NODE, ("{}", "print")),
+        (NODE, []),
+        (NODE, [(NODE, "3", "bad")]),
+        (NODE, [(NODE, 3)]),
+        (NODE, {"a": 1}),
+    ],
+)
+def test_a_result_parse_file_could_not_give_is_refused(path: str, raw: Any) -> None:
+    with pytest.raises(parseworker.Misbehaved):
+        parseworker.decode_result(path, raw)
+
+
+def test_frames_are_taken_only_when_complete() -> None:
+    data = parseworker.frame([1, 2]) + parseworker.frame("x")
+    buffer = bytearray(data[:5])
+    assert parseworker.unframe(buffer) == [] and len(buffer) == 5
+    buffer += data[5:-1]
+    assert parseworker.unframe(buffer) == [[1, 2]]
+    buffer += data[-1:]
+    assert parseworker.unframe(buffer) == ["x"] and not buffer
+
+
+def test_a_worker_is_worth_it_for_many_files_on_more_than_one_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
+    assert parseworker.worth_it(parseworker.THRESHOLD)
+    assert not parseworker.worth_it(parseworker.THRESHOLD - 1)
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 1)
+    assert not parseworker.worth_it(10**6)
+
+
+def test_gather_keeps_the_first_of_two_files_for_one_target() -> None:
+    a = manifests.Manifest("tasks/nodes/w.yaml", keys.Target.node("w"), b"1")
+    b = manifests.Manifest("tasks/nodes/w.yml", keys.Target.node("w"), b"2")
+    with pytest.raises(manifests.InvalidManifests) as caught:
+        manifests.gather([None, a, b, [manifests.ManifestError("x", 1, "bad")]])
+    assert [str(e) for e in caught.value.errors] == [
+        "tasks/nodes/w.yml: tasks/nodes/w.yaml already defines node/w",
+        "x:1: bad",
+    ]
+    assert manifests.gather([a, None]) == {keys.Target.node("w"): a}
+
+
+def test_parsing_leaves_no_cycles_for_the_paused_collector() -> None:
+    """A pass pauses the cycle collector (reconcile.collector_paused), so a parse must
+    free everything by reference counting: valid, invalid and hostile files alike."""
+    files = [*BROKEN.items(), ("tasks/nodes/ok.yaml", "name: print\ndata: {a: [1, {b: 2}]}\n")]
+    for path, text in files:
+        manifests.parse_file(path, text.encode())  # imports and caches warmed first
+    gc.collect()
+    with reconcile.collector_paused():
+        assert not gc.isenabled()
+        for path, text in files:
+            manifests.parse_file(path, text.encode())
+            assert gc.collect() == 0, path
+    assert gc.isenabled()
+
+
+def test_a_file_names_stem_is_what_splitext_says() -> None:
+    for size in range(6):
+        for letters in itertools.product("a.b", repeat=size):
+            for ext in manifests.EXTENSIONS:
+                name = "".join(letters) + ext
+                assert manifests._stem(name) == posixpath.splitext(name)[0], name
