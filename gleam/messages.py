@@ -196,6 +196,12 @@ def _unencodable(exc: Exception) -> str:
 
 def decode_task(raw: bytes | str) -> Task:
     """Parse a task message; any bytes give a Task or a MessageError, never a crash."""
+    return decode_task_message(raw)[0]
+
+
+def decode_task_message(raw: bytes | str) -> tuple[Task, dict[str, Any]]:
+    """`decode_task`, and the decoded message object with the fields a Task does not
+    hold (an agent with -trust checks its "Sig" without decoding the bytes again)."""
     size = len(raw)
     if size > MAX_MESSAGE_BYTES:
         raise MessageError(f"message is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
@@ -218,9 +224,10 @@ def decode_task(raw: bytes | str) -> Task:
     except keys.InvalidName as exc:
         raise MessageError(str(exc)) from None
     rollout = value.get("Rollout")
-    return Task(
+    task = Task(
         name=name, data=value.get("Data"), rollout=rollout if isinstance(rollout, dict) else None
     )
+    return task, value
 
 
 def _json_type(value: Any) -> str:

@@ -2,16 +2,17 @@
 
 Pure: the reconciler plans with unsigned messages as always; `comparable` shows it the
 messages it signed itself as unsigned (so they are not rewritten at every pass), and
-`sign_plan` signs each write just before it is sent, with P the mod_revision the write's
-transaction compares (or etcd's revision, for a key that must not exist yet).
+`prepare` signs each write in the thread that sends its batch, just before the batch's
+transaction (sync.Prepare), with P the mod_revision that transaction compares (or
+etcd's revision, for a key that must not exist yet). Ed25519 signing releases the GIL, so
+the batches' signatures are made side by side, and while other batches wait on etcd.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
-from gleam import messages, signing
+from gleam import signing
 from reconciler import diff, sync
 
 
@@ -32,17 +33,26 @@ def comparable(observed: sync.EtcdState, signer: signing.Signer) -> sync.EtcdSta
     return sync.EtcdState(actual=actual, owned=observed.owned)
 
 
-def sign_plan(plan: diff.Plan, signer: signing.Signer, *, revision: int) -> diff.Plan:
-    """Every write of `plan` signed for its key; `revision` is etcd's revision at (or
-    after) the read the plan came from, P for keys that do not exist yet."""
-    changes = []
-    for change in plan.changes:
+def sign_changes(
+    changes: list[diff.Change], signer: signing.Signer, *, revision: int
+) -> list[diff.Change]:
+    """Every write of `changes` signed for its key; `revision` is etcd's revision at (or
+    after) the read the plan came from, P for keys that do not exist yet. P is the very
+    mod_revision the write's transaction compares (sync.txn_parts), or, for a key that
+    must not exist, a revision at which it did not."""
+    signed = []
+    for change in changes:
         if change.action in diff.WRITES and change.new is not None:
             prev = change.mod_revision or revision
-            message = json.loads(change.new)
-            signed = signing.sign(message, key=change.key, prev=prev, signer=signer)
-            change = dataclasses.replace(
-                change, new=messages.canonical_json(signed).encode("utf-8")
-            )
-        changes.append(change)
-    return dataclasses.replace(plan, changes=tuple(changes))
+            value = signing.sign_encoded(change.new, key=change.key, prev=prev, signer=signer)
+            change = dataclasses.replace(change, new=value)
+        signed.append(change)
+    return signed
+
+
+def prepare(signer: signing.Signer, *, revision: int) -> sync.Prepare:
+    """The sync.Prepare that signs each batch's writes (see `sign_changes`)."""
+    return sync.Prepare(
+        batch=lambda changes: sign_changes(changes, signer, revision=revision),
+        growth=lambda change: signing.growth(change.key),
+    )

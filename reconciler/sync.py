@@ -89,6 +89,18 @@ class EtcdState:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """A last step on each batch of changes, run in the thread that sends it just before
+    its transaction (so that the batches' work overlaps, and overlaps etcd's round
+    trips): `reconciler.signed` signs the writes there. `batch` must keep every change's
+    key, action and revisions (what the transaction compares) and may make a written
+    value at most `growth(change)` bytes longer."""
+
+    batch: Callable[[list[diff.Change]], list[diff.Change]]
+    growth: Callable[[diff.Change], int]
+
+
+@dataclass(frozen=True)
 class Written:
     """The outcome of sending a plan's changes: those committed, the revision each
     written task key got, and those whose guard failed (nothing of theirs written)."""
@@ -111,15 +123,24 @@ def _cost(change: diff.Change) -> tuple[int, int]:
     return ops, size
 
 
-def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[diff.Change]]:
+def batches(
+    changes: Sequence[diff.Change],
+    *,
+    reserved: int = 1,
+    growth: Callable[[diff.Change], int] | None = None,
+) -> list[list[diff.Change]]:
     """Split changes into transactions of at most MAX_TXN_OPS operations and compares
-    (keeping `reserved` of each for the lock and the record) and MAX_TXN_BYTES."""
+    (keeping `reserved` of each for the lock and the record) and MAX_TXN_BYTES, each
+    written value counted `growth(change)` bytes longer than it is (what a Prepare may
+    add to it)."""
     out: list[list[diff.Change]] = []
     current: list[diff.Change] = []
     ops = compares = size = 0
     limit = connection.MAX_TXN_OPS - reserved
     for change in changes:
         c_ops, c_size = _cost(change)
+        if growth is not None and change.new is not None:
+            c_size += growth(change)
         if current and (
             ops + c_ops > limit or compares + 2 > limit or size + c_size > MAX_TXN_BYTES - 4096
         ):
@@ -258,14 +279,19 @@ class Store:
         fence: Lock | None = None,
         parallel: int = PARALLEL_TXNS,
         origin: bytes = b"",
+        prepare: Prepare | None = None,
     ) -> Written:
-        """Send the changes in guarded transactions; see the module docstring."""
+        """Send the changes in guarded transactions; see the module docstring. With
+        `prepare`, each batch is sent as `prepare.batch` makes it, and the changes
+        `Written` names are those."""
 
         def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
             index, batch = numbered
             if index:
                 # Tests stop a reconciler here, between two committed transactions.
                 testhooks.wedge_point("apply")
+            if prepare is not None:
+                batch = prepare.batch(batch)
             compares: list[Compare] = [fence.compare()] if fence is not None else []
             ops: list[Op] = []
             for change in batch:
@@ -278,7 +304,8 @@ class Store:
         done: list[diff.Change] = []
         conflicts: list[diff.Change] = []
         revisions: dict[str, int] = {}
-        groups = list(enumerate(batches(changes)))
+        growth = prepare.growth if prepare is not None else None
+        groups = list(enumerate(batches(changes, growth=growth)))
         if len(groups) <= 1 or parallel <= 1:
             results = [send(g) for g in groups]
         else:
