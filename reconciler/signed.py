@@ -2,10 +2,11 @@
 
 Pure: the reconciler plans with unsigned messages as always; `comparable` shows it the
 messages it signed itself as unsigned (so they are not rewritten at every pass), and
-`prepare` signs each write in the thread that sends its batch, just before the batch's
-transaction (sync.Prepare), with P the mod_revision that transaction compares (or
-etcd's revision, for a key that must not exist yet). Ed25519 signing releases the GIL, so
-the batches' signatures are made side by side, and while other batches wait on etcd.
+`prepare` signs each batch's writes before its transaction (sync.Prepare), with P the
+mod_revision that transaction compares (or etcd's revision, for a key that must not
+exist yet). The batches are signed on threads of their own, ahead of the transactions
+(sync.Prepared): Ed25519 signing releases the GIL, so signatures are made on every core
+while the transactions wait on etcd.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -36,6 +36,8 @@ log = logging.getLogger("gleam.reconcile")
 MAX_TXN_BYTES = 1024 * 1024 + 256 * 1024  # below etcd's 1.5 MiB --max-request-bytes
 OP_OVERHEAD = 64  # protobuf framing per operation and compare, generously
 PARALLEL_TXNS = 4
+# Threads that prepare (sign) an apply's batches ahead of their transactions: one a core.
+PREPARE_THREADS = max(1, min(PARALLEL_TXNS, os.cpu_count() or 1))
 
 
 TASK_KINDS = frozenset(k.value for k in keys.Kind)
@@ -90,14 +92,46 @@ class EtcdState:
 
 @dataclass(frozen=True)
 class Prepare:
-    """A last step on each batch of changes, run in the thread that sends it just before
-    its transaction (so that the batches' work overlaps, and overlaps etcd's round
-    trips): `reconciler.signed` signs the writes there. `batch` must keep every change's
-    key, action and revisions (what the transaction compares) and may make a written
-    value at most `growth(change)` bytes longer."""
+    """A last step on each batch of changes before its transaction, run on threads of
+    its own ahead of the transactions (Prepared): `reconciler.signed` signs the writes
+    there. `batch` must keep every change's key, action and revisions (what the
+    transaction compares) and may make a written value at most `growth(change)` bytes
+    longer."""
 
     batch: Callable[[list[diff.Change]], list[diff.Change]]
     growth: Callable[[diff.Change], int]
+
+
+class Prepared:
+    """The batches of an apply as `prepare.batch` makes them, made ahead of their
+    transactions by PREPARE_THREADS threads of their own, in order, from the moment the
+    apply starts: signing (Ed25519 releases the GIL) then runs on every core while the
+    transactions wait on etcd, and no transaction waits for its own batch's signatures
+    unless the signing has fallen behind. Batches not yet made when the apply ends (a
+    failed transaction) are dropped."""
+
+    def __init__(self, groups: list[list[diff.Change]], prepare: Prepare | None) -> None:
+        self._groups = groups
+        self._prepare = prepare
+        self._pool: ThreadPoolExecutor | None = None
+        self._made: list[Future[list[diff.Change]]] = []
+
+    def __enter__(self) -> Prepared:
+        if self._prepare is not None and len(self._groups) > 1:
+            self._pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="gleam-prepare")
+            self._made = [self._pool.submit(self._prepare.batch, g) for g in self._groups]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def batch(self, index: int) -> list[diff.Change]:
+        if self._made:
+            return self._made[index].result()
+        if self._prepare is not None:
+            return self._prepare.batch(self._groups[index])
+        return self._groups[index]
 
 
 @dataclass(frozen=True)
@@ -282,16 +316,14 @@ class Store:
         prepare: Prepare | None = None,
     ) -> Written:
         """Send the changes in guarded transactions; see the module docstring. With
-        `prepare`, each batch is sent as `prepare.batch` makes it, and the changes
-        `Written` names are those."""
+        `prepare`, each batch is sent as `prepare.batch` makes it (see Prepared), and
+        the changes `Written` names are those."""
 
-        def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
-            index, batch = numbered
+        def send(index: int) -> tuple[list[diff.Change], bool, int]:
             if index:
                 # Tests stop a reconciler here, between two committed transactions.
                 testhooks.wedge_point("apply")
-            if prepare is not None:
-                batch = prepare.batch(batch)
+            batch = ready.batch(index)
             compares: list[Compare] = [fence.compare()] if fence is not None else []
             ops: list[Op] = []
             for change in batch:
@@ -305,14 +337,17 @@ class Store:
         conflicts: list[diff.Change] = []
         revisions: dict[str, int] = {}
         growth = prepare.growth if prepare is not None else None
-        groups = list(enumerate(batches(changes, growth=growth)))
-        if len(groups) <= 1 or parallel <= 1:
-            results = [send(g) for g in groups]
-        else:
-            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
-                # The first transaction alone, then the rest in parallel: a reconciler that
-                # is stopped or fails early has written one batch, not `parallel` of them.
-                results = [send(groups[0]), *pool.map(send, groups[1:])]
+        groups = batches(changes, growth=growth)
+        with Prepared(groups, prepare) as ready:
+            if len(groups) <= 1 or parallel <= 1:
+                results = [send(index) for index in range(len(groups))]
+            else:
+                with ThreadPoolExecutor(
+                    max_workers=parallel, thread_name_prefix="gleam-txn"
+                ) as pool:
+                    # The first transaction alone, then the rest in parallel: a reconciler
+                    # that is stopped or fails early has written one batch, not `parallel`.
+                    results = [send(0), *pool.map(send, range(1, len(groups)))]
         for batch, ok, revision in results:
             if ok:
                 done += batch
