@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from typing import Any
 
+import pytest
+
 from agent import trust
-from gleam import messages, signing
+from gleam import etcdapi, messages, signing
 from gleam.fake_etcd import FakeEtcd
 from reconciler import diff, signed, sync
 from tests.test_reconcile_pass import LAYOUT, node, run, wanted
@@ -86,3 +89,28 @@ def test_batches_leave_room_for_the_signatures_prepare_adds() -> None:
     assert signing.growth(node("web-1")) >= len(
         signing.sign_encoded(big, key=node("web-1"), prev=2**63 - 1, signer=SIGNER)
     ) - len(big)
+
+
+def test_an_apply_that_fails_raises_and_leaves_no_signing_thread_behind() -> None:
+    fake = FakeEtcd()
+    store = sync.Store(fake, LAYOUT)
+    task = messages.Task("print", {}).encode()
+    changes = [diff.Change(diff.Action.CREATE, node(f"web-{n}"), new=task) for n in range(300)]
+    signed_batches = []
+    signing_prepare = signed.prepare(SIGNER, revision=1)
+
+    def counting(batch: list[diff.Change]) -> list[diff.Change]:
+        signed_batches.append(len(batch))
+        return signing_prepare.batch(batch)
+
+    def refuse(call: str) -> None:
+        if call == "txn":
+            raise etcdapi.EtcdError("UNAVAILABLE: etcd is down")
+
+    fake.fail = refuse
+    prepare = sync.Prepare(batch=counting, growth=signing_prepare.growth)
+    with pytest.raises(sync.EtcdFailed, match="etcd is down"):
+        store.apply_changes(changes, prepare=prepare)
+    assert not [t for t in threading.enumerate() if t.name.startswith("gleam-prepare")]
+    assert signed_batches  # the first batch at least was signed and sent
+    assert fake.values(LAYOUT.prefix + "/") == {}
