@@ -4,9 +4,9 @@ Pure: the reconciler plans with unsigned messages as always; `comparable` shows 
 messages it signed itself as unsigned (so they are not rewritten at every pass), and
 `prepare` signs each batch's writes before its transaction (sync.Prepare), with P the
 mod_revision that transaction compares (or etcd's revision, for a key that must not
-exist yet). The batches are signed on threads of their own, ahead of the transactions
-(sync.Prepared): Ed25519 signing releases the GIL, so signatures are made on every core
-while the transactions wait on etcd.
+exist yet). The batches are signed on a thread of their own, ahead of the transactions
+(sync.Prepared): Ed25519 signing releases the GIL, so signatures are made on a core of
+their own while the transactions wait on etcd.
 """
 
 from __future__ import annotations
