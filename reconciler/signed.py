@@ -2,11 +2,10 @@
 
 Pure: the reconciler plans with unsigned messages as always; `comparable` shows it the
 messages it signed itself as unsigned (so they are not rewritten at every pass), and
-`prepare` signs each batch's writes before its transaction (sync.Prepare), with P the
-mod_revision that transaction compares (or etcd's revision, for a key that must not
-exist yet). The batches are signed on a thread of their own, ahead of the transactions
-(sync.Prepared): Ed25519 signing releases the GIL, so signatures are made on a core of
-their own while the transactions wait on etcd.
+`prepare` signs each batch's writes (sync.Prepare), with P the mod_revision that batch's
+transaction compares (or etcd's revision, for a key that must not exist yet). The
+batches are signed by one thread a core, just before the transactions (sync.prepared):
+Ed25519 signing releases the GIL.
 """
 
 from __future__ import annotations
