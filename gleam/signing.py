@@ -181,13 +181,6 @@ def sign_task(task: messages.Task, *, key: str, prev: int, signer: Signer) -> by
     return sign_encoded(task.encode(), key=key, prev=prev, signer=signer)
 
 
-def growth(key: str) -> int:
-    """At most how many bytes signing adds to a message for the task key `key`: the
-    Sig's fixed parts, P (at most 20 digits) and the key, JSON-escaped (at most 6 bytes
-    a character)."""
-    return 256 + 6 * len(key)
-
-
 # An object key that json.dumps wrote from a number, a boolean or null: sort_keys sorted
 # such keys as what they were (10 after 9), not as the strings they became, and a dict
 # can hold both 1 and "1". Every object key in canonical bytes follows a "{" or a ","

@@ -189,15 +189,15 @@ def _comparable(observed: sync.EtcdState, options: Options) -> sync.EtcdState:
     return observed if options.signer is None else signed.comparable(observed, options.signer)
 
 
-def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> sync.Prepare | None:
-    """What signs the plan's writes as they are sent (-sign_key); P for a key that must
-    not exist yet is etcd's revision now, read only when there is such a key."""
+def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> diff.Plan:
+    """The plan's writes signed (-sign_key); P for a key that must not exist yet is
+    etcd's revision now, read only when there is such a key."""
     if options.signer is None:
-        return None
+        return plan
     revision = 0
     if any(c.action is diff.Action.CREATE for c in plan.changes):
         revision = store.current_revision()
-    return signed.prepare(options.signer, revision=revision)
+    return signed.sign_plan(plan, options.signer, revision=revision)
 
 
 class CommitRefused(ReconcileError):
@@ -291,10 +291,9 @@ def _run_locked(
     replans = 0
     while True:
         written = store.apply_changes(
-            current.changes,
+            _signed(store, current, options).changes,
             fence=lock,
             origin=records.origin_record(source=desired.source, commit=desired.commit),
-            prepare=_signed(store, current, options),
         )
         applied += written.done
         revisions.update(written.revisions)

@@ -2,15 +2,17 @@
 
 Pure: the reconciler plans with unsigned messages as always; `comparable` shows it the
 messages it signed itself as unsigned (so they are not rewritten at every pass), and
-`prepare` signs each batch's writes (sync.Prepare), with P the mod_revision that batch's
-transaction compares (or etcd's revision, for a key that must not exist yet). The
-batches are signed by one thread a core, just before the transactions (sync.prepared):
-Ed25519 signing releases the GIL.
+`sign_plan` signs each write just before the plan is sent, with P the mod_revision the
+write's transaction compares (or etcd's revision, for a key that must not exist yet),
+on one thread a core.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from gleam import signing
 from reconciler import diff, sync
@@ -33,8 +35,19 @@ def comparable(observed: sync.EtcdState, signer: signing.Signer) -> sync.EtcdSta
     return sync.EtcdState(actual=actual, owned=observed.owned)
 
 
+# Threads that sign a plan's writes side by side (Ed25519 releases the GIL): one a core,
+# at most 4. Before the transactions, not beside them: signing beside the transactions
+# fought their threads for the GIL (it is taken back after every signature) and the
+# apply waited on the signatures. Measured on 2 cores, 10,000 signatures: 0.33 s on one
+# thread, 0.17 s on two; the apply 0.35 s longer signing beside the transactions, 0.22 s
+# signing first on two threads.
+SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Fewer writes than this are signed on the calling thread.
+SIGN_CHUNK = 256
+
+
 def sign_changes(
-    changes: list[diff.Change], signer: signing.Signer, *, revision: int
+    changes: Sequence[diff.Change], signer: signing.Signer, *, revision: int
 ) -> list[diff.Change]:
     """Every write of `changes` signed for its key; `revision` is etcd's revision at (or
     after) the read the plan came from, P for keys that do not exist yet. P is the very
@@ -50,9 +63,18 @@ def sign_changes(
     return signed
 
 
-def prepare(signer: signing.Signer, *, revision: int) -> sync.Prepare:
-    """The sync.Prepare that signs each batch's writes (see `sign_changes`)."""
-    return sync.Prepare(
-        batch=lambda changes: sign_changes(changes, signer, revision=revision),
-        growth=lambda change: signing.growth(change.key),
-    )
+def sign_plan(
+    plan: diff.Plan, signer: signing.Signer, *, revision: int, threads: int = SIGN_THREADS
+) -> diff.Plan:
+    """`plan` with every write signed (see `sign_changes`), in order, by up to `threads`
+    threads side by side."""
+    changes = plan.changes
+    if threads <= 1 or len(changes) < 2 * SIGN_CHUNK:
+        return dataclasses.replace(
+            plan, changes=tuple(sign_changes(changes, signer, revision=revision))
+        )
+    step = -(-len(changes) // threads)
+    parts = [changes[start : start + step] for start in range(0, len(changes), step)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="gleam-sign") as pool:
+        signed = pool.map(lambda part: sign_changes(part, signer, revision=revision), parts)
+        return dataclasses.replace(plan, changes=tuple(c for part in signed for c in part))

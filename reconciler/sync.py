@@ -36,10 +36,6 @@ log = logging.getLogger("gleam.reconcile")
 MAX_TXN_BYTES = 1024 * 1024 + 256 * 1024  # below etcd's 1.5 MiB --max-request-bytes
 OP_OVERHEAD = 64  # protobuf framing per operation and compare, generously
 PARALLEL_TXNS = 4
-# Threads that prepare (sign) an apply's batches: one a core, at most 4. Measured on 2
-# cores, 10,000 signatures made before the transactions on 2 threads added 0.22 s to the
-# apply (0.33 s on one thread), and made beside the transactions 0.35 s.
-PREPARE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 TASK_KINDS = frozenset(k.value for k in keys.Kind)
@@ -93,29 +89,6 @@ class EtcdState:
 
 
 @dataclass(frozen=True)
-class Prepare:
-    """A last step on each batch of changes before the transactions (`prepared`):
-    `reconciler.signed` signs the writes there. `batch` must keep every change's key,
-    action and revisions (what the transaction compares) and may make a written value
-    at most `growth(change)` bytes longer."""
-
-    batch: Callable[[list[diff.Change]], list[diff.Change]]
-    growth: Callable[[diff.Change], int]
-
-
-def prepared(groups: list[list[diff.Change]], prepare: Prepare) -> list[list[diff.Change]]:
-    """`groups` as `prepare.batch` makes them, by PREPARE_THREADS threads side by side.
-    Before the first transaction, not beside the transactions: signing beside them fights
-    their threads for the GIL (Ed25519 releases it, but takes it back after every
-    signature), which made the apply wait on the signatures; alone, the signing threads
-    take the GIL only for a few microseconds a signature and keep every core busy."""
-    if len(groups) <= 1 or PREPARE_THREADS <= 1:
-        return [prepare.batch(group) for group in groups]
-    with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="gleam-prepare") as pool:
-        return list(pool.map(prepare.batch, groups))
-
-
-@dataclass(frozen=True)
 class Written:
     """The outcome of sending a plan's changes: those committed, the revision each
     written task key got, and those whose guard failed (nothing of theirs written)."""
@@ -138,24 +111,15 @@ def _cost(change: diff.Change) -> tuple[int, int]:
     return ops, size
 
 
-def batches(
-    changes: Sequence[diff.Change],
-    *,
-    reserved: int = 1,
-    growth: Callable[[diff.Change], int] | None = None,
-) -> list[list[diff.Change]]:
+def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[diff.Change]]:
     """Split changes into transactions of at most MAX_TXN_OPS operations and compares
-    (keeping `reserved` of each for the lock and the record) and MAX_TXN_BYTES, each
-    written value counted `growth(change)` bytes longer than it is (what a Prepare may
-    add to it)."""
+    (keeping `reserved` of each for the lock and the record) and MAX_TXN_BYTES."""
     out: list[list[diff.Change]] = []
     current: list[diff.Change] = []
     ops = compares = size = 0
     limit = connection.MAX_TXN_OPS - reserved
     for change in changes:
         c_ops, c_size = _cost(change)
-        if growth is not None and change.new is not None:
-            c_size += growth(change)
         if current and (
             ops + c_ops > limit or compares + 2 > limit or size + c_size > MAX_TXN_BYTES - 4096
         ):
@@ -294,11 +258,8 @@ class Store:
         fence: Lock | None = None,
         parallel: int = PARALLEL_TXNS,
         origin: bytes = b"",
-        prepare: Prepare | None = None,
     ) -> Written:
-        """Send the changes in guarded transactions; see the module docstring. With
-        `prepare`, each batch is sent as `prepare.batch` makes it (see `prepared`), and
-        the changes `Written` names are those."""
+        """Send the changes in guarded transactions; see the module docstring."""
 
         def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
             index, batch = numbered
@@ -317,11 +278,7 @@ class Store:
         done: list[diff.Change] = []
         conflicts: list[diff.Change] = []
         revisions: dict[str, int] = {}
-        growth = prepare.growth if prepare is not None else None
-        batched = batches(changes, growth=growth)
-        if prepare is not None:
-            batched = prepared(batched, prepare)
-        groups = list(enumerate(batched))
+        groups = list(enumerate(batches(changes)))
         if len(groups) <= 1 or parallel <= 1:
             results = [send(g) for g in groups]
         else:

@@ -1,6 +1,6 @@
-"""`gleam-reconcile -sign_key` on the in-memory etcd: each batch's writes are signed in
-the thread that sends it (sync.Prepare), for the key and at the P its transaction
-compares; tests/test_trust_e2e.py runs the same against a real etcd and a -trust agent."""
+"""`gleam-reconcile -sign_key` on the in-memory etcd: every write is signed for its key and
+at the P its transaction compares, on several threads (reconciler.signed.sign_plan);
+tests/test_trust_e2e.py runs the same against a real etcd and a -trust agent."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import json
 import threading
 from typing import Any
 
-import pytest
-
 from agent import trust
-from gleam import etcdapi, messages, signing
+from gleam import messages
 from gleam.fake_etcd import FakeEtcd
 from reconciler import diff, signed, sync
 from tests.test_reconcile_pass import LAYOUT, node, run, wanted
@@ -73,44 +71,23 @@ def test_a_value_written_by_hand_before_the_apply_is_replaced_signed_at_its_revi
                        trusted=trusted(SIGNER)) is None  # fmt: skip
 
 
-def test_batches_leave_room_for_the_signatures_prepare_adds() -> None:
-    # Values that fill transactions by size: once signed, each batch must still fit.
-    big = messages.Task("print", {"blob": "x" * 60_000}).encode()
-    changes = [diff.Change(diff.Action.CREATE, node(f"web-{n}"), new=big) for n in range(200)]
-    prepare = signed.prepare(SIGNER, revision=7)
-    plain = sync.batches(changes)
-    grown = sync.batches(changes, growth=prepare.growth)
-    assert len(grown) >= len(plain)
-    for batch in grown:
-        sent = prepare.batch(batch)
-        assert [c.key for c in sent] == [c.key for c in batch]
-        size = sum(sync._cost(c)[1] for c in sent)
-        assert size <= sync.MAX_TXN_BYTES - 4096
-    assert signing.growth(node("web-1")) >= len(
-        signing.sign_encoded(big, key=node("web-1"), prev=2**63 - 1, signer=SIGNER)
-    ) - len(big)
-
-
-def test_an_apply_that_fails_raises_and_leaves_no_signing_thread_behind() -> None:
-    fake = FakeEtcd()
-    store = sync.Store(fake, LAYOUT)
-    task = messages.Task("print", {}).encode()
-    changes = [diff.Change(diff.Action.CREATE, node(f"web-{n}"), new=task) for n in range(300)]
-    signed_batches = []
-    signing_prepare = signed.prepare(SIGNER, revision=1)
-
-    def counting(batch: list[diff.Change]) -> list[diff.Change]:
-        signed_batches.append(len(batch))
-        return signing_prepare.batch(batch)
-
-    def refuse(call: str) -> None:
-        if call == "txn":
-            raise etcdapi.EtcdError("UNAVAILABLE: etcd is down")
-
-    fake.fail = refuse
-    prepare = sync.Prepare(batch=counting, growth=signing_prepare.growth)
-    with pytest.raises(sync.EtcdFailed, match="etcd is down"):
-        store.apply_changes(changes, prepare=prepare)
-    assert not [t for t in threading.enumerate() if t.name.startswith("gleam-prepare")]
-    assert signed_batches  # the first batch at least was signed and sent
-    assert fake.values(LAYOUT.prefix + "/") == {}
+def test_a_plan_signed_on_several_threads_is_the_plan_signed_on_one() -> None:
+    task = messages.Task("print", {"n": 1}).encode()
+    creates = [diff.Change(diff.Action.CREATE, node(f"web-{n}"), new=task) for n in range(600)]
+    updates = [
+        diff.Change(diff.Action.UPDATE, node(f"db-{n}"), new=task, old=b"{}", mod_revision=n + 9)
+        for n in range(300)
+    ]
+    forget = [diff.Change(diff.Action.FORGET, node("gone"), owned_revision=3)]
+    plan = diff.Plan(changes=tuple(creates + forget + updates))
+    one = signed.sign_plan(plan, SIGNER, revision=7, threads=1)
+    assert signed.sign_plan(plan, SIGNER, revision=7, threads=3) == one
+    assert [c.key for c in one.changes] == [c.key for c in plan.changes]
+    assert one.changes[len(creates)] == forget[0]
+    for change in one.changes:
+        if change.new is not None:
+            prev = json.loads(change.new)["Sig"]["prev"]
+            assert prev == (change.mod_revision or 7)
+            assert trust.check(change.new, key=change.key, last_run=prev,
+                               trusted=trusted(SIGNER)) is None  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name.startswith("gleam-sign")]
