@@ -2,17 +2,20 @@
 key, and not older than what it last ran from that key.
 
 `check` is pure: (message bytes, task key, last run revision, trusted keys) -> the
-refusal (the failed result's error, starting `signature:`), or None to run. `Gate` holds
-the trusted keys (re-read on SIGHUP) and the revision last run per task key; it is
+refusal (the failed result's error, starting `signature:`), or None to run;
+`check_message` takes the message as the worker already decoded it. `Gate` holds the
+trusted keys (re-read on SIGHUP) and the revision last run per task key; it is
 consulted by the worker just before a task runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -31,13 +34,28 @@ def check(
     last_run: int | None,
     trusted: Mapping[str, Ed25519PublicKey],
 ) -> str | None:
-    """Why the message `raw` at task key `key` must not run, or None.
+    """Why the message `raw` at task key `key` must not run, or None."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        return PREFIX + "missing"
+    return check_message(message, key=key, last_run=last_run, trusted=trusted)
+
+
+def check_message(
+    message: Any,
+    *,
+    key: str,
+    last_run: int | None,
+    trusted: Mapping[str, Ed25519PublicKey],
+) -> str | None:
+    """`check` of the message as the worker decoded it (the values that would run).
 
     A writer's P is the key's mod_revision when it wrote, so it is never below a revision
     the key had before: P below the last revision this agent ran (or refused) from the
     key is an older message written again (a replay)."""
     try:
-        verified = signing.verify(raw, key=key, trusted=trusted)
+        verified = signing.verify_message(message, key=key, trusted=trusted)
     except signing.SignatureError as exc:
         return PREFIX + str(exc)
     if last_run is not None and verified.prev < last_run:
@@ -79,10 +97,11 @@ class Gate:
                 self._last[key] = max(self._last.get(key, 0), completed.revision)
         return done
 
-    def refusal(self, job: pending.Job) -> str | None:
-        """Check `job` and, whatever the answer, remember its revision as handled."""
+    def refusal(self, job: pending.Job, message: Any) -> str | None:
+        """Check `job`, whose value decoded to `message`, and, whatever the answer,
+        remember its revision as handled."""
         with self._lock:
             trusted = self._trusted
             last = self._last.get(job.key)
             self._last[job.key] = max(last or 0, job.revision)
-        return check(job.value, key=job.key, last_run=last, trusted=trusted)
+        return check_message(message, key=job.key, last_run=last, trusted=trusted)

@@ -157,12 +157,12 @@ class Worker:
                 ", ".join(map(str, job.skipped)),
             )
         try:
-            task = messages.decode_task(job.value)
+            task, message = messages.decode_task_message(job.value)
         except Exception as exc:  # noqa: BLE001 - MessageError, or any value the decoder chokes on
             log.error("%s at revision %d: bad task message: %s", job.key, job.revision, exc)
             return self._failed(job, raw_name(job.value), f"bad task message: {exc}", started, t0)
         logformat.add_to_context(function=task.name)
-        if self._gate is not None and (refusal := self._gate.refusal(job)) is not None:
+        if self._gate is not None and (refusal := self._gate.refusal(job, message)) is not None:
             log.error("%s at revision %d not run: %s", job.key, job.revision, refusal)
             return self._failed(job, task.name, refusal, started, t0)
         log.info("running %s from %s at revision %d", task.name, job.key, job.revision)

@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +178,52 @@ def sign_task(task: messages.Task, *, key: str, prev: int, signer: Signer) -> by
     """The task's message bytes, signed: what a writer puts at `key`."""
     # The unsigned message (its name, size and serialisability checked), "Rollout"
     # included when the task has one.
-    message = json.loads(task.encode())
-    signed = sign(message, key=key, prev=prev, signer=signer)
-    return messages.canonical_json(signed).encode("utf-8")
+    return sign_encoded(task.encode(), key=key, prev=prev, signer=signer)
+
+
+# An object key that json.dumps wrote from a number, a boolean or null: sort_keys sorted
+# such keys as what they were (10 after 9), not as the strings they became, and a dict
+# can hold both 1 and "1". Every object key in canonical bytes follows a "{" or a ","
+# directly, so no match means every key was a string.
+_NON_STRING_KEY = re.compile(rb'[{,]"(?:-?[0-9][0-9.eE+-]*|true|false|null)":')
+
+
+def sign_encoded(unsigned: bytes, *, key: str, prev: int, signer: Signer) -> bytes:
+    """The message bytes `unsigned`, as `messages.Task.encode` made them, signed for the
+    task key `key` at `prev`: the same bytes as `canonical_json(sign(json.loads(unsigned)))`
+    (tests/test_signing.py holds them to it), spliced instead of decoded and encoded again.
+
+    The writer's shortcut only: these bytes are canonical JSON whose top-level keys are
+    "Data", "Name" and maybe "Rollout", all of which sort before "key", "prev" and "Sig",
+    so the signed bytes are the message with `,"key":...,"prev":P` before its closing
+    brace, and the signed message is the message with `,"Sig":{...}` there. A verifier
+    must never splice: it rebuilds the signed bytes from the message it decoded."""
+    if (
+        not unsigned.startswith(b'{"Data":')
+        or not unsigned.endswith(b"}")
+        or b'"Sig":' in unsigned  # an old Sig to drop (or the word in the data)
+        or _NON_STRING_KEY.search(unsigned) is not None
+    ):
+        # Not the canonical form this shortcut needs (or an object key whose canonical
+        # order changes once decoded): decode and encode, as a verifier will.
+        signed = sign(json.loads(unsigned), key=key, prev=prev, signer=signer)
+        return messages.canonical_json(signed).encode("utf-8")
+    body = unsigned[:-1]
+    key_json = messages.canonical_json(key).encode("utf-8")
+    at = str(prev).encode("ascii")
+    signature = signer.key.sign(b"".join((body, b',"key":', key_json, b',"prev":', at, b"}")))
+    return b"".join(
+        (
+            body,
+            b',"Sig":{"alg":"' + ALG.encode("ascii") + b'","for":',
+            key_json,
+            b',"key":"' + signer.fingerprint.encode("ascii") + b'","prev":',
+            at,
+            b',"sig":"',
+            base64.b64encode(signature),
+            b'"}}',
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -199,6 +243,14 @@ def verify(raw: bytes, *, key: str, trusted: Mapping[str, Ed25519PublicKey]) -> 
         message = json.loads(raw)
     except (ValueError, RecursionError):
         raise SignatureError("missing") from None
+    return verify_message(message, key=key, trusted=trusted)
+
+
+def verify_message(message: Any, *, key: str, trusted: Mapping[str, Ed25519PublicKey]) -> Verified:
+    """`verify` of a message already decoded (the agent's worker decodes it once): the
+    signed bytes are rebuilt from the decoded values, never taken from the raw bytes,
+    so what is checked is exactly what runs (a "Data" given twice is decoded as its
+    last one, and that is the one checked)."""
     sig = message.get(SIG_FIELD) if isinstance(message, dict) else None
     if sig is None:
         raise SignatureError("missing")

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from agent import trust
-from gleam import messages, signing
+from gleam import keys, messages, signing
 
 KEY = "/gleam/node/web-1"
 
@@ -194,10 +194,11 @@ def test_gate_remembers_the_last_revision_and_reloads(tmp_path: Path) -> None:
     trust_file.write_text(public_line(SIGNER) + "\n")
     gate = trust.Gate(trust_file)
     gate.seed({KEY: pending.Completed(40)})
-    assert gate.refusal(pending.Job(KEY, 50, signed(prev=12))) == (
+    old, new = signed(prev=12), signed(prev=50)
+    assert gate.refusal(pending.Job(KEY, 50, old), json.loads(old)) == (
         "signature: replay of an older task (prev 12 < last run 40)"
     )
-    assert gate.refusal(pending.Job(KEY, 51, signed(prev=50))) is None
+    assert gate.refusal(pending.Job(KEY, 51, new), json.loads(new)) is None
     rotated = new_signer()
     trust_file.write_text(public_line(rotated) + "\n")
     gate.reload()
@@ -225,3 +226,114 @@ def test_worst_values_in_a_signed_message_are_refused_cleanly() -> None:
     unicode = signing.sign_task(messages.Task("print", {"ü": "✓\u2028"}), key=KEY, prev=1,
                                 signer=SIGNER)  # fmt: skip
     assert trust.check(unicode, key=KEY, last_run=1, trusted=trusted(SIGNER)) is None
+
+
+# The writer's shortcut (signing.sign_encoded splices the signature into the canonical
+# bytes) against the reference: decode the message, sign it, encode it canonically.
+
+
+def reference_signed(task: messages.Task, *, key: str, prev: int) -> bytes:
+    message = json.loads(task.encode())
+    return messages.canonical_json(
+        signing.sign(message, key=key, prev=prev, signer=SIGNER)
+    ).encode()
+
+
+_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+_SCALARS = st.none() | st.booleans() | st.integers() | _FLOATS | st.text()
+
+
+def _containers(children: Any) -> Any:
+    # Object keys as YAML gives them: strings, but also numbers and booleans, which
+    # json.dumps sorts as what they were (10 after 9) before writing them as strings.
+    return (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(), children, max_size=4)
+        | st.dictionaries(st.integers() | _FLOATS, children, max_size=4)
+        | st.dictionaries(st.booleans(), children, max_size=2)
+    )
+
+
+_DATA = st.recursive(_SCALARS, _containers, max_leaves=24)
+_NAMES = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,12}(::[A-Za-z0-9_][A-Za-z0-9_-]{0,12}){0,2}",
+                       fullmatch=True)  # fmt: skip
+_KEYS = st.sampled_from([KEY, "/gleam/region/eu-west", "/a/b/node/x.y_z-1", "/g/node/" + "n" * 128])
+
+
+@given(
+    name=_NAMES,
+    data=_DATA,
+    rollout=st.none() | st.dictionaries(st.text(max_size=8), _DATA, max_size=3),
+    key=_KEYS,
+    prev=st.integers(min_value=0, max_value=2**63 - 1),
+)
+@example(name="print", data=None, rollout=None, key=KEY, prev=0)
+@example(name="print", data={}, rollout={}, key=KEY, prev=1)
+@example(name="print", data={10: "a", 9: "b"}, rollout=None, key=KEY, prev=5)
+@example(name="print", data={"Sig": {"key": 1}, "x": '"Sig":'}, rollout=None, key=KEY, prev=5)
+@example(name="print", data={"ü": "✓\u2028\u0000\"\\", "a": [1.5, -0.0, 1e300, 10**40]},
+         rollout={"id": "r1", "waves": [1, 2]}, key=KEY, prev=7)  # fmt: skip
+@example(name="print", data={"big": "x" * 200_000, "n": list(range(2000))}, rollout=None,
+         key=KEY, prev=99)  # fmt: skip
+def test_the_writers_spliced_signature_is_byte_identical_to_the_reference(
+    name: str, data: Any, rollout: dict[str, Any] | None, key: str, prev: int
+) -> None:
+    task = messages.Task(name, data, rollout=rollout)
+    try:
+        task.encode()
+    except (messages.MessageError, ValueError):
+        assume(False)  # data no writer may send (mixed key types, too large, ...)
+    fast = signing.sign_task(task, key=key, prev=prev, signer=SIGNER)
+    assert fast == reference_signed(task, key=key, prev=prev)
+    assert trust.check(fast, key=key, last_run=prev, trusted=trusted(SIGNER)) is None
+
+
+CRAFTED_TAILS = [
+    b',"Data":{"path":"/etc/shadow"}',
+    b',"Name":"evil::payload"',
+    b',"Rollout":{"id":"r9"}',
+    b',"Data":null',
+]
+
+
+@pytest.mark.parametrize("tail", CRAFTED_TAILS)
+def test_a_field_given_again_after_the_sig_is_refused(tail: bytes) -> None:
+    # JSON decoders keep the last of a key given twice: the agent would run the field
+    # appended after the Sig, so the check must cover what was decoded, not the bytes
+    # that came first.
+    crafted = signed(prev=40)[:-1] + tail + b"}"
+    task, message = messages.decode_task_message(crafted)
+    assert (task.name, task.data, task.rollout) != (TASK.name, TASK.data, TASK.rollout)
+    assert trust.check(crafted, key=KEY, last_run=None, trusted=trusted(SIGNER)) == (
+        "signature: invalid"
+    )
+    assert trust.check_message(message, key=KEY, last_run=None, trusted=trusted(SIGNER)) == (
+        "signature: invalid"
+    )
+
+
+def test_a_field_given_twice_before_the_signed_one_runs_the_signed_one() -> None:
+    # The first of two "Data" is dropped by the decoder: what runs is what was signed.
+    crafted = b'{"Data":{"path":"/etc/shadow"},' + signed(prev=40)[1:]
+    task, message = messages.decode_task_message(crafted)
+    assert task == TASK
+    assert trust.check_message(message, key=KEY, last_run=None, trusted=trusted(SIGNER)) is None
+
+
+def test_the_worker_refuses_a_crafted_message_without_running_it(tmp_path: Path) -> None:
+    from agent import pending
+    from agent.task_queue import TaskQueue
+    from agent.worker import Worker
+    from tests.test_agent_results import FakeOutcome, FakeRunner, Sink
+
+    trust_file = tmp_path / "trusted"
+    trust_file.write_text(public_line(SIGNER) + "\n")
+    runner = FakeRunner(FakeOutcome(True, "ran", None, 1.0))
+    layout = keys.Layout("/gleam")
+    worker = Worker(TaskQueue(), runner, Sink(), agent_id="web-1", layout=layout,
+                    gate=trust.Gate(trust_file))  # fmt: skip
+    crafted = signed(prev=40)[:-1] + CRAFTED_TAILS[0] + b"}"
+    record = worker.execute(pending.Job(KEY, 41, crafted))
+    assert (record.ok, record.error, runner.calls) == (False, "signature: invalid", [])
+    record = worker.execute(pending.Job(KEY, 42, signed(prev=41)))
+    assert record.ok and runner.calls == [(TASK.name, TASK.data)]
