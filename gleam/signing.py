@@ -28,13 +28,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from gleam import flags, messages
+
+# cryptography itself is imported where a key is loaded or a signature checked: a
+# reconciler without -sign_key or -verify_commits does not pay for loading OpenSSL's
+# bindings at every start (a few per cent of a 10,000-manifest apply).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 ALG = "ed25519"
 SIG_FIELD = "Sig"
@@ -65,6 +70,8 @@ class SignatureError(ValueError):
 def fingerprint(public_key: Ed25519PublicKey) -> str:
     """`SHA256:<base64 of the SHA-256 of the key blob, unpadded>`, as `ssh-keygen -l`
     prints it."""
+    from cryptography.hazmat.primitives import serialization
+
     line = public_key.public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
@@ -87,6 +94,10 @@ class Signer:
 
 def load_private_key(path: str | Path) -> Signer:
     """An unencrypted Ed25519 private key in OpenSSH format (`ssh-keygen -t ed25519 -N ''`)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -118,6 +129,10 @@ def parse_public_keys(text: str, *, source: str) -> dict[str, Ed25519PublicKey]:
     """Ed25519 keys from `authorized_keys`-style lines (options before the key type and a
     comment after it are allowed; blank lines and # comments are skipped), by
     fingerprint. Any other line is an error naming `source` and the line number."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     found: dict[str, Ed25519PublicKey] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -251,6 +266,8 @@ def verify_message(message: Any, *, key: str, trusted: Mapping[str, Ed25519Publi
     signed bytes are rebuilt from the decoded values, never taken from the raw bytes,
     so what is checked is exactly what runs (a "Data" given twice is decoded as its
     last one, and that is the one checked)."""
+    from cryptography.exceptions import InvalidSignature
+
     sig = message.get(SIG_FIELD) if isinstance(message, dict) else None
     if sig is None:
         raise SignatureError("missing")
@@ -295,6 +312,8 @@ def _claimed_key(
 ) -> str | None:
     """The task key a signature that fails for `key` was made for: the Sig's "for",
     believed only if the signature holds for it."""
+    from cryptography.exceptions import InvalidSignature
+
     if not isinstance(claimed, str) or claimed == key:
         return None
     try:
