@@ -140,7 +140,6 @@ class _FastLoader(_Loader):
         other: str = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
         return other
 
-
     # Without path resolvers (asserted below) the resolver's descend/ascend hooks, which
     # the C composer calls around every node, do nothing: C builtins that take the same
     # arguments and ignore them cost a fifth of a Python method call.
