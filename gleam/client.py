@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from gleam import connection, keys, messages, signing
+from gleam import connection, invalid_records, keys, messages, signing
 
 
 def send_task(
@@ -42,9 +42,24 @@ def _decode_agents(values: Iterable[bytes]) -> list[messages.AgentInfo]:
 
 def read_results(etcd: connection.Client, layout: keys.Layout) -> list[messages.Result]:
     """Every result record under the prefix (including those of departed agents)."""
-    return _decode_results(
-        ((_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix)), layout
-    )
+    return read_result_records(etcd, layout)[0]
+
+
+# (agent id, task key) -> what is wrong with that agent's result record for the key.
+Unreadable = Mapping[tuple[str, str], str]
+
+
+def read_result_records(
+    etcd: connection.Client, layout: keys.Layout
+) -> tuple[list[messages.Result], Unreadable]:
+    """The result records that decode, and those that do not (by agent and task key,
+    with the record's key and why), from one read."""
+    items = [(_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix)]
+    unreadable = {
+        (record.agent, record.task_key or ""): f"{record.key}: {record.error}"
+        for record in invalid_records.find(items, layout)
+    }
+    return _decode_results(items, layout), unreadable
 
 
 def _key(meta: Any) -> str:
@@ -76,6 +91,7 @@ class Outcome(StrEnum):
     OK = "ok"
     FAILED = "failed"
     PENDING = "pending"  # no result for this revision (yet)
+    INVALID = "invalid"  # the agent's result record for the key cannot be read
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ class Report:
     revision: int
     outcome: Outcome
     result: messages.Result | None = None
+    invalid: str | None = None  # INVALID: the record's key and why it cannot be read
 
     @property
     def error(self) -> str | None:
@@ -107,9 +124,12 @@ def judge(
     agents: Iterable[messages.AgentInfo],
     results: Iterable[messages.Result],
     layout: keys.Layout,
+    unreadable: Unreadable | None = None,
 ) -> list[Report]:
     """Pure: for each task key at its expected revision, each watching agent's outcome
-    (see outcome_of)."""
+    (see outcome_of); INVALID where the agent's result record for the key is there but
+    cannot be read (garbage in the key: nothing says the task ran, and waiting longer
+    would only turn it into "no answer")."""
     agent_list = list(agents)
     by_agent_key = {(r.agent, r.key): r for r in results}
     reports = []
@@ -119,6 +139,10 @@ def judge(
             raise keys.InvalidName(f"{key!r} is not a task key under {layout.prefix}")
         for agent_id in watchers(target, agent_list):
             result = by_agent_key.get((agent_id, key))
+            problem = (unreadable or {}).get((agent_id, key))
+            if problem is not None:
+                reports.append(Report(agent_id, key, revision, Outcome.INVALID, invalid=problem))
+                continue
             reports.append(Report(agent_id, key, revision, outcome_of(result, revision), result))
     return reports
 
@@ -141,7 +165,8 @@ def wait_for_results(
     agents = list_agents(etcd, layout)
     deadline = clock() + timeout
     while True:
-        reports = judge(expected, agents, read_results(etcd, layout), layout)
+        results, unreadable = read_result_records(etcd, layout)
+        reports = judge(expected, agents, results, layout, unreadable)
         if all(r.outcome is not Outcome.PENDING for r in reports) or clock() >= deadline:
             return reports
         sleep(min(poll_interval, max(0.0, deadline - clock())))

@@ -337,6 +337,8 @@ def _report_state(report: client.Report) -> str:
 
 def _report_detail(report: client.Report, timeout: float) -> str:
     result = report.result
+    if report.outcome is client.Outcome.INVALID:
+        return f"(invalid) {report.invalid}"
     if report.outcome is client.Outcome.PENDING:
         seen = f" (last result: rev {result.revision})" if result is not None else ""
         return f"no result for revision {report.revision} within {timeout:g}s{seen}"
@@ -389,6 +391,7 @@ def send_document(
                 "revision": r.revision,
                 "outcome": r.outcome.value,
                 **_result_fields(r.result),
+                "invalid": r.invalid,
             }
             for r in reports
         ]

@@ -195,6 +195,7 @@ def report_json(report: client.Report) -> dict[str, Any]:
         "outcome": report.outcome.value,
         "error": report.error,
         "result": report.result.result if report.result is not None else None,
+        "invalid": report.invalid,
     }
 
 
@@ -211,6 +212,8 @@ def report_lines(
             lines.append(f"ok      {r.agent}  {r.key} @{r.revision}")
         elif r.outcome is client.Outcome.FAILED:
             lines.append(f"failed  {r.agent}  {r.key} @{r.revision}: {r.error or 'failed'}")
+        elif r.outcome is client.Outcome.INVALID:
+            lines.append(f"invalid {r.agent}  {r.key} @{r.revision}: (invalid) {r.invalid}")
         else:
             lines.append(f"no answer in {timeout:g}s  {r.agent}  {r.key} @{r.revision}")
     ok = sum(1 for r in reports if r.outcome is client.Outcome.OK)

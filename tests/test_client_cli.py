@@ -336,6 +336,25 @@ def test_wait_reports_an_agent_that_does_not_answer(
     assert row.split()[:4] == ["mute", layout.region_key("eu"), "no", "answer"]
 
 
+def test_wait_reports_a_garbage_result_record_as_invalid_naming_its_key(
+    run: Cli, etcd: Any, layout: keys.Layout
+) -> None:
+    """A result key holding garbage is not "no answer" after the whole wait: it is
+    reported at once as invalid, with the record's key, and fails the send."""
+    register(etcd, layout, "garbled", "eu")
+    result_key = layout.result_key("garbled", keys.Target(keys.Kind.REGION, "eu"))
+    etcd.put(result_key, b"\xff not a result")
+    code, out, _ = run("-target", "eu", "-fn", "print", "-wait", "60")
+    assert code == 1
+    (row,) = out.splitlines()[2:]
+    assert row.split()[:4] == ["garbled", layout.region_key("eu"), "invalid", "(invalid)"]
+    assert result_key in row
+    code, doc = run.json("-target", "eu", "-fn", "print", "-wait", "60")
+    assert code == 1
+    (report,) = doc["reports"]
+    assert report["outcome"] == "invalid" and report["invalid"].startswith(result_key + ": ")
+
+
 # Connection settings from the environment and a config file ------------------------------
 
 

@@ -169,14 +169,19 @@ def test_wait_reports_read_one_line_each_and_a_total() -> None:
     def report(outcome: client.Outcome) -> client.Report:
         return client.Report("web-1", LAYOUT.node_key("a"), 7, outcome)
 
+    garbled = client.Report(
+        "web-1", LAYOUT.node_key("a"), 7, client.Outcome.INVALID, invalid="/k: not JSON"
+    )
     lines = render.report_lines(
-        [report(client.Outcome.OK), report(client.Outcome.PENDING)], timeout=5
+        [report(client.Outcome.OK), report(client.Outcome.PENDING), garbled], timeout=5
     )
     assert lines == [
         f"ok      web-1  {LAYOUT.node_key('a')} @7",
         f"no answer in 5s  web-1  {LAYOUT.node_key('a')} @7",
-        "--wait: 1 of 2 agent result(s) ok.",
+        f"invalid web-1  {LAYOUT.node_key('a')} @7: (invalid) /k: not JSON",
+        "--wait: 1 of 3 agent result(s) ok.",
     ]
+    assert render.report_json(garbled)["invalid"] == "/k: not JSON"
     assert render.report_lines([], timeout=5, written=0)[0].startswith("--wait: nothing")
     assert (
         render.report_lines([], timeout=5)[0] == "--wait: no live agent watches the changed keys."
