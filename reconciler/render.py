@@ -46,12 +46,22 @@ def _name(change: diff.Change, known: Mapping[str, manifests.Manifest] | None = 
     if raw is None:
         return ""
     manifest = known.get(change.key) if known is not None else None
-    if manifest is not None and manifest.name is not None and manifest.value == raw:
+    if manifest is not None and manifest.name is not None and _written_from(raw, manifest.value):
         return manifest.name
     try:
         return messages.decode_task(raw).name
     except messages.MessageError:
         return "(not a task message)"
+
+
+def _written_from(raw: bytes, value: bytes) -> bool:
+    """Whether `raw` is the manifest's message `value` as this pass wrote it: the same
+    bytes, or signed (-sign_key: the same bytes with `,"Sig":{...}` before the closing
+    brace, as gleam.signing.sign_encoded makes them; the pass made `raw` itself, so the
+    name the parse found is its name)."""
+    return raw == value or (
+        raw.startswith(value[:-1]) and raw[len(value) - 1 :].startswith(b',"Sig":')
+    )
 
 
 def _commit(result: reconcile.Pass) -> str:

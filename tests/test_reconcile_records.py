@@ -116,6 +116,23 @@ def test_each_action_has_its_symbol_and_an_update_shows_its_fields() -> None:
     assert update[1:] == ["    data.x: 1 -> 2"]
 
 
+def test_a_written_value_is_named_from_its_manifest_signed_or_not() -> None:
+    """The output names a change from the parse (no second decode) when the value is the
+    manifest's bytes, or those bytes signed; any other value is decoded."""
+    key = LAYOUT.node_key("a")
+    value = b'{"Data":1,"Name":"print"}'
+    known = {
+        key: manifests.Manifest(
+            "tasks/nodes/a.yaml", LAYOUT.parse_task_key(key), value, name="from-parse"
+        )
+    }  # type: ignore[arg-type]
+    signed = value[:-1] + b',"Sig":{"alg":"ed25519"}}'
+    other = value[:-1] + b',"Name":"etcd"}'
+    for raw, name in ((value, "from-parse"), (signed, "from-parse"), (other, "etcd")):
+        change = diff.Change(diff.Action.CREATE, key, new=raw)
+        assert render.change_lines(change, known) == [f"+ {key}  {name}"]
+
+
 def test_a_value_that_is_no_task_is_named_so() -> None:
     change = diff.Change(diff.Action.DELETE, LAYOUT.node_key("a"), old=b"\xff")
     assert render.change_lines(change) == [f"- {LAYOUT.node_key('a')}  (not a task message)"]
