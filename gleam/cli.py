@@ -232,6 +232,8 @@ def _deliver(
     except client.SendConflict as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except messages.MessageError as exc:  # too large once signed: nothing written
+        raise flags.UsageError(f"-sign_key: {exc}") from None
     task_keys = sorted(layout.task_key(t) for t in targets)
     if wait is None:
         if output.json:

@@ -222,12 +222,12 @@ def sign_encoded(unsigned: bytes, *, key: str, prev: int, signer: Signer) -> byt
         # Not the canonical form this shortcut needs (or an object key whose canonical
         # order changes once decoded): decode and encode, as a verifier will.
         signed = sign(json.loads(unsigned), key=key, prev=prev, signer=signer)
-        return messages.canonical_json(signed).encode("utf-8")
+        return _within_limit(messages.canonical_json(signed).encode("utf-8"), key)
     body = unsigned[:-1]
     key_json = messages.canonical_json(key).encode("utf-8")
     at = str(prev).encode("ascii")
     signature = signer.key.sign(b"".join((body, b',"key":', key_json, b',"prev":', at, b"}")))
-    return b"".join(
+    out = b"".join(
         (
             body,
             b',"Sig":{"alg":"' + ALG.encode("ascii") + b'","for":',
@@ -239,6 +239,19 @@ def sign_encoded(unsigned: bytes, *, key: str, prev: int, signer: Signer) -> byt
             b'"}}',
         )
     )
+    return _within_limit(out, key)
+
+
+def _within_limit(signed: bytes, key: str) -> bytes:
+    """`signed`, or MessageError when the signature took it over the size agents accept
+    (a message just under the limit unsigned would be written and then refused by every
+    agent as too large)."""
+    if len(signed) > messages.MAX_MESSAGE_BYTES:
+        raise messages.MessageError(
+            f"task message for {key} is {len(signed)} bytes once signed, over the "
+            f"{messages.MAX_MESSAGE_BYTES}-byte limit agents accept"
+        )
+    return signed
 
 
 @dataclass(frozen=True)

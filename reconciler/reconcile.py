@@ -240,7 +240,10 @@ def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> diff.Plan:
     revision = 0
     if any(c.action is diff.Action.CREATE for c in plan.changes):
         revision = store.current_revision()
-    return signed.sign_plan(plan, options.signer, revision=revision)
+    try:
+        return signed.sign_plan(plan, options.signer, revision=revision)
+    except messages.MessageError as exc:
+        raise ReconcileError(f"-sign_key: {exc}; nothing written") from None
 
 
 class CommitRefused(ReconcileError):

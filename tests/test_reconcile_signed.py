@@ -9,10 +9,12 @@ import json
 import threading
 from typing import Any
 
+import pytest
+
 from agent import trust
 from gleam import messages
 from gleam.fake_etcd import FakeEtcd
-from reconciler import diff, signed, sync
+from reconciler import diff, reconcile, signed, sync
 from tests.test_reconcile_pass import LAYOUT, node, run, wanted
 from tests.test_signing import SIGNER, trusted
 
@@ -91,3 +93,28 @@ def test_a_plan_signed_on_several_threads_is_the_plan_signed_on_one() -> None:
             assert trust.check(change.new, key=change.key, last_run=prev,
                                trusted=trusted(SIGNER)) is None  # fmt: skip
     assert not [t for t in threading.enumerate() if t.name.startswith("gleam-sign")]
+
+
+def _near_the_limit() -> bytes:
+    """A task message a few bytes under the agents' size limit: valid unsigned, too
+    large once its signature is added."""
+    overhead = len(messages.Task("print", "").encode())
+    value = messages.Task("print", "x" * (messages.MAX_MESSAGE_BYTES - overhead - 10)).encode()
+    assert len(value) == messages.MAX_MESSAGE_BYTES - 10
+    return value
+
+
+def test_a_message_too_large_once_signed_stops_the_pass_before_anything_is_written() -> None:
+    fake = FakeEtcd()
+    desired = wanted("web-1", "web-2")
+    big = dataclasses.replace(desired.entries[node("web-2")], value=_near_the_limit())
+    desired = dataclasses.replace(desired, entries={**desired.entries, node("web-2"): big})
+    with pytest.raises(reconcile.ReconcileError) as refused:
+        run(fake, desired, signer=SIGNER)
+    assert str(refused.value).startswith(f"-sign_key: task message for {node('web-2')} is ")
+    assert "once signed, over the 1048576-byte limit agents accept; nothing written" in str(
+        refused.value
+    )
+    assert stored(fake) == {}
+    # Unsigned, the same message is within the limit and is written.
+    assert len(run(fake, desired).applied) == 2

@@ -337,3 +337,21 @@ def test_the_worker_refuses_a_crafted_message_without_running_it(tmp_path: Path)
     assert (record.ok, record.error, runner.calls) == (False, "signature: invalid", [])
     record = worker.execute(pending.Job(KEY, 42, signed(prev=41)))
     assert record.ok and runner.calls == [(TASK.name, TASK.data)]
+
+
+def test_a_message_the_signature_takes_over_the_size_limit_is_refused_by_the_signer() -> None:
+    """Signing adds about 250 bytes: a message just under the agents' limit would be
+    written and then refused by every agent, so the writer refuses it, naming the key
+    (on the spliced path and on the decode-and-encode one)."""
+    key = "/gleam/node/web-1"
+    for data in ("x", {"1": "x"}):  # a number-like key takes the decode-and-encode path
+        overhead = len(messages.Task("print", data).encode()) - 1
+        filler = "x" * (messages.MAX_MESSAGE_BYTES - overhead - 10)
+        big = messages.Task("print", filler if data == "x" else {"1": filler})
+        assert len(big.encode()) <= messages.MAX_MESSAGE_BYTES
+        with pytest.raises(
+            messages.MessageError, match=f"task message for {key} is .* once signed"
+        ):
+            signing.sign_task(big, key=key, prev=7, signer=SIGNER)
+    small = messages.Task("print", "x" * 1000)
+    assert len(signing.sign_task(small, key=key, prev=7, signer=SIGNER)) < 2000

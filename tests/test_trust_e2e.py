@@ -21,6 +21,7 @@ from tests.agent_support import (
     wait_registered,
     wait_result,
 )
+from tests.support import client_for
 from tests.test_signing import public_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_gleam_environment")]
@@ -195,3 +196,25 @@ def test_a_bad_sign_key_is_a_usage_error_naming_the_flag(
     bad.write_text("nope")
     assert cli.main(["-sign_key", str(bad), "-target", "node/x", "-fn", "print"]) == 2
     assert f"-sign_key: {bad}: not an OpenSSH private key" in capsys.readouterr().err
+
+
+def test_a_hand_sent_task_too_large_once_signed_is_a_usage_error_and_nothing_is_written(
+    etcd_server: Any, layout: keys.Layout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gleam import cli
+
+    sign_key = key_file(tmp_path, signing.Signer.from_key(Ed25519PrivateKey.generate()))
+    data = tmp_path / "data.json"
+    overhead = len(messages.Task("print", "").encode())
+    data.write_text(json.dumps("x" * (messages.MAX_MESSAGE_BYTES - overhead - 10)))
+    argv = ["-etcd", etcd_server.endpoint, "-prefix", layout.prefix, "-sign_key", sign_key]
+    code = cli.main([*argv, "-target", "node/big", "-fn", "print", "-data", f"@{data}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"-sign_key: task message for {layout.node_key('big')} is " in err
+    assert "once signed, over the 1048576-byte limit agents accept" in err
+    etcd = client_for(etcd_server.endpoint)
+    try:
+        assert etcd.get(layout.node_key("big"))[0] is None
+    finally:
+        etcd.close()
