@@ -83,7 +83,10 @@ def _reports(
     agents: Sequence[str],
     revision: int,
 ) -> dict[str, rollout.Report]:
-    """Members' results for `revision` (a result for another revision is no report)."""
+    """Members' results for `revision` (a result for another revision is no report). A
+    result record that cannot be read and was written after the task (`revision`) is a
+    failure: nothing says the member ran it well, and the rollout must not go on over
+    it (fail closed); an older unreadable record is no report yet."""
     target = keys.Target.region(region)
     out: dict[str, rollout.Report] = {}
     for start in range(0, len(agents), _GETS_PER_TXN):
@@ -93,7 +96,11 @@ def _reports(
             for kv in kvs:
                 try:
                     result = messages.decode_result(kv.value)
-                except messages.MessageError:
+                except messages.MessageError as exc:
+                    if kv.mod_revision > revision:
+                        key = kv.key.decode("utf-8", "replace")
+                        error = f"result record {key} cannot be read: {exc}"
+                        out[agent] = rollout.Report(ok=False, error=error)
                     continue
                 if result.revision == revision:
                     out[agent] = rollout.Report(ok=result.ok, error=result.error or "")

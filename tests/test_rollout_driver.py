@@ -136,6 +136,22 @@ def test_a_failure_halts_and_promote_and_abort_are_guarded_moves(
     assert driver.step("web") == aborted
 
 
+def test_a_result_record_garbled_after_the_task_halts_the_rollout_an_older_one_waits(
+    etcd: fake_etcd.FakeEtcd,
+) -> None:
+    driver = rollout_driver.Driver(etcd, LAYOUT, say=lambda _: None)
+    garbage_key = LAYOUT.result_key("web-2", WEB)
+    put(etcd, garbage_key, b"\xff from before the task")
+    revision = send_staged(etcd, waves=[1, "100%"], first=["web-2"])
+    started = driver.step("web")
+    assert driver.step("web") == started  # an older unreadable record: no report yet
+    put(etcd, garbage_key, b"\xff written after the task")
+    halted = driver.step("web")
+    assert halted is not None and halted.state is rollout.State.HALTED
+    assert halted.reason.startswith(f"web-2 failed: result record {garbage_key} cannot be read")
+    assert revision == halted.revision
+
+
 def test_an_etcd_failure_reaches_the_caller_as_the_seams_error(
     etcd: fake_etcd.FakeEtcd,
 ) -> None:
