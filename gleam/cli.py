@@ -330,9 +330,8 @@ def cmd_list(kind: keys.Kind, etcd: connection.Client, layout: keys.Layout, outp
 
 def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
     snapshot = client.read_snapshot(etcd, layout)
-    # The records the snapshot left out because they cannot be read, at its revision.
-    invalid = invalid_records.read(etcdapi.Pyetcd(etcd), layout, revision=snapshot.revision)
-    fleet = status.build(snapshot, layout=layout, now=datetime.now(UTC), invalid=invalid)
+    now = datetime.now(UTC)
+    fleet = status.build(snapshot, layout=layout, now=now, invalid=snapshot.invalid)
     fleet = status.with_rollouts(fleet, rollout_cli.read_gates(etcd, layout))
     if output.json:
         output.document(client_render.status_document(fleet))

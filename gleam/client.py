@@ -352,6 +352,9 @@ class Snapshot:
     agents: tuple[messages.AgentInfo, ...]
     results: tuple[messages.Result, ...]
     meta: Mapping[str, Stored]
+    # The registrations and result records of the same read that cannot be decoded
+    # (left out of `agents` and `results`; status names them).
+    invalid: tuple[invalid_records.InvalidRecord, ...] = ()
 
 
 def _task_entries(items: Iterable[tuple[str, bytes, int]], layout: keys.Layout) -> list[TaskEntry]:
@@ -392,4 +395,5 @@ def read_snapshot(etcd: connection.Client, layout: keys.Layout) -> Snapshot:
             for key, value, revision in items
             if key.startswith(layout.meta_prefix)
         },
+        invalid=invalid_records.find(((key, value) for key, value, _ in items), layout),
     )

@@ -229,7 +229,7 @@ def build(
     """The status of every task key in `snapshot` (see the module docstring), with the
     commit each came from when the reconciler's records in the snapshot say so.
     `now` (timezone-aware) gives the agents' uptimes; `invalid` are the records of the
-    snapshot's revision that cannot be decoded (invalid_records.read)."""
+    snapshot that cannot be decoded (client.Snapshot.invalid)."""
     origin = provenance.read(snapshot.meta, snapshot.tasks, layout)
     live_ids = {a.id for a in snapshot.agents}
     results = {(r.agent, r.key): r for r in snapshot.results}

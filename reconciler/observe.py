@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from gleam import client, connection, etcdapi, invalid_records, liveness, metrics, status
+from gleam import client, connection, etcdapi, liveness, metrics, status
 from gleam.liveness import Health
 from gleam.metrics import ListenError
 from gleam.version import VERSION
@@ -162,11 +162,8 @@ class Observer:
 
         def read() -> status.FleetStatus:
             snapshot = client.read_snapshot(self._etcd, daemon.layout)
-            invalid = invalid_records.read(
-                etcdapi.Pyetcd(self._etcd), daemon.layout, revision=snapshot.revision
-            )
             now = datetime.now(UTC)
-            return status.build(snapshot, layout=daemon.layout, now=now, invalid=invalid)
+            return status.build(snapshot, layout=daemon.layout, now=now, invalid=snapshot.invalid)
 
         return read
 

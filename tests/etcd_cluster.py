@@ -163,8 +163,7 @@ class EtcdCluster:
 
     def close(self) -> None:
         for member in self.members:
-            member.resume()
-            member.kill()
+            member.close()  # thawed, then killed; its data dir is the cluster's
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
