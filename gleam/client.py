@@ -54,30 +54,17 @@ def read_result_records(
 ) -> tuple[list[messages.Result], Unreadable]:
     """The result records that decode, and those that do not (by agent and task key,
     with the record's key and why), from one read."""
-    items = [(_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix)]
+    items = ((_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix))
+    decoded = invalid_records.decode(items, layout)
     unreadable = {
         (record.agent, record.task_key or ""): f"{record.key}: {record.error}"
-        for record in invalid_records.find(items, layout)
+        for record in decoded.invalid
     }
-    return _decode_results(items, layout), unreadable
+    return list(decoded.results), unreadable
 
 
 def _key(meta: Any) -> str:
     return str(meta.key.decode("utf-8", "replace"))
-
-
-def _decode_results(
-    items: Iterable[tuple[str, bytes]], layout: keys.Layout
-) -> list[messages.Result]:
-    results = []
-    for key, value in items:
-        if layout.parse_result_key(key) is None:
-            continue
-        try:
-            results.append(messages.decode_result(value))
-        except messages.MessageError:
-            continue
-    return results
 
 
 def watchers(target: keys.Target, agents: Iterable[messages.AgentInfo]) -> list[str]:
@@ -383,17 +370,16 @@ def read_snapshot(etcd: connection.Client, layout: keys.Layout) -> Snapshot:
     items = [
         (kv.key.decode("utf-8", "replace"), kv.value, int(kv.mod_revision)) for kv in response.kvs
     ]
+    records = invalid_records.decode(((key, value) for key, value, _ in items), layout)
     return Snapshot(
         revision=int(response.header.revision),
         tasks=tuple(_task_entries(items, layout)),
-        agents=tuple(
-            _decode_agents(value for key, value, _ in items if key.startswith(layout.info_prefix))
-        ),
-        results=tuple(_decode_results(((key, value) for key, value, _ in items), layout)),
+        agents=tuple(sorted(records.agents, key=lambda a: a.id)),
+        results=records.results,
         meta={
             key: Stored(value, revision)
             for key, value, revision in items
             if key.startswith(layout.meta_prefix)
         },
-        invalid=invalid_records.find(((key, value) for key, value, _ in items), layout),
+        invalid=records.invalid,
     )

@@ -32,15 +32,26 @@ class InvalidRecord:
     error: str  # why it cannot be read
 
 
-def find(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> tuple[InvalidRecord, ...]:
-    """Pure: the registrations and result records among (key, value) `items` that do not
-    decode, by key. Keys that are neither (a result key with no task after the agent
-    id, say) are not records and are left alone, as the readers leave them."""
+@dataclass(frozen=True)
+class Decoded:
+    """The registrations and result records among some (key, value) items, each decoded
+    once: those that decode (in the items' order) and those that do not (by key)."""
+
+    agents: tuple[messages.AgentInfo, ...]
+    results: tuple[messages.Result, ...]
+    invalid: tuple[InvalidRecord, ...]
+
+
+def decode(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> Decoded:
+    """Pure: see Decoded. Keys that are neither records (a task key, a result key with
+    no task after the agent id) are left alone, as the readers leave them."""
+    agents: list[messages.AgentInfo] = []
+    results: list[messages.Result] = []
     found = []
     for key, value in items:
         if key.startswith(layout.info_prefix):
             try:
-                messages.decode_agent_info(value)
+                agents.append(messages.decode_agent_info(value))
             except messages.MessageError as exc:
                 agent = key[len(layout.info_prefix) :]
                 found.append(InvalidRecord(key, RecordKind.REGISTRATION, agent, None, str(exc)))
@@ -49,12 +60,18 @@ def find(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> tuple[Inval
         if parsed is None:
             continue
         try:
-            messages.decode_result(value)
+            results.append(messages.decode_result(value))
         except messages.MessageError as exc:
             agent, target = parsed
             task_key = layout.task_key(target)
             found.append(InvalidRecord(key, RecordKind.RESULT, agent, task_key, str(exc)))
-    return tuple(sorted(found, key=lambda r: r.key))
+    return Decoded(tuple(agents), tuple(results), tuple(sorted(found, key=lambda r: r.key)))
+
+
+def find(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> tuple[InvalidRecord, ...]:
+    """Pure: the registrations and result records among (key, value) `items` that do not
+    decode, by key (see decode)."""
+    return decode(items, layout).invalid
 
 
 def read(
