@@ -199,7 +199,7 @@ def start_agent(
 
 
 def reconcile_argv(*, repo: Path, endpoint: str, prefix: str, once: bool = True) -> list[str]:
-    argv = console_script("gleam-reconcile", "reconciler.cli")
+    argv = console_script("gleam-reconcile", "reconciler.launch")
     argv += ["--repo", str(repo), "-etcd", endpoint, "-prefix", prefix]
     return argv + (["--once"] if once else [])
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gleam import keys
-from reconciler import gitsource, manifests, parsecache, parseworker, records
+from reconciler import gitsource, launch, manifests, parsecache, parseworker, records
 
 log = logging.getLogger("gleam.reconcile")
 
@@ -127,6 +127,7 @@ def read_commit(
     if mode == FULL or record is None or record.commit is None or record.last is None:
         worker = early_worker(source, cache=cache)
         return read_full(layout, source, head, cache=cache, worker=worker)
+    parseworker.discard_prestarted()  # it would parse the whole tree
     # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
     # as errors like any invalid manifest, before anything is read.
     changed = source.changed(record.commit, head)
@@ -220,18 +221,14 @@ def _parse(
 
 
 def early_worker(source: gitsource.Source, *, cache: bool) -> parseworker.Worker | None:
-    """A parse worker started before the tree is listed, when a full read will likely
-    parse enough files for one: no parse cache to read them from, and a git index (one
-    entry per file of the checkout, some 60 bytes plus the path) large enough. Its
-    start-up then overlaps the listing; read_full decides with the exact count."""
-    if parseworker.usable_cpus() < 2:
-        return None
-    if cache and parsecache.path_for(source.git_dir).exists():
-        return None
-    try:
-        index_size = (source.git_dir / "index").stat().st_size
-    except OSError:
-        return None
-    if index_size < parseworker.THRESHOLD * 80:
+    """A parse worker started before the tree is listed: the one reconciler.launch
+    started before the imports, if any, else a new one when a full read will likely
+    parse enough files for one (launch.likely_full_parse). Its start-up then overlaps
+    the listing; read_full decides with the exact count."""
+    prestarted = parseworker.take_prestarted()
+    if prestarted is not None:
+        log.debug("parsing with the worker started before the imports")
+        return prestarted
+    if parseworker.usable_cpus() < 2 or not launch.likely_full_parse(source.git_dir, cache=cache):
         return None
     return parseworker.Worker.start()

@@ -18,11 +18,11 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from reconciler import manifests
+from reconciler import launch, manifests
 
 log = logging.getLogger("gleam.reconcile")
 
-FILE_NAME = "gleam-reconcile-manifests.cache"
+FILE_NAME = launch.CACHE_FILE
 
 
 def path_for(git_dir: Path) -> Path:

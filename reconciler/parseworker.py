@@ -23,12 +23,21 @@ is (checkout path, [(blob id, [path, ...]), ...]); each reply is a list of (blob
 [result per path]), a result being None (no manifest), (message bytes, function name),
 or a list of (path, line, message) errors. marshal reads only what the other side of a
 pipe between this program's own processes wrote.
+
+A child started by reconciler.launch before the parent's imports (`--list CHECKOUT`)
+gets no request: it lists HEAD's tree itself, says which blobs it listed (jobs_digest)
+in its first frame, and parses them. The parent uses it only when that digest is its
+own list's; otherwise it is dropped like a child that misbehaved. The child writes
+without blocking, keeping what the pipe cannot take yet, so that it parses on while the
+parent is still importing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
+import hashlib
 import logging
 import marshal
 import os
@@ -41,13 +50,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from gleam import keys
-from reconciler import gitsource, manifests
+from reconciler import gitsource, launch, manifests
+from reconciler.launch import usable_cpus as usable_cpus
 
 log = logging.getLogger("gleam.reconcile")
 
-# Fewer files to parse than this: one process is as fast (a child costs about 0.1 s of
-# CPU to start).
-THRESHOLD = 2000
+THRESHOLD = launch.MIN_FILES
 # The parent looks for the child's results after every CHECK_EVERY blobs of its own;
 # the child sends at most SEND_EVERY blobs' results (or SEND_BYTES of them) at a time.
 CHECK_EVERY = 8
@@ -57,14 +65,7 @@ SEND_BYTES = 1 << 20
 _LENGTH = struct.Struct("<Q")
 Result = manifests.Manifest | list[manifests.ManifestError] | None
 Job = tuple[str, list[str]]  # (blob id, the paths that hold it), as gitsource.blob_order
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+LISTED = "listed"  # the first frame's tag from a child that listed the tree itself
 
 
 def worth_it(files: int) -> bool:
@@ -118,6 +119,17 @@ def decode_result(path: str, raw: Any) -> Result:
     return errors
 
 
+def jobs_digest(jobs: Sequence[Job]) -> str:
+    """A digest of a job list (blob ids and their paths, in order)."""
+    h = hashlib.sha256()
+    for oid, paths in jobs:
+        h.update(oid.encode("ascii", "replace"))
+        for path in paths:
+            h.update(b"\0" + path.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 def frame(value: Any) -> bytes:
     body = marshal.dumps(value)
     return _LENGTH.pack(len(body)) + body
@@ -144,27 +156,19 @@ def unframe(buffer: bytearray) -> list[Any]:
 
 class Worker:
     """The child process, started before it is needed so that its start-up overlaps the
-    parent's own work; used at most once, and stopped by parse() or stop()."""
+    parent's own work; used at most once, and stopped by parse() or stop(). `listed`:
+    it lists HEAD itself (started by reconciler.launch) instead of reading a request."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], *, listed: bool = False) -> None:
         self.proc = proc
+        self.listed = listed
 
     @classmethod
     def start(cls, argv: Sequence[str] | None = None) -> Worker | None:
         """A started child, or None when one cannot be started (logged). `argv` is
         the command (tests start a misbehaving one)."""
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        command = list(argv or (sys.executable, "-m", "reconciler.parseworker"))
         try:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env=env,
-            )
+            proc = launch.spawn_worker(argv)
         except OSError as exc:
             log.warning("could not start a parse worker (%s); parsing in one process", exc)
             return None
@@ -191,7 +195,7 @@ class Worker:
 
     def _parse(self, source: gitsource.Source, jobs: list[Job]) -> list[Result]:
         results: list[list[Result] | None] = [None] * len(jobs)
-        child = _Child(self.proc, jobs, source.path)
+        child = _Child(self.proc, jobs, None if self.listed else source.path)
         lowest = len(jobs)  # the child has sent jobs[lowest:]
         own = gitsource.cat_blobs(source.path, [oid for oid, _paths in jobs])
         try:
@@ -216,10 +220,13 @@ class Worker:
 
 class _Child:
     """The parent's view of the child's pipe: the request, fed by a thread (it may be
-    larger than a pipe holds, and the child reads it only once started), and the
-    replies, read without blocking."""
+    larger than a pipe holds, and the child reads it only once started), or, from a
+    child that listed the tree itself (`checkout` None), the digest of its list to
+    check first; then the replies, read without blocking."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], jobs: list[Job], checkout: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], jobs: list[Job], checkout: Path | None
+    ) -> None:
         assert proc.stdin is not None and proc.stdout is not None
         self.proc = proc
         self.jobs = jobs
@@ -227,6 +234,9 @@ class _Child:
         self.buffer = bytearray()
         self.fd = proc.stdout.fileno()
         os.set_blocking(self.fd, False)
+        self.digest = None if checkout is not None else jobs_digest(jobs)
+        if checkout is None:
+            return
         request = frame((os.fspath(checkout), jobs))
         self.feeder = threading.Thread(
             target=_send, args=(proc.stdin, request), name="parse-worker-feed", daemon=True
@@ -247,6 +257,9 @@ class _Child:
                 ended = not chunk
                 self.buffer += chunk
             for reply in unframe(self.buffer):
+                if self.digest is not None:
+                    self._check_listing(reply)
+                    continue
                 lowest = self._take(reply, results, lowest)
             if ended and lowest > done:
                 raise Misbehaved(f"it exited (status {self.proc.wait()})")
@@ -257,6 +270,12 @@ class _Child:
                 results[index] = None
             return len(results)
         return lowest
+
+    def _check_listing(self, reply: Any) -> None:
+        if reply != (LISTED, self.digest):
+            said = reply[1][:12] if isinstance(reply, tuple) and len(reply) == 2 else "?"
+            raise Misbehaved(f"it listed other files (digest {said}) than this pass reads")
+        self.digest = None
 
     def _take(self, reply: Any, results: list[list[Result] | None], lowest: int) -> int:
         if not isinstance(reply, list):
@@ -273,6 +292,31 @@ class _Child:
                 results[index] = decoded
             lowest = index
         return lowest
+
+
+# A worker reconciler.launch started before the imports, until a pass takes it. Module
+# state because it is started before anything that could hold it exists.
+_prestarted: Worker | None = None
+
+
+def adopt_prestarted(proc: subprocess.Popen[bytes]) -> None:
+    global _prestarted
+    discard_prestarted()
+    _prestarted = Worker(proc, listed=True)
+
+
+def take_prestarted() -> Worker | None:
+    """The prestarted worker, once (the taker uses or stops it)."""
+    global _prestarted
+    worker, _prestarted = _prestarted, None
+    return worker
+
+
+def discard_prestarted() -> None:
+    """Stop the prestarted worker if no pass took it (an incremental pass, say)."""
+    worker = take_prestarted()
+    if worker is not None:
+        worker.stop()
 
 
 def _send(pipe: IO[bytes], data: bytes) -> None:
@@ -292,33 +336,83 @@ def _read_frame(pipe: IO[bytes]) -> Any:
     return marshal.loads(pipe.read(size))
 
 
-def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
-    """The child: read the request, parse from the last blob back, send the results."""
-    checkout, jobs = _read_frame(stdin)
+class _Writer:
+    """Frames to stdout without blocking: what the pipe cannot take yet is kept and
+    sent with the next frame, so that the child parses on while the parent is busy
+    elsewhere (a pipe holds 64 KiB, about 150 manifests' results; it is enlarged to
+    1 MiB where Linux allows)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        out.flush()
+        self.out = out
+        self.pending = bytearray()
+        try:
+            self.fd: int | None = out.fileno()
+        except OSError:  # not a file (tests): plain writes
+            self.fd = None
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, SEND_BYTES)
+        os.set_blocking(self.fd, False)
+
+    def send(self, value: Any) -> None:
+        if self.fd is None:
+            self.out.write(frame(value))
+            return
+        self.pending += frame(value)
+        with contextlib.suppress(BlockingIOError):
+            while self.pending:
+                del self.pending[: os.write(self.fd, self.pending)]
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        os.set_blocking(self.fd, True)
+        while self.pending:
+            del self.pending[: os.write(self.fd, self.pending)]
+
+
+def serve(stdin: IO[bytes] | None, stdout: IO[bytes], *, listed: Path | None = None) -> None:
+    """The child: read the request (or list HEAD of the checkout `listed`, and say what
+    it listed), parse from the last blob back, send the results."""
+    if listed is not None:
+        source = gitsource.Source(listed)
+        jobs = gitsource.blob_order(source.list_tree(source.head()).blobs)
+        checkout = source.path
+    else:
+        assert stdin is not None
+        where, jobs = _read_frame(stdin)
+        checkout = Path(where)
+    writer = _Writer(stdout)
+    if listed is not None:
+        writer.send((LISTED, jobs_digest(jobs)))
     order = list(range(len(jobs) - 1, -1, -1))
     pending: list[tuple[int, list[Any]]] = []
     size = 0
-    blobs = gitsource.cat_blobs(Path(checkout), [jobs[i][0] for i in order])
+    blobs = gitsource.cat_blobs(checkout, [jobs[i][0] for i in order])
     for index, (oid, raw) in zip(order, blobs, strict=True):
         assert oid == jobs[index][0]
         encoded = [encode_result(manifests.parse_file(path, raw)) for path in jobs[index][1]]
         pending.append((index, encoded))
         size += len(raw)
         if len(pending) >= SEND_EVERY or size >= SEND_BYTES:
-            stdout.write(frame(pending))
-            stdout.flush()
+            writer.send(pending)
             pending, size = [], 0
     if pending:
-        stdout.write(frame(pending))
-        stdout.flush()
+        writer.send(pending)
+    writer.close()
 
 
 def main() -> int:
     # A short-lived process that frees everything it builds by reference counting.
     gc.disable()
     # A broken pipe: the parent has all it needs and stopped reading.
-    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
-        serve(sys.stdin.buffer, sys.stdout.buffer)
+    # A git error while listing: the parent reads the same checkout and reports it.
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt, gitsource.GitError):
+        if sys.argv[1:2] == ["--list"] and len(sys.argv) == 3:
+            serve(None, sys.stdout.buffer, listed=Path(sys.argv[2]))
+        else:
+            serve(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 
 

@@ -20,7 +20,16 @@ import pytest
 
 from bench import opsrepo
 from gleam import keys
-from reconciler import desired, gitsource, manifests, parsecache, parseworker, reconcile
+from reconciler import (
+    desired,
+    gitsource,
+    launch,
+    manifests,
+    parsecache,
+    parseworker,
+    reconcile,
+    records,
+)
 from tests.test_reconcile_hostile import BILLION_LAUGHS, deep_flow
 
 LAYOUT = keys.Layout("/parse")
@@ -327,3 +336,81 @@ def test_a_file_names_stem_is_what_splitext_says() -> None:
             for ext in manifests.EXTENSIONS:
                 name = "".join(letters) + ext
                 assert manifests._stem(name) == posixpath.splitext(name)[0], name
+
+
+# A worker started before the imports (reconciler.launch) --------------------------------
+
+
+def _listed_worker(tree: Tree) -> parseworker.Worker:
+    command = (sys.executable, "-m", "reconciler.parseworker", "--list", str(tree.source.path))
+    return parseworker.Worker(launch.spawn_worker(command), listed=True)
+
+
+def test_a_worker_that_listed_head_itself_parses_exactly_what_one_process_does(
+    tree: Tree,
+) -> None:
+    worker = _listed_worker(tree)
+    blobs = tree.blobs(tree.broken)  # HEAD
+    assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+
+
+def test_the_listing_childs_first_word_is_the_digest_of_what_it_listed(tree: Tree) -> None:
+    reply = io.BytesIO()
+    parseworker.serve(None, reply, listed=tree.source.path)
+    frames = parseworker.unframe(bytearray(reply.getvalue()))
+    jobs = gitsource.blob_order(tree.blobs(tree.broken))
+    assert frames[0] == (parseworker.LISTED, parseworker.jobs_digest(jobs))
+    items = [item for frame in frames[1:] for item in frame]
+    assert [index for index, _ in items] == list(range(len(jobs) - 1, -1, -1))
+
+
+def test_a_worker_that_listed_another_commit_is_not_used(tree: Tree, caplog: Any) -> None:
+    """HEAD moved between the launch and the pass (or the pass reads something else):
+    the child's results are for other blobs, and none of them is taken."""
+    worker = _listed_worker(tree)  # lists HEAD: the broken commit
+    blobs = tree.blobs(tree.valid)
+    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+        assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    assert "it listed other files" in caplog.text
+
+
+def test_the_digest_covers_every_blob_id_path_and_their_order() -> None:
+    jobs = [("1" * 40, ["a", "b"]), ("2" * 40, ["c"])]
+    digest = parseworker.jobs_digest(jobs)
+    assert parseworker.jobs_digest([("1" * 40, ["a", "b"]), ("2" * 40, ["c"])]) == digest
+    for other in (
+        [("1" * 40, ["a"]), ("2" * 40, ["b", "c"])],
+        [("1" * 40, ["b", "a"]), ("2" * 40, ["c"])],
+        [("2" * 40, ["c"]), ("1" * 40, ["a", "b"])],
+        [("1" * 40, ["a", "b"]), ("3" * 40, ["c"])],
+        [("1" * 40, ["a", "b"])],
+    ):
+        assert parseworker.jobs_digest(other) != digest
+
+
+def test_an_incremental_read_stops_a_prestarted_worker(tree: Tree) -> None:
+    command = (sys.executable, "-m", "reconciler.parseworker", "--list", str(tree.source.path))
+    parseworker.adopt_prestarted(launch.spawn_worker(command))
+    worker = parseworker._prestarted
+    assert worker is not None
+    applied = records.Apply("commit", tree.broken, "t", SIZE, "d")
+    record = records.after(None, applied)
+    got = desired.read_commit(LAYOUT, tree.source, tree.valid, record, mode=desired.INCREMENTAL)
+    assert got.mode == desired.INCREMENTAL
+    assert parseworker.take_prestarted() is None
+    assert worker.proc.returncode is not None  # stopped, not left parsing
+
+
+def test_a_full_read_takes_the_prestarted_worker(tree: Tree, monkeypatch: Any) -> None:
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
+    command = (sys.executable, "-m", "reconciler.parseworker", "--list", str(tree.source.path))
+    parseworker.adopt_prestarted(launch.spawn_worker(command))
+    worker = parseworker._prestarted
+    assert worker is not None
+    got = desired.read_commit(LAYOUT, tree.source, tree.valid, None, mode=desired.FULL, cache=False)
+    assert parseworker.take_prestarted() is None and worker.proc.returncode is not None
+    monkeypatch.setattr(parseworker, "THRESHOLD", 10**9)
+    alone = desired.read_commit(
+        LAYOUT, tree.source, tree.valid, None, mode=desired.FULL, cache=False
+    )
+    assert got.entries == alone.entries

@@ -1,0 +1,167 @@
+"""gleam-reconcile's entry point (reconciler.launch): the parse worker it starts before
+the imports, and how the process leaves."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench import opsrepo
+from gleam import keys
+from reconciler import launch, parsecache
+
+SIZE = 2100  # just over the parse worker's threshold
+
+
+def _checkout(path: Path, *, index_bytes: int, cache: bool = False) -> Path:
+    """A directory that looks like a checkout to launch: a .git with an index of
+    `index_bytes` bytes (launch looks at its size only) and maybe a parse cache."""
+    (path / ".git").mkdir(parents=True)
+    (path / ".git" / "index").write_bytes(b"\0" * index_bytes)
+    if cache:
+        (path / ".git" / launch.CACHE_FILE).write_bytes(b"")
+    return path
+
+
+BIG = launch.MIN_FILES * launch.INDEX_BYTES_PER_FILE
+
+
+@pytest.fixture
+def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "usable_cpus", lambda: 2)
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--once", "--repo", "{repo}"],
+        ["-once", "-repo", "{repo}"],
+        ["--repo={repo}", "--dry-run"],
+        ["-repo={repo}", "-dry_run", "--prune"],
+        ["--repo", "elsewhere", "--once", "--repo", "{repo}"],  # the last one counts
+    ],
+)
+def test_a_pass_over_a_big_uncached_checkout_gets_a_worker_before_the_imports(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout([a.format(repo=repo) for a in argv], {}) == repo
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_the_checkout_may_come_from_the_environment(tmp_path: Path) -> None:
+    repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout(["--once"], {"GLEAM_REPO": repo}) == repo
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--repo", "{repo}"],  # the daemon: its first pass may pull, or be incremental
+        ["--once", "--repo", "{repo}", "--worktree"],
+        ["--once", "--repo", "{repo}", "-config", "x.yaml"],  # may name another repo
+        ["--once", "--repo", "{repo}", "--help"],
+        ["--once", "--repo", "{repo}/missing"],
+        ["--once", "--repo"],  # no value: argparse will say so
+    ],
+)
+def test_other_command_lines_get_none(tmp_path: Path, argv: list[str]) -> None:
+    repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout([a.format(repo=repo) for a in argv], {}) is None
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_a_small_or_cached_checkout_gets_none_unless_the_cache_is_off(tmp_path: Path) -> None:
+    small = str(_checkout(tmp_path / "small", index_bytes=BIG - 1))
+    cached = str(_checkout(tmp_path / "cached", index_bytes=BIG, cache=True))
+    assert launch.prestart_checkout(["--once", "--repo", small], {}) is None
+    assert launch.prestart_checkout(["--once", "--repo", cached], {}) is None
+    assert launch.prestart_checkout(["--once", "--repo", cached, "--no-cache"], {}) == cached
+
+
+def test_one_cpu_gets_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "usable_cpus", lambda: 1)
+    repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout(["--once", "--repo", repo], {}) is None
+
+
+def test_the_cache_file_is_the_parse_caches() -> None:
+    assert parsecache.path_for(Path("/g")) == Path("/g") / launch.CACHE_FILE
+
+
+# Leaving -------------------------------------------------------------------------------
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def test_leaving_loses_no_output_and_keeps_the_status() -> None:
+    done = _run(
+        """
+        import logging, sys
+        from reconciler import launch
+        logging.basicConfig(stream=sys.stderr)
+        print("x" * 200000, end="")
+        logging.getLogger("t").warning("last words")
+        launch.leave(3)
+        """
+    )
+    assert done.returncode == 3
+    assert done.stdout == "x" * 200000
+    assert "last words" in done.stderr
+
+
+def test_leaving_waits_for_a_thread_that_is_not_a_daemon() -> None:
+    done = _run(
+        """
+        import threading
+        from reconciler import launch
+        go = threading.Event()
+        def late():
+            go.wait(10)
+            print("the thread finished", flush=True)
+        threading.Thread(target=late).start()
+        threading.Timer(0.2, go.set).start()
+        launch.leave(4)
+        """
+    )
+    assert done.returncode == 4
+    assert "the thread finished" in done.stdout
+
+
+# End to end ----------------------------------------------------------------------------
+
+
+def test_gleam_reconcile_parses_with_the_worker_it_started_first(
+    tmp_path: Path, etcd_server: object, layout: keys.Layout
+) -> None:
+    ops = tmp_path / "ops"
+    opsrepo.generate(ops, size=SIZE)
+    log = tmp_path / "reconcile.log"
+    argv = [
+        sys.executable, "-m", "reconciler.launch", "--repo", str(ops), "--once",
+        "-etcd", etcd_server.endpoint, "-prefix", layout.prefix,  # type: ignore[attr-defined]
+        "-log", str(log), "-log_level", "debug",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{SIZE} created" in done.stdout.splitlines()[-1]
+    text = log.read_text()
+    assert "parsing with the worker started before the imports" in text
+    assert "stopped helping" not in text
+    shares = re.search(r"parsed (\d+) blobs here and (\d+) in the parse worker", text)
+    assert shares is not None and int(shares[2]) > 0
