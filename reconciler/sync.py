@@ -98,17 +98,21 @@ class Written:
     conflicts: tuple[diff.Change, ...]
 
 
+# Operations a change adds to a transaction, besides its two compares. Looked up, not
+# built per call: 10,000 changes are costed in every full apply.
+_OPS = {
+    diff.Action.CREATE: 2,
+    diff.Action.UPDATE: 2,
+    diff.Action.ADOPT: 1,
+    diff.Action.DELETE: 2,
+    diff.Action.FORGET: 1,
+}
+
+
 def _cost(change: diff.Change) -> tuple[int, int]:
     """(operations, bytes) a change adds to a transaction; two compares each."""
-    ops = {
-        diff.Action.CREATE: 2,
-        diff.Action.UPDATE: 2,
-        diff.Action.ADOPT: 1,
-        diff.Action.DELETE: 2,
-        diff.Action.FORGET: 1,
-    }[change.action]
     size = 2 * (2 * len(change.key) + 20 + OP_OVERHEAD) + len(change.new or b"")
-    return ops, size
+    return _OPS[change.action], size
 
 
 def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[diff.Change]]:
@@ -134,27 +138,35 @@ def batches(changes: Sequence[diff.Change], *, reserved: int = 1) -> list[list[d
     return out
 
 
+# Enum members bound once: an attribute lookup on an enum class costs more than the
+# dataclass each change builds.
+_MOD = Target.MOD
+_ADOPT = diff.Action.ADOPT
+_DELETE = diff.Action.DELETE
+
+
 def txn_parts(
     layout: keys.Layout, change: diff.Change, origin: bytes
 ) -> tuple[list[Compare], list[Op]]:
     """The compares and operations of one change (pure)."""
-    owned = layout.owned_key(change.key)
+    key = change.key
+    owned = layout.owned_key(key)
     compares = [
-        Compare(change.key, Target.MOD, change.mod_revision),
-        Compare(owned, Target.MOD, change.owned_revision),
+        Compare(key, _MOD, change.mod_revision),
+        Compare(owned, _MOD, change.owned_revision),
     ]
-    ops: list[Op] = []
     action = change.action
+    ops: list[Op]
     if action in diff.WRITES:
         # The ownership record is rewritten with each write so that it names the commit
         # the value came from.
-        ops += [Put(change.key, change.new or b""), Put(owned, origin)]
-    elif action is diff.Action.ADOPT:
-        ops.append(Put(owned, origin))
-    elif action is diff.Action.DELETE:
-        ops += [Delete(change.key), Delete(owned)]
+        ops = [Put(key, change.new or b""), Put(owned, origin)]
+    elif action is _ADOPT:
+        ops = [Put(owned, origin)]
+    elif action is _DELETE:
+        ops = [Delete(key), Delete(owned)]
     else:  # FORGET
-        ops.append(Delete(owned))
+        ops = [Delete(owned)]
     return compares, ops
 
 
