@@ -291,17 +291,19 @@ _BY_CREATE = (_COMPARE_TARGET + _varint(etcdrpc.Compare.CREATE), _COMPARE_CREATE
 _MOD = Target.MOD  # bound once: looking up an enum's member costs more than the test
 
 
-def _compare_bytes(c: Compare) -> bytes:
+def _compare_field(c: Compare) -> bytes:
+    """TxnRequest's compare field holding `c`."""
     target, revision_tag = _BY_MOD if c.target is _MOD else _BY_CREATE
     key = c.key.encode("utf-8", "surrogateescape")
     body = target + _delimited(_COMPARE_KEY, key) if key else target
     # The revision is a oneof member: sent even when 0 ("the key does not exist").
-    return body + revision_tag + _varint(c.revision)
+    return _delimited(_TXN_COMPARE, body + revision_tag + _varint(c.revision))
 
 
-def _op_bytes(op: Op) -> bytes:
-    """A RequestOp holding one Put, Get (a RangeRequest) or Delete (a DeleteRangeRequest);
-    the request is a oneof member, so it is sent even when empty."""
+def _op_field(tag: bytes, op: Op) -> bytes:
+    """TxnRequest's success or failure field (`tag`) holding a RequestOp of one Put, Get
+    (a RangeRequest) or Delete (a DeleteRangeRequest); the request is a oneof member, so
+    it is sent even when empty."""
     key = op.key.encode("utf-8", "surrogateescape")
     if type(op) is Put:
         # _delimited written out: this is the hottest path (half the items of an apply).
@@ -311,17 +313,19 @@ def _op_bytes(op: Op) -> bytes:
             body += _PUT_VALUE + _varint(len(value)) + value
         if op.lease:
             body += _PUT_LEASE + _varint(op.lease)
-        return _OP_PUT + _varint(len(body)) + body
-    if type(op) is Get:
-        return _delimited(_OP_RANGE, _delimited(_RANGE_KEY, key) if key else b"")
-    return _delimited(_OP_DELETE, _delimited(_DELETE_KEY, key) if key else b"")
+        request = _OP_PUT + _varint(len(body)) + body
+    elif type(op) is Get:
+        request = _delimited(_OP_RANGE, _delimited(_RANGE_KEY, key) if key else b"")
+    else:
+        request = _delimited(_OP_DELETE, _delimited(_DELETE_KEY, key) if key else b"")
+    return tag + _varint(len(request)) + request
 
 
 def encode_txn(
     compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
 ) -> bytes:
     """The wire bytes of etcd's TxnRequest for these compares and operations (pure)."""
-    parts = [_delimited(_TXN_COMPARE, _compare_bytes(c)) for c in compares]
-    parts += [_delimited(_TXN_SUCCESS, _op_bytes(op)) for op in success]
-    parts += [_delimited(_TXN_FAILURE, _op_bytes(op)) for op in failure]
+    parts = [_compare_field(c) for c in compares]
+    parts += [_op_field(_TXN_SUCCESS, op) for op in success]
+    parts += [_op_field(_TXN_FAILURE, op) for op in failure]
     return b"".join(parts)

@@ -146,27 +146,31 @@ _DELETE = diff.Action.DELETE
 
 
 def txn_parts(
-    layout: keys.Layout, change: diff.Change, origin: bytes
+    layout: keys.Layout, changes: Iterable[diff.Change], origin: bytes
 ) -> tuple[list[Compare], list[Op]]:
-    """The compares and operations of one change (pure)."""
-    key = change.key
-    owned = layout.owned_key(key)
-    compares = [
-        Compare(key, _MOD, change.mod_revision),
-        Compare(owned, _MOD, change.owned_revision),
-    ]
-    action = change.action
-    ops: list[Op]
-    if action in diff.WRITES:
-        # The ownership record is rewritten with each write so that it names the commit
-        # the value came from.
-        ops = [Put(key, change.new or b""), Put(owned, origin)]
-    elif action is _ADOPT:
-        ops = [Put(owned, origin)]
-    elif action is _DELETE:
-        ops = [Delete(key), Delete(owned)]
-    else:  # FORGET
-        ops = [Delete(owned)]
+    """The compares and operations of a batch of changes (pure): each change compares its
+    key's and its ownership record's mod_revision with those it was planned with."""
+    compares: list[Compare] = []
+    ops: list[Op] = []
+    compare, op = compares.append, ops.append
+    for change in changes:
+        key = change.key
+        owned = layout.owned_key(key)
+        compare(Compare(key, _MOD, change.mod_revision))
+        compare(Compare(owned, _MOD, change.owned_revision))
+        action = change.action
+        if action in diff.WRITES:
+            # The ownership record is rewritten with each write so that it names the
+            # commit the value came from.
+            op(Put(key, change.new or b""))
+            op(Put(owned, origin))
+        elif action is _ADOPT:
+            op(Put(owned, origin))
+        elif action is _DELETE:
+            op(Delete(key))
+            op(Delete(owned))
+        else:  # FORGET
+            op(Delete(owned))
     return compares, ops
 
 
@@ -278,12 +282,9 @@ class Store:
             if index:
                 # Tests stop a reconciler here, between two committed transactions.
                 testhooks.wedge_point("apply")
-            compares: list[Compare] = [fence.compare()] if fence is not None else []
-            ops: list[Op] = []
-            for change in batch:
-                c, o = txn_parts(self.layout, change, origin)
-                compares += c
-                ops += o
+            compares, ops = txn_parts(self.layout, batch, origin)
+            if fence is not None:
+                compares.insert(0, fence.compare())
             result = self.backend.txn(compares, ops)
             return batch, result.succeeded, result.revision
 
