@@ -38,11 +38,11 @@ class Target(enum.Enum):
     CREATE = "create"
 
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @dataclass_transform(frozen_default=True)
-def _txn_value(cls: type[T]) -> type[T]:
+def _txn_value(cls: type[_T]) -> type[_T]:
     """A dataclass for the compares and operations of transactions: frozen for the type
     checker (mypy refuses any assignment to a field), a plain slotted dataclass at run
     time, which is about three times cheaper to create than a frozen one (a
