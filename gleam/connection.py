@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -357,14 +358,40 @@ def refresh_lease(client: Client, lease_id: int) -> int:
         call.cancel()
 
 
-def send_txn(client: Client, request: Any) -> Any:
-    """Send a prebuilt etcdrpc.TxnRequest; the TxnResponse. Errors are pyetcd's
-    exceptions, and a failed endpoint is marked failed, as from `client.transaction`,
-    which builds the same request from pyetcd's per-operation objects at about twice
-    the CPU (gleam.etcdapi builds it directly: a 10,000-manifest apply sends 40,000
-    operations and compares)."""
+# Transactions ----------------------------------------------------------------------------
+# gleam.etcdapi encodes a TxnRequest straight to its wire bytes (a 10,000-manifest apply
+# sends 40,000 operations and compares: protobuf objects for them cost about twice the
+# CPU). pyetcd's stub would serialize a message object, so the bytes go through a
+# multicallable of our own that passes them through as they are.
+
+_TXN_METHOD = "/etcdserverpb.KV/Txn"
+
+# One multicallable per channel. pyetcd replaces `client.channel` when it fails over to
+# another endpoint, so the cache is looked up by the channel in use at each call; weak
+# keys, so that a closed client's channels are not kept alive by it.
+_txn_calls: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _txn_call(channel: Any) -> Any:
+    call = _txn_calls.get(channel)
+    if call is None:
+        # Racing threads may each build one for a new channel: harmless, the last is kept.
+        call = _txn_calls[channel] = channel.unary_unary(
+            _TXN_METHOD,
+            request_serializer=None,  # the request is already its wire bytes
+            response_deserializer=etcdrpc.TxnResponse.FromString,
+            _registered_method=True,  # as pyetcd's generated stub: cheaper calls
+        )
+    return call
+
+
+def send_txn(client: Client, request: bytes) -> Any:
+    """Send an encoded TxnRequest (gleam.etcdapi.encode_txn); the etcdrpc.TxnResponse.
+    Errors are pyetcd's exceptions, and a failed endpoint is marked failed so the next
+    call goes to another one, as from pyetcd's own `client.transaction`."""
     try:
-        return client.kvstub.Txn(
+        call = _txn_call(client.channel)  # NoServerAvailableError when every endpoint failed
+        return call(
             request, client.timeout, credentials=client.call_credentials, metadata=client.metadata
         )
     except grpc.RpcError as exc:

@@ -7,6 +7,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -197,7 +198,7 @@ class Layout:
     def meta_prefix(self) -> str:
         return f"{self.prefix}/meta/"
 
-    @property
+    @functools.cached_property  # owned_key is called for every change of an apply
     def owned_prefix(self) -> str:
         """Ownership records: `<prefix>/meta/owned/<node|region>/<name>`, one per task key
         the reconciler wrote (holding the commit it came from)."""
