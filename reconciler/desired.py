@@ -184,8 +184,12 @@ def read_full(
             worker.stop()
     entries = {layout.task_key(target): m for target, m in loaded.items()}
     if cache and missing:
-        by_path = {m.path: m.value for m in loaded.values()}
-        parsecache.save(cache_path, {sha: by_path[path] for path, sha in blobs if path in by_path})
+
+        def cached_now() -> dict[str, bytes]:
+            by_path = {m.path: m.value for m in loaded.values()}
+            return {sha: by_path[path] for path, sha in blobs if path in by_path}
+
+        parsecache.save_soon(cache_path, cached_now)
     log.debug(
         "read %d manifests at %s (%d parsed, %d cached)",
         len(entries),

@@ -15,7 +15,8 @@ import logging
 import marshal
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from reconciler import launch, manifests
@@ -30,7 +31,9 @@ def path_for(git_dir: Path) -> Path:
 
 
 def load(path: Path) -> dict[str, bytes]:
-    """The cached {blob id: message bytes}; empty when missing, stale or unreadable."""
+    """The cached {blob id: message bytes}; empty when missing, stale or unreadable.
+    Waits for a save_soon of the same file that is still writing."""
+    _wait(path)
     try:
         with open(path, "rb") as fh:
             body = marshal.load(fh)
@@ -55,3 +58,27 @@ def save(path: Path, entries: Mapping[str, bytes]) -> None:
             raise
     except OSError as exc:
         log.debug("could not write the manifest cache %s: %s", path, exc)
+
+
+# Saves still being written, by file: a pass writes the cache on a thread while it goes
+# on to etcd (10,000 manifests: some 15 ms of marshal and disk), and the next load or
+# save of the same file waits for it. Not daemon threads: the process waits for them
+# at exit (reconciler.launch.leave too), so a cache is never left half written.
+_saving: dict[Path, threading.Thread] = {}
+_saving_guard = threading.Lock()
+
+
+def save_soon(path: Path, entries: Callable[[], Mapping[str, bytes]]) -> None:
+    """save(path, entries()) on a thread of its own."""
+    _wait(path)
+    thread = threading.Thread(target=lambda: save(path, entries()), name="gleam-parse-cache-save")
+    with _saving_guard:
+        _saving[path] = thread
+    thread.start()
+
+
+def _wait(path: Path) -> None:
+    with _saving_guard:
+        thread = _saving.pop(path, None)
+    if thread is not None:
+        thread.join()

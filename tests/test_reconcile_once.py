@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import marshal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -471,3 +472,23 @@ def test_after_an_upgrade_that_changes_the_rules_the_next_pass_is_full(
     assert code == 0 and "full pass" in out
     code, out, _ = run_cli(capsys, etcd_server.endpoint, layout, repo)
     assert code == 0 and "incremental pass" in out
+
+
+def test_a_cache_saved_on_a_thread_is_whole_for_the_next_load(tmp_path: Path) -> None:
+    """read_full saves the parse cache on a thread; a load (the next pass) or another
+    save of the same file waits for it, so neither sees a missing or older cache."""
+    path = tmp_path / "cache"
+    gate = threading.Event()
+    entries = {f"{i:040x}": b"x" * 100 for i in range(20000)}
+
+    def slow() -> dict[str, bytes]:
+        gate.wait(10)  # still building when load is called
+        return entries
+
+    parsecache.save_soon(path, slow)
+    threading.Timer(0.2, gate.set).start()
+    assert parsecache.load(path) == entries
+    parsecache.save_soon(path, lambda: {"a" * 40: b"1"})
+    parsecache.save_soon(path, lambda: {"b" * 40: b"2"})  # waits for the first
+    assert parsecache.load(path) == {"b" * 40: b"2"}
+    assert not [t for t in threading.enumerate() if t.name == "gleam-parse-cache-save"]
