@@ -10,7 +10,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -385,15 +385,30 @@ def _txn_call(channel: Any) -> Any:
     return call
 
 
-def send_txn(client: Client, request: bytes) -> Any:
-    """Send an encoded TxnRequest (gleam.etcdapi.encode_txn); the etcdrpc.TxnResponse.
-    Errors are pyetcd's exceptions, and a failed endpoint is marked failed so the next
-    call goes to another one, as from pyetcd's own `client.transaction`."""
+def start_txn(client: Client, request: bytes) -> Callable[[], Any]:
+    """Send an encoded TxnRequest (gleam.etcdapi.encode_txn) without waiting: the
+    returned function waits for the etcdrpc.TxnResponse. Errors (from either) are
+    pyetcd's exceptions, and a failed endpoint is marked failed so the next call goes to
+    another one, as from pyetcd's own `client.transaction`."""
     try:
         call = _txn_call(client.channel)  # NoServerAvailableError when every endpoint failed
-        return call(
+        future = call.future(
             request, client.timeout, credentials=client.call_credentials, metadata=client.metadata
         )
     except grpc.RpcError as exc:
         client._manage_grpc_errors(exc)  # raises pyetcd's exception for it
         raise
+
+    def response() -> Any:
+        try:
+            return future.result()
+        except grpc.RpcError as exc:
+            client._manage_grpc_errors(exc)
+            raise
+
+    return response
+
+
+def send_txn(client: Client, request: bytes) -> Any:
+    """start_txn, waited for."""
+    return start_txn(client, request)()

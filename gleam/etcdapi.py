@@ -12,7 +12,7 @@ or a count), and leases.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar, dataclass_transform
@@ -117,6 +117,13 @@ class Backend(Protocol):
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> TxnResult: ...
 
+    def txn_start(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> Callable[[], TxnResult]:
+        """Send a transaction without waiting for it: the returned function waits for its
+        result (and raises its error). `txn` is `txn_start(...)()`."""
+        ...
+
     # The lease calls have the names and shapes of agent/store.Store's, so that the
     # lease session (gleam/lease.py) works over either.
     def grant_lease(self, ttl: int) -> tuple[int, int]:
@@ -141,6 +148,31 @@ def _translated() -> Iterator[None]:
         yield
     except connection.ETCD_ERRORS as exc:
         raise EtcdError(connection.describe_error(exc)) from exc
+
+
+def _txn_result(response: Any, success: Sequence[Op], failure: Sequence[Op]) -> TxnResult:
+    """A TxnResponse as a TxnResult, for the branch it took."""
+    succeeded = bool(response.succeeded)
+    branch = success if succeeded else failure
+    if len(response.responses) != len(branch):
+        raise EtcdError(
+            f"etcd answered {len(response.responses)} operations of a transaction "
+            f"that had {len(branch)}"
+        )
+    # Every write of a transaction gets one revision: the transaction's, in its
+    # header (the per-operation answers of a 126-put batch are not looked at; the
+    # header's revision without a write is the store's, not a write's). One answer
+    # per operation, in order.
+    writes = any(type(op) is not Get for op in branch)
+    gets = tuple(
+        tuple(
+            KeyValue(kv.key, kv.value, int(kv.mod_revision), int(kv.create_revision))
+            for kv in answer.response_range.kvs
+        )
+        for op, answer in zip(branch, response.responses, strict=True)
+        if type(op) is Get
+    )
+    return TxnResult(succeeded, int(response.header.revision) if writes else 0, gets)
 
 
 class Pyetcd:
@@ -168,30 +200,21 @@ class Pyetcd:
     def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> TxnResult:
+        return self.txn_start(compares, success, failure)()
+
+    def txn_start(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> Callable[[], TxnResult]:
         request = encode_txn(compares, success, failure)
         with _translated():
-            response = connection.send_txn(self.client, request)
-        succeeded = bool(response.succeeded)
-        branch = success if succeeded else failure
-        if len(response.responses) != len(branch):
-            raise EtcdError(
-                f"etcd answered {len(response.responses)} operations of a transaction "
-                f"that had {len(branch)}"
-            )
-        # Every write of a transaction gets one revision: the transaction's, in its
-        # header (the per-operation answers of a 126-put batch are not looked at; the
-        # header's revision without a write is the store's, not a write's). One answer
-        # per operation, in order.
-        writes = any(type(op) is not Get for op in branch)
-        gets = tuple(
-            tuple(
-                KeyValue(kv.key, kv.value, int(kv.mod_revision), int(kv.create_revision))
-                for kv in answer.response_range.kvs
-            )
-            for op, answer in zip(branch, response.responses, strict=True)
-            if type(op) is Get
-        )
-        return TxnResult(succeeded, int(response.header.revision) if writes else 0, gets)
+            answer = connection.start_txn(self.client, request)
+
+        def result() -> TxnResult:
+            with _translated():
+                response = answer()
+            return _txn_result(response, success, failure)
+
+        return result
 
     def grant_lease(self, ttl: int) -> tuple[int, int]:
         with _translated():

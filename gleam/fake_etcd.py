@@ -95,6 +95,22 @@ class FakeEtcd:
                 self.revision = revision
             return TxnResult(ok, revision, tuple(gets))
 
+    def txn_start(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> Callable[[], TxnResult]:
+        """The transaction done at once; its result (or error) when waited for, as a
+        transaction in flight gives it."""
+        try:
+            result = self.txn(compares, success, failure)
+        except EtcdError as exc:
+            error = exc
+
+            def failed() -> TxnResult:
+                raise error
+
+            return failed
+        return lambda: result
+
     def grant_lease(self, ttl: int) -> tuple[int, int]:
         with self._lock:
             self._enter("grant_lease")

@@ -8,8 +8,9 @@ request limit. Every key a transaction touches is guarded by comparing its mod_r
 with the one seen when planning (0 for a key that must not exist yet), and, while the
 apply lock is held, the lock key's create_revision too, so a reconciler that lost its
 lock cannot write. A failed guard writes nothing: the caller re-reads those keys and
-plans again. Batches are independent, so they are sent a few at a time in parallel (etcd
-commits concurrent proposals together, which saves most of the disk syncs).
+plans again. Batches are independent, so several are in flight at once (etcd commits
+concurrent proposals together, which saves most of the disk syncs), sent without
+waiting from this one thread (gRPC's futures), which builds the next while etcd works.
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from gleam import client_render, connection, etcdapi, keys, lease, messages, testhooks
-from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target
+from gleam.etcdapi import Compare, Delete, Get, Op, Put, Range, Target, TxnResult
 from reconciler import diff, records
 
 log = logging.getLogger("gleam.reconcile")
 
 MAX_TXN_BYTES = 1024 * 1024 + 256 * 1024  # below etcd's 1.5 MiB --max-request-bytes
 OP_OVERHEAD = 64  # protobuf framing per operation and compare, generously
-PARALLEL_TXNS = 4
+PARALLEL_TXNS = 8
 
 
 TASK_KINDS = frozenset(k.value for k in keys.Kind)
@@ -276,35 +277,33 @@ class Store:
         origin: bytes = b"",
     ) -> Written:
         """Send the changes in guarded transactions; see the module docstring."""
-
-        def send(numbered: tuple[int, list[diff.Change]]) -> tuple[list[diff.Change], bool, int]:
-            index, batch = numbered
+        results: list[tuple[list[diff.Change], TxnResult]] = []
+        in_flight: deque[tuple[list[diff.Change], Callable[[], TxnResult]]] = deque()
+        for index, batch in enumerate(batches(changes)):
             if index:
                 # Tests stop a reconciler here, between two committed transactions.
                 testhooks.wedge_point("apply")
             compares, ops = txn_parts(self.layout, batch, origin)
             if fence is not None:
                 compares.insert(0, fence.compare())
-            result = self.backend.txn(compares, ops)
-            return batch, result.succeeded, result.revision
-
+            in_flight.append((batch, self.backend.txn_start(compares, ops)))
+            # The first transaction alone, then up to `parallel` at a time: a reconciler
+            # that is stopped or fails early has written one batch, not `parallel` of them.
+            while in_flight and (index == 0 or len(in_flight) >= parallel):
+                sent, result = in_flight.popleft()
+                results.append((sent, result()))
+        while in_flight:
+            sent, result = in_flight.popleft()
+            results.append((sent, result()))
         done: list[diff.Change] = []
         conflicts: list[diff.Change] = []
         revisions: dict[str, int] = {}
-        groups = list(enumerate(batches(changes)))
-        if len(groups) <= 1 or parallel <= 1:
-            results = [send(g) for g in groups]
-        else:
-            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gleam-txn") as pool:
-                # The first transaction alone, then the rest in parallel: a reconciler that
-                # is stopped or fails early has written one batch, not `parallel` of them.
-                results = [send(groups[0]), *pool.map(send, groups[1:])]
-        for batch, ok, revision in results:
-            if ok:
+        for batch, outcome in results:
+            if outcome.succeeded:
                 done += batch
                 for change in batch:
                     if change.action in diff.WRITES:
-                        revisions[change.key] = revision
+                        revisions[change.key] = outcome.revision
             else:
                 conflicts += batch
         if conflicts and fence is not None and not fence.held():

@@ -156,6 +156,25 @@ def test_a_put_with_an_unknown_lease_is_an_error(
         backend.txn([], [Put(layout.prefix + "/x", b"", lease=0x7FFF_0000_0001)])
 
 
+def test_transactions_in_flight_are_each_all_or_nothing_and_an_error_comes_when_waited_for(
+    backend: etcdapi.Backend, layout: keys.Layout
+) -> None:
+    """Two guarded creates of one key in flight at once (etcd may apply them in either
+    order): exactly one is written; an error is raised by the wait, not the send."""
+    key = layout.prefix + "/flight"
+    one_way = backend.txn_start([Compare(key, Target.MOD, 0)], [Put(key, b"1")])
+    other = backend.txn_start([Compare(key, Target.MOD, 0)], [Put(key, b"2")])
+    bad = backend.txn_start([], [Put(key + "-x", b"", lease=0x7FFF_0000_0001)])
+    answers = {b"1": one_way(), b"2": other()}
+    won = [value for value, answer in answers.items() if answer.succeeded]
+    assert len(won) == 1
+    with pytest.raises(etcdapi.EtcdError, match="lease not found"):
+        bad()
+    found = one(backend, key)
+    assert found is not None and found.value == won[0]
+    assert found.mod_revision == answers[won[0]].revision
+
+
 # The fake alone: its TTLs run on the injected clock.
 
 
