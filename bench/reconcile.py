@@ -8,6 +8,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyetcd import etcdrpc
+
 from bench import opsrepo
 from bench.harness import Context, count_keys
 from bench.processes import BenchError, etcdctl_binary, reconcile_argv, run_timed
@@ -83,6 +85,9 @@ def _expect_count(ctx: Context, layout: keys.Layout, expected: int, what: str) -
         raise BenchError(f"{what} left {found} task keys under {layout.prefix}, not {expected}")
 
 
+COMPACT_TIMEOUT_S = 300  # 400,000 keys' revisions after a 100,000-manifest repetition
+
+
 def _forget(ctx: Context, *layouts: keys.Layout) -> None:
     """Delete what a repetition wrote and compact, so that every size and repetition
     writes into an etcd of about the same size: one etcd serves the whole run, and the
@@ -90,7 +95,16 @@ def _forget(ctx: Context, *layouts: keys.Layout) -> None:
     for layout in layouts:
         ctx.etcd.delete_prefix(layout.prefix + "/")
     revision = int(ctx.etcd.put("/bench-compaction-marker", b"x").header.revision)
-    ctx.etcd.compact(revision)
+    # Physical: wait until etcd has removed the old revisions from its database. etcd
+    # compacts in the background otherwise (batches of 1,000 keys with pauses between),
+    # and the next repetition's timed apply would share the machine with it.
+    etcd = ctx.etcd
+    etcd.kvstub.Compact(
+        etcdrpc.CompactionRequest(revision=revision, physical=True),
+        COMPACT_TIMEOUT_S,
+        credentials=etcd.call_credentials,
+        metadata=etcd.metadata,
+    )
 
 
 @dataclass(frozen=True)
