@@ -407,8 +407,3 @@ def start_txn(client: Client, request: bytes) -> Callable[[], Any]:
             raise
 
     return response
-
-
-def send_txn(client: Client, request: bytes) -> Any:
-    """start_txn, waited for."""
-    return start_txn(client, request)()

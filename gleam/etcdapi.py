@@ -164,15 +164,20 @@ def _txn_result(response: Any, success: Sequence[Op], failure: Sequence[Op]) -> 
     # header's revision without a write is the store's, not a write's). One answer
     # per operation, in order.
     writes = any(type(op) is not Get for op in branch)
-    gets = tuple(
-        tuple(
-            KeyValue(kv.key, kv.value, int(kv.mod_revision), int(kv.create_revision))
-            for kv in answer.response_range.kvs
+    gets = []
+    for op, answer in zip(branch, response.responses, strict=True):
+        if type(op) is not Get:
+            continue
+        # Any other answer would read as an absent key (protobuf's empty default).
+        if answer.WhichOneof("response") != "response_range":
+            raise EtcdError(f"etcd answered a read of {op.key!r} with something else")
+        gets.append(
+            tuple(
+                KeyValue(kv.key, kv.value, int(kv.mod_revision), int(kv.create_revision))
+                for kv in answer.response_range.kvs
+            )
         )
-        for op, answer in zip(branch, response.responses, strict=True)
-        if type(op) is Get
-    )
-    return TxnResult(succeeded, int(response.header.revision) if writes else 0, gets)
+    return TxnResult(succeeded, int(response.header.revision) if writes else 0, tuple(gets))
 
 
 class Pyetcd:

@@ -3,9 +3,8 @@ revision bumped by every write transaction, each key's mod_revision and
 create_revision, reads at past revisions, compares in transactions, and leases whose
 TTL runs on an injected clock (expired leases delete their keys, as etcd does).
 
-tests/test_fake_etcd.py runs the same cases against this and a real etcd. Not thread
--safe beyond one lock around each call, which is all the reconciler's parallel
-transactions need.
+tests/test_fake_etcd.py runs the same cases against this and a real etcd. Thread-safe
+through one lock around each call (the lease session refreshes from its own thread).
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ class Source:
         as they stream in, in blob_order's order: a file's bytes are held only until the
         caller moves on. Contents are cut at READ_LIMIT bytes."""
         order = blob_order(blobs)
-        contents = self._cat_blobs([oid for oid, _paths in order])
+        contents = cat_blobs(self.path, [oid for oid, _paths in order])
         for (_oid, paths), (_same, data) in zip(order, contents, strict=True):
             for path in paths:
                 yield path, data
@@ -350,12 +350,6 @@ class Source:
             )
         except OSError as exc:
             raise GitError(f"cannot run git in {self.path}: {exc}") from None
-
-    def _cat_blobs(self, oids: list[str]) -> Iterator[tuple[str, bytes]]:
-        return cat_blobs(self.path, oids)
-
-    def _read_reply(self, out: IO[bytes], oid: str) -> bytes:
-        return read_reply(out, oid, where=self.path)
 
 
 def blob_order(blobs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:

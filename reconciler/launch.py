@@ -51,23 +51,32 @@ def usable_cpus() -> int:
 def likely_full_parse(git_dir: Path, *, cache: bool) -> bool:
     """Whether a full read of this checkout will probably parse enough files for a
     worker: no parse cache to take them from, and a git index large enough."""
-    if cache and (git_dir / CACHE_FILE).exists():
-        return False
     try:
+        if cache and (git_dir / CACHE_FILE).exists():
+            return False
         index_size = (git_dir / "index").stat().st_size
-    except OSError:
+    except OSError:  # a name too long, a directory that cannot be searched: no guess
         return False
     return index_size >= MIN_FILES * INDEX_BYTES_PER_FILE
 
 
+def worker_command(*args: str) -> list[str]:
+    """`python -m reconciler.parseworker ARGS...` for this interpreter. -P: the working
+    directory is not put first on the child's module path (it may well be the ops
+    checkout, whose files anyone who can open a pull request writes)."""
+    return [sys.executable, "-P", "-m", "reconciler.parseworker", *args]
+
+
 def spawn_worker(argv: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
-    """A child running `argv` (by default `python -m reconciler.parseworker`) with pipes
-    on stdin and stdout, this checkout of Gleam on its path (raises OSError)."""
+    """A child running `argv` (by default worker_command()) with pipes on stdin and
+    stdout, this checkout of Gleam on its path, and none of the GLEAM_ variables: it
+    needs no setting, and a child started before the flags are parsed would otherwise
+    hold the etcd credentials (raises OSError)."""
     root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GLEAM_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(
-        list(argv if argv is not None else (sys.executable, "-m", "reconciler.parseworker")),
+        list(argv if argv is not None else worker_command()),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -103,7 +112,11 @@ def prestart_checkout(argv: Sequence[str], environ: Mapping[str, str]) -> str | 
             elif index + 1 < len(argv):
                 repo = argv[index + 1]
     git_dir = Path(repo) / ".git"
-    if not git_dir.is_dir() or not likely_full_parse(git_dir, cache=not words & NO_CACHE):
+    try:
+        is_checkout = git_dir.is_dir()
+    except OSError:  # cli reports the --repo it cannot use
+        return None
+    if not is_checkout or not likely_full_parse(git_dir, cache=not words & NO_CACHE):
         return None
     return repo
 
@@ -113,7 +126,7 @@ def _prestart(argv: Sequence[str]) -> subprocess.Popen[bytes] | None:
     if checkout is None:
         return None
     try:
-        return spawn_worker((sys.executable, "-m", "reconciler.parseworker", "--list", checkout))
+        return spawn_worker(worker_command("--list", checkout))
     except OSError:
         return None  # the pass starts its own worker, or parses alone, and says why
 

@@ -61,6 +61,10 @@ THRESHOLD = launch.MIN_FILES
 CHECK_EVERY = 8
 SEND_EVERY = 8
 SEND_BYTES = 1 << 20
+# No frame is larger: a reply holds at most SEND_EVERY blobs' results (a blob of at most
+# manifests.MAX_FILE_BYTES, its message about as large, for each of its paths). A longer
+# length is a broken child, not something to buffer for.
+MAX_FRAME = 64 << 20
 
 _LENGTH = struct.Struct("<Q")
 Result = manifests.Manifest | list[manifests.ManifestError] | None
@@ -140,6 +144,8 @@ def unframe(buffer: bytearray) -> list[Any]:
     out = []
     while len(buffer) >= _LENGTH.size:
         (size,) = _LENGTH.unpack_from(buffer)
+        if size > MAX_FRAME:
+            raise Misbehaved(f"a frame of {size} bytes")
         end = _LENGTH.size + size
         if len(buffer) < end:
             break
@@ -238,10 +244,9 @@ class _Child:
         if checkout is None:
             return
         request = frame((os.fspath(checkout), jobs))
-        self.feeder = threading.Thread(
+        threading.Thread(
             target=_send, args=(proc.stdin, request), name="parse-worker-feed", daemon=True
-        )
-        self.feeder.start()
+        ).start()
 
     def collect(self, results: list[list[Result] | None], lowest: int, *, done: int) -> int:
         """Take in what the child has sent: the new lowest job it has done (the parent

@@ -157,7 +157,7 @@ def reads_everything(options: Options, record: records.Record | None) -> bool:
     """Whether read_desired will read every manifest (its scope None) for `record`."""
     if options.worktree:
         return True
-    return _mode(options, record) == desired_state.FULL or record is None or record.last is None
+    return _mode(options, record) == desired_state.FULL  # with no record, or no last apply
 
 
 class _EarlyRead:
@@ -232,9 +232,10 @@ def _comparable(observed: sync.EtcdState, options: Options) -> sync.EtcdState:
     return observed if options.signer is None else signed.comparable(observed, options.signer)
 
 
-def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> diff.Plan:
+def _signed(store: sync.Store, plan: diff.Plan, options: Options, *, applied: int) -> diff.Plan:
     """The plan's writes signed (-sign_key); P for a key that must not exist yet is
-    etcd's revision now, read only when there is such a key."""
+    etcd's revision now, read only when there is such a key. `applied`: changes this
+    pass has written already (a re-plan), for the error."""
     if options.signer is None:
         return plan
     revision = 0
@@ -243,7 +244,8 @@ def _signed(store: sync.Store, plan: diff.Plan, options: Options) -> diff.Plan:
     try:
         return signed.sign_plan(plan, options.signer, revision=revision)
     except messages.MessageError as exc:
-        raise ReconcileError(f"-sign_key: {exc}; nothing written") from None
+        done = f"{applied} change(s) were applied before" if applied else "nothing written"
+        raise ReconcileError(f"-sign_key: {exc}; {done}") from None
 
 
 class CommitRefused(ReconcileError):
@@ -364,7 +366,7 @@ def _run_locked(
     replans = 0
     while True:
         written = store.apply_changes(
-            _signed(store, current, options).changes,
+            _signed(store, current, options, applied=len(applied)).changes,
             fence=lock,
             origin=records.origin_record(source=desired.source, commit=desired.commit),
         )

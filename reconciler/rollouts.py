@@ -14,20 +14,16 @@ def staged_written(
     layout: keys.Layout, revisions: Mapping[str, int], values: Mapping[str, bytes]
 ) -> list[str]:
     """The regions whose staged task this pass wrote."""
+    regions = layout.tasks_prefix(keys.Kind.REGION)
     out = []
-    for key in sorted(revisions):
+    for key in sorted(k for k in revisions if k.startswith(regions)):
         value = values.get(key)
         # Values are this reconciler's canonical messages, where a rollout section is
         # always spelled `"Rollout":`: most can be skipped without decoding them.
         if value is None or b'"Rollout":' not in value:
             continue
         target = layout.parse_task_key(key)
-        if (
-            target is not None
-            and target.kind is keys.Kind.REGION
-            and value is not None
-            and rollout.staged(value) is not None
-        ):
+        if target is not None and rollout.staged(value) is not None:
             out.append(target.name)
     return out
 

@@ -229,11 +229,11 @@ def test_a_cat_file_reply_for_another_object_is_refused(repo: OpsRepo) -> None:
     asked = "1" * 40
     reply = io.BytesIO(f"{'2' * 40} blob 3\nabc\n".encode())
     with pytest.raises(gitsource.GitError, match="refusing to read on"):
-        source._read_reply(reply, asked)
+        gitsource.read_reply(reply, asked, where=source.path)
     # The right id reads, and an oversized blob is cut at the read limit, rest skipped.
     size = gitsource.READ_LIMIT + 10
     big = io.BytesIO(f"{asked} blob {size}\n".encode() + b"x" * size + b"\n")
-    assert len(source._read_reply(big, asked)) == gitsource.READ_LIMIT
+    assert len(gitsource.read_reply(big, asked, where=source.path)) == gitsource.READ_LIMIT
     assert big.read() == b""
 
 

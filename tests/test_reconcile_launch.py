@@ -86,6 +86,31 @@ def test_a_small_or_cached_checkout_gets_none_unless_the_cache_is_off(tmp_path: 
     assert launch.prestart_checkout(["--once", "--repo", cached, "--no-cache"], {}) == cached
 
 
+@pytest.mark.usefixtures("two_cpus")
+def test_a_repo_path_the_system_refuses_gets_none_and_no_traceback(tmp_path: Path) -> None:
+    long = str(tmp_path / ("x" * 5000))  # ENAMETOOLONG from every stat
+    assert launch.prestart_checkout(["--once", "--repo", long], {}) is None
+    assert launch.prestart_checkout(["--once"], {"GLEAM_REPO": long}) is None
+    assert not launch.likely_full_parse(Path(long) / ".git", cache=True)
+
+
+def test_the_worker_gets_no_gleam_variable_and_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It may start before the flags are read (the credentials still in the
+    environment), from inside the ops checkout (a `json.py` there is anyone's code)."""
+    monkeypatch.setenv("GLEAM_PASSWORD", "secret")
+    monkeypatch.setenv("GLEAM_USER", "root")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "json.py").write_text("raise SystemExit('imported from the working directory')\n")
+    show = "import json, os, sys; print(sorted(k for k in os.environ if k.startswith('GLEAM')))"
+    command = launch.worker_command()
+    child = launch.spawn_worker([*command[:-2], "-c", show])  # the same flags, this code
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and out.decode().strip() == "[]"
+    assert command[1:] == ["-P", "-m", "reconciler.parseworker"]
+
+
 def test_one_cpu_gets_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch, "usable_cpus", lambda: 1)
     repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))

@@ -486,6 +486,7 @@ def test_a_cache_saved_on_a_thread_is_whole_for_the_next_load(tmp_path: Path) ->
         return entries
 
     parsecache.save_soon(path, slow)
+    assert path in parsecache._saving  # still building: load must wait for it
     threading.Timer(0.2, gate.set).start()
     assert parsecache.load(path) == entries
     parsecache.save_soon(path, lambda: {"a" * 40: b"1"})

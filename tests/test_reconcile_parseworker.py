@@ -106,11 +106,13 @@ def assert_same(got: list[parseworker.Result], want: list[parseworker.Result]) -
 
 
 @pytest.mark.parametrize("commit", ["valid", "broken"])
-def test_two_processes_parse_exactly_what_one_does(tree: Tree, commit: str) -> None:
+def test_two_processes_parse_exactly_what_one_does(tree: Tree, commit: str, caplog: Any) -> None:
     blobs = tree.blobs(getattr(tree, commit))
     worker = parseworker.Worker.start()
     assert worker is not None
-    assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+        assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    assert "stopped helping" not in caplog.text  # its results were used, not dropped
     assert worker.proc.returncode is not None  # stopped
 
 
@@ -216,6 +218,7 @@ def _child(*frames: bytes) -> list[str]:
         ((parseworker.frame([(0, [None])]),), "a reply for another blob than"),
         ((parseworker.frame("hello"),), "a reply that is not a list"),
         ((struct.pack("<Q", 3) + b"\0",), "it exited"),  # a frame cut short
+        ((struct.pack("<Q", parseworker.MAX_FRAME + 1) + b"x",), "a frame of"),  # not buffered
     ],
 )
 def test_a_worker_that_sends_garbage_is_not_believed(
@@ -342,16 +345,18 @@ def test_a_file_names_stem_is_what_splitext_says() -> None:
 
 
 def _listed_worker(tree: Tree) -> parseworker.Worker:
-    command = (sys.executable, "-m", "reconciler.parseworker", "--list", str(tree.source.path))
+    command = launch.worker_command("--list", str(tree.source.path))
     return parseworker.Worker(launch.spawn_worker(command), listed=True)
 
 
 def test_a_worker_that_listed_head_itself_parses_exactly_what_one_process_does(
-    tree: Tree,
+    tree: Tree, caplog: Any
 ) -> None:
     worker = _listed_worker(tree)
     blobs = tree.blobs(tree.broken)  # HEAD
-    assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+        assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    assert "stopped helping" not in caplog.text  # its listing matched: its results used
 
 
 def test_the_listing_childs_first_word_is_the_digest_of_what_it_listed(tree: Tree) -> None:
@@ -389,7 +394,7 @@ def test_the_digest_covers_every_blob_id_path_and_their_order() -> None:
 
 
 def test_an_incremental_read_stops_a_prestarted_worker(tree: Tree) -> None:
-    command = (sys.executable, "-m", "reconciler.parseworker", "--list", str(tree.source.path))
+    command = launch.worker_command("--list", str(tree.source.path))
     parseworker.adopt_prestarted(launch.spawn_worker(command))
     worker = parseworker._prestarted
     assert worker is not None
@@ -401,16 +406,23 @@ def test_an_incremental_read_stops_a_prestarted_worker(tree: Tree) -> None:
     assert worker.proc.returncode is not None  # stopped, not left parsing
 
 
-def test_a_full_read_takes_the_prestarted_worker(tree: Tree, monkeypatch: Any) -> None:
+def test_a_full_read_takes_the_prestarted_worker(tree: Tree, monkeypatch: Any, caplog: Any) -> None:
+    """The worker lists HEAD (the commit with broken files): a full read of HEAD uses
+    its results, and reports the same errors as a read in one process."""
     monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
-    command = (sys.executable, "-m", "reconciler.parseworker", "--list", str(tree.source.path))
+    command = launch.worker_command("--list", str(tree.source.path))
     parseworker.adopt_prestarted(launch.spawn_worker(command))
     worker = parseworker._prestarted
     assert worker is not None
-    got = desired.read_commit(LAYOUT, tree.source, tree.valid, None, mode=desired.FULL, cache=False)
+    with (
+        caplog.at_level(logging.DEBUG, logger="gleam.reconcile"),
+        pytest.raises(manifests.InvalidManifests) as got,
+    ):
+        desired.read_commit(LAYOUT, tree.source, tree.broken, None, mode=desired.FULL, cache=False)
     assert parseworker.take_prestarted() is None and worker.proc.returncode is not None
+    assert "parsing with the worker started before the imports" in caplog.text
+    assert "stopped helping" not in caplog.text
     monkeypatch.setattr(parseworker, "THRESHOLD", 10**9)
-    alone = desired.read_commit(
-        LAYOUT, tree.source, tree.valid, None, mode=desired.FULL, cache=False
-    )
-    assert got.entries == alone.entries
+    with pytest.raises(manifests.InvalidManifests) as alone:
+        desired.read_commit(LAYOUT, tree.source, tree.broken, None, mode=desired.FULL, cache=False)
+    assert got.value.errors == alone.value.errors

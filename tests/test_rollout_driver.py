@@ -18,27 +18,23 @@ WEB = keys.Target.region("web")
 AGENTS = ["web-1", "web-2", "web-3", "web-4"]
 
 
-def put(etcd: fake_etcd.FakeEtcd, key: str, value: bytes) -> int:
-    return etcd.txn([], [etcdapi.Put(key, value)]).revision
-
-
 def register(etcd: fake_etcd.FakeEtcd, *ids: str, region: str = "web") -> None:
     for agent_id in ids:
         info = messages.AgentInfo(agent_id, "h", 1, [region], "1", "2026-11-30T07:00:00Z", "/s")
-        put(etcd, LAYOUT.info_key(agent_id), info.encode())
+        etcd.put(LAYOUT.info_key(agent_id), info.encode())
 
 
 def send_staged(etcd: fake_etcd.FakeEtcd, n: int = 1, **plan: Any) -> int:
     section = rollout.parse_plan(plan).to_json()
     task = messages.Task("roll", {"n": n}, rollout=section)
-    return put(etcd, LAYOUT.region_key("web"), task.encode())
+    return etcd.put(LAYOUT.region_key("web"), task.encode())
 
 
 def answer(etcd: fake_etcd.FakeEtcd, revision: int, *ids: str, ok: bool = True) -> None:
     key = LAYOUT.region_key("web")
     for agent_id in ids:
         result = messages.Result(agent_id, key, revision, "roll", ok, error=None if ok else "boom")
-        put(etcd, LAYOUT.result_key(agent_id, WEB), result.encode())
+        etcd.put(LAYOUT.result_key(agent_id, WEB), result.encode())
 
 
 def stored_gate(etcd: fake_etcd.FakeEtcd) -> rollout.Gate | None:
@@ -141,11 +137,11 @@ def test_a_result_record_garbled_after_the_task_halts_the_rollout_an_older_one_w
 ) -> None:
     driver = rollout_driver.Driver(etcd, LAYOUT, say=lambda _: None)
     garbage_key = LAYOUT.result_key("web-2", WEB)
-    put(etcd, garbage_key, b"\xff from before the task")
+    etcd.put(garbage_key, b"\xff from before the task")
     revision = send_staged(etcd, waves=[1, "100%"], first=["web-2"])
     started = driver.step("web")
     assert driver.step("web") == started  # an older unreadable record: no report yet
-    put(etcd, garbage_key, b"\xff written after the task")
+    etcd.put(garbage_key, b"\xff written after the task")
     halted = driver.step("web")
     assert halted is not None and halted.state is rollout.State.HALTED
     assert halted.reason.startswith(f"web-2 failed: result record {garbage_key} cannot be read")

@@ -181,10 +181,23 @@ def test_agent_check(raw: bytes, last_run: int | None, expected: str | None) -> 
         assert refusal is not None and refusal.startswith(expected), refusal
 
 
+def worker_refusal(raw: bytes) -> str | None:
+    """What the agent's worker does: decode the message with its limits (a message that
+    fails is a "bad task message", not a signature matter), then check what it decoded."""
+    try:
+        _task, message = messages.decode_task_message(raw)
+    except messages.MessageError:
+        return "bad task message"
+    return trust.check_message(message, key=KEY, last_run=None, trusted=trusted(SIGNER))
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_give_a_refusal_never_a_crash(raw: bytes) -> None:
     refusal = trust.check(raw, key=KEY, last_run=None, trusted=trusted(SIGNER))
     assert refusal is not None and refusal.startswith("signature: ")
+    through_worker = worker_refusal(raw)
+    assert through_worker is not None
+    assert through_worker.startswith(("signature: ", "bad task message"))
 
 
 def test_gate_remembers_the_last_revision_and_reloads(tmp_path: Path) -> None:
@@ -219,10 +232,12 @@ def test_worst_values_in_a_signed_message_are_refused_cleanly() -> None:
     )
     refusal = trust.check(deep, key=KEY, last_run=None, trusted=trusted(SIGNER))
     assert refusal is not None and refusal.startswith("signature: ")
+    assert worker_refusal(deep) is not None
     huge_prev = tampered(signed(), Sig={**json.loads(signed())["Sig"], "prev": 10**100})
     assert trust.check(huge_prev, key=KEY, last_run=None, trusted=trusted(SIGNER)) == (
         "signature: invalid"
     )
+    assert worker_refusal(huge_prev) is not None
     unicode = signing.sign_task(messages.Task("print", {"ü": "✓\u2028"}), key=KEY, prev=1,
                                 signer=SIGNER)  # fmt: skip
     assert trust.check(unicode, key=KEY, last_run=1, trusted=trusted(SIGNER)) is None

@@ -1,13 +1,14 @@
 """etcdapi.encode_txn writes etcd's TxnRequest straight to protobuf wire bytes: exactly the
 bytes protobuf's own encoder gives for the same request on any input, and a wrong field
 number in the encoder is caught. A real etcd takes the bytes through
-connection.send_txn: guards, revisions, gets, and endpoint failover."""
+connection.start_txn: guards, revisions, gets, and endpoint failover."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 import sys
+import time
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -198,7 +199,7 @@ def test_the_op_types_are_equal_only_within_one_type_and_hashable() -> None:
     assert [f.name for f in dataclasses.fields(Put)] == ["key", "value", "lease"]
 
 
-# A real etcd, through connection.send_txn ---------------------------------------------
+# A real etcd, through connection.start_txn --------------------------------------------
 
 
 def test_a_guarded_transaction_on_etcd_writes_all_or_nothing(
@@ -276,18 +277,40 @@ def test_a_failed_over_client_sends_transactions_to_the_live_endpoint(
         with pytest.raises(etcdapi.EtcdError, match="ConnectionFailedError"):
             backend.txn(*guarded)
         # pyetcd shuns the failed endpoint for a second; on a slow machine the dead one may
-        # be tried again after that, and fail again: a few attempts, then the live one.
-        for _ in range(5):
+        # be tried again after that, and fail again: again until a deadline.
+        deadline = time.monotonic() + 20
+        while True:
             try:
                 result = backend.txn(*guarded)
                 break
             except etcdapi.EtcdError:
-                continue
-        else:
-            pytest.fail("the transaction never reached the live endpoint")
+                if time.monotonic() > deadline:
+                    pytest.fail("the transaction never reached the live endpoint")
         assert result.succeeded and result.revision > 0
         assert client.endpoint_in_use.netloc != dead
         assert client.channel in connection._txn_calls  # the live channel's own
         assert etcdapi.get_one(backend, key) is not None
     finally:
         client.close()
+
+
+def _response(succeeded: bool, revision: int, *answers: Any) -> Any:
+    return etcdrpc.TxnResponse(
+        succeeded=succeeded, header=etcdrpc.ResponseHeader(revision=revision), responses=answers
+    )
+
+
+def test_an_answer_that_does_not_fit_the_transaction_is_refused() -> None:
+    """etcd's answer is read against what was sent: one answer per operation, a read
+    answered by a read (any other would read as an absent key)."""
+    get, put = Get("/k"), Put("/k", b"v")
+    kv = etcdrpc.kv_pb2.KeyValue(key=b"/k", value=b"v", mod_revision=7, create_revision=5)
+    read = etcdrpc.ResponseOp(response_range=etcdrpc.RangeResponse(kvs=[kv]))
+    wrote = etcdrpc.ResponseOp(response_put=etcdrpc.PutResponse())
+    fine = etcdapi._txn_result(_response(True, 9, wrote, read), [put, get], [])
+    assert fine == etcdapi.TxnResult(True, 9, ((etcdapi.KeyValue(b"/k", b"v", 7, 5),),))
+    with pytest.raises(etcdapi.EtcdError, match="answered 1 operations of a transaction"):
+        etcdapi._txn_result(_response(True, 9, wrote), [put, get], [])
+    with pytest.raises(etcdapi.EtcdError, match="answered a read of '/k' with something"):
+        etcdapi._txn_result(_response(True, 9, wrote, wrote), [put, get], [])
+    assert etcdapi._txn_result(_response(False, 9), [put], []) == etcdapi.TxnResult(False, 0, ())
