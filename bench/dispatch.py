@@ -39,43 +39,59 @@ arrival of that line minus the writer's stamp.
 WARMUP = 5
 
 
-def _gleam_rep(
-    ctx: Context,
-    watch: ResultWatch,
-    marks: MarkerLines,
-    fifo: str,
-    *,
-    layout: keys.Layout,
-    agent: Daemon,
-    agent_id: str,
-    tasks: int,
-    encode: Callable[[messages.Task, str, int], bytes] = lambda task, _key, _prev: task.encode(),
-) -> tuple[list[float], list[float]]:
-    """One repetition; `encode(task, key, prev)` makes each message after the writer's
-    clock stamp, so that a signing writer's work counts in the dispatch time."""
-    target = keys.Target.node(agent_id)
-    task_key = layout.task_key(target)
-    result_key = layout.result_key(agent_id, target)
-    floor = current_revision(ctx.etcd) + 1
-    dispatch, round_trip = [], []
-    marks.drain()
-    for i in range(tasks):
-        task = messages.Task(MARK, {"i": i, "mark": fifo})
-        expectation = watch.expect({result_key: floor})
+class GleamTasks:
+    """Tasks sent one at a time to one agent's node key: `send(i)` writes task `i`, waits
+    for its result and its chunk's mark, and returns (dispatch, round trip) in seconds.
+    `encode(task, key, prev)` makes each message after the writer's clock stamp, so that
+    a signing writer's work counts in the dispatch time."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        watch: ResultWatch,
+        marks: MarkerLines,
+        fifo: str,
+        *,
+        layout: keys.Layout,
+        agent: Daemon,
+        agent_id: str,
+        encode: Callable[[messages.Task, str, int], bytes] = (
+            lambda task, _key, _prev: task.encode()
+        ),
+    ) -> None:
+        target = keys.Target.node(agent_id)
+        self._ctx, self._watch, self._marks, self._fifo = ctx, watch, marks, fifo
+        self._agent, self._encode = agent, encode
+        self._task_key = layout.task_key(target)
+        self._result_key = layout.result_key(agent_id, target)
+        self._floor = current_revision(ctx.etcd) + 1
+        marks.drain()
+
+    def send(self, i: int) -> tuple[float, float]:
+        task = messages.Task(MARK, {"i": i, "mark": self._fifo})
+        expectation = self._watch.expect({self._result_key: self._floor})
         written = time.time()
-        payload = encode(task, task_key, floor - 1)
-        revision = int(ctx.etcd.put(task_key, payload).header.revision)
-        arrival = watch.wait(
-            expectation, timeout=30, what=f"the result of task {i}", check=agent.check_alive
-        )[result_key]
+        payload = self._encode(task, self._task_key, self._floor - 1)
+        revision = int(self._ctx.etcd.put(self._task_key, payload).header.revision)
+        arrival = self._watch.wait(
+            expectation, timeout=30, what=f"the result of task {i}", check=self._agent.check_alive
+        )[self._result_key]
         if arrival.result.revision != revision or not arrival.result.ok:
             raise BenchError(f"unexpected result for revision {revision}: {arrival.result}")
-        line, started = marks.next(timeout=5)
+        line, started = self._marks.next(timeout=5)
         if line != f"LUA{i}":
             raise BenchError(f"task {i}: the chunk wrote {line!r}")
-        dispatch.append(started - written)
-        round_trip.append(arrival.arrived - written)
-        floor = revision + 1
+        self._floor = revision + 1
+        return started - written, arrival.arrived - written
+
+
+def _gleam_rep(tasks: GleamTasks, count: int) -> tuple[list[float], list[float]]:
+    """One repetition: `count` tasks, one after the other."""
+    dispatch, round_trip = [], []
+    for i in range(count):
+        one, back = tasks.send(i)
+        dispatch.append(one)
+        round_trip.append(back)
     return dispatch, round_trip
 
 
@@ -110,10 +126,10 @@ def run(ctx: Context) -> list[Row]:
     tasks = ctx.sizes.dispatch_tasks
 
     def gleam(count: int) -> tuple[list[float], list[float]]:
-        return _gleam_rep(
-            ctx, watch, marks, str(fifo),
-            layout=layout, agent=agent, agent_id=agent_id, tasks=count,
-        )  # fmt: skip
+        sender = GleamTasks(
+            ctx, watch, marks, str(fifo), layout=layout, agent=agent, agent_id=agent_id
+        )
+        return _gleam_rep(sender, count)
 
     try:
         wait_registered(ctx, layout, [agent], timeout=60)

@@ -21,10 +21,11 @@ TITLE = "Signed tasks (issue 12)"
 METHOD = """
 *Dispatch*: the dispatch workload's measurement (a task written to a node key, to the Lua
 chunk starting) with two agents side by side, one plain and one started with `-trust`;
-repetitions alternate between them. For the trusting agent the writer signs each message
-(Ed25519, `gleam.signing.sign_task`) after taking its clock stamp, so the signature's
-cost and the agent's check both count. The row is the p50 of the signed runs minus the
-p50 of the plain runs of the same repetition; plain and signed take turns going first.
+tasks alternate between them, one at a time (plain first for even tasks, signed first
+for odd ones), so that whatever the machine does meanwhile weighs on both alike. For
+the trusting agent the writer signs each message (Ed25519, `gleam.signing.sign_task`)
+after taking its clock stamp, so the signature's cost and the agent's check both count.
+The row is the p50 of a repetition's signed tasks minus the p50 of its plain tasks.
 
 *Full apply*: `gleam-reconcile --once` of the largest generated ops repository into an
 empty prefix from a fresh clone, with and without `-sign_key`, alternating (each first
@@ -74,22 +75,32 @@ def _dispatch(ctx: Context, signer: signing.Signer, trusted: Path) -> Series:
         for _name, layout, agent, *_rest in runs:
             wait_registered(ctx, layout, [agent], timeout=60)
 
-        def rep(index: int, count: int) -> list[float]:
-            name, layout, agent, marks, fifo, watch = runs[index]
-            return dispatch._gleam_rep(
-                ctx, watch, marks, fifo, layout=layout, agent=agent, agent_id=f"{name}-1",
-                tasks=count, **({"encode": sign} if name == "signed" else {}),
-            )[0]  # fmt: skip
+        def rep(count: int) -> tuple[list[float], list[float]]:
+            """`count` tasks to each agent, in turns (plain first for even tasks, signed
+            first for odd ones): whatever the machine does meanwhile weighs on both."""
+            senders = [
+                dispatch.GleamTasks(
+                    ctx,
+                    watch,
+                    marks,
+                    fifo,
+                    layout=layout,
+                    agent=agent,
+                    agent_id=f"{name}-1",
+                    **({"encode": sign} if name == "signed" else {}),
+                )  # fmt: skip
+                for name, layout, agent, marks, fifo, watch in runs
+            ]
+            times: tuple[list[float], list[float]] = ([], [])
+            for i in range(count):
+                for which in (0, 1) if i % 2 == 0 else (1, 0):
+                    times[which].append(senders[which].send(i)[0])
+            return times
 
-        rep(0, dispatch.WARMUP)
-        rep(1, dispatch.WARMUP)
-        for index in range(ctx.reps):
-            # Each goes first in every other repetition: whatever the first run of a pair
-            # leaves behind (etcd's history, caches) weighs on both alike.
-            p50 = {}
-            for which in (0, 1) if index % 2 == 0 else (1, 0):
-                p50[which] = percentile(rep(which, ctx.sizes.dispatch_tasks), 50)
-            added.append((p50[1] - p50[0]) * 1000)
+        rep(dispatch.WARMUP)
+        for _ in range(ctx.reps):
+            plain, signed = rep(ctx.sizes.dispatch_tasks)
+            added.append((percentile(signed, 50) - percentile(plain, 50)) * 1000)
     finally:
         for *_head, watch in runs:
             watch.close()
