@@ -88,7 +88,7 @@ def _expect_count(ctx: Context, layout: keys.Layout, expected: int, what: str) -
 COMPACT_TIMEOUT_S = 300  # 400,000 keys' revisions after a 100,000-manifest repetition
 
 
-def _forget(ctx: Context, *layouts: keys.Layout) -> None:
+def forget(ctx: Context, *layouts: keys.Layout) -> None:
     """Delete what a repetition wrote and compact, so that every size and repetition
     writes into an etcd of about the same size: one etcd serves the whole run, and the
     largest size alone writes 400,000 keys a repetition."""
@@ -147,7 +147,7 @@ def _gleam(ctx: Context, repo: opsrepo.OpsRepo) -> Timings:
         if value is None or b'"bench_change":%d' % rep not in value:
             raise BenchError(f"the changed manifest {manifest.path} did not reach etcd")
         shutil.rmtree(clone, ignore_errors=True)
-        _forget(ctx, first, layout)
+        forget(ctx, first, layout)
     return Timings(Series.of(cold), Series.of(warm), Series.of(full), Series.of(one))
 
 

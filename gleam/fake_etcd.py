@@ -78,21 +78,27 @@ class FakeEtcd:
             ok = all(self._holds(c) for c in compares)
             ops = success if ok else failure
             writes = any(not isinstance(op, Get) for op in ops)
-            revision = self.revision + 1 if writes else 0
+            # etcd refuses the whole transaction for an unknown lease: check before
+            # changing anything.
+            if any(isinstance(op, Put) and op.lease and op.lease not in self._leases for op in ops):
+                raise EtcdError("NOT_FOUND: etcdserver: requested lease not found")
+            revision = self.revision + 1
+            changed = False
             gets: list[tuple[KeyValue, ...]] = []
             for op in ops:
                 if isinstance(op, Get):
                     kv = self._at(op.key, self.revision)
                     gets.append((kv,) if kv is not None else ())
                 elif isinstance(op, Put):
-                    if op.lease and op.lease not in self._leases:
-                        raise EtcdError("NOT_FOUND: etcdserver: requested lease not found")
                     self._write(op.key, op.value, revision, lease=op.lease)
+                    changed = True
                 else:
-                    self._delete(op.key, revision)
-            if writes:
+                    changed = self._delete(op.key, revision) or changed
+            # As etcd: a transaction takes a revision only if it changed something (a
+            # delete of an absent key does not); its answer then carries the store's.
+            if changed:
                 self.revision = revision
-            return TxnResult(ok, revision, tuple(gets))
+            return TxnResult(ok, self.revision if writes else 0, tuple(gets))
 
     def txn_start(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
@@ -188,6 +194,9 @@ class FakeEtcd:
         if lease:
             self._leases[lease].keys.add(key)
 
-    def _delete(self, key: str, revision: int) -> None:
-        if self._at(key, self.revision) is not None:
-            self._history[key].append(_Version(revision, None, 0))
+    def _delete(self, key: str, revision: int) -> bool:
+        """Whether there was a key to delete."""
+        if self._at(key, self.revision) is None:
+            return False
+        self._history[key].append(_Version(revision, None, 0))
+        return True

@@ -154,6 +154,19 @@ def test_a_put_with_an_unknown_lease_is_an_error(
 ) -> None:
     with pytest.raises(etcdapi.EtcdError, match="lease not found"):
         backend.txn([], [Put(layout.prefix + "/x", b"", lease=0x7FFF_0000_0001)])
+    # The whole transaction is refused: a put before the bad one is not applied either.
+    before = put(backend, layout.prefix + "/before", b"1")
+    with pytest.raises(etcdapi.EtcdError, match="lease not found"):
+        backend.txn(
+            [],
+            [
+                Put(layout.prefix + "/y", b"1"),
+                Put(layout.prefix + "/x", b"", lease=0x7FFF_0000_0001),
+            ],
+        )
+    assert backend.range(Range(layout.prefix, True)).revision == before
+    put(backend, layout.prefix + "/after", b"1")  # the next write's revision shows no "y"
+    assert one(backend, layout.prefix + "/y") is None
 
 
 def test_transactions_in_flight_are_each_all_or_nothing_and_an_error_comes_when_waited_for(
@@ -191,3 +204,15 @@ def test_an_expired_lease_deletes_its_keys_at_a_new_revision(layout: keys.Layout
     assert one(fake, "/k") is None
     assert fake.range(Range("/k")).revision == written + 1
     assert fake.keep_alive(lease) <= 0
+
+
+def test_deleting_an_absent_key_changes_nothing_and_bumps_no_revision(
+    backend: etcdapi.Backend, layout: keys.Layout
+) -> None:
+    key = layout.prefix + "/absent"
+    before = put(backend, layout.prefix + "/other", b"x")
+    result = backend.txn([], [Delete(key)])
+    assert result.succeeded
+    assert backend.range(Range(layout.prefix, True)).revision == before
+    # A delete that removes something does take a revision, as a write.
+    assert backend.txn([], [Delete(layout.prefix + "/other")]).revision == before + 1
