@@ -7,7 +7,6 @@ looks at URLs, certificates or channel options.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -19,6 +18,8 @@ import grpc
 import pyetcd
 import pyetcd.exceptions
 from pyetcd import etcdrpc
+
+from gleam import protected_files
 
 # What etcd trouble looks like from pyetcd: its own exceptions for the codes it knows,
 # raw gRPC errors for the rest (unauthenticated, lease not found, ...).
@@ -216,43 +217,18 @@ def make_settings(
 def read_password_file(path: str) -> str:
     """The password in `path` (one trailing newline dropped). As ssh does for a private
     key, the file is refused unless it is a regular file owned by this user that nobody
-    else may read or write (mode 0600 or stricter). Checked on the open file, so the file
-    read is the file checked; raises ConfigError naming -password_file."""
-    flag = "-password_file"
+    else may read or write (mode 0600 or stricter; gleam/protected_files.py); raises
+    ConfigError naming -password_file."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot open {path!r}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        _check_password_file(path, st, uid=os.geteuid())
-        data = b""
-        while chunk := os.read(fd, MAX_PASSWORD_FILE_BYTES + 1 - len(data)):
-            data += chunk
-            if len(data) > MAX_PASSWORD_FILE_BYTES:
-                raise ConfigError(f"{flag}: {path!r} is over {MAX_PASSWORD_FILE_BYTES} bytes")
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+        data = protected_files.read(
+            path,
+            rule=protected_files.Rule.PRIVATE,
+            limit=MAX_PASSWORD_FILE_BYTES,
+            what="password file",
+        )
+    except protected_files.Refused as exc:
+        raise ConfigError(f"-password_file: {exc}") from None
     return _password_from(path, data)
-
-
-def _check_password_file(path: str, st: os.stat_result, *, uid: int) -> None:
-    flag = "-password_file"
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{flag}: {path!r} is not a regular file")
-    if st.st_uid != uid:
-        raise ConfigError(
-            f"{flag}: {path!r} is owned by uid {st.st_uid}, not by this user (uid {uid}); "
-            "a password file must belong to the user that reads it"
-        )
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{flag}: {path!r} has mode {stat.S_IMODE(st.st_mode):04o}, so other users may "
-            f"read or change it; make it 0600 or stricter (chmod 600 {path})"
-        )
 
 
 def _password_from(path: str, data: bytes) -> str:

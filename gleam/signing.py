@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gleam import flags, messages
+from gleam import flags, messages, protected_files
 
 # cryptography itself is imported where a key is loaded or a signature checked: a
 # reconciler without -sign_key or -verify_commits does not pay for loading OpenSSL's
@@ -49,6 +49,11 @@ SIG_FIELD = "Sig"
 SIGNED_FIELDS = ("Data", "Name")
 OPTIONAL_SIGNED_FIELDS = ("Rollout",)
 _ED25519_PREFIX = "ssh-ed25519"
+# An OpenSSH Ed25519 private key file is about 400 bytes, a public key line about 100:
+# the limits leave room for comments and thousands of keys, and keep a -trust pointing
+# at a huge file (or one that grows) from filling the agent's memory.
+MAX_KEY_FILE_BYTES = 64 * 1024
+MAX_TRUST_FILE_BYTES = 1024 * 1024
 
 
 # -sign_key (env GLEAM_SIGN_KEY) of gleam-reconcile and gleam-client.
@@ -100,9 +105,11 @@ def load_private_key(path: str | Path) -> Signer:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise KeyError_(f"{path}: cannot read the key: {exc.strerror}") from None
+        data = protected_files.read(
+            path, rule=protected_files.Rule.PRIVATE, limit=MAX_KEY_FILE_BYTES, what="private key"
+        )
+    except protected_files.Refused as exc:
+        raise KeyError_(str(exc)) from None
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:
@@ -154,11 +161,17 @@ def parse_public_keys(text: str, *, source: str) -> dict[str, Ed25519PublicKey]:
 
 
 def load_public_keys(path: str | Path) -> dict[str, Ed25519PublicKey]:
-    """The trusted keys of a `-trust` file (at least one)."""
+    """The trusted keys of a `-trust` file (at least one); the file must be writable by
+    its reader (or root) alone (gleam/protected_files.py)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyError_(f"{path}: cannot read the trusted keys: {exc}") from None
+        data = protected_files.read(
+            path, rule=protected_files.Rule.TRUSTED, limit=MAX_TRUST_FILE_BYTES, what="-trust file"
+        )
+        text = data.decode("utf-8")
+    except protected_files.Refused as exc:
+        raise KeyError_(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise KeyError_(f"{path}: the trusted keys are not UTF-8 text: {exc}") from None
     found = parse_public_keys(text, source=str(path))
     if not found:
         raise KeyError_(f"{path}: no ssh-ed25519 public key in the file")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gleam import connection
+from gleam import connection, protected_files
 from gleam.embedded import EtcdServer, free_port
 
 
@@ -139,8 +139,10 @@ def test_password_file_others_may_read_or_write_is_refused(tmp_path: Path, mode:
 def test_password_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     st = secret_file(tmp_path).stat()
     # The check itself, for a file owned by uid st_uid read by someone else.
-    with pytest.raises(connection.ConfigError, match="owned by uid .*not by this user"):
-        connection._check_password_file("f", st, uid=st.st_uid + 1)
+    with pytest.raises(protected_files.Refused, match="owned by uid .*not by this user"):
+        protected_files.check(
+            "f", st, rule=protected_files.Rule.PRIVATE, what="password file", uid=st.st_uid + 1
+        )
     if os.geteuid() == 0:  # and for real, where the test may give the file away
         path = secret_file(tmp_path)
         os.chown(path, 4242, 4242)

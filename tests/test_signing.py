@@ -108,13 +108,14 @@ def test_trust_file_takes_authorized_keys_lines_and_names_a_bad_line(tmp_path: P
     empty.write_text("# nothing\n")
     with pytest.raises(signing.KeyError_, match="no ssh-ed25519 public key"):
         signing.load_public_keys(empty)
-    with pytest.raises(signing.KeyError_, match="cannot read"):
+    with pytest.raises(signing.KeyError_, match="cannot open .*missing"):
         signing.load_public_keys(tmp_path / "missing")
 
 
 def test_private_key_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.write_text("not a key")
+    bad.chmod(0o600)
     with pytest.raises(signing.KeyError_, match=f"{bad}: not an OpenSSH private key"):
         signing.load_private_key(bad)
     if shutil.which("ssh-keygen") is not None:
@@ -123,8 +124,93 @@ def test_private_key_errors_name_the_file(tmp_path: Path) -> None:
                        check=True, timeout=30)  # fmt: skip
         with pytest.raises(signing.KeyError_, match="encrypted"):
             signing.load_private_key(locked)
-    with pytest.raises(signing.KeyError_, match="cannot read"):
+    with pytest.raises(signing.KeyError_, match="cannot open .*missing"):
         signing.load_private_key(tmp_path / "missing")
+
+
+def private_key_file(path: Path, *, mode: int = 0o600) -> Path:
+    path.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o606])
+def test_a_private_key_others_may_read_or_change_is_refused_as_ssh_does(
+    tmp_path: Path, mode: int
+) -> None:
+    key = private_key_file(tmp_path / "key", mode=mode)
+    with pytest.raises(signing.KeyError_, match=f"has mode {mode:04o}.*chmod 600"):
+        signing.load_private_key(key)
+    key.chmod(0o600)
+    assert signing.load_private_key(key).fingerprint.startswith("SHA256:")
+    key.chmod(0o400)
+    assert signing.load_private_key(key).fingerprint.startswith("SHA256:")
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620])
+def test_a_trust_file_others_may_change_is_refused_as_sshd_does(tmp_path: Path, mode: int) -> None:
+    trusted = tmp_path / "trusted"
+    trusted.write_text(public_line(SIGNER) + "\n")
+    trusted.chmod(mode)
+    with pytest.raises(signing.KeyError_, match=f"has mode {mode:04o}, so other users may change"):
+        signing.load_public_keys(trusted)
+    trusted.chmod(0o644)  # readable by all is fine: public keys
+    assert list(signing.load_public_keys(trusted)) == [SIGNER.fingerprint]
+
+
+def test_key_files_that_are_not_regular_files_or_too_large_are_refused(tmp_path: Path) -> None:
+    import os
+
+    # /dev/zero would fill the memory; a FIFO would wait for a writer for ever.
+    for load in (signing.load_private_key, signing.load_public_keys):
+        with pytest.raises(signing.KeyError_, match="'/dev/zero' is not a regular file"):
+            load("/dev/zero")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    for load in (signing.load_private_key, signing.load_public_keys):
+        with pytest.raises(signing.KeyError_, match="is not a regular file"):
+            load(fifo)
+    huge = tmp_path / "huge"
+    huge.write_text((public_line(SIGNER) + "\n") * (signing.MAX_TRUST_FILE_BYTES // 80))
+    with pytest.raises(signing.KeyError_, match=f"is over {signing.MAX_TRUST_FILE_BYTES} bytes"):
+        signing.load_public_keys(huge)
+    big_key = private_key_file(tmp_path / "big")
+    with big_key.open("ab") as handle:
+        handle.write(b"#" * signing.MAX_KEY_FILE_BYTES)
+    with pytest.raises(signing.KeyError_, match=f"is over {signing.MAX_KEY_FILE_BYTES} bytes"):
+        signing.load_private_key(big_key)
+    latin = tmp_path / "latin"
+    latin.write_bytes(b"ssh-ed25519 \xff\n")
+    with pytest.raises(signing.KeyError_, match="not UTF-8"):
+        signing.load_public_keys(latin)
+
+
+def test_files_owned_by_another_user_are_refused() -> None:
+    import os
+    import stat
+
+    from gleam import protected_files
+
+    def status(mode: int, uid: int) -> os.stat_result:
+        return os.stat_result((stat.S_IFREG | mode, 0, 0, 1, uid, 0, 10, 0, 0, 0))
+
+    private, trusted = protected_files.Rule.PRIVATE, protected_files.Rule.TRUSTED
+    with pytest.raises(protected_files.Refused, match="a private key must belong to the user"):
+        protected_files.check("k", status(0o600, 4242), rule=private, what="private key", uid=1000)
+    with pytest.raises(protected_files.Refused, match=r"not by this user \(uid 1000\) or root"):
+        protected_files.check("t", status(0o644, 4242), rule=trusted, what="-trust file", uid=1000)
+    # sshd's rule: trusted keys may belong to root (or the reader); a private key to the
+    # reader alone.
+    protected_files.check("t", status(0o644, 0), rule=trusted, what="-trust file", uid=1000)
+    protected_files.check("t", status(0o644, 1000), rule=trusted, what="-trust file", uid=1000)
+    with pytest.raises(protected_files.Refused, match="owned by uid 0"):
+        protected_files.check("k", status(0o600, 0), rule=private, what="private key", uid=1000)
 
 
 def tampered(raw: bytes, **changes: Any) -> bytes:
@@ -218,6 +304,10 @@ def test_gate_remembers_the_last_revision_and_reloads(tmp_path: Path) -> None:
     assert gate.fingerprints == [rotated.fingerprint]
     trust_file.write_text("garbage\n")
     gate.reload()  # keeps the keys in use
+    assert gate.fingerprints == [rotated.fingerprint]
+    trust_file.write_text(public_line(new_signer()) + "\n")
+    trust_file.chmod(0o666)  # anyone may now add a key: refused, the keys in use kept
+    gate.reload()
     assert gate.fingerprints == [rotated.fingerprint]
 
 

@@ -195,6 +195,9 @@ def test_a_bad_sign_key_is_a_usage_error_naming_the_flag(
     bad = tmp_path / "key"
     bad.write_text("nope")
     assert cli.main(["-sign_key", str(bad), "-target", "node/x", "-fn", "print"]) == 2
+    assert f"-sign_key: {str(bad)!r} has mode 0644" in capsys.readouterr().err
+    bad.chmod(0o600)
+    assert cli.main(["-sign_key", str(bad), "-target", "node/x", "-fn", "print"]) == 2
     assert f"-sign_key: {bad}: not an OpenSSH private key" in capsys.readouterr().err
 
 
