@@ -30,7 +30,6 @@ from gleam import (
     connection,
     etcdapi,
     flags,
-    invalid_records,
     keys,
     messages,
     rollout_cli,
@@ -301,11 +300,7 @@ def cmd_call(
 
 
 def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
-    agents = client.list_agents(etcd, layout)
-    # list_agents skips registrations it cannot read; name them here.
-    invalid = invalid_records.read(
-        etcdapi.Pyetcd(etcd), layout, revision=0, kinds=(invalid_records.RecordKind.REGISTRATION,)
-    )
+    agents, invalid = client.read_agents(etcd, layout)
     if output.json:
         output.document(client_render.agents_document(agents, invalid))
     else:

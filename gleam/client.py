@@ -27,17 +27,17 @@ def send_task(
 def list_agents(etcd: connection.Client, layout: keys.Layout) -> list[messages.AgentInfo]:
     """Live agents: those whose lease-bound registration is present, sorted by id.
     A registration that cannot be decoded is skipped rather than failing the listing."""
-    return _decode_agents(value for value, _meta in etcd.get_prefix(layout.info_prefix))
+    return read_agents(etcd, layout)[0]
 
 
-def _decode_agents(values: Iterable[bytes]) -> list[messages.AgentInfo]:
-    agents = []
-    for value in values:
-        try:
-            agents.append(messages.decode_agent_info(value))
-        except messages.MessageError:
-            continue
-    return sorted(agents, key=lambda a: a.id)
+def read_agents(
+    etcd: connection.Client, layout: keys.Layout
+) -> tuple[list[messages.AgentInfo], tuple[invalid_records.InvalidRecord, ...]]:
+    """The registrations that decode (live agents, sorted by id) and those that do not
+    (by key, with why), from one read."""
+    items = ((_key(meta), value) for value, meta in etcd.get_prefix(layout.info_prefix))
+    decoded = invalid_records.decode(items, layout)
+    return sorted(decoded.agents, key=lambda a: a.id), decoded.invalid
 
 
 def read_results(etcd: connection.Client, layout: keys.Layout) -> list[messages.Result]:

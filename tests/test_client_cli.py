@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gleam import cli, client, keys, messages
+from gleam import cli, client, connection, keys, messages
 from gleam.embedded import EtcdServer, free_port
 from tests.support import ROOT
 
@@ -310,6 +310,65 @@ def test_info_node_and_region_list_keys_and_values(
         ("node/db-1", "etcd", None),
         ("node/web-1", "print", "hi"),
     ]
+
+
+class Recording:
+    """A real pyetcd client (the seam gleam.client and the CLI use) that records every
+    read it is asked for: (method, key)."""
+
+    READS = ("get", "get_response", "get_prefix", "get_prefix_response", "get_range",
+             "transaction")  # fmt: skip
+
+    def __init__(self, etcd: Any) -> None:
+        self._etcd = etcd
+        self.reads: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._etcd, name)
+        if name not in self.READS:
+            return found
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.reads.append((name, str(args[0]) if args else ""))
+            return found(*args, **kwargs)
+
+        return recorded
+
+
+def test_info_reads_the_registrations_once_and_still_names_the_invalid_one(
+    run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(etcd, layout, "web-1", "eu")
+    etcd.put(layout.info_key("broken"), b'{"id": "broken", "pid": "many"}')
+    recordings: list[Recording] = []
+
+    def connect(settings: connection.Settings) -> Recording:
+        recordings.append(Recording(real_connect(settings)))
+        return recordings[-1]
+
+    real_connect = connection.connect
+    monkeypatch.setattr(connection, "connect", connect)
+    code, out, err = run("info")
+    assert (code, err) == (0, "")
+    assert [r.reads for r in recordings] == [[("get_prefix", layout.info_prefix)]]
+    lines = out.splitlines()
+    assert [line.split(None, 1)[0] for line in lines[1:]] == [
+        layout.info_key("web-1"),
+        layout.info_key("broken"),
+    ]
+    assert json.loads(lines[1].split(None, 1)[1])["id"] == "web-1"
+    assert lines[2].split(None, 2)[1:] == [
+        "(invalid)",
+        "registration is missing or has a bad field: "
+        "invalid literal for int() with base 10: 'many'",
+    ]
+    code, doc = run.json("info")
+    assert recordings[-1].reads == [("get_prefix", layout.info_prefix)]
+    assert [(a["id"], a["invalid"] and a["invalid"]["key"]) for a in doc["agents"]] == [
+        ("web-1", None),
+        ("broken", layout.info_key("broken")),
+    ]
+    assert doc["agents"][1]["invalid"]["error"] == lines[2].split(None, 2)[2]
 
 
 def test_send_json_output(run: Cli, layout: keys.Layout) -> None:
