@@ -407,9 +407,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         finally:
             etcd.close()
     except ETCD_FAILURES as exc:
-        # etcdapi's errors carry pyetcd's as their cause.
-        cause = exc.__cause__ if isinstance(exc, etcdapi.EtcdError) and exc.__cause__ else exc
-        print(f"{PROG}: {etcd_failure(settings, cause)}", file=sys.stderr)
+        print(f"{PROG}: {etcd_failure(settings, etcdapi.pyetcd_error(exc))}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -26,6 +26,18 @@ class EtcdError(Exception):
     """etcd could not be reached or refused a request; the text says what."""
 
 
+def pyetcd_error(exc: BaseException) -> BaseException:
+    """The pyetcd (or gRPC) error an EtcdError from `Pyetcd` wraps (its cause), else
+    `exc` itself. Callers that speak pyetcd need the original: what they say depends on
+    its class and gRPC code (connection.describe_error, and gleam-client's "cannot reach
+    etcd" for an unreachable one), and their `except connection.ETCD_ERRORS` catches it
+    where it would miss an EtcdError. An EtcdError without one (gleam.fake_etcd's, or a
+    malformed answer) is the error itself."""
+    if isinstance(exc, EtcdError) and isinstance(exc.__cause__, connection.ETCD_ERRORS):
+        return exc.__cause__
+    return exc
+
+
 class KeyValue(NamedTuple):
     key: bytes
     value: bytes

@@ -166,9 +166,10 @@ def _pyetcd_errors() -> Iterator[None]:
     try:
         yield
     except etcdapi.EtcdError as exc:
-        if isinstance(exc.__cause__, connection.ETCD_ERRORS):
-            raise exc.__cause__ from None
-        raise
+        original = etcdapi.pyetcd_error(exc)
+        if original is exc:
+            raise
+        raise original from None
 
 
 class Driver:
