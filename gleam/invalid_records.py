@@ -51,10 +51,10 @@ def decode(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> Decoded:
     found = []
     for key, value in items:
         if key.startswith(layout.info_prefix):
+            agent = key[len(layout.info_prefix) :]
             try:
-                agents.append(messages.decode_agent_info(value))
+                agents.append(_registration(agent, value))
             except messages.MessageError as exc:
-                agent = key[len(layout.info_prefix) :]
                 found.append(InvalidRecord(key, RecordKind.REGISTRATION, agent, None, str(exc)))
             continue
         parsed = layout.parse_result_key(key)
@@ -67,6 +67,23 @@ def decode(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> Decoded:
             task_key = layout.task_key(target)
             found.append(InvalidRecord(key, RecordKind.RESULT, agent, task_key, str(exc)))
     return Decoded(tuple(agents), tuple(results), tuple(sorted(found, key=lambda r: r.key)))
+
+
+def _registration(agent: str, value: bytes) -> messages.AgentInfo:
+    """The registration stored under `<prefix>/info/<agent>`, if it decodes and is that
+    agent's, as agents write it (raises MessageError). One stored by hand under another
+    key would be listed as a second registration of the agent it names (or targeted as
+    it), and under a key it is not at."""
+    info = messages.decode_agent_info(value)
+    if info.id != agent:
+        raise messages.MessageError(
+            f"registration is for agent id {info.id!r}, not {agent!r} as its key says"
+        )
+    try:
+        keys.validate_name(agent, what="agent id")
+    except keys.InvalidName as exc:
+        raise messages.MessageError(f"registration: {exc}") from None
+    return info
 
 
 def read(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gleam import connection, etcdapi, keys, messages, rollout
+from gleam import connection, etcdapi, invalid_records, keys, messages, rollout
 
 log = logging.getLogger("gleam.rollout")
 
@@ -63,17 +63,14 @@ def now_utc() -> datetime:
 def _agents(
     backend: etcdapi.Backend, layout: keys.Layout, region: str
 ) -> tuple[frozenset[str], tuple[str, ...]]:
-    live: set[str] = set()
-    members: list[str] = []
-    for kv in backend.range(etcdapi.Range(layout.info_prefix, prefix=True)).kvs:
-        try:
-            info = messages.decode_agent_info(kv.value)
-        except messages.MessageError:
-            continue
-        live.add(info.id)
-        if region in info.regions:
-            members.append(info.id)
-    return frozenset(live), tuple(sorted(members))
+    """Live agents and the region's members, from the registrations that can be read
+    (decoded as gleam-client status decodes them: one stored by hand under another
+    agent's key is not a second member)."""
+    found = backend.range(etcdapi.Range(layout.info_prefix, prefix=True)).kvs
+    items = ((kv.key.decode("utf-8", "replace"), kv.value) for kv in found)
+    agents = invalid_records.decode(items, layout).agents
+    members = sorted(a.id for a in agents if region in a.regions)
+    return frozenset(a.id for a in agents), tuple(members)
 
 
 def _reports(

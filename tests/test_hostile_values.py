@@ -184,6 +184,46 @@ def test_info_lists_the_good_registration_and_names_the_broken_ones_invalid(
     assert [a["invalid"]["key"] for a in agents[1:]] == [layout.info_key(n) for n in broken]
 
 
+def test_a_registration_stored_under_another_agents_key_is_named_invalid_everywhere(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    """Only an agent writes its registration, under its own id: one naming another id
+    (an impostor of a live agent, an id that is no agent id) or under a key that is no
+    agent id was written by hand. It is listed as invalid with its key, not as a live
+    agent (info once crashed rebuilding its key from the id)."""
+
+    def info(agent_id: str) -> bytes:
+        return messages.AgentInfo(
+            agent_id, "h", 1, ["eu"], "0.1", "2026-11-28T22:00:00Z", "/s"
+        ).encode()
+
+    etcd.put(layout.info_key("good"), info("good"))
+    bad = {
+        layout.info_key("impostor"): info("good"),
+        layout.info_key("escape"): info("web\x1b[2J"),
+        layout.info_prefix + "../x": info("../x"),
+        layout.info_prefix: info(""),
+    }
+    for key, value in bad.items():
+        etcd.put(key, value)
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "info")
+    assert_clean(code, out, err)
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    assert [row[0] for row in rows] == [layout.info_key("good"), *sorted(bad)]
+    assert all(row[1:2] == ["(invalid)"] for row in rows[1:]), rows
+    assert "is for agent id 'good', not 'impostor' as its key says" in out
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "status", "--output", "json")
+    assert_clean(code, out, err, codes=(1,))
+    doc = json.loads(out)
+    assert [(a["id"], a["invalid"] and a["invalid"]["key"]) for a in doc["agents"]] == [
+        ("good", None),
+        *((key[len(layout.info_prefix) :], key) for key in sorted(bad)),
+    ]
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "-target", "eu", "-fn", "print")
+    assert_clean(code, out, err)
+    assert out.split()[:2] == ["wrote", layout.region_key("eu")]
+
+
 def test_reconcile_dry_run_and_apply_show_hostile_current_values_without_crashing(
     tmp_path: Path, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, stored: dict[str, str]
 ) -> None:
