@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gleam import cli, client, keys, messages
+from gleam import cli, client, keys, messages, rollout
 from gleam.embedded import EtcdServer
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT
@@ -222,6 +222,46 @@ def test_a_registration_stored_under_another_agents_key_is_named_invalid_everywh
     code, out, err = gleam_client(etcd_server.endpoint, layout, "-target", "eu", "-fn", "print")
     assert_clean(code, out, err)
     assert out.split()[:2] == ["wrote", layout.region_key("eu")]
+
+
+def test_rollout_commands_show_hostile_gate_records_escaped(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    """Gate records hold what etcd holds: a region name (from the key), the gate's key
+    and reason. `rollout status`, the driver's lines on a promote and a refusal show
+    them escaped, never as raw escape sequences; a gate whose members are no agent ids
+    is invalid (its driver would read their result keys), not a traceback."""
+    plan = rollout.parse_plan({"waves": [1, "100%"]}).to_json()
+    revisions = {}
+    for region in ("web", "db", "bad"):
+        etcd.put(layout.region_key(region), messages.Task("print", None, rollout=plan).encode())
+        revisions[region] = int(etcd.get(layout.region_key(region))[1].mod_revision)
+
+    def gate(region: str, state: str, *, wave: int = 2, members: Any = ("a", "b")) -> bytes:
+        return json.dumps(
+            {"key": "\x1b[31m", "revision": revisions[region], "state": state, "wave": wave,
+             "waves": 2, "members": list(members), "admitted": ["a"], "failed": ["a"],
+             "reason": "\x1b]0;pwned\x07 boom"}
+        ).encode()  # fmt: skip
+
+    etcd.put(layout.rollout_key("web"), gate("web", "halted"))
+    etcd.put(layout.rollout_key("db"), gate("db", "complete"))
+    etcd.put(layout.rollout_key("bad"), gate("bad", "halted", wave=1, members=["a", "\x1b[2J"]))
+    etcd.put(layout.rollout_prefix + "eu\x1b[2J", gate("web", "halted"))
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "rollout", "status")
+    assert_clean(code, out, err, codes=(1,))
+    assert [line.split()[0] for line in out.splitlines()] == ["db", "eu\\x1b[2J", "web"]
+    assert out.count("\\x1b[31m @") == 3 and out.count("\\x1b]0;pwned\\x07 boom") == 3
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "rollout", "promote", "web")
+    assert_clean(code, out, err)
+    assert f"rollout \\x1b[31m @{revisions['web']} complete" in out
+    for verb, region, why in (
+        ("abort", "db", f"the rollout of \\x1b[31m @{revisions['db']} is complete"),
+        ("promote", "bad", "region bad has no rollout for its current task"),
+    ):
+        code, out, err = gleam_client(etcd_server.endpoint, layout, "rollout", verb, region)
+        assert (code, out) == (1, "") and "\x1b" not in err and "Traceback" not in err, err
+        assert why in err
 
 
 def test_reconcile_dry_run_and_apply_show_hostile_current_values_without_crashing(
