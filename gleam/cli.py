@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -338,8 +339,12 @@ def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen command would silently ignore."""
     command = args.command
-    if args.wait is not None and args.wait < 0:
-        raise flags.UsageError("-wait: SECONDS must not be negative")
+    # NaN fails every comparison, so `< 0` would pass it, and a wait until `now >= nan`
+    # would never end (polling etcd without a pause); inf would never end either.
+    if args.wait is not None and not 0 <= args.wait < math.inf:
+        raise flags.UsageError(
+            f"-wait: SECONDS must not be negative, nan or infinite (got {args.wait})"
+        )
     if command is None:
         if args.args:
             raise flags.UsageError(f"unexpected argument {args.args[0]!r}")

@@ -201,6 +201,20 @@ def test_data_from_a_file(run: Cli, etcd: Any, layout: keys.Layout, tmp_path: Pa
             ["-target", "node/a", "-fn", "print", "-wait", "-1"],
             "-wait: SECONDS must not be negative",
         ),
+        # A NaN or infinite wait would never end (NaN: polling etcd without a pause).
+        (["-target", "node/a", "-fn", "print", "-wait", "nan"], "(got nan)"),
+        (["-target", "node/a", "-fn", "print", "-wait", "inf"], "(got inf)"),
+        (
+            ["-target", "region/a", "-fn", "print", "-rollout", "100%", "-wait", "1e999"],
+            "(got inf)",
+        ),
+        (["call", "node/a", "print", "-wait", "NaN"], "-wait: SECONDS must not be negative, nan"),
+        # int() refuses these though str.isdigit() takes them: once a traceback.
+        (
+            ["-target", "region/a", "-fn", "print", "-rollout", "\u00b2"],
+            "-rollout: rollout.waves[0]",
+        ),
+        (["-target", "region/a", "-fn", "print", "-rollout", "9" * 5000], "is neither a count"),
         (["-prefix", "gleam/", "info"], "-prefix"),
         (["-user", "u", "-password_file", "/etc/passwd", "info"], "-password_file: '/etc/passwd'"),
     ],
