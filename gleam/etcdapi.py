@@ -38,6 +38,20 @@ def pyetcd_error(exc: BaseException) -> BaseException:
     return exc
 
 
+@contextmanager
+def pyetcd_errors() -> Iterator[None]:
+    """Code over `Pyetcd` whose callers catch pyetcd's errors (connection.ETCD_ERRORS),
+    as they did before it spoke this API (gleam.client, the rollout driver): raise
+    the pyetcd error an EtcdError wraps (see pyetcd_error) instead."""
+    try:
+        yield
+    except EtcdError as exc:
+        original = pyetcd_error(exc)
+        if original is exc:
+            raise
+        raise original from None
+
+
 class KeyValue(NamedTuple):
     key: bytes
     value: bytes

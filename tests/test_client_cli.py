@@ -327,8 +327,8 @@ def test_info_node_and_region_list_keys_and_values(
 
 
 class Recording:
-    """A real pyetcd client (the seam gleam.client and the CLI use) that records every
-    read it is asked for: (method, key)."""
+    """A real pyetcd client (what gleam.client and the CLI are given) that records the
+    gets and ranges it is asked for, directly or through gleam.etcdapi: (method, key)."""
 
     READS = ("get", "get_response", "get_prefix", "get_prefix_response", "get_range",
              "transaction")  # fmt: skip
@@ -364,7 +364,7 @@ def test_info_reads_the_registrations_once_and_still_names_the_invalid_one(
     monkeypatch.setattr(connection, "connect", connect)
     code, out, err = run("info")
     assert (code, err) == (0, "")
-    assert [r.reads for r in recordings] == [[("get_prefix", layout.info_prefix)]]
+    assert [r.reads for r in recordings] == [[("get_prefix_response", layout.info_prefix)]]
     lines = out.splitlines()
     assert [line.split(None, 1)[0] for line in lines[1:]] == [
         layout.info_key("web-1"),
@@ -377,7 +377,7 @@ def test_info_reads_the_registrations_once_and_still_names_the_invalid_one(
         "invalid literal for int() with base 10: 'many'",
     ]
     code, doc = run.json("info")
-    assert recordings[-1].reads == [("get_prefix", layout.info_prefix)]
+    assert recordings[-1].reads == [("get_prefix_response", layout.info_prefix)]
     assert [(a["id"], a["invalid"] and a["invalid"]["key"]) for a in doc["agents"]] == [
         ("web-1", None),
         ("broken", layout.info_key("broken")),
