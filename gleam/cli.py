@@ -150,18 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The most `-data @FILE` or `@-` reads. A task holds at most messages.MAX_MESSAGE_BYTES;
+# its data's JSON text may be indented, but not eight times over. Without a bound,
+# @/dev/zero or a runaway pipe would be read until memory ran out.
+MAX_DATA_TEXT = 8 * messages.MAX_MESSAGE_BYTES
+
+
+def _read_data(source: TextIO, what: str, flag: str) -> str:
+    text = source.read(MAX_DATA_TEXT + 1)
+    if len(text) > MAX_DATA_TEXT:
+        raise DataError(
+            f"{flag}: {what} holds over {MAX_DATA_TEXT} characters; a task holds at most "
+            f"{messages.MAX_MESSAGE_BYTES} bytes"
+        )
+    return text
+
+
 def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
     """JSON text, `@path` naming a file of JSON, or `@-` for standard input; None means
     JSON null."""
     if value is None:
         return None
     if value == "@-":
-        text, source = sys.stdin.read(), "standard input"
+        source = "standard input"
+        text = _read_data(sys.stdin, source, flag)
     elif value.startswith("@"):
         path = value[1:]
         try:
             with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+                text = _read_data(fh, f"file {path!r}", flag)
         except OSError as exc:
             raise DataError(f"{flag}: cannot read file {path!r}: {exc.strerror}") from None
         except UnicodeDecodeError:

@@ -589,6 +589,21 @@ def test_data_from_standard_input(
     assert code == 2 and "-data: standard input is not valid JSON" in err
 
 
+def test_data_past_what_a_task_can_hold_is_not_read_to_the_end(
+    run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """@/dev/zero or an endless pipe once read until memory ran out."""
+    code, _, err = run("-target", "node/a", "-fn", "print", "-data", "@/dev/zero")
+    assert code == 2 and f"-data: file '/dev/zero' holds over {cli.MAX_DATA_TEXT} " in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(" " * cli.MAX_DATA_TEXT + "1"))
+    code, _, err = run("call", "node/a", "print", "@-")
+    assert code == 2 and "call DATA: standard input holds over" in err
+    assert task_values(etcd, layout) == {}
+    # Indented data up to the bound is read whole: what the task holds is what counts.
+    monkeypatch.setattr("sys.stdin", io.StringIO(" " * (cli.MAX_DATA_TEXT - 1) + "1"))
+    assert run("-target", "node/a", "-fn", "print", "-data", "@-")[0] == 0
+
+
 def test_empty_listings_print_nothing_and_say_so_on_stderr(run: Cli, layout: keys.Layout) -> None:
     for command, where in (("info", "info/"), ("node", "node/"), ("region", "region/")):
         code, out, err = run(command)
