@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,6 @@ from gleam import (
     connection,
     etcdapi,
     flags,
-    invalid_records,
     keys,
     messages,
     rollout_cli,
@@ -150,18 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The most `-data @FILE` or `@-` reads. A task holds at most messages.MAX_MESSAGE_BYTES;
+# its data's JSON text may be indented, but not eight times over. Without a bound,
+# @/dev/zero or a runaway pipe would be read until memory ran out.
+MAX_DATA_TEXT = 8 * messages.MAX_MESSAGE_BYTES
+
+
+def _read_data(source: TextIO, what: str, flag: str) -> str:
+    text = source.read(MAX_DATA_TEXT + 1)
+    if len(text) > MAX_DATA_TEXT:
+        raise DataError(
+            f"{flag}: {what} holds over {MAX_DATA_TEXT} characters; a task holds at most "
+            f"{messages.MAX_MESSAGE_BYTES} bytes"
+        )
+    return text
+
+
 def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
     """JSON text, `@path` naming a file of JSON, or `@-` for standard input; None means
     JSON null."""
     if value is None:
         return None
     if value == "@-":
-        text, source = sys.stdin.read(), "standard input"
+        source = "standard input"
+        text = _read_data(sys.stdin, source, flag)
     elif value.startswith("@"):
         path = value[1:]
         try:
             with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+                text = _read_data(fh, f"file {path!r}", flag)
         except OSError as exc:
             raise DataError(f"{flag}: cannot read file {path!r}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -301,11 +318,7 @@ def cmd_call(
 
 
 def cmd_info(etcd: connection.Client, layout: keys.Layout, output: Output) -> int:
-    agents = client.list_agents(etcd, layout)
-    # list_agents skips registrations it cannot read; name them here.
-    invalid = invalid_records.read(
-        etcdapi.Pyetcd(etcd), layout, revision=0, kinds=(invalid_records.RecordKind.REGISTRATION,)
-    )
+    agents, invalid = client.read_agents(etcd, layout)
     if output.json:
         output.document(client_render.agents_document(agents, invalid))
     else:
@@ -343,8 +356,12 @@ def cmd_status(etcd: connection.Client, layout: keys.Layout, output: Output) -> 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen command would silently ignore."""
     command = args.command
-    if args.wait is not None and args.wait < 0:
-        raise flags.UsageError("-wait: SECONDS must not be negative")
+    # NaN fails every comparison, so `< 0` would pass it, and a wait until `now >= nan`
+    # would never end (polling etcd without a pause); inf would never end either.
+    if args.wait is not None and not 0 <= args.wait < math.inf:
+        raise flags.UsageError(
+            f"-wait: SECONDS must not be negative, nan or infinite (got {args.wait})"
+        )
     if command is None:
         if args.args:
             raise flags.UsageError(f"unexpected argument {args.args[0]!r}")
@@ -412,9 +429,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         finally:
             etcd.close()
     except ETCD_FAILURES as exc:
-        # etcdapi's errors carry pyetcd's as their cause.
-        cause = exc.__cause__ if isinstance(exc, etcdapi.EtcdError) and exc.__cause__ else exc
-        print(f"{PROG}: {etcd_failure(settings, cause)}", file=sys.stderr)
+        print(f"{PROG}: {etcd_failure(settings, etcdapi.pyetcd_error(exc))}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -2,7 +2,12 @@
 
 gleam-client, gleam-reconcile --wait and the status command are built on these
 functions; scripts can use them too (see the README). Every function takes a connected
-pyetcd client (from `gleam.connection.connect`) and a `keys.Layout`.
+pyetcd client (from `gleam.connection.connect`) and a `keys.Layout`, and raises pyetcd's
+errors (connection.ETCD_ERRORS).
+
+Reads go through the typed seam (gleam.etcdapi). The send's guarded write still calls
+pyetcd's `transaction` itself: tests/test_client_send.py loses its answers there, the
+way a network does, to check that a write in doubt lands at most once.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from gleam import connection, invalid_records, keys, messages, signing
+from gleam import connection, etcdapi, invalid_records, keys, messages, signing
 
 
 def send_task(
@@ -27,17 +32,17 @@ def send_task(
 def list_agents(etcd: connection.Client, layout: keys.Layout) -> list[messages.AgentInfo]:
     """Live agents: those whose lease-bound registration is present, sorted by id.
     A registration that cannot be decoded is skipped rather than failing the listing."""
-    return _decode_agents(value for value, _meta in etcd.get_prefix(layout.info_prefix))
+    return read_agents(etcd, layout)[0]
 
 
-def _decode_agents(values: Iterable[bytes]) -> list[messages.AgentInfo]:
-    agents = []
-    for value in values:
-        try:
-            agents.append(messages.decode_agent_info(value))
-        except messages.MessageError:
-            continue
-    return sorted(agents, key=lambda a: a.id)
+def read_agents(
+    etcd: connection.Client, layout: keys.Layout
+) -> tuple[list[messages.AgentInfo], tuple[invalid_records.InvalidRecord, ...]]:
+    """The registrations that decode (live agents, sorted by id) and those that do not
+    (by key, with why), from one read."""
+    items = ((_key(kv), kv.value) for kv in _range(etcd, layout.info_prefix).kvs)
+    decoded = invalid_records.decode(items, layout)
+    return sorted(decoded.agents, key=lambda a: a.id), decoded.invalid
 
 
 def read_results(etcd: connection.Client, layout: keys.Layout) -> list[messages.Result]:
@@ -54,7 +59,7 @@ def read_result_records(
 ) -> tuple[list[messages.Result], Unreadable]:
     """The result records that decode, and those that do not (by agent and task key,
     with the record's key and why), from one read."""
-    items = ((_key(meta), value) for value, meta in etcd.get_prefix(layout.results_prefix))
+    items = ((_key(kv), kv.value) for kv in _range(etcd, layout.results_prefix).kvs)
     decoded = invalid_records.decode(items, layout)
     unreadable = {
         (record.agent, record.task_key or ""): f"{record.key}: {record.error}"
@@ -63,8 +68,15 @@ def read_result_records(
     return list(decoded.results), unreadable
 
 
-def _key(meta: Any) -> str:
-    return str(meta.key.decode("utf-8", "replace"))
+def _key(kv: etcdapi.KeyValue) -> str:
+    return kv.key.decode("utf-8", "replace")
+
+
+def _range(etcd: connection.Client, key: str, *, prefix: bool = True) -> etcdapi.RangeResult:
+    """Every key under `key` (or that key alone), read through the typed seam; raises
+    pyetcd's errors, as every function here does (etcdapi.pyetcd_errors)."""
+    with etcdapi.pyetcd_errors():
+        return etcdapi.Pyetcd(etcd).range(etcdapi.Range(key, prefix=prefix))
 
 
 def watchers(target: keys.Target, agents: Iterable[messages.AgentInfo]) -> list[str]:
@@ -179,15 +191,14 @@ class SendConflict(connection.WriteError):
 
 def _stored(etcd: connection.Client, task_keys: Sequence[str]) -> dict[str, Stored | None]:
     """The keys' values and mod_revisions now (None for a missing key), at one revision."""
-    t = etcd.transactions
+    backend = etcdapi.Pyetcd(etcd)
     found: dict[str, Stored | None] = {}
     for start in range(0, len(task_keys), connection.MAX_TXN_OPS):
         chunk = task_keys[start : start + connection.MAX_TXN_OPS]
-        _ok, responses = etcd.transaction(compare=[], success=[t.get(k) for k in chunk], failure=[])
-        for key, response in zip(chunk, responses, strict=True):
-            found[key] = None
-            for value, meta in response:
-                found[key] = Stored(bytes(value), int(meta.mod_revision))
+        with etcdapi.pyetcd_errors():
+            answer = backend.txn([], [etcdapi.Get(k) for k in chunk])
+        for key, kvs in zip(chunk, answer.gets, strict=True):
+            found[key] = Stored(kvs[0].value, kvs[0].mod_revision) if kvs else None
     return found
 
 
@@ -211,7 +222,7 @@ def _prepare(
         return seen, dict.fromkeys(task_keys, value)
     current = 0
     if not all(seen.values()):
-        current = int(etcd.get_response(task_keys[0]).header.revision)
+        current = _range(etcd, task_keys[0], prefix=False).revision
     values = {
         key: signing.sign_task(task, key=key, prev=seen[key] or current, signer=signer)
         for key in task_keys
@@ -357,8 +368,8 @@ def list_tasks(etcd: connection.Client, layout: keys.Layout, kind: keys.Kind) ->
     """The task keys of one kind (`node` or `region`) with their values and revisions."""
     return _task_entries(
         (
-            (_key(meta), value, int(meta.mod_revision))
-            for value, meta in etcd.get_prefix(layout.tasks_prefix(kind))
+            (_key(kv), kv.value, kv.mod_revision)
+            for kv in _range(etcd, layout.tasks_prefix(kind)).kvs
         ),
         layout,
     )
@@ -366,13 +377,11 @@ def list_tasks(etcd: connection.Client, layout: keys.Layout, kind: keys.Kind) ->
 
 def read_snapshot(etcd: connection.Client, layout: keys.Layout) -> Snapshot:
     """One consistent read of the whole prefix (see Snapshot)."""
-    response = etcd.get_prefix_response(layout.prefix + "/")
-    items = [
-        (kv.key.decode("utf-8", "replace"), kv.value, int(kv.mod_revision)) for kv in response.kvs
-    ]
+    response = _range(etcd, layout.prefix + "/")
+    items = [(_key(kv), kv.value, kv.mod_revision) for kv in response.kvs]
     records = invalid_records.decode(((key, value) for key, value, _ in items), layout)
     return Snapshot(
-        revision=int(response.header.revision),
+        revision=response.revision,
         tasks=tuple(_task_entries(items, layout)),
         agents=tuple(sorted(records.agents, key=lambda a: a.id)),
         results=records.results,

@@ -26,6 +26,32 @@ class EtcdError(Exception):
     """etcd could not be reached or refused a request; the text says what."""
 
 
+def pyetcd_error(exc: BaseException) -> BaseException:
+    """The pyetcd (or gRPC) error an EtcdError from `Pyetcd` wraps (its cause), else
+    `exc` itself. Callers that speak pyetcd need the original: what they say depends on
+    its class and gRPC code (connection.describe_error, and gleam-client's "cannot reach
+    etcd" for an unreachable one), and their `except connection.ETCD_ERRORS` catches it
+    where it would miss an EtcdError. An EtcdError without one (gleam.fake_etcd's, or a
+    malformed answer) is the error itself."""
+    if isinstance(exc, EtcdError) and isinstance(exc.__cause__, connection.ETCD_ERRORS):
+        return exc.__cause__
+    return exc
+
+
+@contextmanager
+def pyetcd_errors() -> Iterator[None]:
+    """Code over `Pyetcd` whose callers catch pyetcd's errors (connection.ETCD_ERRORS),
+    as they did before it spoke this API (gleam.client, the rollout driver): raise
+    the pyetcd error an EtcdError wraps (see pyetcd_error) instead."""
+    try:
+        yield
+    except EtcdError as exc:
+        original = pyetcd_error(exc)
+        if original is exc:
+            raise
+        raise original from None
+
+
 class KeyValue(NamedTuple):
     key: bytes
     value: bytes

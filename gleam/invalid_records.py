@@ -1,15 +1,16 @@
 """Result records and registrations that cannot be decoded: found and named, not dropped.
 
-`gleam.client`'s readers skip such a record, so that one bad value cannot fail a listing
+`gleam.client`'s listings skip such a record, so that one bad value cannot fail a listing
 or a wait; alone, that would show an agent whose result is garbage as `pending` and hide
-a garbage registration. `gleam-client status` and `info` look for them here and show
-each as `(invalid)` with its key. `find` is pure; `read` is the one etcd read, through
-the typed seam (gleam.etcdapi).
+a garbage registration. `decode` (pure) sorts the records of one read into those that
+decode and those that do not, which `gleam-client status`, `info` and `-wait` show as
+`(invalid)` with their key. `read` reads them alone, through the typed seam
+(gleam.etcdapi), for scripts (the README's Python API).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -50,10 +51,10 @@ def decode(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> Decoded:
     found = []
     for key, value in items:
         if key.startswith(layout.info_prefix):
+            agent = key[len(layout.info_prefix) :]
             try:
-                agents.append(messages.decode_agent_info(value))
+                agents.append(_registration(agent, value))
             except messages.MessageError as exc:
-                agent = key[len(layout.info_prefix) :]
                 found.append(InvalidRecord(key, RecordKind.REGISTRATION, agent, None, str(exc)))
             continue
         parsed = layout.parse_result_key(key)
@@ -68,27 +69,32 @@ def decode(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> Decoded:
     return Decoded(tuple(agents), tuple(results), tuple(sorted(found, key=lambda r: r.key)))
 
 
-def find(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> tuple[InvalidRecord, ...]:
-    """Pure: the registrations and result records among (key, value) `items` that do not
-    decode, by key (see decode)."""
-    return decode(items, layout).invalid
+def _registration(agent: str, value: bytes) -> messages.AgentInfo:
+    """The registration stored under `<prefix>/info/<agent>`, if it decodes and is that
+    agent's, as agents write it (raises MessageError). One stored by hand under another
+    key would be listed as a second registration of the agent it names (or targeted as
+    it), and under a key it is not at."""
+    info = messages.decode_agent_info(value)
+    if info.id != agent:
+        raise messages.MessageError(
+            f"registration is for agent id {info.id!r}, not {agent!r} as its key says"
+        )
+    try:
+        keys.validate_name(agent, what="agent id")
+    except keys.InvalidName as exc:
+        raise messages.MessageError(f"registration: {exc}") from None
+    return info
 
 
 def read(
-    backend: etcdapi.Backend,
-    layout: keys.Layout,
-    *,
-    revision: int,
-    kinds: Collection[RecordKind] = tuple(RecordKind),
+    backend: etcdapi.Backend, layout: keys.Layout, *, revision: int
 ) -> tuple[InvalidRecord, ...]:
-    """The invalid records of `kinds` at `revision` (that of the snapshot they go with,
-    so that both show one moment; 0: now); raises etcdapi.EtcdError."""
-    prefixes = {
-        RecordKind.REGISTRATION: layout.info_prefix,
-        RecordKind.RESULT: layout.results_prefix,
-    }
+    """The invalid registrations and result records at `revision` (that of the snapshot
+    they go with, so that both show one moment; 0: now); raises etcdapi.EtcdError.
+    (`gleam.client.read_snapshot` and `read_agents` find them in their own read; this is
+    for scripts, see the README's Python API.)"""
     items: list[tuple[str, bytes]] = []
-    for prefix in (prefixes[kind] for kind in kinds):
+    for prefix in (layout.info_prefix, layout.results_prefix):
         found = backend.range(etcdapi.Range(prefix, prefix=True, revision=revision))
         items += [(kv.key.decode("utf-8", "replace"), kv.value) for kv in found.kvs]
-    return find(items, layout)
+    return decode(items, layout).invalid

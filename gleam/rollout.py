@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from gleam import keys
+from gleam import keys, messages
 
 GATE_VERSION = 1
 DEFAULT_TIMEOUT = 600.0
@@ -174,7 +174,12 @@ def check_increasing(waves: Sequence[Wave]) -> None:
 def parse_waves_flag(text: str) -> tuple[Wave, ...]:
     """`1,25%,100%` (the client's -rollout flag) -> (1, "25%", "100%")."""
     parts = [p.strip() for p in (text or "").split(",")]
-    values: list[Any] = [int(p) if p.isdigit() else p for p in parts]
+    # ASCII digits only ('²'.isdigit() holds, but int() refuses it), and no longer than
+    # int() converts; anything else goes as text, for parse_plan to name what is wrong.
+    values: list[Any] = [
+        int(p) if p.isascii() and p.isdigit() and len(p) <= messages.MAX_INT_DIGITS else p
+        for p in parts
+    ]
     return parse_plan({"waves": values}).waves
 
 
@@ -290,6 +295,8 @@ def _int(value: Any) -> int:
 def _names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{value!r} is not a list of agent ids")
+    for name in value:  # a driver reads each member's result key, which needs an agent id
+        keys.validate_name(name, what="agent id")  # InvalidName is a ValueError
     return tuple(value)
 
 

@@ -73,6 +73,13 @@ def exit_code(gates: Mapping[str, rollout.Gate | None]) -> int:
     return EXIT_OK
 
 
+def _printable(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say` for text lines: gate records and the lines about them hold what etcd holds
+    (a region from a key, a gate's key, reason and members, a member's error), which
+    anyone with write access can fill with escape sequences (client_render.printable)."""
+    return lambda line: say(client_render.printable(line))
+
+
 def run(
     words: Sequence[str], etcd: Any, layout: keys.Layout, *, json_output: bool,
     say: Callable[[str], None],
@@ -93,19 +100,21 @@ def run(
         gates = {r: found.get(r) for r in rest} if rest else dict(sorted(found.items()))
     else:
         driver = rollout_driver.Driver.over(
-            etcd, layout, say=say if not json_output else lambda _: None
+            etcd, layout, say=_printable(say) if not json_output else lambda _: None
         )
         try:
             move = driver.promote if verb == "promote" else driver.abort
             gates = {rest[0]: move(rest[0])}
         except rollout_driver.RolloutRefused as exc:
-            print(f"gleam-client: rollout {verb}: {exc}", file=sys.stderr)
+            why = client_render.printable(str(exc))  # may name the gate's key, from etcd
+            print(f"gleam-client: rollout {verb}: {why}", file=sys.stderr)
             return EXIT_FAILURE
     if json_output:
         say(client_render.to_json({"rollouts": [gate_json(r, g) for r, g in gates.items()]}))
     else:
         for region, gate in gates.items():
-            say(gate_line(region, gate) if gate is not None else f"{region}  no rollout")
+            line = gate_line(region, gate) if gate is not None else f"{region}  no rollout"
+            _printable(say)(line)
         if not gates:
             say(f"no rollout under {layout.rollout_prefix}")
     return exit_code(gates) if verb == "status" else EXIT_OK
@@ -123,7 +132,8 @@ def send(
     revision = client.send_tasks(etcd, layout, targets, task, signer=signer)
     regions = sorted(t.name for t in targets)
     lines: list[str] = []
-    driver = rollout_driver.Driver.over(etcd, layout, say=lines.append if json_output else say)
+    driver_say = lines.append if json_output else _printable(say)
+    driver = rollout_driver.Driver.over(etcd, layout, say=driver_say)
     gates = driver.step_all(regions)
     if not json_output:
         say(f"sent {', '.join(layout.task_key(t) for t in targets)} @{revision} (rollout)")

@@ -10,7 +10,7 @@ started) and by gleam-client (`rollout status|promote|abort`, `-rollout ... -wai
 
 All etcd access goes through the typed seam (gleam.etcdapi), so the driver runs on
 gleam.fake_etcd in tests (tests/test_rollout_driver.py); `Driver.over` wraps a connected
-pyetcd client, and its callers still see pyetcd's errors (see `_pyetcd_errors`).
+pyetcd client, and its callers still see pyetcd's errors (etcdapi.pyetcd_errors).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gleam import connection, etcdapi, keys, messages, rollout
+from gleam import connection, etcdapi, invalid_records, keys, messages, rollout
 
 log = logging.getLogger("gleam.rollout")
 
@@ -63,17 +62,14 @@ def now_utc() -> datetime:
 def _agents(
     backend: etcdapi.Backend, layout: keys.Layout, region: str
 ) -> tuple[frozenset[str], tuple[str, ...]]:
-    live: set[str] = set()
-    members: list[str] = []
-    for kv in backend.range(etcdapi.Range(layout.info_prefix, prefix=True)).kvs:
-        try:
-            info = messages.decode_agent_info(kv.value)
-        except messages.MessageError:
-            continue
-        live.add(info.id)
-        if region in info.regions:
-            members.append(info.id)
-    return frozenset(live), tuple(sorted(members))
+    """Live agents and the region's members, from the registrations that can be read
+    (decoded as gleam-client status decodes them: one stored by hand under another
+    agent's key is not a second member)."""
+    found = backend.range(etcdapi.Range(layout.info_prefix, prefix=True)).kvs
+    items = ((kv.key.decode("utf-8", "replace"), kv.value) for kv in found)
+    agents = invalid_records.decode(items, layout).agents
+    members = sorted(a.id for a in agents if region in a.regions)
+    return frozenset(a.id for a in agents), tuple(members)
 
 
 def _reports(
@@ -158,19 +154,6 @@ def _valid(name: str) -> bool:
     return True
 
 
-@contextmanager
-def _pyetcd_errors() -> Iterator[None]:
-    """The driver's callers (the CLIs, reconciler/rollouts.py) catch pyetcd's errors
-    (connection.ETCD_ERRORS), as they did before it spoke etcdapi: give them the error
-    etcdapi.Pyetcd wrapped. An EtcdError without one (gleam.fake_etcd's) passes as is."""
-    try:
-        yield
-    except etcdapi.EtcdError as exc:
-        if isinstance(exc.__cause__, connection.ETCD_ERRORS):
-            raise exc.__cause__ from None
-        raise
-
-
 class Driver:
     """Moves rollouts on, one look at a time. `say` gets the per-wave lines."""
 
@@ -198,7 +181,7 @@ class Driver:
     def step(self, region: str) -> rollout.Gate | None:
         """One look at a region: start its rollout if its staged task has no gate for
         its revision, else advance it. Returns the gate as it now stands."""
-        with _pyetcd_errors():
+        with etcdapi.pyetcd_errors():
             return self._step(region)
 
     def _step(self, region: str) -> rollout.Gate | None:
@@ -247,7 +230,7 @@ class Driver:
         return None
 
     def step_all(self, regions: Iterable[str] | None = None) -> dict[str, rollout.Gate | None]:
-        with _pyetcd_errors():
+        with etcdapi.pyetcd_errors():
             names = staged_regions(self._backend, self._layout) if regions is None else regions
             return {region: self._step(region) for region in names}
 
@@ -289,7 +272,7 @@ class Driver:
     def _manual(
         self, region: str, move: Callable[[View, rollout.Gate], rollout.Gate]
     ) -> rollout.Gate:
-        with _pyetcd_errors():
+        with etcdapi.pyetcd_errors():
             return self._move(region, move)
 
     def _move(

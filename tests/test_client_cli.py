@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gleam import cli, client, keys, messages
+from gleam import cli, client, connection, keys, messages
 from gleam.embedded import EtcdServer, free_port
 from tests.support import ROOT
 
@@ -201,6 +201,20 @@ def test_data_from_a_file(run: Cli, etcd: Any, layout: keys.Layout, tmp_path: Pa
             ["-target", "node/a", "-fn", "print", "-wait", "-1"],
             "-wait: SECONDS must not be negative",
         ),
+        # A NaN or infinite wait would never end (NaN: polling etcd without a pause).
+        (["-target", "node/a", "-fn", "print", "-wait", "nan"], "(got nan)"),
+        (["-target", "node/a", "-fn", "print", "-wait", "inf"], "(got inf)"),
+        (
+            ["-target", "region/a", "-fn", "print", "-rollout", "100%", "-wait", "1e999"],
+            "(got inf)",
+        ),
+        (["call", "node/a", "print", "-wait", "NaN"], "-wait: SECONDS must not be negative, nan"),
+        # int() refuses these though str.isdigit() takes them: once a traceback.
+        (
+            ["-target", "region/a", "-fn", "print", "-rollout", "\u00b2"],
+            "-rollout: rollout.waves[0]",
+        ),
+        (["-target", "region/a", "-fn", "print", "-rollout", "9" * 5000], "is neither a count"),
         (["-prefix", "gleam/", "info"], "-prefix"),
         (["-user", "u", "-password_file", "/etc/passwd", "info"], "-password_file: '/etc/passwd'"),
     ],
@@ -310,6 +324,65 @@ def test_info_node_and_region_list_keys_and_values(
         ("node/db-1", "etcd", None),
         ("node/web-1", "print", "hi"),
     ]
+
+
+class Recording:
+    """A real pyetcd client (what gleam.client and the CLI are given) that records the
+    gets and ranges it is asked for, directly or through gleam.etcdapi: (method, key)."""
+
+    READS = ("get", "get_response", "get_prefix", "get_prefix_response", "get_range",
+             "transaction")  # fmt: skip
+
+    def __init__(self, etcd: Any) -> None:
+        self._etcd = etcd
+        self.reads: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._etcd, name)
+        if name not in self.READS:
+            return found
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.reads.append((name, str(args[0]) if args else ""))
+            return found(*args, **kwargs)
+
+        return recorded
+
+
+def test_info_reads_the_registrations_once_and_still_names_the_invalid_one(
+    run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(etcd, layout, "web-1", "eu")
+    etcd.put(layout.info_key("broken"), b'{"id": "broken", "pid": "many"}')
+    recordings: list[Recording] = []
+
+    def connect(settings: connection.Settings) -> Recording:
+        recordings.append(Recording(real_connect(settings)))
+        return recordings[-1]
+
+    real_connect = connection.connect
+    monkeypatch.setattr(connection, "connect", connect)
+    code, out, err = run("info")
+    assert (code, err) == (0, "")
+    assert [r.reads for r in recordings] == [[("get_prefix_response", layout.info_prefix)]]
+    lines = out.splitlines()
+    assert [line.split(None, 1)[0] for line in lines[1:]] == [
+        layout.info_key("web-1"),
+        layout.info_key("broken"),
+    ]
+    assert json.loads(lines[1].split(None, 1)[1])["id"] == "web-1"
+    assert lines[2].split(None, 2)[1:] == [
+        "(invalid)",
+        "registration is missing or has a bad field: "
+        "invalid literal for int() with base 10: 'many'",
+    ]
+    code, doc = run.json("info")
+    assert recordings[-1].reads == [("get_prefix_response", layout.info_prefix)]
+    assert [(a["id"], a["invalid"] and a["invalid"]["key"]) for a in doc["agents"]] == [
+        ("web-1", None),
+        ("broken", layout.info_key("broken")),
+    ]
+    assert doc["agents"][1]["invalid"]["error"] == lines[2].split(None, 2)[2]
 
 
 def test_send_json_output(run: Cli, layout: keys.Layout) -> None:
@@ -514,6 +587,21 @@ def test_data_from_standard_input(
     monkeypatch.setattr("sys.stdin", io.StringIO("nope"))
     code, _, err = run("-target", "node/b", "-fn", "print", "-data", "@-")
     assert code == 2 and "-data: standard input is not valid JSON" in err
+
+
+def test_data_past_what_a_task_can_hold_is_not_read_to_the_end(
+    run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """@/dev/zero or an endless pipe once read until memory ran out."""
+    code, _, err = run("-target", "node/a", "-fn", "print", "-data", "@/dev/zero")
+    assert code == 2 and f"-data: file '/dev/zero' holds over {cli.MAX_DATA_TEXT} " in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(" " * cli.MAX_DATA_TEXT + "1"))
+    code, _, err = run("call", "node/a", "print", "@-")
+    assert code == 2 and "call DATA: standard input holds over" in err
+    assert task_values(etcd, layout) == {}
+    # Indented data up to the bound is read whole: what the task holds is what counts.
+    monkeypatch.setattr("sys.stdin", io.StringIO(" " * (cli.MAX_DATA_TEXT - 1) + "1"))
+    assert run("-target", "node/a", "-fn", "print", "-data", "@-")[0] == 0
 
 
 def test_empty_listings_print_nothing_and_say_so_on_stderr(run: Cli, layout: keys.Layout) -> None:

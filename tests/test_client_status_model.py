@@ -141,7 +141,7 @@ def test_an_invalid_stored_message_is_shown_not_fatal() -> None:
 
 
 def unreadable(*items: tuple[str, bytes]) -> tuple[invalid_records.InvalidRecord, ...]:
-    return invalid_records.find(items, LAYOUT)
+    return invalid_records.decode(items, LAYOUT).invalid
 
 
 GARBAGE_RESULTS = unreadable(
@@ -238,10 +238,6 @@ def test_unreadable_records_are_read_at_the_snapshot_revision() -> None:
     etcd.txn([], [put("/gleam/result/c/node/c", b"later garbage")])
     found = invalid_records.read(etcd, LAYOUT, revision=at)
     assert [r.key for r in found] == ["/gleam/info/b", "/gleam/result/a/node/a"]
-    kinds = (invalid_records.RecordKind.REGISTRATION,)
-    assert [r.key for r in invalid_records.read(etcd, LAYOUT, revision=0, kinds=kinds)] == [
-        "/gleam/info/b"
-    ]
     assert [r.key for r in invalid_records.read(etcd, LAYOUT, revision=0)] == [
         "/gleam/info/b",
         "/gleam/result/c/node/c",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gleam import cli, client, keys, messages
+from gleam import cli, client, keys, messages, rollout
 from gleam.embedded import EtcdServer
 from tests.reconcile_support import OpsRepo
 from tests.support import ROOT
@@ -182,6 +182,86 @@ def test_info_lists_the_good_registration_and_names_the_broken_ones_invalid(
     agents = json.loads(out)["agents"]
     assert [a["id"] for a in agents] == ["good", *broken]
     assert [a["invalid"]["key"] for a in agents[1:]] == [layout.info_key(n) for n in broken]
+
+
+def test_a_registration_stored_under_another_agents_key_is_named_invalid_everywhere(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    """Only an agent writes its registration, under its own id: one naming another id
+    (an impostor of a live agent, an id that is no agent id) or under a key that is no
+    agent id was written by hand. It is listed as invalid with its key, not as a live
+    agent (info once crashed rebuilding its key from the id)."""
+
+    def info(agent_id: str) -> bytes:
+        return messages.AgentInfo(
+            agent_id, "h", 1, ["eu"], "0.1", "2026-11-28T22:00:00Z", "/s"
+        ).encode()
+
+    etcd.put(layout.info_key("good"), info("good"))
+    bad = {
+        layout.info_key("impostor"): info("good"),
+        layout.info_key("escape"): info("web\x1b[2J"),
+        layout.info_prefix + "../x": info("../x"),
+        layout.info_prefix: info(""),
+    }
+    for key, value in bad.items():
+        etcd.put(key, value)
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "info")
+    assert_clean(code, out, err)
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    assert [row[0] for row in rows] == [layout.info_key("good"), *sorted(bad)]
+    assert all(row[1:2] == ["(invalid)"] for row in rows[1:]), rows
+    assert "is for agent id 'good', not 'impostor' as its key says" in out
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "status", "--output", "json")
+    assert_clean(code, out, err, codes=(1,))
+    doc = json.loads(out)
+    assert [(a["id"], a["invalid"] and a["invalid"]["key"]) for a in doc["agents"]] == [
+        ("good", None),
+        *((key[len(layout.info_prefix) :], key) for key in sorted(bad)),
+    ]
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "-target", "eu", "-fn", "print")
+    assert_clean(code, out, err)
+    assert out.split()[:2] == ["wrote", layout.region_key("eu")]
+
+
+def test_rollout_commands_show_hostile_gate_records_escaped(
+    etcd_server: EtcdServer, etcd: Any, layout: keys.Layout
+) -> None:
+    """Gate records hold what etcd holds: a region name (from the key), the gate's key
+    and reason. `rollout status`, the driver's lines on a promote and a refusal show
+    them escaped, never as raw escape sequences; a gate whose members are no agent ids
+    is invalid (its driver would read their result keys), not a traceback."""
+    plan = rollout.parse_plan({"waves": [1, "100%"]}).to_json()
+    revisions = {}
+    for region in ("web", "db", "bad"):
+        etcd.put(layout.region_key(region), messages.Task("print", None, rollout=plan).encode())
+        revisions[region] = int(etcd.get(layout.region_key(region))[1].mod_revision)
+
+    def gate(region: str, state: str, *, wave: int = 2, members: Any = ("a", "b")) -> bytes:
+        return json.dumps(
+            {"key": "\x1b[31m", "revision": revisions[region], "state": state, "wave": wave,
+             "waves": 2, "members": list(members), "admitted": ["a"], "failed": ["a"],
+             "reason": "\x1b]0;pwned\x07 boom"}
+        ).encode()  # fmt: skip
+
+    etcd.put(layout.rollout_key("web"), gate("web", "halted"))
+    etcd.put(layout.rollout_key("db"), gate("db", "complete"))
+    etcd.put(layout.rollout_key("bad"), gate("bad", "halted", wave=1, members=["a", "\x1b[2J"]))
+    etcd.put(layout.rollout_prefix + "eu\x1b[2J", gate("web", "halted"))
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "rollout", "status")
+    assert_clean(code, out, err, codes=(1,))
+    assert [line.split()[0] for line in out.splitlines()] == ["db", "eu\\x1b[2J", "web"]
+    assert out.count("\\x1b[31m @") == 3 and out.count("\\x1b]0;pwned\\x07 boom") == 3
+    code, out, err = gleam_client(etcd_server.endpoint, layout, "rollout", "promote", "web")
+    assert_clean(code, out, err)
+    assert f"rollout \\x1b[31m @{revisions['web']} complete" in out
+    for verb, region, why in (
+        ("abort", "db", f"the rollout of \\x1b[31m @{revisions['db']} is complete"),
+        ("promote", "bad", "region bad has no rollout for its current task"),
+    ):
+        code, out, err = gleam_client(etcd_server.endpoint, layout, "rollout", verb, region)
+        assert (code, out) == (1, "") and "\x1b" not in err and "Traceback" not in err, err
+        assert why in err
 
 
 def test_reconcile_dry_run_and_apply_show_hostile_current_values_without_crashing(

@@ -125,6 +125,22 @@ def test_the_gate_record_round_trips_and_refuses_garbage() -> None:
     for raw in (b"", b"[]", b"{}", b'{"admitted": 1}', b"\xff", b"[" * 100000):
         with pytest.raises(rollout.RolloutError):
             rollout.decode_gate(raw)
+    # Members, admitted and failed are agent ids: a driver reads each one's result key.
+    doc = json.loads(gate.encode())
+    for field in ("members", "admitted", "failed"):
+        for bad in ("", "../x", "a\x1b[2J"):
+            with pytest.raises(rollout.RolloutError, match="agent id"):
+                rollout.decode_gate(json.dumps({**doc, field: ["a", bad]}).encode())
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["\u00b2", "\u0661,100%", "9" * 5000, "1,25%," + "9" * 5000, "", "1,,100%", "-1,100%"],
+    ids=["superscript", "arabic-indic", "5000-digits", "5000-digits-later", "empty", "gap", "neg"],
+)
+def test_any_waves_flag_gives_waves_or_a_rollout_error(flag: str) -> None:
+    with pytest.raises(rollout.RolloutError, match=r"rollout\.waves"):
+        rollout.parse_waves_flag(flag)
 
 
 def _step(

@@ -79,6 +79,22 @@ def test_the_driver_starts_a_staged_task_and_admits_wave_by_wave_until_complete(
     assert lines[-1] == f"rollout {LAYOUT.region_key('web')} @{revision} complete"
 
 
+def test_a_registration_not_stored_under_its_own_id_makes_no_member(
+    etcd: fake_etcd.FakeEtcd,
+) -> None:
+    """A registration written by hand under another key (naming web-1 again, or an id
+    that is no agent id) is not a live agent: web-1 is not admitted twice."""
+    web_1 = messages.AgentInfo("web-1", "h", 1, ["web"], "1", "2026-11-30T07:00:00Z", "/s")
+    etcd.put(LAYOUT.info_key("web-9"), web_1.encode())
+    other = messages.AgentInfo("../x", "h", 1, ["web"], "1", "2026-11-30T07:00:00Z", "/s")
+    etcd.put(LAYOUT.info_prefix + "../x", other.encode())
+    send_staged(etcd, waves=["100%"])
+    view = rollout_driver.read(etcd, LAYOUT, "web")
+    assert view.region_agents == tuple(AGENTS) and "web-9" not in view.live
+    gate = rollout_driver.Driver(etcd, LAYOUT).step("web")
+    assert gate is not None and sorted(gate.members) == AGENTS
+
+
 def test_a_gate_write_loses_when_the_gate_or_the_task_changed_since_the_read(
     etcd: fake_etcd.FakeEtcd,
 ) -> None:
