@@ -79,13 +79,10 @@ def worktree_digest(values: Mapping[str, bytes]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _entries(
-    layout: keys.Layout,
-    parsed: Iterable[parseworker.Result],
-    problems: Iterable[manifests.ManifestError] = (),
+def _keyed(
+    layout: keys.Layout, loaded: Mapping[keys.Target, manifests.Manifest]
 ) -> dict[str, manifests.Manifest]:
-    # A refused path may be reported by two listings (the diff and the tree): once.
-    loaded = manifests.gather(parsed, problems=dict.fromkeys(problems))
+    """The manifests by target as the etcd keys they become."""
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
@@ -93,8 +90,7 @@ def read_worktree(layout: keys.Layout, repo: Path, source: gitsource.Source | No
     """Every manifest as the files are on disk; `commit` is the HEAD they sit on, if
     any, for information only."""
     snapshot = gitsource.read_worktree(repo)
-    parsed = (manifests.parse_file(path, raw) for path, raw in snapshot.files)
-    entries = _entries(layout, parsed, snapshot.problems)
+    entries = _keyed(layout, manifests.load(snapshot.files, problems=snapshot.problems))
     head = None
     if source is not None:
         try:
@@ -143,10 +139,13 @@ def read_commit(
             problems.append(target)
     paths = [path for t in targets for path in manifests.paths_for(t)]
     listing = source.list_paths(head, paths)
+    # A refused path may be reported by two listings (the diff and the tree): once.
+    loaded = manifests.gather(
+        _parse(source, list(listing.blobs), None),
+        problems=dict.fromkeys([*problems, *listing.problems]),
+    )
     return Desired(
-        entries=_entries(
-            layout, _parse(source, list(listing.blobs), None), [*problems, *listing.problems]
-        ),
+        entries=_keyed(layout, loaded),
         scope=frozenset(layout.task_key(t) for t in targets),
         source="commit",
         commit=head,
@@ -182,7 +181,7 @@ def read_full(
     finally:
         if worker is not None:
             worker.stop()
-    entries = {layout.task_key(target): m for target, m in loaded.items()}
+    entries = _keyed(layout, loaded)
     if cache and missing:
 
         def cached_now() -> dict[str, bytes]:
