@@ -121,8 +121,7 @@ def read_commit(
     changed since the record's commit (INCREMENTAL). Raises manifests.InvalidManifests
     or gitsource.GitError."""
     if mode == FULL or record is None or record.commit is None or record.last is None:
-        worker = early_worker(source, cache=cache)
-        return read_full(layout, source, head, cache=cache, worker=worker)
+        return read_full(layout, source, head, cache=cache)
     parseworker.discard_prestarted()  # it would parse the whole tree
     # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
     # as errors like any invalid manifest, before anything is read.
@@ -139,11 +138,10 @@ def read_commit(
             problems.append(target)
     paths = [path for t in targets for path in manifests.paths_for(t)]
     listing = source.list_paths(head, paths)
+    with _Parser(source) as parser:
+        parsed = parser.parse(list(listing.blobs))
     # A refused path may be reported by two listings (the diff and the tree): once.
-    loaded = manifests.gather(
-        _parse(source, list(listing.blobs), None),
-        problems=dict.fromkeys([*problems, *listing.problems]),
-    )
+    loaded = manifests.gather(parsed, problems=dict.fromkeys([*problems, *listing.problems]))
     return Desired(
         entries=_keyed(layout, loaded),
         scope=frozenset(layout.task_key(t) for t in targets),
@@ -161,26 +159,21 @@ def read_full(
     commit: str,
     *,
     cache: bool = True,
-    worker: parseworker.Worker | None = None,
 ) -> Desired:
     """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
-    the others are read from git and parsed, many of them on two cores (parseworker).
-    `worker` is a parse worker started early for this read (used or stopped here)."""
-    try:
+    the others are read from git and parsed, many of them on two cores (parseworker),
+    with a worker started before the listing (early_worker)."""
+    with _Parser(source, early_worker(source, cache=cache)) as parser:
         listing = source.list_tree(commit)
         blobs = listing.blobs
         cache_path = parsecache.path_for(source.git_dir)
         cached = parsecache.load(cache_path) if cache else {}
         known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
         missing = [(path, sha) for path, sha in blobs if sha not in cached]
-        parsed = _parse(source, missing, worker)
-        worker = None  # _parse used or stopped it
-        loaded = manifests.gather(
-            itertools.chain(manifests.cached(known), parsed), problems=listing.problems
-        )
-    finally:
-        if worker is not None:
-            worker.stop()
+        parsed = parser.parse(missing)
+    loaded = manifests.gather(
+        itertools.chain(manifests.cached(known), parsed), problems=listing.problems
+    )
     entries = _keyed(layout, loaded)
     if cache and missing:
 
@@ -207,20 +200,36 @@ def read_full(
     )
 
 
-def _parse(
-    source: gitsource.Source,
-    missing: list[tuple[str, str]],
-    worker: parseworker.Worker | None,
-) -> Iterable[parseworker.Result]:
-    """parse_file's result for each missing (path, blob id), in read_blobs' order: on
-    two cores when there are many, else as the blobs stream in."""
-    if parseworker.worth_it(len(missing)):
-        worker = worker or parseworker.Worker.start()
-        if worker is not None:
-            return worker.parse(source, missing)
-    if worker is not None:
-        worker.stop()
-    return (manifests.parse_file(path, raw) for path, raw in source.read_blobs(missing))
+class _Parser:
+    """How one read parses its files, and the one holder of its parse worker (one
+    started early, or one started here for many files): the worker is stopped when
+    the `with` block ends, whatever ends it (results, an exception, a read that had too
+    few files to use it). A read ends the block once it has the results, so that the
+    child, which may still be parsing blobs this process has done, is not left to run
+    beside the rest of the pass."""
+
+    def __init__(self, source: gitsource.Source, worker: parseworker.Worker | None = None) -> None:
+        self.source = source
+        self.worker = worker
+
+    def __enter__(self) -> _Parser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def parse(self, missing: list[tuple[str, str]]) -> Iterable[parseworker.Result]:
+        """parse_file's result for each (path, blob id), in read_blobs' order: on two
+        cores when there are many (all there when this returns), else as the blobs
+        stream in (a generator of this process's own, which needs no worker and may be
+        read after the block)."""
+        if parseworker.worth_it(len(missing)):
+            if self.worker is None:
+                self.worker = parseworker.Worker.start()
+            if self.worker is not None:
+                return self.worker.parse(self.source, missing)
+        return (manifests.parse_file(path, raw) for path, raw in self.source.read_blobs(missing))
 
 
 def early_worker(source: gitsource.Source, *, cache: bool) -> parseworker.Worker | None:

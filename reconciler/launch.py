@@ -156,12 +156,8 @@ def main() -> NoReturn:
     from reconciler import cli, parseworker
 
     gc.enable()
-    if early is not None:
-        parseworker.adopt_prestarted(early)
-    try:
+    with parseworker.offered(early):
         status = cli.main(argv)
-    finally:
-        parseworker.discard_prestarted()
     leave(status)
 
 

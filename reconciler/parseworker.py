@@ -45,7 +45,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -162,8 +162,11 @@ def unframe(buffer: bytearray) -> list[Any]:
 
 class Worker:
     """The child process, started before it is needed so that its start-up overlaps the
-    parent's own work; used at most once, and stopped by parse() or stop(). `listed`:
-    it lists HEAD itself (started by reconciler.launch) instead of reading a request."""
+    parent's own work; used at most once. Whoever holds it stops it, and only that one:
+    `with worker:` (or stop()) around everything between its start and its results,
+    so that no path (an error, invalid manifests, a read that parses too little to use
+    it) leaves it running. `listed`: it lists HEAD itself (started by
+    reconciler.launch) instead of reading a request."""
 
     def __init__(self, proc: subprocess.Popen[bytes], *, listed: bool = False) -> None:
         self.proc = proc
@@ -180,7 +183,15 @@ class Worker:
             return None
         return cls(proc)
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
+        """Kill the child (it may still be parsing blobs this process has done) and
+        reap it."""
         if self.proc.poll() is None:
             self.proc.kill()
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -192,12 +203,9 @@ class Worker:
         """parse_file's result for each (path, blob id), in gitsource.Source.read_blobs'
         order, exactly as `[parse_file(p, raw) for p, raw in source.read_blobs(blobs)]`
         gives them; the child parses from the back. Raises what that would raise
-        (gitsource.GitError), from this process's own reading."""
-        jobs = gitsource.blob_order(blobs)
-        try:
-            return self._parse(source, jobs)
-        finally:
-            self.stop()
+        (gitsource.GitError), from this process's own reading. The child is left for
+        the holder to stop."""
+        return self._parse(source, gitsource.blob_order(blobs))
 
     def _parse(self, source: gitsource.Source, jobs: list[Job]) -> list[Result]:
         results: list[list[Result] | None] = [None] * len(jobs)
@@ -304,6 +312,19 @@ class _Child:
 _prestarted: Worker | None = None
 
 
+@contextlib.contextmanager
+def offered(proc: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """Offer the child reconciler.launch started (`proc`, if any) to the passes run in
+    the block (take_prestarted); on leaving it, stop it if none took it (an
+    incremental pass, a --worktree one, an error before anything was read)."""
+    if proc is not None:
+        adopt_prestarted(proc)
+    try:
+        yield
+    finally:
+        discard_prestarted()
+
+
 def adopt_prestarted(proc: subprocess.Popen[bytes]) -> None:
     global _prestarted
     discard_prestarted()
@@ -311,14 +332,15 @@ def adopt_prestarted(proc: subprocess.Popen[bytes]) -> None:
 
 
 def take_prestarted() -> Worker | None:
-    """The prestarted worker, once (the taker uses or stops it)."""
+    """The prestarted worker, once: the taker holds it from then on (and stops it)."""
     global _prestarted
     worker, _prestarted = _prestarted, None
     return worker
 
 
 def discard_prestarted() -> None:
-    """Stop the prestarted worker if no pass took it (an incremental pass, say)."""
+    """Stop the prestarted worker if no pass took it (offered's end, or a pass that
+    has no use for a list of HEAD: an incremental one)."""
     worker = take_prestarted()
     if worker is not None:
         worker.stop()

@@ -5,14 +5,19 @@ killed or sends garbage only costs time, never a wrong result."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
 import io
 import itertools
 import logging
 import marshal
+import os
 import posixpath
 import struct
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +115,7 @@ def test_two_processes_parse_exactly_what_one_does(tree: Tree, commit: str, capl
     blobs = tree.blobs(getattr(tree, commit))
     worker = parseworker.Worker.start()
     assert worker is not None
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     assert "stopped helping" not in caplog.text  # its results were used, not dropped
     assert worker.proc.returncode is not None  # stopped
@@ -192,7 +197,7 @@ def _fallback(tree: Tree, worker: parseworker.Worker | None, caplog: Any) -> str
     assert worker is not None
     worker.proc.wait()  # gone (or done writing) before the parent reads anything
     blobs = tree.blobs(tree.broken)
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     return caplog.text
 
@@ -354,7 +359,7 @@ def test_a_worker_that_listed_head_itself_parses_exactly_what_one_process_does(
 ) -> None:
     worker = _listed_worker(tree)
     blobs = tree.blobs(tree.broken)  # HEAD
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     assert "stopped helping" not in caplog.text  # its listing matched: its results used
 
@@ -374,7 +379,7 @@ def test_a_worker_that_listed_another_commit_is_not_used(tree: Tree, caplog: Any
     the child's results are for other blobs, and none of them is taken."""
     worker = _listed_worker(tree)  # lists HEAD: the broken commit
     blobs = tree.blobs(tree.valid)
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     assert "it listed other files" in caplog.text
 
@@ -426,3 +431,132 @@ def test_a_full_read_takes_the_prestarted_worker(tree: Tree, monkeypatch: Any, c
     with pytest.raises(manifests.InvalidManifests) as alone:
         desired.read_commit(LAYOUT, tree.source, tree.broken, None, mode=desired.FULL, cache=False)
     assert got.value.errors == alone.value.errors
+
+
+# Who stops the worker: the read that holds it, once, whatever ends the read -------------
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """Every parse worker started while a test runs, and how often each was stopped."""
+
+    procs: list[subprocess.Popen[bytes]]
+    stops: collections.Counter[int]  # by pid
+
+    def assert_each_stopped_once(self) -> None:
+        assert self.procs, "no parse worker was started"
+        for proc in self.procs:
+            # stop() reaps the child: its status is known at once, and its pid goes.
+            assert proc.returncode is not None, "left running"
+            assert self.stops[proc.pid] == 1, f"stopped {self.stops[proc.pid]} times"
+            assert _gone(proc.pid)
+
+
+def _gone(pid: int, *, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _full(tree: Tree, commit: str, *, cache: bool = True) -> desired.Desired:
+    return desired.read_commit(LAYOUT, tree.source, commit, None, mode=desired.FULL, cache=cache)
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> Spawned:
+    seen = Spawned([], collections.Counter())
+    spawn, stop = launch.spawn_worker, parseworker.Worker.stop
+
+    def counted_spawn(argv: Any = None) -> subprocess.Popen[bytes]:
+        proc = spawn(argv)
+        seen.procs.append(proc)
+        return proc
+
+    def counted_stop(worker: parseworker.Worker) -> None:
+        seen.stops[worker.proc.pid] += 1
+        stop(worker)
+
+    monkeypatch.setattr(launch, "spawn_worker", counted_spawn)
+    monkeypatch.setattr(parseworker.Worker, "stop", counted_stop)
+    # Every full read starts its worker early, before it knows the count.
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(launch, "likely_full_parse", lambda git_dir, *, cache: True)
+    return seen
+
+
+def test_a_read_of_a_commit_git_cannot_list_stops_the_early_worker(
+    tree: Tree, spawned: Spawned
+) -> None:
+    with pytest.raises(gitsource.GitError):
+        _full(tree, "0" * 40, cache=False)
+    spawned.assert_each_stopped_once()
+
+
+def test_a_read_that_finds_invalid_manifests_stops_its_worker(
+    tree: Tree, spawned: Spawned, caplog: Any
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG, logger="gleam.reconcile"),
+        pytest.raises(manifests.InvalidManifests),
+    ):
+        _full(tree, tree.broken, cache=False)
+    assert "in the parse worker" in caplog.text  # it was used
+    spawned.assert_each_stopped_once()
+
+
+def test_a_read_that_fails_while_parsing_stops_its_worker_once(
+    tree: Tree, spawned: Spawned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = itertools.count()
+    parse_file = manifests.parse_file
+
+    def failing(path: str, raw: bytes) -> parseworker.Result:
+        if next(calls) == 100:
+            raise RuntimeError("disk on fire")
+        return parse_file(path, raw)
+
+    monkeypatch.setattr(manifests, "parse_file", failing)  # in this process, not the child
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _full(tree, tree.valid, cache=False)
+    spawned.assert_each_stopped_once()
+
+
+def test_a_read_with_everything_cached_stops_the_worker_it_did_not_need(
+    tree: Tree, spawned: Spawned
+) -> None:
+    cache = parsecache.path_for(tree.source.git_dir)
+    cache.unlink(missing_ok=True)
+    first = _full(tree, tree.valid)
+    spawned.procs.clear()
+    again = _full(tree, tree.valid)  # nothing left to parse
+    assert again.values == first.values
+    spawned.assert_each_stopped_once()
+    parsecache.load(cache)  # waits for the save
+    cache.unlink()
+
+
+def test_an_incremental_read_of_many_changes_stops_the_worker_it_started(
+    tree: Tree, spawned: Spawned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parseworker, "THRESHOLD", 1)
+    applied = records.Apply("commit", tree.valid, "t", SIZE, "d")
+    record = records.after(None, applied)
+    with pytest.raises(manifests.InvalidManifests):
+        desired.read_commit(LAYOUT, tree.source, tree.broken, record, mode=desired.INCREMENTAL)
+    spawned.assert_each_stopped_once()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_prestarted_worker_no_pass_took_is_stopped_on_leaving(
+    tree: Tree, spawned: Spawned, fails: bool
+) -> None:
+    command = launch.worker_command("--list", str(tree.source.path))
+    with contextlib.suppress(RuntimeError), parseworker.offered(launch.spawn_worker(command)):
+        assert parseworker._prestarted is not None
+        if fails:
+            raise RuntimeError("the pass failed before it read anything")
+    assert parseworker._prestarted is None
+    spawned.assert_each_stopped_once()
