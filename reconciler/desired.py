@@ -235,12 +235,13 @@ class _Parser:
 def early_worker(source: gitsource.Source, *, cache: bool) -> parseworker.Worker | None:
     """A parse worker started before the tree is listed: the one reconciler.launch
     started before the imports, if any, else a new one when a full read will likely
-    parse enough files for one (launch.likely_full_parse). Its start-up then overlaps
-    the listing; read_full decides with the exact count."""
+    parse enough files for one (launch.likely_full_parse, launch.has_manifests). Its
+    start-up then overlaps the listing; read_full decides with the exact count."""
     prestarted = parseworker.take_prestarted()
     if prestarted is not None:
         log.debug("parsing with the worker started before the imports")
         return prestarted
-    if parseworker.usable_cpus() < 2 or not launch.likely_full_parse(source.git_dir, cache=cache):
+    likely = launch.likely_full_parse(source.git_dir, cache=cache)
+    if parseworker.usable_cpus() < 2 or not likely or not launch.has_manifests(source.path):
         return None
     return parseworker.Worker.start()

@@ -38,6 +38,9 @@ MIN_FILES = 2000
 INDEX_BYTES_PER_FILE = 80
 # The parse cache's file in the git directory (reconciler.parsecache).
 CACHE_FILE = "gleam-reconcile-manifests.cache"
+# Where manifests live, and their extensions (reconciler.manifests: not imported here).
+MANIFEST_DIRS = ("tasks/nodes", "tasks/regions")
+EXTENSIONS = (".yaml", ".yml")
 
 
 def usable_cpus() -> int:
@@ -58,6 +61,23 @@ def likely_full_parse(git_dir: Path, *, cache: bool) -> bool:
     except OSError:  # a name too long, a directory that cannot be searched: no guess
         return False
     return index_size >= MIN_FILES * INDEX_BYTES_PER_FILE
+
+
+def has_manifests(work_tree: Path) -> bool:
+    """Whether the work tree holds a manifest: a large index alone may be a repository
+    whose files are all elsewhere, with no tasks/ (or an empty one), where a worker
+    would be started only to find nothing to parse. Stops at the first one found, the
+    first entry in a fleet's tree (counting up to MIN_FILES would tell more, but cost
+    about a millisecond on every run); the work tree stands for HEAD, as it does in a
+    CI checkout."""
+    for name in MANIFEST_DIRS:
+        try:
+            with os.scandir(work_tree / name) as entries:
+                if any(entry.name.endswith(EXTENSIONS) for entry in entries):
+                    return True
+        except OSError:  # no such directory, not one, one that cannot be read
+            continue
+    return False
 
 
 def worker_command(*args: str) -> list[str]:
@@ -118,7 +138,7 @@ def prestart_checkout(argv: Sequence[str], environ: Mapping[str, str]) -> str | 
         return None
     if not is_checkout or not likely_full_parse(git_dir, cache=not words & NO_CACHE):
         return None
-    return repo
+    return repo if has_manifests(Path(repo)) else None
 
 
 def _prestart(argv: Sequence[str]) -> subprocess.Popen[bytes] | None:
