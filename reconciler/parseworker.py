@@ -357,10 +357,57 @@ def _send(pipe: IO[bytes], data: bytes) -> None:
 # The child's side --------------------------------------------------------------------
 
 
-def _read_frame(pipe: IO[bytes]) -> Any:
+class BadRequest(Exception):
+    """The request on stdin is missing or malformed; the text says how."""
+
+
+class NoRequest(BadRequest):
+    """stdin ended before a byte of the request: the parent went away (or never meant
+    to send one). Nothing to say about it."""
+
+
+def _read_request(pipe: IO[bytes]) -> tuple[Path, list[Job]]:
+    """The request: (checkout, jobs). A length is read in chunks as the bytes arrive,
+    so a wrong one costs no more memory than what was really sent."""
     head = pipe.read(_LENGTH.size)
+    if not head:
+        raise NoRequest("no request on stdin")
+    if len(head) < _LENGTH.size:
+        raise BadRequest("the request ends inside its length")
     (size,) = _LENGTH.unpack(head)
-    return marshal.loads(pipe.read(size))
+    body = bytearray()
+    while len(body) < size:
+        chunk = pipe.read(min(size - len(body), SEND_BYTES))
+        if not chunk:
+            raise BadRequest(f"the request ends after {len(body)} of its {size} bytes")
+        body += chunk
+    try:
+        value = marshal.loads(body)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise BadRequest(f"the request cannot be read ({exc})") from None
+    return request_from(value)
+
+
+def request_from(value: Any) -> tuple[Path, list[Job]]:
+    """A decoded request as (checkout, jobs), or BadRequest for any other shape. Pure."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise BadRequest("the request is not a (checkout, jobs) pair")
+    where, jobs = value
+    if type(where) is not str or not where or "\0" in where:
+        raise BadRequest("the request's checkout is not a path")
+    if not isinstance(jobs, list):
+        raise BadRequest("the request's jobs are not a list")
+    for job in jobs:
+        if (
+            not isinstance(job, tuple)
+            or len(job) != 2
+            or type(job[0]) is not str
+            or not isinstance(job[1], list)
+            or not job[1]
+            or any(type(path) is not str for path in job[1])
+        ):
+            raise BadRequest("a job of the request is not (blob id, [path, ...])")
+    return Path(where), jobs
 
 
 class _Writer:
@@ -408,8 +455,7 @@ def serve(stdin: IO[bytes] | None, stdout: IO[bytes], *, listed: Path | None = N
         checkout = source.path
     else:
         assert stdin is not None
-        where, jobs = _read_frame(stdin)
-        checkout = Path(where)
+        checkout, jobs = _read_request(stdin)
     writer = _Writer(stdout)
     if listed is not None:
         writer.send((LISTED, jobs_digest(jobs)))
@@ -430,16 +476,35 @@ def serve(stdin: IO[bytes] | None, stdout: IO[bytes], *, listed: Path | None = N
     writer.close()
 
 
-def main() -> int:
+USAGE = (
+    "usage: python -m reconciler.parseworker [--list CHECKOUT] (parse HEAD of CHECKOUT, "
+    "or without it what the request on stdin names)"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 once every result is sent (or the parent stopped reading, or git failed: the
+    parent reads the same checkout and reports it); 1 with no request, 2 with a bad
+    one or bad flags, saying so in one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and (len(args) != 2 or args[0] != "--list" or not args[1]):
+        print(f"reconciler.parseworker: {USAGE}", file=sys.stderr)
+        return 2
     # A short-lived process that frees everything it builds by reference counting.
     gc.disable()
-    # A broken pipe: the parent has all it needs and stopped reading.
-    # A git error while listing: the parent reads the same checkout and reports it.
-    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt, gitsource.GitError):
-        if sys.argv[1:2] == ["--list"] and len(sys.argv) == 3:
-            serve(None, sys.stdout.buffer, listed=Path(sys.argv[2]))
-        else:
-            serve(sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        # A broken pipe: the parent has all it needs and stopped reading.
+        # A git error while listing: the parent reads the same checkout and reports it.
+        with contextlib.suppress(BrokenPipeError, KeyboardInterrupt, gitsource.GitError):
+            if args:
+                serve(None, sys.stdout.buffer, listed=Path(args[1]))
+            else:
+                serve(sys.stdin.buffer, sys.stdout.buffer)
+    except NoRequest:
+        return 1
+    except BadRequest as exc:
+        print(f"reconciler.parseworker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

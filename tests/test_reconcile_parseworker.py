@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -560,3 +561,75 @@ def test_a_prestarted_worker_no_pass_took_is_stopped_on_leaving(
             raise RuntimeError("the pass failed before it read anything")
     assert parseworker._prestarted is None
     spawned.assert_each_stopped_once()
+
+
+# The child's own input: its stdin and its flags -------------------------------------------
+
+
+def _run_worker(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The worker's command as launch runs it, with its stderr kept."""
+    return subprocess.run(
+        launch.worker_command(*args), input=stdin, capture_output=True, timeout=120
+    )
+
+
+def test_a_worker_whose_parent_sends_nothing_exits_quietly() -> None:
+    """stdin empty or closed at once: the parent died or dropped it before a word."""
+    done = _run_worker(stdin=b"")
+    assert done.returncode != 0
+    assert done.stderr == b"" and done.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("stdin", "said"),
+    [
+        (b"\x05\0\0", "the request ends inside its length"),
+        (b"\x05" + b"\0" * 7 + b"junk!", "the request cannot be read"),
+        (struct.pack("<Q", 2**63 - 1), "the request ends after 0 of its"),  # not allocated
+        (struct.pack("<Q", 2**40) + b"x" * 1000, "the request ends after 1000 of its"),
+        (parseworker.frame(("/tmp", [("1" * 40, [5])])), "a job of the request is not"),
+    ],
+)
+def test_a_worker_given_a_broken_request_says_so_in_one_line(stdin: bytes, said: str) -> None:
+    done = _run_worker(stdin=stdin)
+    assert done.returncode == 2 and done.stdout == b""
+    assert done.stderr.startswith(f"reconciler.parseworker: {said}".encode())
+    assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("args", [["--list"], ["--list", ""], ["--list", "a", "b"], ["-x", "a"]])
+def test_a_worker_given_other_flags_says_how_to_run_it(args: list[str]) -> None:
+    done = _run_worker(*args, stdin=b"")
+    assert done.returncode == 2
+    assert done.stderr.startswith(b"reconciler.parseworker: usage:")
+    assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        ("/tmp",),
+        ("/tmp", [], "more"),
+        (b"/tmp", []),
+        ("", []),
+        ("/tmp\0/x", []),
+        ("/tmp", ()),
+        ("/tmp", [("1" * 40,)]),
+        ("/tmp", [("1" * 40, [])]),
+        ("/tmp", [(b"1" * 40, ["tasks/nodes/a.yaml"])]),
+        ("/tmp", [("1" * 40, "tasks/nodes/a.yaml")]),
+        ("/tmp", [("1" * 40, [b"tasks/nodes/a.yaml"])]),
+        ("/tmp", [["1" * 40, ["tasks/nodes/a.yaml"]]]),
+    ],
+)
+def test_a_request_of_any_other_shape_is_refused(value: Any) -> None:
+    with pytest.raises(parseworker.BadRequest):
+        parseworker.request_from(value)
+    with pytest.raises(parseworker.BadRequest):
+        parseworker.serve(io.BytesIO(parseworker.frame(value)), io.BytesIO())
+
+
+def test_a_request_in_the_right_shape_is_taken() -> None:
+    jobs = [("1" * 40, ["tasks/nodes/a.yaml", "tasks/nodes/b.yml"])]
+    assert parseworker.request_from(("/tmp", jobs)) == (Path("/tmp"), jobs)
