@@ -131,6 +131,7 @@ def prestart_checkout(argv: Sequence[str], environ: Mapping[str, str]) -> str | 
                 repo = value
             elif index + 1 < len(argv):
                 repo = argv[index + 1]
+    repo = repo or "."  # as reconciler.cli reads an empty --repo
     git_dir = Path(repo) / ".git"
     try:
         is_checkout = git_dir.is_dir()

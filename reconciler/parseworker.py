@@ -262,7 +262,10 @@ class _Child:
         every result it sent is dropped: the parent does all the rest."""
         try:
             ended = False
-            while not ended:
+            # At most one largest frame more per look (what is left in the buffer is less
+            # than a frame): a child that writes on and on, faster than this loop reads,
+            # can neither keep the parent here nor fill its memory.
+            while not ended and len(self.buffer) <= MAX_FRAME:
                 try:
                     chunk = os.read(self.fd, 1 << 20)
                 except BlockingIOError:
@@ -291,9 +294,15 @@ class _Child:
         self.digest = None
 
     def _take(self, reply: Any, results: list[list[Result] | None], lowest: int) -> int:
+        # Each reply must move the child on by a blob at least (it sends none empty),
+        # so it can send no more of them than there are blobs.
         if not isinstance(reply, list):
             raise Misbehaved("a reply that is not a list")
+        if not reply:
+            raise Misbehaved("an empty reply")
         for item in reply:
+            if lowest == 0:
+                raise Misbehaved("a reply past the first blob")
             if not isinstance(item, tuple) or len(item) != 2 or item[0] != lowest - 1:
                 raise Misbehaved(f"a reply for another blob than #{lowest - 1}")
             index, raw = item

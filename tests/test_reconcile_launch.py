@@ -66,6 +66,15 @@ def test_a_pass_over_a_big_uncached_checkout_gets_a_worker_before_the_imports(
 
 
 @pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize("argv", [["--once", "--repo="], ["--once", "--repo", ""]])
+def test_an_empty_repo_is_the_working_directory_as_the_cli_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    monkeypatch.chdir(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout(argv, {}) == "."  # not "", which the worker refuses
+
+
+@pytest.mark.usefixtures("two_cpus")
 def test_the_checkout_may_come_from_the_environment(tmp_path: Path) -> None:
     repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
     assert launch.prestart_checkout(["--once"], {"GLEAM_REPO": repo}) == repo

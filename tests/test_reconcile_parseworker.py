@@ -223,6 +223,7 @@ def _child(*frames: bytes) -> list[str]:
         ((b"\x05" + b"\0" * 7 + b"junk!",), "an unreadable frame"),
         ((parseworker.frame([(0, [None])]),), "a reply for another blob than"),
         ((parseworker.frame("hello"),), "a reply that is not a list"),
+        ((parseworker.frame([]),) * 1000, "an empty reply"),  # moves nothing on
         ((struct.pack("<Q", 3) + b"\0",), "it exited"),  # a frame cut short
         ((struct.pack("<Q", parseworker.MAX_FRAME + 1) + b"x",), "a frame of"),  # not buffered
     ],
@@ -244,6 +245,54 @@ def test_a_worker_that_lies_about_a_manifest_in_the_wrong_shape_is_not_believed(
     lie = parseworker.frame([(last, [(b"{}", 7)] * len(paths))])
     log = _fallback(tree, parseworker.Worker.start(_child(lie)), caplog)
     assert "a malformed manifest for" in log
+
+
+def test_a_worker_that_answers_past_the_first_blob_is_not_believed(
+    tree: Tree, caplog: Any, tmp_path: Path
+) -> None:
+    """Every blob's right results, then one for blob #-1 (which Python would have taken
+    for the last one). Few blobs: the child's whole output fits in the pipe, and is
+    there at the parent's first look."""
+    blobs = tree.blobs(tree.broken)[:20]
+    jobs = gitsource.blob_order(blobs)
+    reply = io.BytesIO()
+    parseworker.serve(io.BytesIO(parseworker.frame((str(tree.source.path), jobs))), reply)
+    last = parseworker.unframe(bytearray(reply.getvalue()))[-1][-1]
+    output = tmp_path / "replies"
+    output.write_bytes(reply.getvalue() + parseworker.frame([(-1, last[1])]))
+    copy = f"import shutil, sys; shutil.copyfileobj(open({str(output)!r}, 'rb'), sys.stdout.buffer)"
+    worker = parseworker.Worker.start([sys.executable, "-c", copy])
+    assert worker is not None and len(output.read_bytes()) < 1 << 16
+    worker.proc.wait()
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+        assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    assert "a reply past the first blob" in caplog.text
+
+
+def test_a_worker_that_writes_on_and_on_does_not_hold_the_parent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However fast the child writes, one look at its pipe reads about one largest
+    frame, then judges what it read."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    jobs = [("1" * 40, ["tasks/nodes/a.yaml"])] * 4
+    reads = itertools.count()
+
+    def endless(fd: int, size: int) -> bytes:
+        assert next(reads) < 2 * parseworker.MAX_FRAME >> 20, "still reading"
+        return b"\0" * size  # frames of length 0: unreadable, once looked at
+
+    with parseworker.Worker(proc):
+        child = parseworker._Child(proc, jobs, None)
+        results: list[list[parseworker.Result] | None] = [None] * len(jobs)
+        with monkeypatch.context() as patched:
+            patched.setattr(parseworker.os, "read", endless)
+            assert child.collect(results, len(jobs), done=0) == len(jobs)
+        assert not child.alive and len(child.buffer) <= parseworker.MAX_FRAME + (1 << 20)
 
 
 # Pure pieces -------------------------------------------------------------------------------
