@@ -4,9 +4,9 @@ imports the rest.
 A full apply from a fresh clone spends its first 0.15-0.2 s importing gRPC, protobuf
 and the etcd client on one core while the other does nothing, and then parses YAML on
 both (reconciler.parseworker). So before those imports, when the command line asks for
-one pass over a checkout that looks like a big tree with no parse cache, the parse
-worker is started here and told to list HEAD itself: it parses while this process
-imports. The guess costs nothing when wrong: the worker's first word is a digest of the
+one pass over a checkout that looks like a big tree with no parse cache (a large git
+index, a manifest in its work tree's tasks/), the parse worker is started here and told
+to list HEAD itself: it parses while this process imports. The guess costs nothing when wrong: the worker's first word is a digest of the
 blobs it listed, and a pass that reads anything else (another commit, only the changes
 since the last apply, a work tree) drops it and parses as it would have.
 

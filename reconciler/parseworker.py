@@ -21,8 +21,10 @@ is used, and a slow child costs only time.
 Frames (both ways): an 8-byte little-endian length, then a `marshal` dump. The request
 is (checkout path, [(blob id, [path, ...]), ...]); each reply is a list of (blob index,
 [result per path]), a result being None (no manifest), (message bytes, function name),
-or a list of (path, line, message) errors. marshal reads only what the other side of a
-pipe between this program's own processes wrote.
+or a list of (path, line, message) errors; no reply is empty. marshal reads only what
+the other side of a pipe between this program's own processes wrote. A child whose
+stdin ends before the request starts (its parent went away) exits 1 without a word; a
+broken request, or flags other than `--list CHECKOUT`, exit 2 with one line on stderr.
 
 A child started by reconciler.launch before the parent's imports (`--list CHECKOUT`)
 gets no request: it lists HEAD's tree itself, says which blobs it listed (jobs_digest)
