@@ -6,9 +6,10 @@ and the etcd client on one core while the other does nothing, and then parses YA
 both (reconciler.parseworker). So before those imports, when the command line asks for
 one pass over a checkout that looks like a big tree with no parse cache (a large git
 index, a manifest in its work tree's tasks/), the parse worker is started here and told
-to list HEAD itself: it parses while this process imports. The guess costs nothing when wrong: the worker's first word is a digest of the
-blobs it listed, and a pass that reads anything else (another commit, only the changes
-since the last apply, a work tree) drops it and parses as it would have.
+to list HEAD itself: it parses while this process imports. The guess costs nothing
+when wrong: the worker's first word is a digest of the blobs it listed, and a pass that
+reads anything else (another commit, only the changes since the last apply, a work
+tree) drops it and parses as it would have.
 
 The decision reads the command line loosely (a flag it does not see only loses the
 head start); the real parsing is reconciler.cli's. This module imports nothing heavy.
@@ -69,12 +70,14 @@ def has_manifests(work_tree: Path) -> bool:
     would be started only to find nothing to parse. Stops at the first one found, the
     first entry in a fleet's tree (counting up to MIN_FILES would tell more, but cost
     about a millisecond on every run); the work tree stands for HEAD, as it does in a
-    CI checkout."""
+    CI checkout. Looks at MIN_FILES entries at most: past that many other files, there
+    is surely something to do (the look stays under a millisecond)."""
     for name in MANIFEST_DIRS:
         try:
             with os.scandir(work_tree / name) as entries:
-                if any(entry.name.endswith(EXTENSIONS) for entry in entries):
-                    return True
+                for seen, entry in enumerate(entries):
+                    if seen >= MIN_FILES or entry.name.endswith(EXTENSIONS):
+                        return True
         except OSError:  # no such directory, not one, one that cannot be read
             continue
     return False

@@ -184,6 +184,16 @@ def test_one_manifest_anywhere_is_enough_to_prestart(tmp_path: Path, where: str)
     assert launch.prestart_checkout(["--once", "--repo", repo], {}) == repo
 
 
+def test_the_look_for_a_manifest_stops_after_enough_other_files(tmp_path: Path) -> None:
+    nodes = tmp_path / "tasks" / "nodes"
+    nodes.mkdir(parents=True)
+    for n in range(launch.MIN_FILES):
+        (nodes / f"notes-{n}.txt").write_bytes(b"")
+    assert not launch.has_manifests(tmp_path)
+    (nodes / "one-more.txt").write_bytes(b"")
+    assert launch.has_manifests(tmp_path)  # without reading on through every entry
+
+
 def test_a_pass_in_a_big_repository_without_manifests_starts_no_worker_either(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
