@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +131,12 @@ def _number(values: dict[str, str | None], name: str, *, integer: bool = False) 
         value = int(raw or "") if integer else float(raw or "")
     except ValueError:
         raise flags.FlagError(f"-{name}: {raw!r} is not a number") from None
-    if value < 0 or (integer and value < 1):
+    # NaN fails every comparison, so a deadline of NaN seconds never comes (a hang), and
+    # a wait longer than the platform's timed waits take raises OverflowError: both
+    # refused here, by name, rather than found later by the loop that waits.
+    if not integer and not math.isfinite(value):
+        raise flags.FlagError(f"-{name}: {raw!r} is not a finite number")
+    if value < 0 or (integer and value < 1) or (not integer and value > threading.TIMEOUT_MAX):
         raise flags.FlagError(f"-{name}: {raw!r} is out of range")
     return value
 

@@ -79,13 +79,10 @@ def worktree_digest(values: Mapping[str, bytes]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _entries(
-    layout: keys.Layout,
-    parsed: Iterable[parseworker.Result],
-    problems: Iterable[manifests.ManifestError] = (),
+def _keyed(
+    layout: keys.Layout, loaded: Mapping[keys.Target, manifests.Manifest]
 ) -> dict[str, manifests.Manifest]:
-    # A refused path may be reported by two listings (the diff and the tree): once.
-    loaded = manifests.gather(parsed, problems=dict.fromkeys(problems))
+    """The manifests by target as the etcd keys they become."""
     return {layout.task_key(target): m for target, m in loaded.items()}
 
 
@@ -93,8 +90,7 @@ def read_worktree(layout: keys.Layout, repo: Path, source: gitsource.Source | No
     """Every manifest as the files are on disk; `commit` is the HEAD they sit on, if
     any, for information only."""
     snapshot = gitsource.read_worktree(repo)
-    parsed = (manifests.parse_file(path, raw) for path, raw in snapshot.files)
-    entries = _entries(layout, parsed, snapshot.problems)
+    entries = _keyed(layout, manifests.load(snapshot.files, problems=snapshot.problems))
     head = None
     if source is not None:
         try:
@@ -125,8 +121,7 @@ def read_commit(
     changed since the record's commit (INCREMENTAL). Raises manifests.InvalidManifests
     or gitsource.GitError."""
     if mode == FULL or record is None or record.commit is None or record.last is None:
-        worker = early_worker(source, cache=cache)
-        return read_full(layout, source, head, cache=cache, worker=worker)
+        return read_full(layout, source, head, cache=cache)
     parseworker.discard_prestarted()  # it would parse the whole tree
     # Paths refused by name or mode (a newline in a name, a symbolic link) are reported
     # as errors like any invalid manifest, before anything is read.
@@ -143,10 +138,12 @@ def read_commit(
             problems.append(target)
     paths = [path for t in targets for path in manifests.paths_for(t)]
     listing = source.list_paths(head, paths)
+    with _Parser(source) as parser:
+        parsed = parser.parse(list(listing.blobs))
+    # A refused path may be reported by two listings (the diff and the tree): once.
+    loaded = manifests.gather(parsed, problems=dict.fromkeys([*problems, *listing.problems]))
     return Desired(
-        entries=_entries(
-            layout, _parse(source, list(listing.blobs), None), [*problems, *listing.problems]
-        ),
+        entries=_keyed(layout, loaded),
         scope=frozenset(layout.task_key(t) for t in targets),
         source="commit",
         commit=head,
@@ -162,27 +159,22 @@ def read_full(
     commit: str,
     *,
     cache: bool = True,
-    worker: parseworker.Worker | None = None,
 ) -> Desired:
     """Every manifest at `commit`. Blobs parsed before come from the parse cache; only
-    the others are read from git and parsed, many of them on two cores (parseworker).
-    `worker` is a parse worker started early for this read (used or stopped here)."""
-    try:
+    the others are read from git and parsed, many of them on two cores (parseworker),
+    with a worker started before the listing (early_worker)."""
+    with _Parser(source, early_worker(source, cache=cache)) as parser:
         listing = source.list_tree(commit)
         blobs = listing.blobs
         cache_path = parsecache.path_for(source.git_dir)
         cached = parsecache.load(cache_path) if cache else {}
         known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
         missing = [(path, sha) for path, sha in blobs if sha not in cached]
-        parsed = _parse(source, missing, worker)
-        worker = None  # _parse used or stopped it
-        loaded = manifests.gather(
-            itertools.chain(manifests.cached(known), parsed), problems=listing.problems
-        )
-    finally:
-        if worker is not None:
-            worker.stop()
-    entries = {layout.task_key(target): m for target, m in loaded.items()}
+        parsed = parser.parse(missing)
+    loaded = manifests.gather(
+        itertools.chain(manifests.cached(known), parsed), problems=listing.problems
+    )
+    entries = _keyed(layout, loaded)
     if cache and missing:
 
         def cached_now() -> dict[str, bytes]:
@@ -208,31 +200,48 @@ def read_full(
     )
 
 
-def _parse(
-    source: gitsource.Source,
-    missing: list[tuple[str, str]],
-    worker: parseworker.Worker | None,
-) -> Iterable[parseworker.Result]:
-    """parse_file's result for each missing (path, blob id), in read_blobs' order: on
-    two cores when there are many, else as the blobs stream in."""
-    if parseworker.worth_it(len(missing)):
-        worker = worker or parseworker.Worker.start()
-        if worker is not None:
-            return worker.parse(source, missing)
-    if worker is not None:
-        worker.stop()
-    return (manifests.parse_file(path, raw) for path, raw in source.read_blobs(missing))
+class _Parser:
+    """How one read parses its files, and the one holder of its parse worker (one
+    started early, or one started here for many files): the worker is stopped when
+    the `with` block ends, whatever ends it (results, an exception, a read that had too
+    few files to use it). A read ends the block once it has the results, so that the
+    child, which may still be parsing blobs this process has done, is not left to run
+    beside the rest of the pass."""
+
+    def __init__(self, source: gitsource.Source, worker: parseworker.Worker | None = None) -> None:
+        self.source = source
+        self.worker = worker
+
+    def __enter__(self) -> _Parser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def parse(self, missing: list[tuple[str, str]]) -> Iterable[parseworker.Result]:
+        """parse_file's result for each (path, blob id), in read_blobs' order: on two
+        cores when there are many (all there when this returns), else as the blobs
+        stream in (a generator of this process's own, which needs no worker and may be
+        read after the block)."""
+        if parseworker.worth_it(len(missing)):
+            if self.worker is None:
+                self.worker = parseworker.Worker.start()
+            if self.worker is not None:
+                return self.worker.parse(self.source, missing)
+        return (manifests.parse_file(path, raw) for path, raw in self.source.read_blobs(missing))
 
 
 def early_worker(source: gitsource.Source, *, cache: bool) -> parseworker.Worker | None:
     """A parse worker started before the tree is listed: the one reconciler.launch
     started before the imports, if any, else a new one when a full read will likely
-    parse enough files for one (launch.likely_full_parse). Its start-up then overlaps
-    the listing; read_full decides with the exact count."""
+    parse enough files for one (launch.likely_full_parse, launch.has_manifests). Its
+    start-up then overlaps the listing; read_full decides with the exact count."""
     prestarted = parseworker.take_prestarted()
     if prestarted is not None:
         log.debug("parsing with the worker started before the imports")
         return prestarted
-    if parseworker.usable_cpus() < 2 or not launch.likely_full_parse(source.git_dir, cache=cache):
+    likely = launch.likely_full_parse(source.git_dir, cache=cache)
+    if parseworker.usable_cpus() < 2 or not likely or not launch.has_manifests(source.path):
         return None
     return parseworker.Worker.start()

@@ -4,11 +4,12 @@ imports the rest.
 A full apply from a fresh clone spends its first 0.15-0.2 s importing gRPC, protobuf
 and the etcd client on one core while the other does nothing, and then parses YAML on
 both (reconciler.parseworker). So before those imports, when the command line asks for
-one pass over a checkout that looks like a big tree with no parse cache, the parse
-worker is started here and told to list HEAD itself: it parses while this process
-imports. The guess costs nothing when wrong: the worker's first word is a digest of the
-blobs it listed, and a pass that reads anything else (another commit, only the changes
-since the last apply, a work tree) drops it and parses as it would have.
+one pass over a checkout that looks like a big tree with no parse cache (a large git
+index, a manifest in its work tree's tasks/), the parse worker is started here and told
+to list HEAD itself: it parses while this process imports. The guess costs nothing
+when wrong: the worker's first word is a digest of the blobs it listed, and a pass that
+reads anything else (another commit, only the changes since the last apply, a work
+tree) drops it and parses as it would have.
 
 The decision reads the command line loosely (a flag it does not see only loses the
 head start); the real parsing is reconciler.cli's. This module imports nothing heavy.
@@ -38,6 +39,9 @@ MIN_FILES = 2000
 INDEX_BYTES_PER_FILE = 80
 # The parse cache's file in the git directory (reconciler.parsecache).
 CACHE_FILE = "gleam-reconcile-manifests.cache"
+# Where manifests live, and their extensions (reconciler.manifests: not imported here).
+MANIFEST_DIRS = ("tasks/nodes", "tasks/regions")
+EXTENSIONS = (".yaml", ".yml")
 
 
 def usable_cpus() -> int:
@@ -58,6 +62,25 @@ def likely_full_parse(git_dir: Path, *, cache: bool) -> bool:
     except OSError:  # a name too long, a directory that cannot be searched: no guess
         return False
     return index_size >= MIN_FILES * INDEX_BYTES_PER_FILE
+
+
+def has_manifests(work_tree: Path) -> bool:
+    """Whether the work tree holds a manifest: a large index alone may be a repository
+    whose files are all elsewhere, with no tasks/ (or an empty one), where a worker
+    would be started only to find nothing to parse. Stops at the first one found, the
+    first entry in a fleet's tree (counting up to MIN_FILES would tell more, but cost
+    about a millisecond on every run); the work tree stands for HEAD, as it does in a
+    CI checkout. Looks at MIN_FILES entries at most: past that many other files, there
+    is surely something to do (the look stays under a millisecond)."""
+    for name in MANIFEST_DIRS:
+        try:
+            with os.scandir(work_tree / name) as entries:
+                for seen, entry in enumerate(entries):
+                    if seen >= MIN_FILES or entry.name.endswith(EXTENSIONS):
+                        return True
+        except OSError:  # no such directory, not one, one that cannot be read
+            continue
+    return False
 
 
 def worker_command(*args: str) -> list[str]:
@@ -111,6 +134,7 @@ def prestart_checkout(argv: Sequence[str], environ: Mapping[str, str]) -> str | 
                 repo = value
             elif index + 1 < len(argv):
                 repo = argv[index + 1]
+    repo = repo or "."  # as reconciler.cli reads an empty --repo
     git_dir = Path(repo) / ".git"
     try:
         is_checkout = git_dir.is_dir()
@@ -118,7 +142,7 @@ def prestart_checkout(argv: Sequence[str], environ: Mapping[str, str]) -> str | 
         return None
     if not is_checkout or not likely_full_parse(git_dir, cache=not words & NO_CACHE):
         return None
-    return repo
+    return repo if has_manifests(Path(repo)) else None
 
 
 def _prestart(argv: Sequence[str]) -> subprocess.Popen[bytes] | None:
@@ -156,12 +180,8 @@ def main() -> NoReturn:
     from reconciler import cli, parseworker
 
     gc.enable()
-    if early is not None:
-        parseworker.adopt_prestarted(early)
-    try:
+    with parseworker.offered(early):
         status = cli.main(argv)
-    finally:
-        parseworker.discard_prestarted()
     leave(status)
 
 

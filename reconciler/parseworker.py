@@ -21,8 +21,10 @@ is used, and a slow child costs only time.
 Frames (both ways): an 8-byte little-endian length, then a `marshal` dump. The request
 is (checkout path, [(blob id, [path, ...]), ...]); each reply is a list of (blob index,
 [result per path]), a result being None (no manifest), (message bytes, function name),
-or a list of (path, line, message) errors. marshal reads only what the other side of a
-pipe between this program's own processes wrote.
+or a list of (path, line, message) errors; no reply is empty. marshal reads only what
+the other side of a pipe between this program's own processes wrote. A child whose
+stdin ends before the request starts (its parent went away) exits 1 without a word; a
+broken request, or flags other than `--list CHECKOUT`, exit 2 with one line on stderr.
 
 A child started by reconciler.launch before the parent's imports (`--list CHECKOUT`)
 gets no request: it lists HEAD's tree itself, says which blobs it listed (jobs_digest)
@@ -45,7 +47,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -162,8 +164,11 @@ def unframe(buffer: bytearray) -> list[Any]:
 
 class Worker:
     """The child process, started before it is needed so that its start-up overlaps the
-    parent's own work; used at most once, and stopped by parse() or stop(). `listed`:
-    it lists HEAD itself (started by reconciler.launch) instead of reading a request."""
+    parent's own work; used at most once. Whoever holds it stops it, and only that one:
+    `with worker:` (or stop()) around everything between its start and its results,
+    so that no path (an error, invalid manifests, a read that parses too little to use
+    it) leaves it running. `listed`: it lists HEAD itself (started by
+    reconciler.launch) instead of reading a request."""
 
     def __init__(self, proc: subprocess.Popen[bytes], *, listed: bool = False) -> None:
         self.proc = proc
@@ -180,7 +185,15 @@ class Worker:
             return None
         return cls(proc)
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
+        """Kill the child (it may still be parsing blobs this process has done) and
+        reap it."""
         if self.proc.poll() is None:
             self.proc.kill()
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -192,12 +205,9 @@ class Worker:
         """parse_file's result for each (path, blob id), in gitsource.Source.read_blobs'
         order, exactly as `[parse_file(p, raw) for p, raw in source.read_blobs(blobs)]`
         gives them; the child parses from the back. Raises what that would raise
-        (gitsource.GitError), from this process's own reading."""
-        jobs = gitsource.blob_order(blobs)
-        try:
-            return self._parse(source, jobs)
-        finally:
-            self.stop()
+        (gitsource.GitError), from this process's own reading. The child is left for
+        the holder to stop."""
+        return self._parse(source, gitsource.blob_order(blobs))
 
     def _parse(self, source: gitsource.Source, jobs: list[Job]) -> list[Result]:
         results: list[list[Result] | None] = [None] * len(jobs)
@@ -254,7 +264,10 @@ class _Child:
         every result it sent is dropped: the parent does all the rest."""
         try:
             ended = False
-            while not ended:
+            # At most one largest frame more per look (what is left in the buffer is less
+            # than a frame): a child that writes on and on, faster than this loop reads,
+            # can neither keep the parent here nor fill its memory.
+            while not ended and len(self.buffer) <= MAX_FRAME:
                 try:
                     chunk = os.read(self.fd, 1 << 20)
                 except BlockingIOError:
@@ -283,9 +296,15 @@ class _Child:
         self.digest = None
 
     def _take(self, reply: Any, results: list[list[Result] | None], lowest: int) -> int:
+        # Each reply must move the child on by a blob at least (it sends none empty),
+        # so it can send no more of them than there are blobs.
         if not isinstance(reply, list):
             raise Misbehaved("a reply that is not a list")
+        if not reply:
+            raise Misbehaved("an empty reply")
         for item in reply:
+            if lowest == 0:
+                raise Misbehaved("a reply past the first blob")
             if not isinstance(item, tuple) or len(item) != 2 or item[0] != lowest - 1:
                 raise Misbehaved(f"a reply for another blob than #{lowest - 1}")
             index, raw = item
@@ -304,6 +323,19 @@ class _Child:
 _prestarted: Worker | None = None
 
 
+@contextlib.contextmanager
+def offered(proc: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """Offer the child reconciler.launch started (`proc`, if any) to the passes run in
+    the block (take_prestarted); on leaving it, stop it if none took it (an
+    incremental pass, a --worktree one, an error before anything was read)."""
+    if proc is not None:
+        adopt_prestarted(proc)
+    try:
+        yield
+    finally:
+        discard_prestarted()
+
+
 def adopt_prestarted(proc: subprocess.Popen[bytes]) -> None:
     global _prestarted
     discard_prestarted()
@@ -311,14 +343,15 @@ def adopt_prestarted(proc: subprocess.Popen[bytes]) -> None:
 
 
 def take_prestarted() -> Worker | None:
-    """The prestarted worker, once (the taker uses or stops it)."""
+    """The prestarted worker, once: the taker holds it from then on (and stops it)."""
     global _prestarted
     worker, _prestarted = _prestarted, None
     return worker
 
 
 def discard_prestarted() -> None:
-    """Stop the prestarted worker if no pass took it (an incremental pass, say)."""
+    """Stop the prestarted worker if no pass took it (offered's end, or a pass that
+    has no use for a list of HEAD: an incremental one)."""
     worker = take_prestarted()
     if worker is not None:
         worker.stop()
@@ -335,10 +368,57 @@ def _send(pipe: IO[bytes], data: bytes) -> None:
 # The child's side --------------------------------------------------------------------
 
 
-def _read_frame(pipe: IO[bytes]) -> Any:
+class BadRequest(Exception):
+    """The request on stdin is missing or malformed; the text says how."""
+
+
+class NoRequest(BadRequest):
+    """stdin ended before a byte of the request: the parent went away (or never meant
+    to send one). Nothing to say about it."""
+
+
+def _read_request(pipe: IO[bytes]) -> tuple[Path, list[Job]]:
+    """The request: (checkout, jobs). A length is read in chunks as the bytes arrive,
+    so a wrong one costs no more memory than what was really sent."""
     head = pipe.read(_LENGTH.size)
+    if not head:
+        raise NoRequest("no request on stdin")
+    if len(head) < _LENGTH.size:
+        raise BadRequest("the request ends inside its length")
     (size,) = _LENGTH.unpack(head)
-    return marshal.loads(pipe.read(size))
+    body = bytearray()
+    while len(body) < size:
+        chunk = pipe.read(min(size - len(body), SEND_BYTES))
+        if not chunk:
+            raise BadRequest(f"the request ends after {len(body)} of its {size} bytes")
+        body += chunk
+    try:
+        value = marshal.loads(body)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise BadRequest(f"the request cannot be read ({exc})") from None
+    return request_from(value)
+
+
+def request_from(value: Any) -> tuple[Path, list[Job]]:
+    """A decoded request as (checkout, jobs), or BadRequest for any other shape. Pure."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise BadRequest("the request is not a (checkout, jobs) pair")
+    where, jobs = value
+    if type(where) is not str or not where or "\0" in where:
+        raise BadRequest("the request's checkout is not a path")
+    if not isinstance(jobs, list):
+        raise BadRequest("the request's jobs are not a list")
+    for job in jobs:
+        if (
+            not isinstance(job, tuple)
+            or len(job) != 2
+            or type(job[0]) is not str
+            or not isinstance(job[1], list)
+            or not job[1]
+            or any(type(path) is not str for path in job[1])
+        ):
+            raise BadRequest("a job of the request is not (blob id, [path, ...])")
+    return Path(where), jobs
 
 
 class _Writer:
@@ -386,8 +466,7 @@ def serve(stdin: IO[bytes] | None, stdout: IO[bytes], *, listed: Path | None = N
         checkout = source.path
     else:
         assert stdin is not None
-        where, jobs = _read_frame(stdin)
-        checkout = Path(where)
+        checkout, jobs = _read_request(stdin)
     writer = _Writer(stdout)
     if listed is not None:
         writer.send((LISTED, jobs_digest(jobs)))
@@ -408,16 +487,35 @@ def serve(stdin: IO[bytes] | None, stdout: IO[bytes], *, listed: Path | None = N
     writer.close()
 
 
-def main() -> int:
+USAGE = (
+    "usage: python -m reconciler.parseworker [--list CHECKOUT] (parse HEAD of CHECKOUT, "
+    "or without it what the request on stdin names)"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 once every result is sent (or the parent stopped reading, or git failed: the
+    parent reads the same checkout and reports it); 1 with no request, 2 with a bad
+    one or bad flags, saying so in one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and (len(args) != 2 or args[0] != "--list" or not args[1]):
+        print(f"reconciler.parseworker: {USAGE}", file=sys.stderr)
+        return 2
     # A short-lived process that frees everything it builds by reference counting.
     gc.disable()
-    # A broken pipe: the parent has all it needs and stopped reading.
-    # A git error while listing: the parent reads the same checkout and reports it.
-    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt, gitsource.GitError):
-        if sys.argv[1:2] == ["--list"] and len(sys.argv) == 3:
-            serve(None, sys.stdout.buffer, listed=Path(sys.argv[2]))
-        else:
-            serve(sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        # A broken pipe: the parent has all it needs and stopped reading.
+        # A git error while listing: the parent reads the same checkout and reports it.
+        with contextlib.suppress(BrokenPipeError, KeyboardInterrupt, gitsource.GitError):
+            if args:
+                serve(None, sys.stdout.buffer, listed=Path(args[1]))
+            else:
+                serve(sys.stdin.buffer, sys.stdout.buffer)
+    except NoRequest:
+        return 1
+    except BadRequest as exc:
+        print(f"reconciler.parseworker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,6 +3,7 @@ the imports, and how the process leaves."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -13,18 +14,28 @@ import pytest
 
 from bench import opsrepo
 from gleam import keys
-from reconciler import launch, parsecache
+from reconciler import desired, gitsource, launch, manifests, parsecache, parseworker
 
 SIZE = 2100  # just over the parse worker's threshold
 
 
-def _checkout(path: Path, *, index_bytes: int, cache: bool = False) -> Path:
+def _checkout(
+    path: Path,
+    *,
+    index_bytes: int,
+    cache: bool = False,
+    manifest: str | None = "tasks/nodes/a.yaml",
+) -> Path:
     """A directory that looks like a checkout to launch: a .git with an index of
-    `index_bytes` bytes (launch looks at its size only) and maybe a parse cache."""
+    `index_bytes` bytes (launch looks at its size only), maybe a parse cache, and a
+    manifest in the work tree (launch looks for one)."""
     (path / ".git").mkdir(parents=True)
     (path / ".git" / "index").write_bytes(b"\0" * index_bytes)
     if cache:
         (path / ".git" / launch.CACHE_FILE).write_bytes(b"")
+    if manifest is not None:
+        (path / manifest).parent.mkdir(parents=True)
+        (path / manifest).write_bytes(b"name: print\n")
     return path
 
 
@@ -52,6 +63,15 @@ def test_a_pass_over_a_big_uncached_checkout_gets_a_worker_before_the_imports(
 ) -> None:
     repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
     assert launch.prestart_checkout([a.format(repo=repo) for a in argv], {}) == repo
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize("argv", [["--once", "--repo="], ["--once", "--repo", ""]])
+def test_an_empty_repo_is_the_working_directory_as_the_cli_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    monkeypatch.chdir(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout(argv, {}) == "."  # not "", which the worker refuses
 
 
 @pytest.mark.usefixtures("two_cpus")
@@ -119,6 +139,82 @@ def test_one_cpu_gets_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_cache_file_is_the_parse_caches() -> None:
     assert parsecache.path_for(Path("/g")) == Path("/g") / launch.CACHE_FILE
+
+
+def test_the_manifest_places_are_the_manifest_modules() -> None:
+    assert launch.EXTENSIONS == manifests.EXTENSIONS
+    dirs = tuple(f"{manifests.TASKS_DIR}/{kind}" for kind in manifests.KIND_DIRS)
+    assert dirs == launch.MANIFEST_DIRS
+
+
+def _no_manifests(path: Path, shape: str) -> Path:
+    """A big checkout with no manifest in its work tree, in one of several shapes."""
+    repo = _checkout(path, index_bytes=BIG * 10, manifest=None)
+    if shape == "tasks is a file":
+        (repo / "tasks").write_bytes(b"")
+    elif shape == "tasks is a FIFO":
+        os.mkfifo(repo / "tasks")
+    elif shape != "no tasks":
+        (repo / "tasks" / "nodes").mkdir(parents=True)
+        (repo / "tasks" / "regions").mkdir()
+        if shape == "only other files":
+            (repo / "tasks" / "nodes" / "README.md").write_bytes(b"")
+            (repo / "tasks" / "regions" / ".keep").write_bytes(b"")
+            os.symlink("loop", repo / "tasks" / "regions" / "loop")
+    return repo
+
+
+NO_MANIFEST_SHAPES = [
+    "no tasks", "empty tasks", "only other files", "tasks is a file", "tasks is a FIFO"
+]  # fmt: skip
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize("shape", NO_MANIFEST_SHAPES)
+def test_a_big_checkout_without_manifests_gets_no_worker(tmp_path: Path, shape: str) -> None:
+    """A large index, but nothing for a worker to parse: no process started for it."""
+    repo = str(_no_manifests(tmp_path / "ops", shape))
+    assert launch.prestart_checkout(["--once", "--repo", repo], {}) is None
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize("where", ["tasks/nodes/web-1.yaml", "tasks/regions/eu.yml"])
+def test_one_manifest_anywhere_is_enough_to_prestart(tmp_path: Path, where: str) -> None:
+    repo = str(_checkout(tmp_path / "ops", index_bytes=BIG, manifest=where))
+    assert launch.prestart_checkout(["--once", "--repo", repo], {}) == repo
+
+
+def test_the_look_for_a_manifest_stops_after_enough_other_files(tmp_path: Path) -> None:
+    nodes = tmp_path / "tasks" / "nodes"
+    nodes.mkdir(parents=True)
+    for n in range(launch.MIN_FILES):
+        (nodes / f"notes-{n}.txt").write_bytes(b"")
+    assert not launch.has_manifests(tmp_path)
+    (nodes / "one-more.txt").write_bytes(b"")
+    assert launch.has_manifests(tmp_path)  # without reading on through every entry
+
+
+def test_a_pass_in_a_big_repository_without_manifests_starts_no_worker_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass's own early worker (no prestarted one: gleam-reconcile run another way)
+    makes the same check."""
+    repo = tmp_path / "monorepo"
+    (repo / "src").mkdir(parents=True)
+    for n in range(launch.MIN_FILES + 100):
+        (repo / "src" / f"module_{n:05}.py").write_bytes(b"")
+    opsrepo.git(repo, "init", "--quiet")
+    opsrepo.git(repo, "add", "--all")
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
+    started: list[object] = []
+    monkeypatch.setattr(parseworker.Worker, "start", lambda *a: started.append(a))
+    source = gitsource.Source(repo)
+    assert launch.likely_full_parse(source.git_dir, cache=True)  # a big index
+    assert desired.early_worker(source, cache=True) is None and not started
+    (repo / "tasks" / "nodes").mkdir(parents=True)
+    (repo / "tasks" / "nodes" / "web-1.yaml").write_bytes(b"name: print\n")
+    desired.early_worker(source, cache=True)
+    assert len(started) == 1
 
 
 # Leaving -------------------------------------------------------------------------------

@@ -5,15 +5,21 @@ killed or sends garbage only costs time, never a wrong result."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
 import io
 import itertools
 import logging
 import marshal
+import os
 import posixpath
 import struct
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -110,7 +116,7 @@ def test_two_processes_parse_exactly_what_one_does(tree: Tree, commit: str, capl
     blobs = tree.blobs(getattr(tree, commit))
     worker = parseworker.Worker.start()
     assert worker is not None
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     assert "stopped helping" not in caplog.text  # its results were used, not dropped
     assert worker.proc.returncode is not None  # stopped
@@ -192,7 +198,7 @@ def _fallback(tree: Tree, worker: parseworker.Worker | None, caplog: Any) -> str
     assert worker is not None
     worker.proc.wait()  # gone (or done writing) before the parent reads anything
     blobs = tree.blobs(tree.broken)
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     return caplog.text
 
@@ -217,6 +223,7 @@ def _child(*frames: bytes) -> list[str]:
         ((b"\x05" + b"\0" * 7 + b"junk!",), "an unreadable frame"),
         ((parseworker.frame([(0, [None])]),), "a reply for another blob than"),
         ((parseworker.frame("hello"),), "a reply that is not a list"),
+        ((parseworker.frame([]),) * 1000, "an empty reply"),  # moves nothing on
         ((struct.pack("<Q", 3) + b"\0",), "it exited"),  # a frame cut short
         ((struct.pack("<Q", parseworker.MAX_FRAME + 1) + b"x",), "a frame of"),  # not buffered
     ],
@@ -238,6 +245,54 @@ def test_a_worker_that_lies_about_a_manifest_in_the_wrong_shape_is_not_believed(
     lie = parseworker.frame([(last, [(b"{}", 7)] * len(paths))])
     log = _fallback(tree, parseworker.Worker.start(_child(lie)), caplog)
     assert "a malformed manifest for" in log
+
+
+def test_a_worker_that_answers_past_the_first_blob_is_not_believed(
+    tree: Tree, caplog: Any, tmp_path: Path
+) -> None:
+    """Every blob's right results, then one for blob #-1 (which Python would have taken
+    for the last one). Few blobs: the child's whole output fits in the pipe, and is
+    there at the parent's first look."""
+    blobs = tree.blobs(tree.broken)[:20]
+    jobs = gitsource.blob_order(blobs)
+    reply = io.BytesIO()
+    parseworker.serve(io.BytesIO(parseworker.frame((str(tree.source.path), jobs))), reply)
+    last = parseworker.unframe(bytearray(reply.getvalue()))[-1][-1]
+    output = tmp_path / "replies"
+    output.write_bytes(reply.getvalue() + parseworker.frame([(-1, last[1])]))
+    copy = f"import shutil, sys; shutil.copyfileobj(open({str(output)!r}, 'rb'), sys.stdout.buffer)"
+    worker = parseworker.Worker.start([sys.executable, "-c", copy])
+    assert worker is not None and len(output.read_bytes()) < 1 << 16
+    worker.proc.wait()
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+        assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
+    assert "a reply past the first blob" in caplog.text
+
+
+def test_a_worker_that_writes_on_and_on_does_not_hold_the_parent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However fast the child writes, one look at its pipe reads about one largest
+    frame, then judges what it read."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    jobs = [("1" * 40, ["tasks/nodes/a.yaml"])] * 4
+    reads = itertools.count()
+
+    def endless(fd: int, size: int) -> bytes:
+        assert next(reads) < 2 * parseworker.MAX_FRAME >> 20, "still reading"
+        return b"\0" * size  # frames of length 0: unreadable, once looked at
+
+    with parseworker.Worker(proc):
+        child = parseworker._Child(proc, jobs, None)
+        results: list[list[parseworker.Result] | None] = [None] * len(jobs)
+        with monkeypatch.context() as patched:
+            patched.setattr(parseworker.os, "read", endless)
+            assert child.collect(results, len(jobs), done=0) == len(jobs)
+        assert not child.alive and len(child.buffer) <= parseworker.MAX_FRAME + (1 << 20)
 
 
 # Pure pieces -------------------------------------------------------------------------------
@@ -354,7 +409,7 @@ def test_a_worker_that_listed_head_itself_parses_exactly_what_one_process_does(
 ) -> None:
     worker = _listed_worker(tree)
     blobs = tree.blobs(tree.broken)  # HEAD
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     assert "stopped helping" not in caplog.text  # its listing matched: its results used
 
@@ -374,7 +429,7 @@ def test_a_worker_that_listed_another_commit_is_not_used(tree: Tree, caplog: Any
     the child's results are for other blobs, and none of them is taken."""
     worker = _listed_worker(tree)  # lists HEAD: the broken commit
     blobs = tree.blobs(tree.valid)
-    with caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
+    with worker, caplog.at_level(logging.WARNING, logger="gleam.reconcile"):
         assert_same(worker.parse(tree.source, blobs), serial(tree.source, blobs))
     assert "it listed other files" in caplog.text
 
@@ -426,3 +481,204 @@ def test_a_full_read_takes_the_prestarted_worker(tree: Tree, monkeypatch: Any, c
     with pytest.raises(manifests.InvalidManifests) as alone:
         desired.read_commit(LAYOUT, tree.source, tree.broken, None, mode=desired.FULL, cache=False)
     assert got.value.errors == alone.value.errors
+
+
+# Who stops the worker: the read that holds it, once, whatever ends the read -------------
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """Every parse worker started while a test runs, and how often each was stopped."""
+
+    procs: list[subprocess.Popen[bytes]]
+    stops: collections.Counter[int]  # by pid
+
+    def assert_each_stopped_once(self) -> None:
+        assert self.procs, "no parse worker was started"
+        for proc in self.procs:
+            # stop() reaps the child: its status is known at once, and its pid goes.
+            assert proc.returncode is not None, "left running"
+            assert self.stops[proc.pid] == 1, f"stopped {self.stops[proc.pid]} times"
+            assert _gone(proc.pid)
+
+
+def _gone(pid: int, *, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _full(tree: Tree, commit: str, *, cache: bool = True) -> desired.Desired:
+    return desired.read_commit(LAYOUT, tree.source, commit, None, mode=desired.FULL, cache=cache)
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> Spawned:
+    seen = Spawned([], collections.Counter())
+    spawn, stop = launch.spawn_worker, parseworker.Worker.stop
+
+    def counted_spawn(argv: Any = None) -> subprocess.Popen[bytes]:
+        proc = spawn(argv)
+        seen.procs.append(proc)
+        return proc
+
+    def counted_stop(worker: parseworker.Worker) -> None:
+        seen.stops[worker.proc.pid] += 1
+        stop(worker)
+
+    monkeypatch.setattr(launch, "spawn_worker", counted_spawn)
+    monkeypatch.setattr(parseworker.Worker, "stop", counted_stop)
+    # Every full read starts its worker early, before it knows the count.
+    monkeypatch.setattr(parseworker, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(launch, "likely_full_parse", lambda git_dir, *, cache: True)
+    return seen
+
+
+def test_a_read_of_a_commit_git_cannot_list_stops_the_early_worker(
+    tree: Tree, spawned: Spawned
+) -> None:
+    with pytest.raises(gitsource.GitError):
+        _full(tree, "0" * 40, cache=False)
+    spawned.assert_each_stopped_once()
+
+
+def test_a_read_that_finds_invalid_manifests_stops_its_worker(
+    tree: Tree, spawned: Spawned, caplog: Any
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG, logger="gleam.reconcile"),
+        pytest.raises(manifests.InvalidManifests),
+    ):
+        _full(tree, tree.broken, cache=False)
+    assert "in the parse worker" in caplog.text  # it was used
+    spawned.assert_each_stopped_once()
+
+
+def test_a_read_that_fails_while_parsing_stops_its_worker_once(
+    tree: Tree, spawned: Spawned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = itertools.count()
+    parse_file = manifests.parse_file
+
+    def failing(path: str, raw: bytes) -> parseworker.Result:
+        if next(calls) == 100:
+            raise RuntimeError("disk on fire")
+        return parse_file(path, raw)
+
+    monkeypatch.setattr(manifests, "parse_file", failing)  # in this process, not the child
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _full(tree, tree.valid, cache=False)
+    spawned.assert_each_stopped_once()
+
+
+def test_a_read_with_everything_cached_stops_the_worker_it_did_not_need(
+    tree: Tree, spawned: Spawned
+) -> None:
+    cache = parsecache.path_for(tree.source.git_dir)
+    cache.unlink(missing_ok=True)
+    first = _full(tree, tree.valid)
+    spawned.procs.clear()
+    again = _full(tree, tree.valid)  # nothing left to parse
+    assert again.values == first.values
+    spawned.assert_each_stopped_once()
+    parsecache.load(cache)  # waits for the save
+    cache.unlink()
+
+
+def test_an_incremental_read_of_many_changes_stops_the_worker_it_started(
+    tree: Tree, spawned: Spawned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parseworker, "THRESHOLD", 1)
+    applied = records.Apply("commit", tree.valid, "t", SIZE, "d")
+    record = records.after(None, applied)
+    with pytest.raises(manifests.InvalidManifests):
+        desired.read_commit(LAYOUT, tree.source, tree.broken, record, mode=desired.INCREMENTAL)
+    spawned.assert_each_stopped_once()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_prestarted_worker_no_pass_took_is_stopped_on_leaving(
+    tree: Tree, spawned: Spawned, fails: bool
+) -> None:
+    command = launch.worker_command("--list", str(tree.source.path))
+    with contextlib.suppress(RuntimeError), parseworker.offered(launch.spawn_worker(command)):
+        assert parseworker._prestarted is not None
+        if fails:
+            raise RuntimeError("the pass failed before it read anything")
+    assert parseworker._prestarted is None
+    spawned.assert_each_stopped_once()
+
+
+# The child's own input: its stdin and its flags -------------------------------------------
+
+
+def _run_worker(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The worker's command as launch runs it, with its stderr kept."""
+    return subprocess.run(
+        launch.worker_command(*args), input=stdin, capture_output=True, timeout=120
+    )
+
+
+def test_a_worker_whose_parent_sends_nothing_exits_quietly() -> None:
+    """stdin empty or closed at once: the parent died or dropped it before a word."""
+    done = _run_worker(stdin=b"")
+    assert done.returncode != 0
+    assert done.stderr == b"" and done.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("stdin", "said"),
+    [
+        (b"\x05\0\0", "the request ends inside its length"),
+        (b"\x05" + b"\0" * 7 + b"junk!", "the request cannot be read"),
+        (struct.pack("<Q", 2**63 - 1), "the request ends after 0 of its"),  # not allocated
+        (struct.pack("<Q", 2**40) + b"x" * 1000, "the request ends after 1000 of its"),
+        (parseworker.frame(("/tmp", [("1" * 40, [5])])), "a job of the request is not"),
+    ],
+)
+def test_a_worker_given_a_broken_request_says_so_in_one_line(stdin: bytes, said: str) -> None:
+    done = _run_worker(stdin=stdin)
+    assert done.returncode == 2 and done.stdout == b""
+    assert done.stderr.startswith(f"reconciler.parseworker: {said}".encode())
+    assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("args", [["--list"], ["--list", ""], ["--list", "a", "b"], ["-x", "a"]])
+def test_a_worker_given_other_flags_says_how_to_run_it(args: list[str]) -> None:
+    done = _run_worker(*args, stdin=b"")
+    assert done.returncode == 2
+    assert done.stderr.startswith(b"reconciler.parseworker: usage:")
+    assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        ("/tmp",),
+        ("/tmp", [], "more"),
+        (b"/tmp", []),
+        ("", []),
+        ("/tmp\0/x", []),
+        ("/tmp", ()),
+        ("/tmp", [("1" * 40,)]),
+        ("/tmp", [("1" * 40, [])]),
+        ("/tmp", [(b"1" * 40, ["tasks/nodes/a.yaml"])]),
+        ("/tmp", [("1" * 40, "tasks/nodes/a.yaml")]),
+        ("/tmp", [("1" * 40, [b"tasks/nodes/a.yaml"])]),
+        ("/tmp", [["1" * 40, ["tasks/nodes/a.yaml"]]]),
+    ],
+)
+def test_a_request_of_any_other_shape_is_refused(value: Any) -> None:
+    with pytest.raises(parseworker.BadRequest):
+        parseworker.request_from(value)
+    with pytest.raises(parseworker.BadRequest):
+        parseworker.serve(io.BytesIO(parseworker.frame(value)), io.BytesIO())
+
+
+def test_a_request_in_the_right_shape_is_taken() -> None:
+    jobs = [("1" * 40, ["tasks/nodes/a.yaml", "tasks/nodes/b.yml"])]
+    assert parseworker.request_from(("/tmp", jobs)) == (Path("/tmp"), jobs)
