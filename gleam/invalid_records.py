@@ -4,8 +4,8 @@
 or a wait; alone, that would show an agent whose result is garbage as `pending` and hide
 a garbage registration. `decode` (pure) sorts the records of one read into those that
 decode and those that do not, which `gleam-client status`, `info` and `-wait` show as
-`(invalid)` with their key. `read` reads them alone, through the typed seam
-(gleam.etcdapi), for scripts (the README's Python API).
+`(invalid)` with their key; `gleam.client.read_snapshot` carries them for scripts (the
+README's Python API).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gleam import etcdapi, keys, messages
+from gleam import keys, messages
 
 
 class RecordKind(StrEnum):
@@ -84,17 +84,3 @@ def _registration(agent: str, value: bytes) -> messages.AgentInfo:
     except keys.InvalidName as exc:
         raise messages.MessageError(f"registration: {exc}") from None
     return info
-
-
-def read(
-    backend: etcdapi.Backend, layout: keys.Layout, *, revision: int
-) -> tuple[InvalidRecord, ...]:
-    """The invalid registrations and result records at `revision` (that of the snapshot
-    they go with, so that both show one moment; 0: now); raises etcdapi.EtcdError.
-    (`gleam.client.read_snapshot` and `read_agents` find them in their own read; this is
-    for scripts, see the README's Python API.)"""
-    items: list[tuple[str, bytes]] = []
-    for prefix in (layout.info_prefix, layout.results_prefix):
-        found = backend.range(etcdapi.Range(prefix, prefix=True, revision=revision))
-        items += [(kv.key.decode("utf-8", "replace"), kv.value) for kv in found.kvs]
-    return decode(items, layout).invalid

@@ -12,8 +12,6 @@ from hypothesis import strategies as st
 from gleam import (
     client,
     client_render,
-    etcdapi,
-    fake_etcd,
     invalid_records,
     keys,
     messages,
@@ -227,21 +225,6 @@ def test_an_unreadable_registration_is_listed_with_the_agents_by_key() -> None:
     assert doc["agents"][3]["id"] == "web-9"
     assert doc["agents"][3]["invalid"]["key"] == "/gleam/info/web-9"
     assert doc["summary"]["invalid_registrations"] == 1
-
-
-def test_unreadable_records_are_read_at_the_snapshot_revision() -> None:
-    etcd = fake_etcd.FakeEtcd()
-    put = etcdapi.Put
-    etcd.txn([], [put("/gleam/result/a/node/a", b"garbage"), put("/gleam/info/b", b"[]")])
-    at = etcd.range(etcdapi.Range("/gleam/", prefix=True)).revision
-    etcd.txn([], [put("/gleam/result/a/node/a", result("a", keys.Target.node("a"), 1).encode())])
-    etcd.txn([], [put("/gleam/result/c/node/c", b"later garbage")])
-    found = invalid_records.read(etcd, LAYOUT, revision=at)
-    assert [r.key for r in found] == ["/gleam/info/b", "/gleam/result/a/node/a"]
-    assert [r.key for r in invalid_records.read(etcd, LAYOUT, revision=0)] == [
-        "/gleam/info/b",
-        "/gleam/result/c/node/c",
-    ]
 
 
 def test_uptime_comes_from_started_and_now() -> None:
