@@ -168,8 +168,9 @@ def read_full(
         blobs = listing.blobs
         cache_path = parsecache.path_for(source.git_dir)
         cached = parsecache.load(cache_path) if cache else {}
-        known = [(path, cached[sha]) for path, sha in blobs if sha in cached]
-        missing = [(path, sha) for path, sha in blobs if sha not in cached]
+        keyed = [(path, sha, manifests.cache_key(path, sha)) for path, sha in blobs]
+        known = [(path, cached[key]) for path, _sha, key in keyed if key in cached]
+        missing = [(path, sha) for path, sha, key in keyed if key not in cached]
         parsed = parser.parse(missing)
     loaded = manifests.gather(
         itertools.chain(manifests.cached(known), parsed), problems=listing.problems
@@ -179,7 +180,7 @@ def read_full(
 
         def cached_now() -> dict[str, bytes]:
             by_path = {m.path: m.value for m in loaded.values()}
-            return {sha: by_path[path] for path, sha in blobs if path in by_path}
+            return {key: by_path[path] for path, _sha, key in keyed if path in by_path}
 
         parsecache.save_soon(cache_path, cached_now)
     log.debug(

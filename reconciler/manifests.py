@@ -253,6 +253,14 @@ def _stem(name: str) -> str:
     return stem if stem.strip(".") else name
 
 
+def cache_key(path: str, blob: str) -> str:
+    """What the parse cache keeps a blob's message under: its id and the directory it is
+    in. The bytes alone do not decide the message: a file with a `rollout` is a staged
+    region task in tasks/regions/ and an error in tasks/nodes/, so a blob parsed in one
+    directory says nothing of the same blob in another."""
+    return f"{path.rpartition('/')[0]}\0{blob}"
+
+
 def paths_for(target: keys.Target) -> list[str]:
     """The repository paths that can hold `target`'s manifest (the reverse of classify):
     one per spelling of the extension, so a rename between them, or a duplicate, is
@@ -270,7 +278,7 @@ def rules_fingerprint() -> str:
     """Changes whenever the rules that turn a file into bytes (this module and the
     schema) change. Recorded with each apply, so that an upgrade that changes them gets
     one full pass, and kept in the parse cache, so that such an upgrade empties it."""
-    h = hashlib.sha256(b"parsecache-1\0")
+    h = hashlib.sha256(b"parsecache-2\0")  # 2: keyed by cache_key, not the blob id alone
     for path in (Path(__file__), SCHEMA_PATH):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

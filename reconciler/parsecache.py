@@ -1,12 +1,13 @@
-"""Parsed manifests by git blob id, kept in the checkout's git directory.
+"""Parsed manifests by git blob id and directory, kept in the checkout's git directory.
 
-A manifest's message bytes depend only on the file's contents and on the parsing rules,
-and a blob id names the contents exactly, so a blob parsed once never needs parsing
-again. YAML parsing is most of a full pass (about 50 us a manifest with the C loader),
-so with this cache a `--full` re-check or a daemon's full pass over 10,000 unchanged
-manifests reads no YAML at all. The file carries a fingerprint of the parsing code and
-the schema, so a change to either empties it; any unreadable file is simply ignored.
-It holds only the blobs of the last full read, so it never grows past one tree's worth.
+A manifest's message bytes depend only on the file's contents, the kind of target its
+directory makes it (manifests.cache_key) and the parsing rules, and a blob id names the
+contents exactly, so a blob parsed once in a directory never needs parsing there again.
+YAML parsing is most of a full pass (about 50 us a manifest with the C loader), so with
+this cache a `--full` re-check or a daemon's full pass over 10,000 unchanged manifests
+reads no YAML at all. The file carries a fingerprint of the parsing code and the schema,
+so a change to either empties it; any unreadable file is simply ignored. It holds only
+the blobs of the last full read, so it never grows past one tree's worth.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def path_for(git_dir: Path) -> Path:
 
 
 def load(path: Path) -> dict[str, bytes]:
-    """The cached {blob id: message bytes}; empty when missing, stale or unreadable.
+    """The cached {manifests.cache_key: message bytes}; empty when missing, stale or
+    unreadable.
     Waits for a save_soon of the same file that is still writing."""
     _wait(path)
     try:

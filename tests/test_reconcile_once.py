@@ -321,7 +321,9 @@ def test_full_reads_use_the_parse_cache_by_blob_id_and_ignore_a_stale_one(
     source = gitsource.Source(repo.path)
     first = desired.read_full(layout, source, repo.head())
     cache_file = parsecache.path_for(source.git_dir)
-    blob = repo.git("rev-parse", "HEAD:tasks/nodes/web-1.yaml")
+    blob = manifests.cache_key(
+        "tasks/nodes/web-1.yaml", repo.git("rev-parse", "HEAD:tasks/nodes/web-1.yaml")
+    )
     cached = parsecache.load(cache_file)
     assert cached[blob] == first.entries[layout.node_key("web-1")].value
     # The cache is what a full read uses: a doctored entry shows through...
@@ -339,6 +341,30 @@ def test_full_reads_use_the_parse_cache_by_blob_id_and_ignore_a_stale_one(
     assert parsecache.load(cache_file) == {}
     fresh = desired.read_full(layout, source, repo.head())
     assert fresh.entries == first.entries
+
+
+def test_a_cached_region_manifest_copied_to_a_node_path_is_still_refused(
+    layout: keys.Layout, repo: OpsRepo
+) -> None:
+    # A blob parses to different things at a region path and at a node path (a rollout
+    # is for region tasks only): the cache of a blob parsed as a region manifest must
+    # not let the same bytes through as a node manifest in a later pass.
+    text = 'name: print\nrollout:\n  waves: [1, "100%"]\n'
+    repo.write("tasks/regions/eu.yaml", text)
+    repo.commit("a staged region task")
+    source = gitsource.Source(repo.path)
+    first = desired.read_full(layout, source, repo.head())
+    assert b'"Rollout"' in first.entries[layout.region_key("eu")].value
+    repo.write("tasks/nodes/web-9.yaml", text)
+    repo.commit("the same file as a node task")
+    with pytest.raises(manifests.InvalidManifests) as refused:
+        desired.read_full(layout, source, repo.head())
+    assert [(e.path, e.message) for e in refused.value.errors] == [
+        (
+            "tasks/nodes/web-9.yaml",
+            "a node manifest cannot have `rollout` (waves are for region tasks)",
+        )
+    ]
 
 
 def test_worktree_works_in_a_directory_that_is_not_a_git_repository(
