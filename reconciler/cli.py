@@ -49,6 +49,13 @@ RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
         "60",
         metavar="SECONDS",
     ),
+    flags.Flag(
+        "max_write_mib",
+        "refuse a pass that would write more than this many MiB of task messages to etcd "
+        "(etcd's default quota is 2 GiB, history included)",
+        "256",
+        metavar="MIB",
+    ),
     signing.FLAG,
     flags.Flag(
         "verify_commits",
@@ -190,6 +197,7 @@ def parse(argv: Sequence[str] | None) -> Config:
         cache=not args.no_cache,
         verify_commits=Path(verify_commits) if verify_commits else None,
         signer=signing.signer_from(values),
+        max_write_bytes=int(_number(values, "max_write_mib", integer=True)) * 2**20,
     )
     return Config(
         options=options,

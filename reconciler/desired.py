@@ -230,7 +230,11 @@ class _Parser:
                 self.worker = parseworker.Worker.start()
             if self.worker is not None:
                 return self.worker.parse(self.source, missing)
-        return (manifests.parse_file(path, raw) for path, raw in self.source.read_blobs(missing))
+        return (
+            result
+            for paths, raw in self.source.read_blobs(missing)
+            for result in manifests.parse_paths(paths, raw)
+        )
 
 
 def early_worker(source: gitsource.Source, *, cache: bool) -> parseworker.Worker | None:

@@ -284,15 +284,15 @@ class Source:
             self._run("--literal-pathspecs", "ls-tree", "-r", "-t", "-z", commit, "--", *wanted)
         )
 
-    def read_blobs(self, blobs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, bytes]]:
-        """(path, contents) for (path, blob id) pairs, from one `git cat-file --batch`,
-        as they stream in, in blob_order's order: a file's bytes are held only until the
-        caller moves on. Contents are cut at READ_LIMIT bytes."""
+    def read_blobs(self, blobs: Iterable[tuple[str, str]]) -> Iterator[tuple[list[str], bytes]]:
+        """(paths, contents) for each blob of (path, blob id) pairs, with every path that
+        holds it, from one `git cat-file --batch`, as they stream in, in blob_order's
+        order: a blob's bytes are held only until the caller moves on. Contents are cut
+        at READ_LIMIT bytes."""
         order = blob_order(blobs)
         contents = cat_blobs(self.path, [oid for oid, _paths in order])
         for (_oid, paths), (_same, data) in zip(order, contents, strict=True):
-            for path in paths:
-                yield path, data
+            yield paths, data
 
     @property
     def git_dir(self) -> Path:

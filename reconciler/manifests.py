@@ -27,7 +27,7 @@ import hashlib
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -593,6 +593,33 @@ def cached(known: Iterable[tuple[str, bytes]]) -> Iterator[Manifest | list[Manif
             yield None if target is None else [target]
         else:
             yield Manifest(path, target, value)
+
+
+def parse_paths(paths: Sequence[str], raw: bytes) -> list[Manifest | list[ManifestError] | None]:
+    """parse_file's result for each of `paths`, which all hold the bytes `raw` (one git
+    blob). The bytes and the directory decide what a file parses to (see cache_key), so
+    they are parsed once a directory and the other paths get that result under their own
+    name: one blob committed at a thousand paths costs one parse, not a thousand (and
+    its message is held once)."""
+    if len(paths) == 1:  # nearly every blob: no bookkeeping
+        return [parse_file(paths[0], raw)]
+    out: list[Manifest | list[ManifestError] | None] = []
+    first: dict[str, Manifest | list[ManifestError]] = {}
+    for path in paths:
+        target = classify(path)
+        if target is None or isinstance(target, ManifestError):
+            out.append(None if target is None else [target])
+            continue
+        directory = path.rpartition("/")[0]
+        done = first.get(directory)
+        if done is None:
+            done = first[directory] = parse(path, raw, target)
+            out.append(done)
+        elif isinstance(done, Manifest):
+            out.append(Manifest(path, target, done.value, done.name))
+        else:
+            out.append([ManifestError(path, error.line, error.message) for error in done])
+    return out
 
 
 def parse_file(path: str, raw: bytes) -> Manifest | list[ManifestError] | None:

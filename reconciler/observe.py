@@ -50,7 +50,7 @@ FLEET_CACHE_SECONDS = 5.0
 class PassResult(StrEnum):
     OK = "ok"
     INVALID = "invalid"  # a manifest failed validation; nothing written
-    REFUSED = "refused"  # the commit guard or --prune's safety refused the pass
+    REFUSED = "refused"  # the commit guard, --prune's safety or --max_write_mib refused the pass
     ERROR = "error"  # anything else: etcd, git, the lock, a bug
 
 
@@ -59,7 +59,9 @@ def classify(report: PassReport) -> PassResult:
         return PassResult.OK
     if isinstance(report.cause, manifests.InvalidManifests):
         return PassResult.INVALID
-    if isinstance(report.cause, reconcile.GuardRefused | reconcile.PruneRefused):
+    if isinstance(
+        report.cause, reconcile.GuardRefused | reconcile.PruneRefused | reconcile.TooLarge
+    ):
         return PassResult.REFUSED
     return PassResult.ERROR
 

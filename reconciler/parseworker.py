@@ -203,8 +203,8 @@ class Worker:
 
     def parse(self, source: gitsource.Source, blobs: Sequence[tuple[str, str]]) -> list[Result]:
         """parse_file's result for each (path, blob id), in gitsource.Source.read_blobs'
-        order, exactly as `[parse_file(p, raw) for p, raw in source.read_blobs(blobs)]`
-        gives them; the child parses from the back. Raises what that would raise
+        order (each blob's paths in turn), exactly as parse_file gives them (through
+        manifests.parse_paths); the child parses from the back. Raises what that would raise
         (gitsource.GitError), from this process's own reading. The child is left for
         the holder to stop."""
         return self._parse(source, gitsource.blob_order(blobs))
@@ -220,7 +220,7 @@ class Worker:
                 oid, raw = next(own)
                 if oid != jobs[index][0]:
                     raise gitsource.GitError(f"git cat-file answered out of order for {oid}")
-                results[index] = [manifests.parse_file(path, raw) for path in jobs[index][1]]
+                results[index] = manifests.parse_paths(jobs[index][1], raw)
                 index += 1
                 if index % CHECK_EVERY == 0 and child.alive:
                     lowest = child.collect(results, lowest, done=index)
@@ -476,7 +476,7 @@ def serve(stdin: IO[bytes] | None, stdout: IO[bytes], *, listed: Path | None = N
     blobs = gitsource.cat_blobs(checkout, [jobs[i][0] for i in order])
     for index, (oid, raw) in zip(order, blobs, strict=True):
         assert oid == jobs[index][0]
-        encoded = [encode_result(manifests.parse_file(path, raw)) for path in jobs[index][1]]
+        encoded = [encode_result(result) for result in manifests.parse_paths(jobs[index][1], raw)]
         pending.append((index, encoded))
         size += len(raw)
         if len(pending) >= SEND_EVERY or size >= SEND_BYTES:

@@ -38,6 +38,10 @@ class PruneRefused(ReconcileError):
     """--prune would delete every owned key."""
 
 
+class TooLarge(ReconcileError):
+    """The pass would write more than --max_write_mib to etcd."""
+
+
 class Conflict(ReconcileError):
     """Keys kept changing under us; gave up after MAX_ATTEMPTS plans."""
 
@@ -77,6 +81,8 @@ class Options:
     verify_commits: Path | None = None
     # -sign_key: every task message written carries this key's signature (signed.py)
     signer: signing.Signer | None = None
+    # --max_write_mib: the most one pass may write (see _check_size)
+    max_write_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,21 @@ def _check_prune(
         )
 
 
+def _check_size(plan: diff.Plan, options: Options) -> None:
+    """Refuse a plan that would write more than options.max_write_bytes of messages. Git
+    stores one blob once however many paths hold it, so a commit of a thousand copies of
+    a 1 MiB manifest costs its author nothing and would write 1 GiB to etcd, whose
+    default quota is 2 GiB for everything, history included: past it etcd refuses every
+    write (its NOSPACE alarm), the agents' results and registrations too."""
+    total = sum(len(c.new) for c in plan.changes if c.action in diff.WRITES and c.new is not None)
+    if total > options.max_write_bytes:
+        raise TooLarge(
+            f"this pass would write {total / 2**20:.1f} MiB of task messages to etcd, over "
+            f"--max_write_mib {options.max_write_bytes / 2**20:g}; nothing written. Raise "
+            "it if that is really what you want (and etcd's quota with it)"
+        )
+
+
 def _comparable(observed: sync.EtcdState, options: Options) -> sync.EtcdState:
     return observed if options.signer is None else signed.comparable(observed, options.signer)
 
@@ -355,6 +376,7 @@ def _run_locked(
         observed = _comparable(_observe(store, scope), options)
     first = diff.plan(values, observed.actual, observed.owned, prune=options.prune)
     _check_prune(store, first, observed, options, full=scope is None)
+    _check_size(first, options)
     if before_apply is not None:
         before_apply(first)
     if options.dry_run:

@@ -171,3 +171,56 @@ def test_paths_are_text_without_control_characters_or_an_error_naming_them() -> 
     ]:
         error = manifests.decode_path(raw)
         assert isinstance(error, manifests.ManifestError) and error.path == shown
+
+
+# One blob at many paths: parse_paths against parse_file --------------------------------
+
+SHARED_CONTENTS = [
+    b"name: print\ndata: {a: 1}\n",
+    b"name: print\nrollout:\n  waves: [1, '100%']\n",  # a region task; an error for a node
+    b"name: [not, a, name]\n",
+    b"name: print\ndata: {a: [\n",  # YAML that does not parse
+    b"",
+    b"\xff\xfe not utf-8",
+]
+SHARED_PATHS = [
+    "tasks/nodes/web-1.yaml",
+    "tasks/nodes/web-2.yml",
+    "tasks/regions/eu.yaml",
+    "tasks/regions/us.yml",
+    "tasks/nodes/bad name.yaml",
+    "tasks/deep/er/x.yaml",
+    "tasks/README.md",
+]
+
+
+@given(
+    raw=st.sampled_from(SHARED_CONTENTS),
+    paths=st.lists(st.sampled_from(SHARED_PATHS), min_size=1, max_size=8),
+)
+def test_a_blob_at_many_paths_parses_as_each_path_alone_would(raw: bytes, paths: list[str]) -> None:
+    got = manifests.parse_paths(paths, raw)
+    want = [manifests.parse_file(path, raw) for path in paths]
+    assert got == want
+    assert [r.name if isinstance(r, manifests.Manifest) else None for r in got] == [
+        r.name if isinstance(r, manifests.Manifest) else None for r in want
+    ]
+
+
+def test_a_blob_committed_at_a_thousand_paths_is_parsed_once_a_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    parse = manifests.parse
+
+    def counting(path: str, raw: bytes, target: keys.Target) -> object:
+        calls.append(path)
+        return parse(path, raw, target)
+
+    monkeypatch.setattr(manifests, "parse", counting)
+    paths = [f"tasks/nodes/n{i}.yaml" for i in range(1000)] + ["tasks/regions/eu.yaml"]
+    results = manifests.parse_paths(paths, b"name: print\ndata: {big: [1, 2, 3]}\n")
+    assert calls == ["tasks/nodes/n0.yaml", "tasks/regions/eu.yaml"]
+    assert all(isinstance(r, manifests.Manifest) for r in results)
+    values = {id(r.value) for r in results if isinstance(r, manifests.Manifest)}
+    assert len(values) == 2  # one message held a directory, not a thousand copies

@@ -123,6 +123,31 @@ def test_pruning_every_owned_key_is_refused_unless_allow_empty(
     assert values(etcd, layout.owned_prefix) == {}
 
 
+def test_a_pass_that_would_write_more_than_max_write_mib_writes_nothing(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    # One 0.3 MiB blob at 8 paths: git holds it once, etcd would get 2.7 MiB (as JSON).
+    text = "name: print\ndata:\n" + "".join(f"  k{i}: {'x' * 60}\n" for i in range(5000))
+    for i in range(8):
+        repo.write(f"tasks/nodes/copy-{i}.yaml", text)
+    repo.commit("many copies of one big file")
+    for extra in (("--dry-run",), ()):
+        code, _out, err = run_cli(
+            capsys, etcd_server.endpoint, layout, repo, "--max_write_mib", "2", *extra
+        )
+        assert code == 1, err
+        assert "would write 2.7 MiB of task messages to etcd, over --max_write_mib 2" in err
+        assert values(etcd, layout.prefix + "/node/") == {}  # nothing written
+    code, _out, err = run_cli(capsys, etcd_server.endpoint, layout, repo, "--max_write_mib", "3")
+    assert code == 0, err
+    assert len(values(etcd, layout.prefix + "/node/")) == 9
+    for bad in ("0", "-1", "nan", "1.5", "9" * 5000):
+        code, _out, err = run_cli(
+            capsys, etcd_server.endpoint, layout, repo, "--max_write_mib", bad
+        )
+        assert code == 1 and "-max_write_mib: " in err, (bad, err)
+
+
 def test_invalid_manifests_write_nothing_and_every_error_is_printed(
     capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
 ) -> None:

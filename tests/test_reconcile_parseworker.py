@@ -95,7 +95,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
 
 
 def serial(source: gitsource.Source, blobs: list[tuple[str, str]]) -> list[parseworker.Result]:
-    return [manifests.parse_file(path, raw) for path, raw in source.read_blobs(blobs)]
+    return [
+        manifests.parse_file(path, raw) for paths, raw in source.read_blobs(blobs) for path in paths
+    ]
 
 
 def names(results: list[parseworker.Result]) -> list[str | None]:
@@ -561,14 +563,14 @@ def test_a_read_that_fails_while_parsing_stops_its_worker_once(
     tree: Tree, spawned: Spawned, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = itertools.count()
-    parse_file = manifests.parse_file
+    parse_paths = manifests.parse_paths
 
-    def failing(path: str, raw: bytes) -> parseworker.Result:
+    def failing(paths: list[str], raw: bytes) -> list[parseworker.Result]:
         if next(calls) == 100:
             raise RuntimeError("disk on fire")
-        return parse_file(path, raw)
+        return parse_paths(paths, raw)
 
-    monkeypatch.setattr(manifests, "parse_file", failing)  # in this process, not the child
+    monkeypatch.setattr(manifests, "parse_paths", failing)  # in this process, not the child
     with pytest.raises(RuntimeError, match="disk on fire"):
         _full(tree, tree.valid, cache=False)
     spawned.assert_each_stopped_once()
