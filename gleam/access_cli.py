@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from gleam import access, connection, flags, keys
+from gleam.client_render import printable
 
 USAGE = (
     "access grant agent ID -region A:B [-script_read P]... [-script_write P]... | "
@@ -158,19 +159,22 @@ def _grant(api: access.AuthAPI, grant: access.Grant, password: str | None, out: 
 
 
 def _show(api: access.AuthAPI, name: str | None, out: TextIO) -> int:
+    # Names and keys come from etcd, where whoever holds root may have put a newline or
+    # an escape sequence in them: shown escaped, one line each.
     names = [name] if name else api.users()
     for user_name in names:
         user = api.user(user_name)
         if user is None:
             raise access.AccessError(f"no etcd user {user_name!r}")
-        print(f"{user.name}: {', '.join(user.roles) or '(no role)'}", file=out)
+        roles = ", ".join(printable(role) for role in user.roles)
+        print(f"{printable(user.name)}: {roles or '(no role)'}", file=out)
         for role in user.roles:
             for perm in sorted(api.role_permissions(role) or ()):
-                print(f"  {role}: {perm.describe()}", file=out)
+                print(f"  {printable(role)}: {printable(perm.describe())}", file=out)
     return 0
 
 
 def _revoke(api: access.AuthAPI, name: str, out: TextIO) -> int:
-    deleted = api.revoke(name)
-    print(f"user {name} deleted; roles deleted: {', '.join(deleted) or '(none)'}", file=out)
+    deleted = ", ".join(printable(role) for role in api.revoke(name))
+    print(f"user {printable(name)} deleted; roles deleted: {deleted or '(none)'}", file=out)
     return 0

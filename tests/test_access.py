@@ -395,3 +395,32 @@ def test_a_denied_registration_is_an_error_naming_key_and_user_and_tasks_still_r
 def test_access_flags_are_refused_with_other_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["-target", "node/x", "-fn", "print", "-dry_run"]) == 2
     assert "are for the access command" in capsys.readouterr().err
+
+
+def test_show_and_revoke_escape_what_etcd_holds() -> None:
+    import io
+
+    from gleam import access_cli
+
+    evil = "ops\x1b]0;owned\x07\nroot: READWRITE /"
+    perm = access.Permission("/gleam/node/\x1b[2J", False, access.Perm.READ)
+
+    class API:
+        def users(self) -> list[str]:
+            return [evil]
+
+        def user(self, name: str) -> access.UserInfo:
+            return access.UserInfo(name, (evil,))
+
+        def role_permissions(self, role: str) -> list[access.Permission]:
+            return [perm]
+
+        def revoke(self, name: str) -> list[str]:
+            return [evil]
+
+    out = io.StringIO()
+    access_cli._show(API(), None, out)  # type: ignore[arg-type]
+    access_cli._revoke(API(), evil, out)  # type: ignore[arg-type]
+    text = out.getvalue()
+    assert "\x1b" not in text and text.count("\n") == 3  # three lines, nothing raw
+    assert "ops\\x1b]0;owned\\x07\\nroot: READWRITE /" in text
