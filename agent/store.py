@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from pyetcd import etcdrpc
@@ -31,7 +31,11 @@ from gleam import access, connection
 
 log = logging.getLogger("agent.store")
 
-Connector = Callable[[connection.Settings], connection.Client]
+
+class Connector(Protocol):
+    """How a Store gets a client: connection.connect's shape."""
+
+    def __call__(self, settings: connection.Settings, *, start: int = 0) -> connection.Client: ...
 
 
 class StoreError(Exception):
@@ -170,10 +174,12 @@ class Store:
             if self._client is None:
                 turn, self._connects = self._connects, self._connects + 1
                 try:
-                    client = self._connector(self._settings)
+                    # Each new client starts on the next endpoint in turn, the first one
+                    # first, so that reconnecting after failures tries every endpoint
+                    # (and authenticates on it) rather than maybe the same dead one again.
+                    client = self._connector(self._settings, start=turn)
                 except connection.ETCD_ERRORS as exc:
                     raise translate(exc) from None
-                _start_at(client, turn)
                 self._client = client
             return self._client
 
@@ -375,15 +381,6 @@ class Store:
         )
 
 
-def _start_at(client: connection.Client, turn: int) -> None:
-    """Each new client starts at the next endpoint in turn, the first one first (pyetcd
-    picks one at random and fails over from there), so that reconnecting after
-    failures tries every endpoint rather than maybe the same dead one again."""
-    labels = list(getattr(client, "endpoints", None) or ())
-    if len(labels) > 1:
-        client._current_endpoint_label = labels[turn % len(labels)]
-
-
 class EtcdKV:
     """The scripts' etcd calls (gleam.Get/GetDir/Set/Delete, `agent.lua_api.KV`) over a
     pyetcd client: ttl becomes a lease, GetDir reads `key/`, Delete removes the key and
@@ -432,23 +429,35 @@ def _kv_errors() -> Iterator[None]:
 
 class LazyClient:
     """A pyetcd client made on first use, for the Lua scripts' etcd calls (through
-    `EtcdKV`): with etcd auth, making a client needs etcd up, and the
-    agent must start even when it is not. Calls go through pyetcd's own endpoint
-    failover; an error reaches the script as an error string. An expired auth token
-    (etcd drops idle ones) gets one retry on a fresh, re-authenticated client."""
+    `EtcdKV`): with etcd auth, making a client needs etcd up, and the agent must start
+    even when it is not. An error reaches the script as an error string, but not one a
+    live endpoint could have spared it: a call to an endpoint that does not answer (or a
+    client that could not authenticate on it) is tried again on a fresh client that
+    starts on the next endpoint, once per endpoint (pyetcd alone would move on only for
+    the script's next call). An expired auth token (etcd drops idle ones) gets one retry
+    on a fresh, re-authenticated client."""
 
     def __init__(self, settings: connection.Settings) -> None:
         self._store = Store(settings)
+        self._endpoints = len(settings.addresses)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return getattr(self._store._get(), name)(*args, **kwargs)
-            except grpc.RpcError as exc:
-                if _code(exc) is not grpc.StatusCode.UNAUTHENTICATED:
-                    raise
-                self._store.reset()
-                return getattr(self._store._get(), name)(*args, **kwargs)
+            tries = self._endpoints
+            reauthenticated = False
+            while True:
+                try:
+                    return getattr(self._store._get(), name)(*args, **kwargs)
+                except (grpc.RpcError, *connection.ETCD_ERRORS, Unavailable) as exc:
+                    expired = _code(exc) is grpc.StatusCode.UNAUTHENTICATED
+                    silent = isinstance(exc, Unavailable) or connection.unreachable(exc)
+                    if expired and not reauthenticated:
+                        reauthenticated = True
+                    elif silent and tries > 1:
+                        tries -= 1
+                    else:
+                        raise
+                    self._store.reset()
 
         return call
 

@@ -132,7 +132,7 @@ def _with_auth(values: Mapping[str, str | None], body: AccessBody) -> int:
     except (flags.FlagError, connection.ConfigError) as exc:
         raise AccessUsage(str(exc)) from None
     try:
-        etcd = connection.connect(settings)
+        etcd = connection.connect_reachable(settings)
     except connection.ETCD_ERRORS as exc:
         raise access.AccessError(
             f"cannot connect to etcd at {settings.describe()}: {connection.describe_error(exc)}"

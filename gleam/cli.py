@@ -408,7 +408,7 @@ def run(args: argparse.Namespace, *, environ: Mapping[str, str], out: TextIO) ->
         colour=out.isatty() and "NO_COLOR" not in environ,
     )
     try:
-        etcd = connection.connect(settings)
+        etcd = connection.connect_reachable(settings)
         try:
             if args.command is None:
                 return cmd_send(args, etcd, layout, output)

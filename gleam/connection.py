@@ -18,6 +18,7 @@ import grpc
 import pyetcd
 import pyetcd.exceptions
 from pyetcd import etcdrpc
+from pyetcd.client import EtcdTokenCallCredentials
 
 from gleam import protected_files
 
@@ -256,11 +257,12 @@ def _credentials(settings: Settings) -> grpc.ChannelCredentials:
     )
 
 
-def connect(settings: Settings) -> pyetcd.MultiEndpointEtcd3Client:
-    """A client over every endpoint, failing over between them.
+def connect(settings: Settings, *, start: int = 0) -> pyetcd.MultiEndpointEtcd3Client:
+    """A client over every endpoint, failing over between them, starting on endpoint
+    number `start` of -etcd's list (pyetcd itself would pick one at random).
 
-    Raises one of ETCD_ERRORS when authentication is on and etcd cannot be reached
-    (pyetcd authenticates while it is being built).
+    Raises one of ETCD_ERRORS when authentication is on and that endpoint cannot be
+    reached (the client authenticates as it is built).
     """
     creds = _credentials(settings) if settings.secure else None
     endpoints = [
@@ -275,17 +277,69 @@ def connect(settings: Settings) -> pyetcd.MultiEndpointEtcd3Client:
         for a in settings.addresses
     ]
     client = pyetcd.MultiEndpointEtcd3Client(
-        endpoints=endpoints,
-        timeout=settings.timeout,
-        user=settings.user,
-        password=settings.password,
-        failover=True,
+        endpoints=endpoints, timeout=settings.timeout, failover=True
     )
-    if not settings.secure:
-        # pyetcd sends the auth token twice: as call credentials, which gRPC refuses on a
-        # plain-text channel ("insufficient security level": every call fails), and as
-        # metadata, which is all etcd needs. Without TLS, metadata alone it is.
-        client.call_credentials = None
+    labels = list(client.endpoints)
+    client._current_endpoint_label = labels[start % len(labels)]
+    if settings.user is not None and settings.password is not None:
+        # What pyetcd does when given a user, but on the endpoint chosen above.
+        token = client.authstub.Authenticate(
+            etcdrpc.AuthenticateRequest(name=settings.user, password=settings.password),
+            settings.timeout,
+        ).token
+        client.metadata = (("token", token),)
+        if settings.secure:
+            # pyetcd also sends the token as call credentials, which gRPC refuses on a
+            # plain-text channel ("insufficient security level": every call fails);
+            # without TLS, metadata alone it is, which is all etcd needs.
+            client.call_credentials = grpc.metadata_call_credentials(
+                EtcdTokenCallCredentials(token)
+            )
+    return client
+
+
+# What says an endpoint did not answer (as opposed to answering with an error, a
+# permission denied say): pyetcd's classes for the gRPC codes it fails an endpoint on.
+_UNREACHABLE = (
+    pyetcd.exceptions.ConnectionFailedError,
+    pyetcd.exceptions.ConnectionTimeoutError,
+    pyetcd.exceptions.NoServerAvailableError,
+)
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Did the endpoint not answer at all (down, refused, timed out)?"""
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code in _UNREACHABLE_CODES
+
+
+def connect_reachable(settings: Settings) -> pyetcd.MultiEndpointEtcd3Client:
+    """`connect`, starting on each endpoint in turn until one answers a read. pyetcd
+    moves past a dead endpoint only after a call to it has failed, so a one-shot command
+    (gleam-reconcile --once, gleam-client) that started on a member that is down would
+    fail its first call: with one member of three down, a third of the runs. Daemons
+    need not: their loops retry. Raises the last endpoint's error if none answers."""
+    for turn in range(len(settings.addresses) - 1):
+        try:
+            return _answering(connect(settings, start=turn))
+        except ETCD_ERRORS as exc:
+            if not unreachable(exc):
+                raise
+    return _answering(connect(settings, start=len(settings.addresses) - 1))
+
+
+def _answering(client: pyetcd.MultiEndpointEtcd3Client) -> pyetcd.MultiEndpointEtcd3Client:
+    """`client` once its endpoint has answered a read (any answer will do, a refusal
+    too); closed, and the error raised, if the endpoint did not answer."""
+    try:
+        client.get_response("/", count_only=True)
+    except ETCD_ERRORS as exc:
+        if unreachable(exc):
+            client.close()
+            raise
     return client
 
 

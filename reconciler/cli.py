@@ -252,7 +252,7 @@ def _fail(config: Config, message: str) -> int:
 
 def run_once(config: Config) -> int:
     try:
-        etcd = connection.connect(config.settings)
+        etcd = connection.connect_reachable(config.settings)
     except connection.ETCD_ERRORS as exc:
         return _fail(
             config,

@@ -14,7 +14,7 @@ import pyetcd.etcdrpc as etcdrpc
 import pytest
 
 from gleam import access, cli, connection, keys, messages
-from gleam.embedded import EtcdServer, TLSFiles
+from gleam.embedded import EtcdServer, TLSFiles, free_port
 from tests import certificates
 from tests.agent_support import (
     StartAgent,
@@ -254,7 +254,9 @@ def test_agent_under_its_role_runs_tasks_and_is_denied_the_rest(
         'local err = gleam.Set(gleam.Data.key, "v", 0)\nreturn tostring(err)\n'
     )
     env = {"GLEAM_USER": "web-1", "GLEAM_PASSWORD_FILE": pw}
-    agent = start_agent(auth_etcd.endpoint, "-id", "web-1", "-region", "eu", layout=layout,
+    # A dead endpoint first in the list: the agent authenticates on the next one in turn.
+    endpoints = f"http://127.0.0.1:{free_port()},{auth_etcd.endpoint}"
+    agent = start_agent(endpoints, "-id", "web-1", "-region", "eu", layout=layout,
                         script_dir=scripts, env=env)  # fmt: skip
     root = client_as(auth_etcd, "root", ROOT_PASSWORD)
     try:
@@ -424,3 +426,24 @@ def test_show_and_revoke_escape_what_etcd_holds() -> None:
     text = out.getvalue()
     assert "\x1b" not in text and text.count("\n") == 3  # three lines, nothing raw
     assert "ops\\x1b]0;owned\\x07\\nroot: READWRITE /" in text
+
+
+def test_with_auth_a_dead_first_endpoint_is_skipped_and_a_wrong_password_is_not_retried(
+    auth_etcd: EtcdServer, auth_dir: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = connection.make_settings(
+        f"{dead},{auth_etcd.endpoint}", user="root", password=ROOT_PASSWORD, timeout=2.0
+    )
+    with pytest.raises(connection.ETCD_ERRORS) as failed:
+        connection.connect(settings, start=0)  # authenticates on the dead one
+    assert connection.unreachable(failed.value)
+    client = connection.connect_reachable(settings)
+    try:
+        assert access.AuthAPI(client).users() is not None  # authenticated, as root
+    finally:
+        client.close()
+    wrong = dataclasses.replace(settings, password="not the password")
+    with pytest.raises(connection.ETCD_ERRORS) as refused:
+        connection.connect_reachable(wrong)
+    assert not connection.unreachable(refused.value)

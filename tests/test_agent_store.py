@@ -203,3 +203,19 @@ def test_a_put_bound_to_an_expired_lease_fails_too(
     with pytest.raises(store.LeaseNotFound):
         seam.put_guarded([store.Guarded(key, b"late", 0, lease_id)])
     assert etcd.get(key)[0] is None
+
+
+def test_a_scripts_first_call_skips_a_dead_endpoint(
+    etcd_server: EtcdServer, layout: keys.Layout
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = connection.make_settings(f"{dead},{etcd_server.endpoint}", timeout=2.0)
+    kv = store.EtcdKV(store.LazyClient(settings))
+    # The first client starts on the dead endpoint: the call moves on, the script never
+    # sees the failure.
+    kv.set(layout.prefix + "/kv", "v", None)
+    assert kv.get(layout.prefix + "/kv") == "v"
+    # With no endpoint answering, the error does reach the script, after one try each.
+    nobody = connection.make_settings(f"{dead},http://127.0.0.1:{free_port()}", timeout=2.0)
+    with pytest.raises(store.KVError, match="UNAVAILABLE|ConnectionFailed|Unavailable"):
+        store.EtcdKV(store.LazyClient(nobody)).get("/x")

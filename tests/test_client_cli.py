@@ -360,8 +360,8 @@ def test_info_reads_the_registrations_once_and_still_names_the_invalid_one(
         recordings.append(Recording(real_connect(settings)))
         return recordings[-1]
 
-    real_connect = connection.connect
-    monkeypatch.setattr(connection, "connect", connect)
+    real_connect = connection.connect_reachable
+    monkeypatch.setattr(connection, "connect_reachable", connect)
     code, out, err = run("info")
     assert (code, err) == (0, "")
     assert [r.reads for r in recordings] == [[("get_prefix_response", layout.info_prefix)]]

@@ -94,6 +94,31 @@ def test_a_client_fails_over_to_a_live_endpoint(etcd_server: EtcdServer) -> None
         client.close()
 
 
+def test_a_one_shot_client_starts_on_an_endpoint_that_answers(etcd_server: EtcdServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    for endpoints in (f"{dead},{etcd_server.endpoint}", f"{etcd_server.endpoint},{dead}"):
+        settings = connection.make_settings(endpoints, timeout=2.0)
+        for _ in range(3):  # not a matter of luck: every time, the first call works
+            client = connection.connect_reachable(settings)
+            try:
+                client.put("/reachable-test", "ok")
+            finally:
+                client.close()
+    # connect starts where it is told (pyetcd alone picks at random).
+    two = connection.make_settings(f"{dead},{etcd_server.endpoint}")
+    for start in (0, 1, 2):
+        client = connection.connect(two, start=start)
+        try:
+            assert client._current_endpoint_label == list(client.endpoints)[start % 2]
+        finally:
+            client.close()
+    # None answers: the last one's error, which says so.
+    nobody = connection.make_settings(f"{dead},http://127.0.0.1:{free_port()}", timeout=2.0)
+    with pytest.raises(connection.ETCD_ERRORS) as failed:
+        connection.connect_reachable(nobody)
+    assert connection.unreachable(failed.value)
+
+
 # -password_file -------------------------------------------------------------------------
 
 

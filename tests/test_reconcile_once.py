@@ -148,6 +148,18 @@ def test_a_pass_that_would_write_more_than_max_write_mib_writes_nothing(
         assert code == 1 and "-max_write_mib: " in err, (bad, err)
 
 
+def test_a_dead_endpoint_in_the_list_never_fails_a_pass(
+    capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
+) -> None:
+    from gleam.embedded import free_port
+
+    endpoints = f"http://127.0.0.1:{free_port()},{etcd_server.endpoint}"
+    for _ in range(3):  # pyetcd starts on a random endpoint: every start must work
+        code, _out, err = run_cli(capsys, endpoints, layout, repo)
+        assert code == 0, err
+    assert len(values(etcd, layout.prefix + "/node/")) == 1
+
+
 def test_invalid_manifests_write_nothing_and_every_error_is_printed(
     capsys: Any, etcd_server: EtcdServer, etcd: Any, layout: keys.Layout, repo: OpsRepo
 ) -> None:
