@@ -326,7 +326,7 @@ def main(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        etcd = connection.connect(etcd_settings)
+        etcd = connection.connect_reachable(etcd_settings)
     except connection.ETCD_ERRORS as exc:
         log.error(
             "cannot connect to etcd at %s: %s",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gleam import keys
-from gleam.embedded import EtcdServer
+from gleam.embedded import EtcdServer, free_port
 from reconciler import daemon, diff, reconcile, records, sync
 from tests.reconcile_support import OpsRepo, values
 from tests.support import ROOT, client_for, wait_until
@@ -171,7 +171,9 @@ def test_sigterm_stops_the_daemon_process_cleanly_after_it_followed_a_commit(
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "reconciler.cli",
-                "-etcd", etcd_server.endpoint, "-prefix", layout.prefix,
+                # A dead endpoint first: the daemon starts on the live one.
+                "-etcd", f"http://127.0.0.1:{free_port()},{etcd_server.endpoint}",
+                "-prefix", layout.prefix,
                 "--repo", str(repo.path), "--interval", "60", "--debounce", "0.05",
             ],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -193,6 +195,7 @@ def test_sigterm_stops_the_daemon_process_cleanly_after_it_followed_a_commit(
             proc.wait()
     text = log_path.read_text()
     assert "SIGTERM: stopping" in text and "stopped" in text
+    assert "ConnectionFailed" not in text  # no pass failed on the dead endpoint
     assert layout.lock_key not in values(etcd, layout.meta_prefix)
 
 
