@@ -83,7 +83,13 @@ def test_reads_then_watches_and_delivers_in_revision_order(
     assert loop.synced.wait(10)
     # Two keys written and both seen before the worker takes one: oldest revision first.
     first, second = (int(etcd.put(k, v).header.revision) for k, v in ((b, b"1"), (a, b"2")))
-    wait_until(lambda: tasks.delivered(a, second, read_at=second), what="both writes seen")
+    # Each key has its own watch, so either may deliver first: wait for both.
+    wait_until(
+        lambda: (
+            tasks.delivered(b, first, read_at=second) and tasks.delivered(a, second, read_at=second)
+        ),
+        what="both writes seen",
+    )
     assert [(j.key, j.revision) for j in (take(tasks), take(tasks))] == [(b, first), (a, second)]
     # One key written twice before the worker takes it: only the newest runs.
     older, newest = (int(etcd.put(b, v).header.revision) for v in (b"3", b"4"))
