@@ -216,11 +216,21 @@ class Pyetcd:
         options: dict[str, Any] = {"keys_only": query.keys_only, "count_only": query.count_only}
         if query.revision:
             options["revision"] = query.revision
-        with _translated():
-            if query.prefix:
-                response = self.client.get_prefix_response(query.key, **options)
-            else:
-                response = self.client.get_response(query.key, **options)
+        read = self.client.get_prefix_response if query.prefix else self.client.get_response
+        # A read that got no answer is sent again, once per other endpoint: pyetcd has
+        # moved to the next one when the call failed (a member down in the middle of a
+        # pass need not fail it). Reads only: a write whose answer was lost may still
+        # be applied, and is for its caller's guard to settle.
+        tries = len(getattr(self.client, "endpoints", None) or (None,))
+        while True:
+            tries -= 1
+            try:
+                with _translated():
+                    response = read(query.key, **options)
+                break
+            except EtcdError as exc:
+                if tries <= 0 or not connection.unreachable(exc.__cause__ or exc):
+                    raise
         # Raw protobuf responses, not pyetcd's per-key objects: 10,000 keys in a few
         # tens of milliseconds.
         kvs = tuple(

@@ -1,12 +1,16 @@
-"""gleam.etcdapi's pure pieces that the fake-etcd and wire-encoding tests do not cover."""
+"""gleam.etcdapi's pieces that the fake-etcd and wire-encoding tests do not cover: the
+error unwrapping (pure) and a read's failover (on a real etcd cluster)."""
 
 from __future__ import annotations
+
+import signal
 
 import grpc
 import pytest
 from pyetcd import exceptions as pyetcd_exceptions
 
-from gleam import etcdapi
+from gleam import connection, etcdapi, keys
+from tests.etcd_cluster import EtcdCluster
 
 
 class Unavailable(grpc.RpcError):
@@ -45,3 +49,24 @@ def test_pyetcd_error_gives_back_the_pyetcd_error_an_etcd_error_wraps(
 )
 def test_pyetcd_error_leaves_any_other_error_as_it_is(exc: BaseException) -> None:
     assert etcdapi.pyetcd_error(exc) is exc
+
+
+def test_a_read_moves_past_a_member_that_died_between_two_calls(
+    etcd_cluster: EtcdCluster, layout: keys.Layout
+) -> None:
+    leader = etcd_cluster.wait_leader(timeout=30)
+    follower = next(m for m in etcd_cluster.members if m is not leader)
+    start = etcd_cluster.members.index(follower)
+    client = connection.connect(
+        connection.make_settings(etcd_cluster.endpoints_flag, timeout=5.0), start=start
+    )
+    try:
+        backend = etcdapi.Pyetcd(client)
+        key = layout.prefix + "/x"
+        backend.txn([], [etcdapi.Put(key, b"1")])  # answered by the member it started on
+        follower.stop(sig=signal.SIGKILL)
+        # That member now refuses connections: the read is sent on to another one.
+        kv = etcdapi.get_one(backend, key)
+        assert kv is not None and kv.value == b"1"
+    finally:
+        client.close()
