@@ -291,7 +291,9 @@ class _Child:
 
     def _check_listing(self, reply: Any) -> None:
         if reply != (LISTED, self.digest):
-            said = reply[1][:12] if isinstance(reply, tuple) and len(reply) == 2 else "?"
+            said = "?"
+            if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[1], str):
+                said = repr(reply[1][:12])
             raise Misbehaved(f"it listed other files (digest {said}) than this pass reads")
         self.digest = None
 
@@ -305,7 +307,10 @@ class _Child:
         for item in reply:
             if lowest == 0:
                 raise Misbehaved("a reply past the first blob")
-            if not isinstance(item, tuple) or len(item) != 2 or item[0] != lowest - 1:
+            # type(...) is int: 3.0 == 3, and a float cannot index the jobs.
+            if not isinstance(item, tuple) or len(item) != 2 or type(item[0]) is not int:
+                raise Misbehaved(f"a reply for another blob than #{lowest - 1}")
+            if item[0] != lowest - 1:
                 raise Misbehaved(f"a reply for another blob than #{lowest - 1}")
             index, raw = item
             paths = self.jobs[index][1]

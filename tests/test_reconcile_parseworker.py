@@ -237,6 +237,33 @@ def test_a_worker_that_sends_garbage_is_not_believed(
     assert said in log
 
 
+@pytest.mark.parametrize(
+    ("first", "said"),
+    [
+        ((parseworker.LISTED, 5), "it listed other files (digest ?)"),
+        (("x", None), "it listed other files (digest ?)"),
+        ((parseworker.LISTED, "\x1b[2Jforged"), "it listed other files (digest '\\x1b[2Jforged')"),
+    ],
+)
+def test_a_listing_worker_whose_first_word_is_not_a_digest_is_not_believed(
+    tree: Tree, caplog: Any, first: Any, said: str
+) -> None:
+    proc = subprocess.Popen(
+        _child(parseworker.frame(first)), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    log = _fallback(tree, parseworker.Worker(proc, listed=True), caplog)
+    assert said in log
+
+
+def test_a_reply_for_the_right_blob_by_a_float_is_not_believed(tree: Tree, caplog: Any) -> None:
+    """3.0 == 3, but a float cannot index the jobs: refused, not a TypeError."""
+    jobs = gitsource.blob_order(tree.blobs(tree.broken))
+    last = len(jobs) - 1
+    reply = parseworker.frame([(float(last), [None] * len(jobs[last][1]))])
+    log = _fallback(tree, parseworker.Worker.start(_child(reply)), caplog)
+    assert f"a reply for another blob than #{last}" in log
+
+
 def test_a_worker_that_lies_about_a_manifest_in_the_wrong_shape_is_not_believed(
     tree: Tree, caplog: Any
 ) -> None:
