@@ -60,13 +60,27 @@ def decode(items: Iterable[tuple[str, bytes]], layout: keys.Layout) -> Decoded:
         parsed = layout.parse_result_key(key)
         if parsed is None:
             continue
+        agent, target = parsed
+        task_key = layout.task_key(target)
         try:
-            results.append(messages.decode_result(value))
+            results.append(_result(agent, task_key, value))
         except messages.MessageError as exc:
-            agent, target = parsed
-            task_key = layout.task_key(target)
             found.append(InvalidRecord(key, RecordKind.RESULT, agent, task_key, str(exc)))
     return Decoded(tuple(agents), tuple(results), tuple(sorted(found, key=lambda r: r.key)))
+
+
+def _result(agent: str, task_key: str, value: bytes) -> messages.Result:
+    """The result stored under `<prefix>/result/<agent>/<target>`, if it decodes and is
+    that agent's for that task key (raises MessageError). Readers index results by what
+    the record says, and an agent may write only under its own result prefix: a record
+    naming another agent (or task) would let one agent answer for another."""
+    result = messages.decode_result(value)
+    if result.agent != agent or result.key != task_key:
+        raise messages.MessageError(
+            f"result is for agent {result.agent[:80]!r} at {result.key[:200]!r}, not "
+            f"{agent!r} at {task_key!r} as its key says"
+        )
+    return result
 
 
 def _registration(agent: str, value: bytes) -> messages.AgentInfo:

@@ -166,6 +166,28 @@ def test_unreadable_records_are_found_by_key_and_good_ones_and_other_keys_left_a
     assert all(r.error for r in found)
 
 
+def test_a_result_stored_under_another_agents_or_tasks_key_is_invalid_not_believed() -> None:
+    """An agent may write only under its own result prefix; a record there naming another
+    agent (or another task) would answer for it: b-fail's failure hidden by an ok."""
+    forged = result("b-fail", EU, 10).encode()
+    other_task = result("a-ok", keys.Target.node("a-ok"), 10).encode()
+    items = [
+        ("/gleam/result/b-fail/region/eu", result("b-fail", EU, 10, ok=False).encode()),
+        ("/gleam/result/z-forger/region/eu", forged),
+        ("/gleam/result/a-ok/region/eu", other_task),
+    ]
+    decoded = invalid_records.decode(items, LAYOUT)
+    assert [(r.agent, r.ok) for r in decoded.results] == [("b-fail", False)]
+    assert [(r.key, r.agent) for r in decoded.invalid] == [
+        ("/gleam/result/a-ok/region/eu", "a-ok"),
+        ("/gleam/result/z-forger/region/eu", "z-forger"),
+    ]
+    assert "result is for agent 'b-fail' at '/gleam/region/eu', not 'z-forger'" in (
+        decoded.invalid[1].error
+    )
+    assert "at '/gleam/node/a-ok', not 'a-ok' at '/gleam/region/eu'" in decoded.invalid[0].error
+
+
 def test_an_unreadable_result_is_an_invalid_row_and_fails_status_where_it_was_pending() -> None:
     fleet = status.build(MIXED, layout=LAYOUT, now=NOW, invalid=GARBAGE_RESULTS)
     assert states(fleet) == [
