@@ -157,7 +157,10 @@ MAX_DATA_TEXT = 8 * messages.MAX_MESSAGE_BYTES
 
 
 def _read_data(source: TextIO, what: str, flag: str) -> str:
-    text = source.read(MAX_DATA_TEXT + 1)
+    try:
+        text = source.read(MAX_DATA_TEXT + 1)
+    except UnicodeDecodeError:
+        raise DataError(f"{flag}: {what} is not UTF-8 text") from None
     if len(text) > MAX_DATA_TEXT:
         raise DataError(
             f"{flag}: {what} holds over {MAX_DATA_TEXT} characters; a task holds at most "
@@ -181,8 +184,6 @@ def parse_data(value: str | None, *, flag: str = "-data") -> messages.JSON:
                 text = _read_data(fh, f"file {path!r}", flag)
         except OSError as exc:
             raise DataError(f"{flag}: cannot read file {path!r}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{flag}: file {path!r} is not UTF-8 text") from None
         source = f"file {path!r}"
     else:
         text, source = value, "value"

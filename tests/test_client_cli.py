@@ -589,6 +589,20 @@ def test_data_from_standard_input(
     assert code == 2 and "-data: standard input is not valid JSON" in err
 
 
+def test_data_that_is_not_utf8_is_a_usage_error_from_a_file_or_standard_input(
+    run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'"\xff"')
+    code, _, err = run("-target", "node/a", "-fn", "print", "-data", f"@{latin}")
+    assert code == 2 and f"-data: file {str(latin)!r} is not UTF-8 text" in err
+    # Standard input as a UTF-8 locale gives it (strict): once a traceback.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'"\xff"'), encoding="utf-8"))
+    code, _, err = run("call", "node/a", "print", "@-")
+    assert code == 2 and "call DATA: standard input is not UTF-8 text" in err
+    assert task_values(etcd, layout) == {}
+
+
 def test_data_past_what_a_task_can_hold_is_not_read_to_the_end(
     run: Cli, etcd: Any, layout: keys.Layout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
