@@ -229,7 +229,7 @@ class Pyetcd:
                     response = read(query.key, **options)
                 break
             except EtcdError as exc:
-                if tries <= 0 or not connection.unreachable(exc.__cause__ or exc):
+                if tries <= 0 or not connection.unreachable(pyetcd_error(exc)):
                     raise
         # Raw protobuf responses, not pyetcd's per-key objects: 10,000 keys in a few
         # tens of milliseconds.

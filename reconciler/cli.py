@@ -53,7 +53,7 @@ RECONCILE_FLAGS: tuple[flags.Flag, ...] = (
         "max_write_mib",
         "refuse a pass that would write more than this many MiB of task messages to etcd "
         "(etcd's default quota is 2 GiB, history included)",
-        "256",
+        str(reconcile.MAX_WRITE_MIB),
         metavar="MIB",
     ),
     signing.FLAG,

@@ -23,14 +23,18 @@ pass has been answered, the lock released, the parse cache saved).
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+
+# logging and typing (some 10 ms) are not imported before the worker is started: the
+# one is loaded by the time leave() runs, the other is for annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 # Fewer files to parse than this: one process is as fast (a child costs about 0.1 s of
 # CPU to start). reconciler.parseworker's threshold.
@@ -159,6 +163,8 @@ def leave(status: int) -> NoReturn:
     """Exit with `status` without the interpreter's teardown, once the output is out;
     with a normal exit if a thread that is not a daemon still runs (it would be waited
     for)."""
+    import logging
+
     logging.shutdown()
     try:
         sys.stdout.flush()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -572,17 +571,12 @@ def _clip(text: str, width: int = 300) -> str:
 
 
 def load(
-    files: Iterable[tuple[str, bytes]],
-    *,
-    known: Iterable[tuple[str, bytes]] = (),
-    problems: Iterable[ManifestError] = (),
+    files: Iterable[tuple[str, bytes]], *, problems: Iterable[ManifestError] = ()
 ) -> dict[keys.Target, Manifest]:
     """Every manifest among (path, file bytes) pairs by target; non-manifest files are
-    skipped. `known` holds (path, message bytes) of files already parsed and valid (the
-    parse cache); `problems` are errors found while listing the files (refused names,
-    links). Raises InvalidManifests with every error of every file if any is invalid."""
-    parsed = (parse_file(path, raw) for path, raw in files)
-    return gather(itertools.chain(cached(known), parsed), problems=problems)
+    skipped. `problems` are errors found while listing the files (refused names, links).
+    Raises InvalidManifests with every error of every file if any is invalid."""
+    return gather((parse_file(path, raw) for path, raw in files), problems=problems)
 
 
 def cached(known: Iterable[tuple[str, bytes]]) -> Iterator[Manifest | list[ManifestError] | None]:

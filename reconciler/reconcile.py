@@ -65,6 +65,10 @@ def resource_failure(exc: BaseException) -> str:
     return "the pass met a value nested too deeply for Python and stopped"
 
 
+# --max_write_mib's default: the most one pass may write to etcd (see _check_size).
+MAX_WRITE_MIB = 256
+
+
 @dataclass(frozen=True)
 class Options:
     repo: Path
@@ -81,8 +85,7 @@ class Options:
     verify_commits: Path | None = None
     # -sign_key: every task message written carries this key's signature (signed.py)
     signer: signing.Signer | None = None
-    # --max_write_mib: the most one pass may write (see _check_size)
-    max_write_bytes: int = 256 * 1024 * 1024
+    max_write_bytes: int = MAX_WRITE_MIB * 2**20
 
 
 @dataclass(frozen=True)

@@ -268,9 +268,9 @@ def test_a_failed_over_client_sends_transactions_to_the_live_endpoint(
 ) -> None:
     dead = f"127.0.0.1:{free_port()}"
     settings_ = connection.make_settings(f"http://{dead},{etcd_server.endpoint}", timeout=2.0)
-    client = connection.connect(settings_)
+    client = connection.connect(settings_, start=0)  # on the dead one
     try:
-        client._current_endpoint_label = dead  # start on the dead one (pyetcd picks at random)
+        assert client.endpoint_in_use.netloc == dead
         backend = etcdapi.Pyetcd(client)
         key = layout.prefix + "/failover"
         guarded = ([Compare(key, Target.CREATE, 0)], [Put(key, b"ok")])
