@@ -120,15 +120,19 @@ ONE_PASS = _spellings("once") | _spellings("dry_run")
 NOT_HEAD = _spellings("worktree") | _spellings("config") | {"-h", "--help", "-help"}
 NO_CACHE = _spellings("no_cache")
 REPO = _spellings("repo")
+# The same switches from the environment (reconciler.cli reads GLEAM_<NAME> as well).
+NOT_HEAD_ENV = ("GLEAM_WORKTREE", "GLEAM_CONFIG")
 
 
 def prestart_checkout(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
     """The checkout to list and parse ahead, when the command line is one pass over
     HEAD (`--once` or `--dry-run`, no `--worktree`, no `-config` file that could name
-    another repository) of a checkout likely to need a parse worker (pure but for the
-    checkout's stat calls)."""
+    another repository, nor either from the environment) of a checkout likely to need a
+    parse worker (pure but for the checkout's stat calls)."""
     words = set(argv)
     if not words & ONE_PASS or words & NOT_HEAD or usable_cpus() < 2:
+        return None
+    if any(environ.get(name) for name in NOT_HEAD_ENV):  # set at all: no guess
         return None
     repo = environ.get("GLEAM_REPO") or "."
     for index, word in enumerate(argv):

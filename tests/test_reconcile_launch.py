@@ -98,6 +98,18 @@ def test_other_command_lines_get_none(tmp_path: Path, argv: list[str]) -> None:
 
 
 @pytest.mark.usefixtures("two_cpus")
+@pytest.mark.parametrize("environ", [{"GLEAM_WORKTREE": "1"}, {"GLEAM_CONFIG": "x.yaml"}])
+def test_worktree_or_config_from_the_environment_get_none(
+    tmp_path: Path, environ: dict[str, str]
+) -> None:
+    """A worker would parse HEAD for a pass that reads the work tree, or another
+    repository named in the config file (and be dropped with a warning)."""
+    repo = str(_checkout(tmp_path / "ops", index_bytes=BIG))
+    assert launch.prestart_checkout(["--once", "--repo", repo], {}) == repo
+    assert launch.prestart_checkout(["--once", "--repo", repo], environ) is None
+
+
+@pytest.mark.usefixtures("two_cpus")
 def test_a_small_or_cached_checkout_gets_none_unless_the_cache_is_off(tmp_path: Path) -> None:
     small = str(_checkout(tmp_path / "small", index_bytes=BIG - 1))
     cached = str(_checkout(tmp_path / "cached", index_bytes=BIG, cache=True))
