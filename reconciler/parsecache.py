@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import marshal
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -37,7 +38,11 @@ def load(path: Path) -> dict[str, bytes]:
     Waits for a save_soon of the same file that is still writing."""
     _wait(path)
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK and a regular file only: a FIFO put in its place would hang the pass.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return {}
             body = marshal.load(fh)
     except (OSError, EOFError, ValueError, TypeError):
         return {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import marshal
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,18 @@ def test_a_cached_region_manifest_copied_to_a_node_path_is_still_refused(
             "a node manifest cannot have `rollout` (waves are for region tasks)",
         )
     ]
+
+
+def test_a_parse_cache_that_is_a_fifo_or_a_directory_is_ignored(tmp_path: Path) -> None:
+    found: list[dict[str, bytes]] = []
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # On a thread, so that a regression hangs no test run: it fails on the deadline.
+    reader = threading.Thread(target=lambda: found.append(parsecache.load(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert found == [{}]
+    assert parsecache.load(tmp_path) == {}  # a directory
 
 
 def test_worktree_works_in_a_directory_that_is_not_a_git_repository(
