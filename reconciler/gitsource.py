@@ -41,7 +41,8 @@ MAX_LISTED_PATHS = 2000
 # it is too large without anyone holding the rest.
 READ_LIMIT = manifests.MAX_FILE_BYTES + 1
 
-_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# A git object id: SHA-1 or SHA-256, as git prints it.
+OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # A `git ls-tree` entry for a regular file (not a link, a submodule or a tree).
 _REGULAR_BLOB = re.compile(rb"(?:100644|100755) blob ([0-9a-f]{40}|[0-9a-f]{64})\t(.+)", re.DOTALL)
 MODE_SYMLINK = "120000"
@@ -121,7 +122,7 @@ def parse_tree(listing: bytes) -> Listing:
             continue
         meta, tab, raw_path = entry.partition(b"\t")
         fields = meta.decode("ascii", "replace").split(" ")
-        if not tab or len(fields) != 3 or not _OID.fullmatch(fields[2]):
+        if not tab or len(fields) != 3 or not OID.fullmatch(fields[2]):
             raise GitError(f"unexpected git ls-tree output: {manifests.display_path(entry[:200])}")
         mode, kind, oid = fields
         if kind == "tree":
@@ -233,7 +234,7 @@ class Source:
         """HEAD's commit id."""
         found = self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
         oid = found.stdout.decode("ascii", "replace").strip()
-        if found.returncode != 0 or not _OID.fullmatch(oid):
+        if found.returncode != 0 or not OID.fullmatch(oid):
             raise GitError(f"{self.path}: HEAD has no commit yet")
         return oid
 
@@ -368,7 +369,7 @@ def cat_blobs(checkout: Path, oids: list[str]) -> Generator[tuple[str, bytes], N
     if not oids:
         return
     for oid in oids:
-        if not _OID.fullmatch(oid):
+        if not OID.fullmatch(oid):
             raise GitError(f"not a git object id: {oid[:80]!r}")
     try:
         popen = subprocess.Popen(

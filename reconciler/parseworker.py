@@ -418,6 +418,7 @@ def request_from(value: Any) -> tuple[Path, list[Job]]:
             not isinstance(job, tuple)
             or len(job) != 2
             or type(job[0]) is not str
+            or not gitsource.OID.fullmatch(job[0])
             or not isinstance(job[1], list)
             or not job[1]
             or any(type(path) is not str for path in job[1])

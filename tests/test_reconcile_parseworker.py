@@ -699,6 +699,8 @@ def test_a_worker_given_other_flags_says_how_to_run_it(args: list[str]) -> None:
         ("/tmp", [("1" * 40, "tasks/nodes/a.yaml")]),
         ("/tmp", [("1" * 40, [b"tasks/nodes/a.yaml"])]),
         ("/tmp", [["1" * 40, ["tasks/nodes/a.yaml"]]]),
+        ("/tmp", [("zz", ["tasks/nodes/a.yaml"])]),  # not a blob id: git would be asked
+        ("/tmp", [("1" * 40 + "\n" + "2" * 40, ["tasks/nodes/a.yaml"])]),  # two of them
     ],
 )
 def test_a_request_of_any_other_shape_is_refused(value: Any) -> None:
